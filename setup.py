@@ -1,0 +1,47 @@
+"""fastpeft packaging.
+
+The Triton kernels live in the top-level folder `kernels/` and install as the subpackage
+`fastpeft.kernels`. The CUDA C++ kernels in `csrc/` are built just in time on a CUDA
+machine (see fastpeft/ops/cuda_backend.py); set FASTPEFT_BUILD_CUDA=1 to build them ahead
+of time here instead (needs torch with CUDA and nvcc in the build environment, so use
+`pip install --no-build-isolation`).
+"""
+import os
+
+from setuptools import find_packages, setup
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("FASTPEFT_BUILD_CUDA") == "1":
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    from csrc_sources import CSRC_SOURCES, NVCC_FLAGS  # noqa: E402  (kept next to setup.py)
+
+    ext_modules = [CUDAExtension("fastpeft._C", CSRC_SOURCES, extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS})]
+    cmdclass = {"build_ext": BuildExtension}
+
+setup(
+    name="fastpeft",
+    version="0.1.0",
+    description="peft-compatible parameter-efficient fine-tuning on fused Triton and CUDA kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["fastpeft", "fastpeft.*"]) + ["fastpeft.kernels"],
+    package_dir={"fastpeft.kernels": "kernels"},
+    package_data={"fastpeft": ["csrc/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.45",
+        "safetensors",
+        "huggingface_hub",
+        "tqdm",
+        "packaging",
+        "triton>=3.6; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft", "bitsandbytes", "accelerate", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["fastpeft=fastpeft.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
