@@ -12,11 +12,18 @@ from setuptools import find_packages, setup
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("FASTPEFT_BUILD_CUDA") == "1":
+    # Same sources and flags as the just-in-time build in fastpeft/ops/cuda_backend.py (CSRC_FILES,
+    # nvcc_flags); listed here so setup.py never imports the package. GPU targets come from
+    # TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0a") as usual for torch extensions.
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    from csrc_sources import CSRC_SOURCES, NVCC_FLAGS  # noqa: E402  (kept next to setup.py)
-
-    ext_modules = [CUDAExtension("fastpeft._C", CSRC_SOURCES, extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS})]
+    ext_modules = [
+        CUDAExtension(
+            "fastpeft._C",
+            ["csrc/binding.cpp", "csrc/lora_gemv.cu"],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17"]},
+        )
+    ]
     cmdclass = {"build_ext": BuildExtension}
 
 setup(
@@ -39,7 +46,7 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft", "bitsandbytes", "accelerate", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft==0.21.2", "transformers==5.24.0", "bitsandbytes", "accelerate", "matplotlib"],
     },
     entry_points={"console_scripts": ["fastpeft=fastpeft.cli:main"]},
     ext_modules=ext_modules,

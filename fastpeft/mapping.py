@@ -1,0 +1,54 @@
+"""get_peft_model: the entry point that turns a model plus a config into a PeftModel."""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+from torch import nn
+
+from fastpeft.config import PeftConfig
+from fastpeft.peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel, _check_config, _tuner_class
+from fastpeft.utils.save_and_load import validate_adapter_name
+
+__all__ = ["get_peft_model", "inject_adapter_in_model", "MODEL_TYPE_TO_PEFT_MODEL_MAPPING"]
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
+    """Add adapter ``adapter_name`` described by ``peft_config`` to ``model`` and wrap it.
+
+    Returns the PeftModel subclass for ``peft_config.task_type`` (PeftModel when it is None).
+    ``autocast_adapter_dtype`` upcasts fp16/bf16 adapter weights to fp32 (peft's default).
+    ``model`` is modified in place (its target layers are replaced by LoRA layers).
+    """
+    validate_adapter_name(adapter_name)
+    if mixed:
+        raise NotImplementedError("mixed=True (PeftMixedModel, several adapter types at once) is not implemented "
+                                  "in fastpeft")
+    _check_config(peft_config)
+    if isinstance(model, PeftModel) or hasattr(model, "peft_config"):
+        warnings.warn(
+            f"get_peft_model: {type(model).__name__} already has adapters (a `peft_config` attribute); adding "
+            f"another wrapper on top is usually a mistake: use add_adapter() on the existing PeftModel instead."
+        )
+    if revision is not None:
+        if peft_config.revision is not None and peft_config.revision != revision:
+            warnings.warn(f"peft_config.revision={peft_config.revision!r} is replaced by revision={revision!r}")
+        peft_config.revision = revision
+    task = getattr(peft_config.task_type, "value", peft_config.task_type)
+    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task, PeftModel)
+    return cls(model, peft_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+               low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
+                            low_cpu_mem_usage: bool = False) -> nn.Module:
+    """Put the adapter layers into ``model`` in place and return it, without any PeftModel wrapper.
+
+    For users who manage saving and adapter switching themselves (peft's function of the same name).
+    """
+    validate_adapter_name(adapter_name)
+    _check_config(peft_config)
+    tuner = _tuner_class(peft_config.peft_type)(model, {adapter_name: peft_config}, adapter_name)
+    return tuner.model

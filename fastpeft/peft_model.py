@@ -1,0 +1,578 @@
+"""PeftModel and its task subclasses: the object users hold after get_peft_model / from_pretrained.
+
+A PeftModel wraps a tuner (``base_model``, a LoraModel) which wraps the user's model
+(``base_model.model``); state_dict keys therefore start with ``base_model.model.`` exactly as in
+peft. This class owns what is not per-layer: adapter bookkeeping across the whole model, the task
+heads that train in full, parameter counting, and saving/loading adapter folders in peft's format
+(see fastpeft.utils.save_and_load for the key rules).
+
+Loading validates everything it can before the model is touched (config file, weights file),
+and shape errors found afterwards roll the model back, so a failed load does not leave a
+half-adapted model behind. Saving stages all files in a temporary folder next to the target and
+moves them into place only once every file was written.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from typing import Any, Optional, Union
+
+from torch import nn
+
+from fastpeft.config import CONFIG_NAME, PeftConfig
+from fastpeft.utils.model_card import model_card_text_for
+from fastpeft.utils.peft_types import PeftType, TaskType
+from fastpeft.utils.save_and_load import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, find_weights_file,
+                                          get_peft_model_state_dict, is_lora_layer, is_modules_to_save_wrapper,
+                                          load_weights_file, set_peft_model_state_dict, validate_adapter_name,
+                                          write_weights)
+
+__all__ = [
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForFeatureExtraction",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+]
+
+
+def _tuner_class(peft_type) -> type:
+    """The tuner (model-wrapping) class for an adapter method; imported lazily to keep imports light."""
+    key = getattr(peft_type, "value", peft_type)
+    if key == PeftType.LORA.value:
+        from fastpeft.tuners.lora.model import LoraModel
+
+        return LoraModel
+    raise NotImplementedError(
+        f"fastpeft has no model implementation for peft_type {key!r} yet (implemented: LORA); "
+        f"use Hugging Face peft for this adapter."
+    )
+
+
+def _check_config(peft_config) -> None:
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a fastpeft PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}")
+    if peft_config.is_prompt_learning or peft_config.is_adaption_prompt:
+        raise NotImplementedError(
+            f"{type(peft_config).__name__}: prompt-learning methods are not supported by fastpeft's PeftModel yet."
+        )
+    _tuner_class(peft_config.peft_type)
+
+
+def _hub_kwargs(kwargs: dict) -> dict:
+    """The subset of kwargs that huggingface_hub.hf_hub_download understands (token, cache_dir, ...)."""
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:  # pragma: no cover
+        return {}
+    names = set(inspect.signature(hf_hub_download).parameters) - {"repo_id", "filename", "subfolder"}
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def _model_name_or_path(model: nn.Module) -> Optional[str]:
+    """Where the base model came from (transformers records it when loading), or None."""
+    name = getattr(model, "name_or_path", None)
+    if not name:
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return name or None
+
+
+def _submodule_parent(root: nn.Module, name: str):
+    parent_name, _, attr = name.rpartition(".")
+    return (root.get_submodule(parent_name) if parent_name else root), attr
+
+
+def _strip_tuner(model: nn.Module) -> None:
+    """Put the original modules back in place of LoRA layers and modules_to_save wrappers (no merge)."""
+    # deepest names first, so a parent is replaced after its children
+    names = [n for n, m in model.named_modules() if n and (is_lora_layer(m) or is_modules_to_save_wrapper(m))]
+    for name in sorted(names, key=lambda n: n.count("."), reverse=True):
+        parent, attr = _submodule_parent(model, name)
+        mod = getattr(parent, attr)
+        setattr(parent, attr, mod.original_module if is_modules_to_save_wrapper(mod) else mod.get_base_layer())
+    if "peft_config" in model.__dict__:
+        del model.__dict__["peft_config"]
+
+
+class PeftModel(nn.Module):
+    """A model with adapters. ``base_model`` is the tuner; ``get_base_model()`` the user's model."""
+
+    # task heads that peft trains in full for this task (added to config.modules_to_save)
+    _auto_modules_to_save: tuple = ()
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
+        # low_cpu_mem_usage (peft: create adapters on the meta device) is accepted for signature
+        # compatibility; tiny LoRA tensors are created directly.
+        super().__init__()
+        validate_adapter_name(adapter_name)
+        _check_config(peft_config)
+        self.modules_to_save: Optional[set] = None
+        self.peft_type = peft_config.peft_type
+        # forward kwargs that steer the adapters instead of going to the model
+        self.special_peft_forward_args = {"adapter_names"}
+        self._is_prompt_learning = False
+        self._fill_config_from_model(peft_config, model)
+        self._add_task_heads(peft_config)
+        self.base_model = _tuner_class(peft_config.peft_type)(model, {adapter_name: peft_config}, adapter_name)
+        self._update_modules_to_save(peft_config)
+        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        config = getattr(model, "config", None)
+        if getattr(config, "pretraining_tp", 1) not in (None, 1):
+            # llama's tensor-parallel emulation reads .weight slices directly, bypassing LoRA layers
+            config.pretraining_tp = 1
+        self._prepare_for_checkpointing(model)
+
+    # ---------------------------------------------------------------------------------------------
+    # attribute access
+    # ---------------------------------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":  # before __init__ assigned it: do not recurse
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def peft_config(self) -> dict:
+        return self.base_model.peft_config
+
+    @peft_config.setter
+    def peft_config(self, value: dict) -> None:
+        self.base_model.peft_config = value
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        active = self.active_adapter
+        return self.peft_config[active if isinstance(active, str) else active[0]]
+
+    def get_base_model(self) -> nn.Module:
+        """The user's model (with LoRA layers inside)."""
+        return self.base_model.model
+
+    # ---------------------------------------------------------------------------------------------
+    # construction helpers
+    # ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _fill_config_from_model(peft_config: PeftConfig, model: nn.Module) -> None:
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = _model_name_or_path(model)
+
+    def _add_task_heads(self, peft_config: PeftConfig) -> None:
+        """Add this task's output heads to modules_to_save (before injection, so they get wrapped)."""
+        if not self._auto_modules_to_save:
+            return
+        current = list(peft_config.modules_to_save or [])
+        peft_config.modules_to_save = current + [n for n in self._auto_modules_to_save if n not in current]
+
+    def _update_modules_to_save(self, peft_config: PeftConfig) -> None:
+        names = getattr(peft_config, "modules_to_save", None)
+        if names:
+            self.modules_to_save = set(self.modules_to_save or ()) | set(names)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool) -> None:
+        cast = getattr(self.base_model, "_cast_adapter_dtype", None)
+        if cast is not None:
+            cast(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    @staticmethod
+    def _prepare_for_checkpointing(model: nn.Module) -> None:
+        # With (reentrant) activation checkpointing the checkpointed blocks only backpropagate when
+        # their input requires grad; the embeddings are frozen now, so make their output require it.
+        flag = getattr(model, "is_activation_checkpointing", None)
+        if flag is None:
+            flag = model.__dict__.get("is_gradient_checkpointing", False)
+        quantized = any(getattr(model, a, False) for a in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized"))
+        if flag is True and not quantized and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+
+    # ---------------------------------------------------------------------------------------------
+    # parameters
+    # ---------------------------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), counting 4-bit packed weights by their logical size."""
+        trainable = total = 0
+        for _, param in self.named_parameters():
+            n = param.numel()
+            if n == 0 and hasattr(param, "ds_numel"):  # DeepSpeed ZeRO-3 keeps only a placeholder
+                n = param.ds_numel
+            if type(param).__name__ == "Params4bit":
+                # two 4-bit values per byte of storage
+                if hasattr(param, "element_size"):
+                    n *= 2 * param.element_size()
+                else:
+                    n *= 2 * getattr(getattr(param, "quant_storage", None), "itemsize", 1)
+            total += n
+            if param.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        pct = 100 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
+
+    # ---------------------------------------------------------------------------------------------
+    # forward
+    # ---------------------------------------------------------------------------------------------
+    def _model_kwargs(self, kwargs: dict) -> dict:
+        if kwargs.get("adapter_names") is not None:
+            raise NotImplementedError(
+                "adapter_names=... (a different adapter per batch row) is not implemented in fastpeft's PeftModel "
+                "yet; call set_adapter() and run each adapter's rows separately."
+            )
+        return {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+
+    def forward(self, *args: Any, **kwargs: Any):
+        return self.get_base_model()(*args, **self._model_kwargs(kwargs))
+
+    def _forward_named(self, named: dict, kwargs: dict):
+        # None means "the model's default" for every transformers forward argument; leaving them out
+        # also lets models without some of these arguments work
+        named = {k: v for k, v in named.items() if v is not None}
+        return self.base_model(**named, **self._model_kwargs(kwargs))
+
+    # ---------------------------------------------------------------------------------------------
+    # adapters
+    # ---------------------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Create a new (inactive) adapter from ``peft_config``; set_adapter() activates it."""
+        validate_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; existing adapters: {list(self.peft_config)}")
+        _check_config(peft_config)
+        if getattr(peft_config.peft_type, "value", peft_config.peft_type) != getattr(self.peft_type, "value", self.peft_type):
+            raise ValueError(
+                f"Cannot add a {peft_config.peft_type} adapter to a model holding {self.peft_type} adapters."
+            )
+        self._fill_config_from_model(peft_config, self.get_base_model())
+        self._add_task_heads(peft_config)
+        self.base_model.peft_config[adapter_name] = peft_config
+        try:
+            self.base_model.inject_adapter(self.base_model.model, adapter_name)
+        except BaseException:
+            # roll back whatever was created before the failure
+            try:
+                self.base_model.delete_adapter(adapter_name)
+            except Exception:
+                pass
+            self.base_model.peft_config.pop(adapter_name, None)
+            raise
+        self._keep_active_adapter_in_new_layers()
+        self._update_modules_to_save(peft_config)
+        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+
+    def _keep_active_adapter_in_new_layers(self) -> None:
+        # A LoRA layer created for the new adapter starts with that adapter active, while the model's
+        # active adapter stays what it was (peft's behaviour: adding never activates). Align those
+        # layers; their only adapter is the new, inactive one, which also becomes frozen.
+        active = self.active_adapters
+        for _, layer in self.base_model.model.named_modules():
+            if is_lora_layer(layer) and list(layer.active_adapters) != active:
+                layer.set_adapter(self.active_adapter)
+
+    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"Adapter {missing[0]!r} not found; existing adapters: {list(self.peft_config)}")
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; existing adapters: {list(self.peft_config)}")
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextmanager
+    def disable_adapter(self):
+        """Run the base model without adapters inside the ``with`` block; restores everything after."""
+        # disabling/enabling flips requires_grad in the layers; put back exactly what was there
+        grads = {p: p.requires_grad for p in self.parameters()}
+        self.base_model.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.base_model.enable_adapter_layers()
+            for p, flag in grads.items():
+                p.requires_grad_(flag)
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        return self.base_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge,
+                                                adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    # ---------------------------------------------------------------------------------------------
+    # saving
+    # ---------------------------------------------------------------------------------------------
+    def _config_to_save(self, adapter_name: str) -> tuple[PeftConfig, Optional[dict]]:
+        cfg = copy.copy(self.peft_config[adapter_name])
+        cfg.inference_mode = True  # a saved adapter loads frozen unless asked otherwise
+        if cfg.base_model_name_or_path is None:
+            cfg.base_model_name_or_path = _model_name_or_path(self.get_base_model())
+        auto_mapping = None
+        if cfg.task_type is None:
+            # no task class to find the base model class from: record it (AutoPeftModel reads it)
+            base_cls = type(self.get_base_model())
+            auto_mapping = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
+        return cfg, auto_mapping
+
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
+                        selected_adapters: Optional[list[str]] = None, save_embedding_layers: Union[str, bool] = "auto",
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: Optional[str] = None,
+                        **kwargs: Any) -> None:
+        """Write each selected adapter: "default" into ``save_directory``, others into ``save_directory/<name>``.
+
+        Files: adapter_config.json, adapter_model.safetensors (or adapter_model.bin with
+        safe_serialization=False), and README.md in ``save_directory``. All files are written into a
+        temporary folder first and moved into place at the end, so an error leaves the old files intact.
+        """
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_pretrained: {save_directory!r} is a file; expected a directory")
+        if path_initial_model_for_weight_conversion is not None:
+            raise NotImplementedError("path_initial_model_for_weight_conversion (PiSSA/OLoRA conversion) is not "
+                                      "implemented in fastpeft")
+        if selected_adapters is None:
+            selected_adapters = list(self.peft_config)
+        else:
+            unknown = [a for a in selected_adapters if a not in self.peft_config]
+            if unknown:
+                raise ValueError(f"selected_adapters contains unknown adapters {unknown}; existing adapters: "
+                                 f"{list(self.peft_config)}")
+        for name in selected_adapters:
+            validate_adapter_name(name)  # names become folder names
+        if not is_main_process:
+            return
+
+        os.makedirs(save_directory, exist_ok=True)
+        staging = os.path.join(save_directory, f".fastpeft-save-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        os.makedirs(staging)
+        moves: list[tuple[str, str]] = []  # (staged file, final path)
+        stale: list[str] = []  # weights in the other format, removed once the new ones are in place
+        try:
+            state_dict = self.state_dict()
+            weights_name = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+            other_name = WEIGHTS_NAME if safe_serialization else SAFETENSORS_WEIGHTS_NAME
+            saved = []
+            for name in selected_adapters:
+                rel = "" if name == "default" else name
+                stage_dir = os.path.join(staging, rel)
+                final_dir = os.path.join(save_directory, rel)
+                os.makedirs(stage_dir, exist_ok=True)
+                weights = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name,
+                                                    save_embedding_layers=save_embedding_layers)
+                write_weights(weights, os.path.join(stage_dir, weights_name), safe_serialization=safe_serialization)
+                cfg, auto_mapping = self._config_to_save(name)
+                cfg.save_pretrained(stage_dir, auto_mapping_dict=auto_mapping)
+                for fname in (weights_name, CONFIG_NAME):
+                    moves.append((os.path.join(stage_dir, fname), os.path.join(final_dir, fname)))
+                stale.append(os.path.join(final_dir, other_name))
+                saved.append((name, cfg))
+            base = next((c.base_model_name_or_path for _, c in saved if c.base_model_name_or_path), None)
+            card = model_card_text_for(save_directory, saved, base)
+            if card is not None:
+                with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as fh:
+                    fh.write(card)
+                moves.append((os.path.join(staging, "README.md"), os.path.join(save_directory, "README.md")))
+            for src, _ in moves:  # durable before they become visible
+                with open(src, "rb") as fh:
+                    os.fsync(fh.fileno())
+            for src, dst in moves:
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.replace(src, dst)
+            for path in stale:
+                if os.path.isfile(path):
+                    os.remove(path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------------------------
+    # loading
+    # ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _read_adapter(model_id: str, config: Optional[PeftConfig], torch_device: Optional[str], kwargs: dict):
+        """(config, weights, weights file) for an adapter folder / Hub repo; nothing in the model changes."""
+        subfolder = kwargs.get("subfolder")
+        hub = _hub_kwargs(kwargs)
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id, **{**hub, "subfolder": subfolder})
+        path = find_weights_file(model_id, subfolder=subfolder, **hub)
+        return config, load_weights_file(path, device=torch_device), path
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default", is_trainable: bool = False,
+                        config: Optional[PeftConfig] = None, autocast_adapter_dtype: bool = True,
+                        ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False, **kwargs: Any) -> "PeftModel":
+        """Load the adapter saved in ``model_id`` (a folder or Hub repo id) onto ``model``.
+
+        The returned object is the task class named by the config's task_type (as in peft). With
+        is_trainable=False (default) the adapter is frozen and the model is put in eval mode.
+        kwargs: subfolder, revision, token, cache_dir, ... (Hub options), ignore_mismatched_sizes,
+        torch_device. ephemeral_gpu_offload and low_cpu_mem_usage are accepted for peft signature
+        compatibility and change nothing (adapters are small and loaded directly).
+        """
+        validate_adapter_name(adapter_name)
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        torch_device = kwargs.pop("torch_device", None)
+        config, weights, path = cls._read_adapter(model_id, config, torch_device, kwargs)
+        _check_config(config)
+        config.inference_mode = not is_trainable
+        target_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(getattr(config.task_type, "value", config.task_type), cls)
+
+        grads = {n: p.requires_grad for n, p in model.named_parameters()}
+        # only a model that had no adapters before can be restored by stripping all adapter modules
+        restorable = not any(is_lora_layer(m) or is_modules_to_save_wrapper(m) for m in model.modules())
+        try:
+            peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name,
+                                      ignore_mismatched_sizes=ignore_mismatched, source=path)
+        except BaseException:
+            if restorable:  # give the caller their model back as it was
+                _strip_tuner(model)
+                for n, p in model.named_parameters():
+                    if n in grads:
+                        p.requires_grad_(grads[n])
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
+                     torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False, **kwargs: Any):
+        """Load the adapter in ``model_id`` as ``adapter_name`` (new, or overwriting an existing one's weights).
+
+        Does not change the active adapter. Returns the load result (missing_keys, unexpected_keys).
+        ephemeral_gpu_offload and low_cpu_mem_usage are accepted for peft compatibility and change nothing.
+        """
+        validate_adapter_name(adapter_name)
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        is_new = adapter_name not in self.peft_config
+        config = kwargs.pop("config", None)
+        config, weights, path = self._read_adapter(model_id, config if is_new else self.peft_config[adapter_name],
+                                                   torch_device, kwargs)
+        if is_new:
+            _check_config(config)
+            config.inference_mode = not is_trainable
+            self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
+        try:
+            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
+                                               ignore_mismatched_sizes=ignore_mismatched, source=path)
+        except BaseException:
+            if is_new:
+                self.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self.eval()
+        return result
+
+
+# -------------------------------------------------------------------------------------------------
+# task classes: forward signatures follow peft's (argument order matters for positional calls, and
+# transformers' Trainer reads the names to decide which dataset columns to keep)
+# -------------------------------------------------------------------------------------------------
+class PeftModelForCausalLM(PeftModel):
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        self.base_model_torch_dtype = getattr(model, "dtype", None)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return self._forward_named(dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                        labels=labels, output_attentions=output_attentions,
+                                        output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.get_base_model().generate(*args, **self._model_kwargs(kwargs))
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return self._forward_named(dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                        decoder_input_ids=decoder_input_ids,
+                                        decoder_attention_mask=decoder_attention_mask,
+                                        decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
+                                        output_attentions=output_attentions,
+                                        output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.get_base_model().generate(*args, **self._model_kwargs(kwargs))
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    _auto_modules_to_save = ("classifier", "score")
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return self._forward_named(dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                        labels=labels, output_attentions=output_attentions,
+                                        output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
+
+
+class PeftModelForTokenClassification(PeftModel):
+    _auto_modules_to_save = ("classifier", "score")
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return self._forward_named(dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                        labels=labels, output_attentions=output_attentions,
+                                        output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    _auto_modules_to_save = ("qa_outputs",)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, task_ids=None, **kwargs):
+        return self._forward_named(dict(input_ids=input_ids, attention_mask=attention_mask,
+                                        token_type_ids=token_type_ids, position_ids=position_ids,
+                                        inputs_embeds=inputs_embeds, start_positions=start_positions,
+                                        end_positions=end_positions, output_attentions=output_attentions,
+                                        output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return self._forward_named(dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                        output_attentions=output_attentions,
+                                        output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type] = {
+    TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
+    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
+    TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
+    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+}

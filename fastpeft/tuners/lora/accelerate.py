@@ -1,0 +1,147 @@
+"""Speed up an existing *HF peft* PeftModel in place: ``accelerate(peft_model)``.
+
+Each eligible ``peft.tuners.lora.Linear`` keeps its identity (class, attributes, parameters, hooks),
+only its ``forward`` is rebound on the instance to one that runs the base GEMM and the LoRA update
+through fastpeft.ops. So state_dict keys, isinstance checks, peft's save/load, merge/unmerge,
+set_adapter and disable_adapter all keep working; ``restore(peft_model)`` undoes it.
+
+Eligible: a float (fp16/bf16/fp32) nn.Linear or transformers Conv1D base layer, plain nn.Dropout /
+nn.Identity LoRA dropout, any number of adapters. Everything else is left alone and listed with the
+reason in the returned report (DoRA, LoRA variants, lora_bias, quantized or unknown base layers,
+embeddings, convolutions, ...). At call time the fast forward hands back to peft's own forward for
+what it does not cover (extra forward arguments such as ``adapter_names``, x/weight dtype mismatch
+outside autocast, adapters on another device).
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ... import ops
+from ..tuners_utils import is_hf_conv1d
+from .linear import autocast_inputs
+
+_MARK = "_fastpeft_accelerated"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class AccelerateReport:
+    """What ``accelerate`` did: how many LoRA layers now run on fastpeft.ops, and what it left alone."""
+    swapped: int = 0
+    swapped_modules: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # (module name, reason)
+
+    def __str__(self) -> str:
+        lines = [f"fastpeft.accelerate: {self.swapped} LoRA layer(s) accelerated, {len(self.skipped)} left alone"]
+        lines += [f"  left alone: {name}: {reason}" for name, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def _peft_lora_classes():
+    try:
+        from peft.tuners.lora.layer import Linear as PeftLinear
+        from peft.tuners.lora.layer import LoraLayer as PeftLoraLayer
+    except ImportError as e:  # the function is about peft models; say so plainly
+        raise ImportError("fastpeft.tuners.lora.accelerate needs the `peft` package (it speeds up HF peft "
+                          "models in place)") from e
+    return PeftLinear, PeftLoraLayer
+
+
+def _why_not(module: nn.Module, peft_linear: type) -> Optional[str]:
+    """None when ``module`` can run on fastpeft.ops, else the reason it cannot."""
+    if type(module) is not peft_linear:
+        kind = type(module).__name__
+        if "Embedding" in kind:
+            return f"embedding LoRA ({kind}): a lookup, nothing to fuse"
+        if "Conv" in kind:
+            return f"convolution LoRA ({kind}) is not supported"
+        return f"LoRA layer type {type(module).__module__}.{kind} (quantized or unknown) is not supported"
+    if any(getattr(module, "use_dora", {}).values()):
+        return "DoRA adapter"
+    if getattr(module, "lora_variant", None):
+        return f"LoRA variant {sorted(module.lora_variant)} ({type(next(iter(module.lora_variant.values()))).__name__})"
+    if any(getattr(module, "lora_bias", {}).values()):
+        return "lora_bias=True adapter"
+    base = module.get_base_layer()
+    if type(base) is nn.Linear:
+        if module.fan_in_fan_out:
+            return "fan_in_fan_out=True on an nn.Linear base"
+    elif is_hf_conv1d(base):
+        if not module.fan_in_fan_out:
+            return "Conv1D base with fan_in_fan_out=False"
+    else:
+        return f"base layer type {type(base).__module__}.{type(base).__name__} (quantized or unknown)"
+    w = getattr(base, "weight", None)
+    if w is None or w.dtype not in _FLOAT_DTYPES:
+        return f"base weight dtype {None if w is None else w.dtype} (need fp16, bf16 or fp32)"
+    for name, drop in module.lora_dropout.items():
+        if type(drop) not in (nn.Dropout, nn.Identity):
+            return f"LoRA dropout of adapter {name!r} is {type(drop).__name__} (need nn.Dropout/nn.Identity)"
+    return None
+
+
+def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft lora.Linear forward with the base GEMM and LoRA updates done by fastpeft.ops."""
+    slow = type(self).forward
+    if args or kwargs or self.disable_adapters or self.merged:
+        # peft's own forward already does the right thing (unmerge on disable, base-only when merged,
+        # mixed-batch adapter_names, ...)
+        return slow(self, x, *args, **kwargs)
+    active = [a for a in self.active_adapters if a in self.lora_A]
+    base = self.get_base_layer()
+    weight = base.weight
+    if self.fan_in_fan_out:
+        weight = weight.t()  # Conv1D stores [in, out]; ops wants [out, in] (a view, no copy)
+    x, weight, bias = autocast_inputs(x, weight, base.bias)
+    if (not active or x.dtype != weight.dtype
+            or any(self.lora_A[a].weight.device != x.device for a in active)):
+        return slow(self, x, *args, **kwargs)
+    out = None
+    for name in active:
+        drop = self.lora_dropout[name]
+        p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        if out is None:
+            out = ops.lora_linear(x, weight, bias, A, B, s, p, self.training)
+        else:
+            out = out + ops.lora_linear(x, None, None, A, B, s, p, self.training)
+    return out
+
+
+def accelerate(peft_model: nn.Module) -> AccelerateReport:
+    """Rebind the forward of every eligible peft LoRA Linear in ``peft_model`` to fastpeft.ops.
+
+    Works in place and returns an AccelerateReport. Calling it again is harmless (already
+    accelerated layers are counted again, not wrapped twice).
+    """
+    peft_linear, peft_lora_layer = _peft_lora_classes()
+    report = AccelerateReport()
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, peft_lora_layer):
+            continue
+        reason = _why_not(module, peft_linear)
+        if reason is not None:
+            report.skipped.append((name, reason))
+            continue
+        if not getattr(module, _MARK, False):
+            module.forward = types.MethodType(_fast_forward, module)
+            setattr(module, _MARK, True)
+        report.swapped += 1
+        report.swapped_modules.append(name)
+    return report
+
+
+def restore(peft_model: nn.Module) -> int:
+    """Undo ``accelerate``: give the layers back peft's own forward. Returns how many were restored."""
+    n = 0
+    for module in peft_model.modules():
+        if getattr(module, _MARK, False):
+            del module.forward
+            delattr(module, _MARK)
+            n += 1
+    return n

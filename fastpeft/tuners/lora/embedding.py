@@ -1,0 +1,68 @@
+"""LoRA on nn.Embedding: lora_embedding_A [r, V] and lora_embedding_B [D, r] as in peft.
+
+The lookup goes through fastpeft.ops.lora_embedding with the base layer's options (padding_idx,
+max_norm, ...) applied to both tables, like peft. LoRA dropout is not applied to embeddings (peft
+creates the dropout module but does not use it on this path either).
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import nn
+
+from ... import ops
+from .layer import LoraLayer
+
+
+class Embedding(nn.Module, LoraLayer):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, init_lora_weights: Union[bool, str] = True,
+                 use_rslora: bool = False, lora_bias: bool = False, **kwargs) -> None:
+        super().__init__()
+        if lora_bias:
+            raise ValueError("lora_bias=True is not supported for nn.Embedding targets (peft refuses it "
+                             "too); target only linear layers or set lora_bias=False.")
+        self._init_lora_state(base_layer)
+        self.fan_in_fan_out = False
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          init_lora_weights=init_lora_weights, use_rslora=use_rslora, lora_bias=False)
+
+    def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        # random normal start; _init_adapter_weights overwrites it unless init_lora_weights=False
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
+
+    def _init_adapter_weights(self, adapter_name: str, init_lora_weights) -> None:
+        # peft's embedding init (True and "gaussian" alike): zero A, standard-normal B
+        if init_lora_weights is False:
+            return
+        if not (init_lora_weights is True or (isinstance(init_lora_weights, str)
+                                              and init_lora_weights.lower() == "gaussian")):
+            raise ValueError(f"Unknown initialization init_lora_weights={init_lora_weights!r}; fastpeft "
+                             f"supports True, False and 'gaussian'")
+        with torch.no_grad():
+            nn.init.zeros_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        # lora_delta_weight gives B @ A = [D, V]; the embedding table is [V, D]
+        return ops.lora_delta_weight(self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name],
+                                     self.scaling[adapter_name]).t()
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._prepare_forward(args, kwargs):
+            return self.base_layer(x)
+        base = self.get_base_layer()
+        opts = dict(padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+                    scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+        out = None
+        for name in self._unmerged_active():
+            A, B, s = self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name]
+            if out is None:
+                out = ops.lora_embedding(x, base.weight, A, B, s, **opts)
+            else:
+                out = out + ops.lora_embedding(x, None, A, B, s, **opts).to(out.dtype)
+        return out

@@ -1,0 +1,187 @@
+"""LoraLayer: the state every LoRA-wrapped module shares, with peft's attribute names.
+
+The attribute names (base_layer, lora_A, lora_B, lora_embedding_A/B, lora_dropout, r, lora_alpha,
+scaling, merged_adapters) are part of the file format: they become the state_dict keys, so they
+must equal peft's. Subclasses (linear.py, conv1d.py, embedding.py) create the adapter weights,
+define get_delta_weight and forward; all math goes through fastpeft.ops.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..tuners_utils import BaseTunerLayer, adapters_to_merge
+
+
+class LoraLayer(BaseTunerLayer):
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def _init_lora_state(self, base_layer: nn.Module) -> None:
+        self._init_tuner_state()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict({})
+        self.lora_A = nn.ModuleDict({})
+        self.lora_B = nn.ModuleDict({})
+        self.lora_embedding_A = nn.ParameterDict({})
+        self.lora_embedding_B = nn.ParameterDict({})
+        self.lora_bias: dict[str, bool] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.use_dora: dict[str, bool] = {}  # always False: DoRA is refused by LoraConfig.unsupported_fields
+        self.lora_magnitude_vector = nn.ModuleDict()  # empty; kept so code probing peft layers works
+
+    # -- hooks for subclasses --------------------------------------------------------------
+    def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        raise NotImplementedError
+
+    def _init_adapter_weights(self, adapter_name: str, init_lora_weights) -> None:
+        raise NotImplementedError
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The change ``adapter_name`` makes to the base weight, in the base weight's layout."""
+        raise NotImplementedError
+
+    # -- adapter management ----------------------------------------------------------------
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                     init_lora_weights: Union[bool, str] = True, use_rslora: bool = False,
+                     lora_bias: bool = False, **unused) -> None:
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r!r} "
+                             f"(adapter {adapter_name!r} on {type(self.get_base_layer()).__name__})")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.lora_bias[adapter_name] = bool(lora_bias)
+        self.use_rslora[adapter_name] = bool(use_rslora)
+        self.use_dora[adapter_name] = False
+        self._create_adapter_weights(adapter_name, r, bool(lora_bias))
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self._init_adapter_weights(adapter_name, init_lora_weights)
+        self._move_adapter_to_base(adapter_name)
+        # new adapters are trainable only when active (peft behaves the same way)
+        self.set_adapter(self.active_adapters)
+
+    def _move_adapter_to_base(self, adapter_name: str) -> None:
+        """Put the adapter on the base weight's device, and in its dtype when that is a float type.
+
+        (PeftModel later upcasts 16-bit adapters to fp32 when autocast_adapter_dtype is on.)
+        """
+        base = self.get_base_layer()
+        w = getattr(base, "weight", None)
+        if w is None:
+            return
+        dtype = w.dtype if w.dtype.is_floating_point else None
+        for attr in self.adapter_layer_names:
+            d = getattr(self, attr)
+            if adapter_name not in d:
+                continue
+            if isinstance(d, nn.ParameterDict):
+                p = d[adapter_name]
+                d[adapter_name] = nn.Parameter(p.data.to(device=w.device, dtype=dtype or p.dtype),
+                                               requires_grad=p.requires_grad)
+            else:
+                d[adapter_name].to(device=w.device, dtype=dtype)
+
+    def _has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.lora_A or adapter_name in self.lora_embedding_A
+
+    def set_scale(self, adapter_name: str, scale: float) -> None:
+        """Set the scaling to ``scale * alpha / r`` (alpha / sqrt(r) with rsLoRA)."""
+        if adapter_name not in self.scaling:
+            return
+        r = self.r[adapter_name]
+        base = self.lora_alpha[adapter_name] / (math.sqrt(r) if self.use_rslora[adapter_name] else r)
+        self.scaling[adapter_name] = scale * base
+
+    def scale_layer(self, scale: float) -> None:
+        if scale == 1:
+            return
+        for a in self.active_adapters:
+            if a in self.scaling:
+                self.scaling[a] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        for a in self.active_adapters:
+            if a in self.scaling:
+                if scale is None:
+                    self.set_scale(a, 1.0)
+                else:
+                    self.scaling[a] /= scale
+
+    def _dropout_p(self, adapter_name: str) -> float:
+        mod = self.lora_dropout[adapter_name]
+        return float(mod.p) if isinstance(mod, nn.Dropout) else 0.0
+
+    def _unmerged_active(self) -> list[str]:
+        return [a for a in self.active_adapters if self._has_adapter(a)]
+
+    # -- merge / unmerge -------------------------------------------------------------------
+    def _lora_bias_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
+        if not self.lora_bias.get(adapter_name) or adapter_name not in self.lora_B:
+            return None
+        return self.lora_B[adapter_name].bias * self.scaling[adapter_name]
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the adapters' deltas into the base weight (and bias, for lora_bias adapters).
+
+        safe_merge: compute on a copy and refuse (ValueError) if the result holds NaN/inf.
+        """
+        names = adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in names:
+            if not self._has_adapter(name):
+                continue
+            with torch.no_grad():
+                delta = self.get_delta_weight(name).to(base.weight.dtype)
+                bias_delta = self._lora_bias_delta(name)
+                if bias_delta is not None and base.bias is None:
+                    raise ValueError(f"Cannot merge adapter {name!r}: it has a LoRA bias (lora_bias=True) "
+                                     f"but the base layer {type(base).__name__} has no bias to merge into.")
+                if safe_merge:
+                    new_w = base.weight.data + delta
+                    new_b = base.bias.data + bias_delta.to(base.bias.dtype) if bias_delta is not None else None
+                    if not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all()):
+                        raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to "
+                                         f"be broken")
+                    base.weight.data = new_w
+                    if new_b is not None:
+                        base.bias.data = new_b
+                else:
+                    base.weight.data += delta
+                    if bias_delta is not None:
+                        base.bias.data += bias_delta.to(base.bias.dtype)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter again, last merged first."""
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if not self._has_adapter(name):
+                continue
+            with torch.no_grad():
+                base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
+                bias_delta = self._lora_bias_delta(name)
+                if bias_delta is not None:
+                    base.bias.data -= bias_delta.to(base.bias.dtype)
+
+    def _prepare_forward(self, args: tuple = (), kwargs: Optional[dict] = None) -> bool:
+        """Common start of forward; True when the plain base layer output is the answer."""
+        if kwargs and "adapter_names" in kwargs:
+            raise NotImplementedError("Mixed-batch inference (forward(..., adapter_names=[...])) is not "
+                                      "implemented by fastpeft LoRA layers; use set_adapter, or HF peft.")
+        if args or kwargs:
+            # the fused op has no place for them; dropping them silently would change results
+            raise TypeError(f"{type(self).__name__}.forward takes only the input tensor; got extra positional "
+                            f"args {len(args)} and keyword args {sorted(kwargs or {})}")
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return True
+        return self.merged or not self._unmerged_active()

@@ -1,0 +1,107 @@
+"""LoRA on nn.Linear: forward and merge through fastpeft.ops (never a LoRA matmul here)."""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+from torch import nn
+
+from ... import ops
+from .layer import LoraLayer
+
+
+def init_lora_pair(lora_A: nn.Linear, lora_B: nn.Linear, r: int, init_lora_weights: Union[bool, str]) -> None:
+    """peft's initialisations for a (lora_A, lora_B) pair of nn.Linear.
+
+    True: kaiming-uniform A (a=sqrt(5), the nn.Linear default), zero B, so the adapter starts as a
+    no-op; "gaussian": normal A with std 1/r, zero B; False: leave nn.Linear's random init on both
+    (a non-zero adapter, used by tests).
+    """
+    if init_lora_weights is False:
+        return
+    with torch.no_grad():
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+        elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
+            nn.init.normal_(lora_A.weight, std=1 / r)
+        else:
+            raise ValueError(f"Unknown initialization init_lora_weights={init_lora_weights!r}; fastpeft "
+                             f"supports True, False and 'gaussian'")
+        nn.init.zeros_(lora_B.weight)
+        if lora_B.bias is not None:
+            nn.init.zeros_(lora_B.bias)
+
+
+def autocast_inputs(x: torch.Tensor, weight: torch.Tensor, bias):
+    """Cast x, weight and bias the way autocast casts nn.Linear's inputs.
+
+    fastpeft.ops.lora_linear is a custom op that autocast does not know, and it requires x and weight
+    in one dtype (as F.linear does without autocast). Under torch.autocast (e.g. HF Trainer with
+    bf16=True on an fp32 model) F.linear would run in the autocast dtype, so the fused op does too.
+    Adapter weights keep their dtype: the op accumulates in fp32 and accepts fp32 A/B with 16-bit x.
+    """
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x = x.to(dt)
+        weight = weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    return x, weight, bias
+
+
+class Linear(nn.Module, LoraLayer):
+    """LoRA around an nn.Linear (base weight [out, in])."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 8,
+                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
+                 init_lora_weights: Union[bool, str] = True, use_rslora: bool = False,
+                 lora_bias: bool = False, **kwargs) -> None:
+        super().__init__()
+        self._init_lora_state(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.in_features, self.out_features = self._base_features(base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          init_lora_weights=init_lora_weights, use_rslora=use_rslora, lora_bias=lora_bias)
+
+    @staticmethod
+    def _base_features(base_layer: nn.Module) -> tuple[int, int]:
+        return base_layer.in_features, base_layer.out_features
+
+    def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=lora_bias)
+
+    def _init_adapter_weights(self, adapter_name: str, init_lora_weights) -> None:
+        init_lora_pair(self.lora_A[adapter_name], self.lora_B[adapter_name], self.r[adapter_name],
+                       init_lora_weights)
+
+    def _weight_nk(self) -> torch.Tensor:
+        """The base weight as [N, K] (out, in), a view when stored transposed."""
+        w = self.get_base_layer().weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        delta = ops.lora_delta_weight(self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight,
+                                      self.scaling[adapter_name])
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._prepare_forward(args, kwargs):
+            return self.base_layer(x)
+        base = self.get_base_layer()
+        x, weight, bias = autocast_inputs(x, self._weight_nk(), base.bias)
+        out = None
+        for name in self._unmerged_active():
+            A = self.lora_A[name].weight
+            B = self.lora_B[name].weight
+            s = self.scaling[name]
+            if out is None:
+                # the base GEMM and the first adapter's update run as one fused op
+                out = ops.lora_linear(x, weight, bias, A, B, s, self._dropout_p(name), self.training)
+            else:
+                out = out + ops.lora_linear(x, None, None, A, B, s, self._dropout_p(name), self.training)
+            if self.lora_bias.get(name):
+                out = out + (self.lora_B[name].bias * s).to(out.dtype)
+        return out

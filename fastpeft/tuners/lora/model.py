@@ -1,0 +1,358 @@
+"""LoraModel: puts LoRA layers into a model (transformers or plain nn.Module) and manages them.
+
+PeftModel.base_model is a LoraModel and LoraModel.model is the user's model; the API is the one in
+the team spec (mirrors peft's LoraModel). Injection rules (target matching, per-architecture
+defaults, "all-linear", exclusions, layer selection, rank/alpha patterns, modules_to_save,
+fan_in_fan_out fixing) reproduce peft 0.21's observable behaviour.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ...utils.constants import LORA_DEFAULT_TARGET_MODULES, LORA_PREFIX
+from ..modules_to_save import ModulesToSaveWrapper, matches_modules_to_save
+from ..tuners_utils import (INCLUDE_LINEAR_LAYERS_SHORTHAND, BaseTunerLayer, all_linear_names, get_submodules,
+                            is_hf_conv1d, pattern_keys_matching, pattern_value, target_matches)
+from .conv1d import Conv1D
+from .embedding import Embedding
+from .layer import LoraLayer
+from .linear import Linear
+
+
+def create_lora_module(target: nn.Module, adapter_name: str, config, r: int, lora_alpha: float) -> nn.Module:
+    """A new LoRA layer around ``target``; fixes a wrong fan_in_fan_out flag with a warning like peft."""
+    kwargs = dict(r=r, lora_alpha=lora_alpha, lora_dropout=config.lora_dropout,
+                  init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
+                  lora_bias=getattr(config, "lora_bias", False))
+    if isinstance(target, nn.Embedding):
+        return Embedding(target, adapter_name, **kwargs)
+    if isinstance(target, nn.Linear):
+        if config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                          "Setting fan_in_fan_out to False.")
+            config.fan_in_fan_out = False
+        return Linear(target, adapter_name, fan_in_fan_out=False, **kwargs)
+    if is_hf_conv1d(target):
+        if not config.fan_in_fan_out:
+            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
+                          "Setting fan_in_fan_out to True.")
+            config.fan_in_fan_out = True
+        return Conv1D(target, adapter_name, **kwargs)
+    raise ValueError(f"Target module {type(target).__name__} is not supported by fastpeft LoRA. Supported "
+                     f"base layers: torch.nn.Linear, torch.nn.Embedding, transformers.pytorch_utils.Conv1D.")
+
+
+class LoraModel(nn.Module):
+    prefix = LORA_PREFIX
+
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str = "default", **kwargs) -> None:
+        super().__init__()
+        self.model = model
+        if not isinstance(peft_config, dict):
+            peft_config = {adapter_name: peft_config}
+        self.peft_config: dict = peft_config
+        self.active_adapter: Union[str, list[str]] = adapter_name
+        self.targeted_module_names: list[str] = []
+        self.inject_adapter(self.model, adapter_name)
+        # transformers/peft helpers look for the configs on the wrapped model too
+        self.model.peft_config = self.peft_config
+
+    # -- basics ------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":  # during __init__, before self.model exists
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        a = self.active_adapter
+        return [a] if isinstance(a, str) else list(a)
+
+    def _lora_layers(self):
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, LoraLayer):
+                yield name, mod
+
+    def _wrappers(self):
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, ModulesToSaveWrapper):
+                yield name, mod
+
+    def add_adapter(self, adapter_name: str, config) -> None:
+        """Add (and inject) another adapter; it stays inactive until set_adapter selects it.
+
+        Defined here so the call never falls through __getattr__ to transformers' own add_adapter.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; existing adapters: {list(self.peft_config)}")
+        self.peft_config[adapter_name] = config
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]  # leave no half-registered adapter behind
+            raise
+
+    # -- injection ---------------------------------------------------------------------------
+    def _prepare_adapter_config(self, config, model: nn.Module):
+        if config.target_modules is None:
+            model_type = getattr(getattr(model, "config", None), "model_type", None)
+            if isinstance(getattr(model, "config", None), dict):
+                model_type = model.config.get("model_type")
+            if model_type not in LORA_DEFAULT_TARGET_MODULES:
+                raise ValueError(f"Please specify `target_modules` in the LoraConfig: fastpeft has no default "
+                                 f"target modules for model_type={model_type!r}. Known model types: "
+                                 f"{sorted(LORA_DEFAULT_TARGET_MODULES)}.")
+            config.target_modules = set(LORA_DEFAULT_TARGET_MODULES[model_type])
+        return config
+
+    def _check_new_adapter_config(self, config, adapter_name: str) -> None:
+        unsupported = config.unsupported_fields() if hasattr(config, "unsupported_fields") else []
+        if unsupported:
+            raise NotImplementedError(f"LoraConfig for adapter {adapter_name!r} sets fields fastpeft does not "
+                                      f"implement yet: {', '.join(unsupported)}. Use HF peft for these, or "
+                                      f"reset them to their defaults.")
+        with_bias = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
+        if len(self.peft_config) > 1 and with_bias:
+            raise ValueError(f"LoraModel supports only 1 adapter with bias (found bias != 'none' in "
+                             f"{with_bias}). When using multiple adapters, set bias to 'none' for all adapters.")
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       **kwargs) -> None:
+        """Create adapter ``adapter_name`` (config: self.peft_config[adapter_name]) in ``model``."""
+        config = self.peft_config[adapter_name]
+        self._check_new_adapter_config(config, adapter_name)
+        config = self._prepare_adapter_config(config, model)
+
+        # modules_to_save are trained in full: wrap them, and never put LoRA inside them
+        save_names = list(getattr(config, "modules_to_save", None) or [])
+        keys = [k for k, _ in model.named_modules() if k]
+        save_keys = [k for k in keys if save_names and matches_modules_to_save(k, save_names)]
+        # a match inside an already matched module is covered by the outer wrapper
+        save_keys = [k for k in save_keys if not any(k.startswith(o + ".") for o in save_keys)]
+
+        def in_saved(key: str) -> bool:
+            return any(key == s or key.startswith(s + ".") for s in save_keys)
+
+        def in_adapter_internals(key: str) -> bool:
+            # the inner parts of existing LoRA layers / wrappers are never targets themselves
+            parts = key.split(".")
+            return any(p.startswith(self.prefix) or p in ("base_layer", "original_module", "modules_to_save")
+                       for p in parts)
+
+        if config.target_modules == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+            skip = [k for k in keys if in_saved(k) or in_adapter_internals(k)]
+            config.target_modules = all_linear_names(model, skip=skip)
+        elif isinstance(config.target_modules, (list, tuple)):
+            config.target_modules = set(config.target_modules)
+
+        matched: list[str] = []
+        for key in keys:
+            if in_adapter_internals(key) or in_saved(key):
+                continue
+            if not target_matches(config, key):
+                continue
+            parent, target, attr = get_submodules(model, key)
+            r = pattern_value(getattr(config, "rank_pattern", None), key, config.r)
+            alpha = pattern_value(getattr(config, "alpha_pattern", None), key, config.lora_alpha)
+            if isinstance(target, LoraLayer):
+                target.update_layer(adapter_name, r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+                                    init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
+                                    lora_bias=getattr(config, "lora_bias", False))
+            else:
+                new = create_lora_module(target, adapter_name, config, r, alpha)
+                if adapter_name not in self.active_adapters:
+                    new.requires_grad_(False)  # a second adapter does not train until it is set active
+                # a module whose name matched but is shared elsewhere (tied) is replaced here only
+                setattr(parent, attr, new)
+            matched.append(key)
+
+        if not matched:
+            self._raise_no_match(config, keys)
+        self.targeted_module_names.extend(k for k in matched if k not in self.targeted_module_names)
+
+        for pat_name in ("rank_pattern", "alpha_pattern"):
+            pats = getattr(config, pat_name, None) or {}
+            unused = sorted(set(pats) - pattern_keys_matching(pats, matched))
+            if unused:
+                warnings.warn(f"The following {pat_name} keys did not match any targeted module and were "
+                              f"ignored: {unused}.", RuntimeWarning)
+
+        for key in save_keys:
+            parent, target, attr = get_submodules(model, key)
+            if isinstance(target, ModulesToSaveWrapper):
+                target.update(adapter_name)
+            else:
+                wrapper = ModulesToSaveWrapper(target, adapter_name)
+                if adapter_name not in self.active_adapters:
+                    wrapper.set_adapter(self.active_adapter)
+                setattr(parent, attr, wrapper)
+
+        self._mark_only_adapters_as_trainable(model)
+        if getattr(config, "inference_mode", False):
+            for n, p in model.named_parameters():
+                if f".{adapter_name}." in n or n.endswith("." + adapter_name):
+                    p.requires_grad_(False)
+
+    def _raise_no_match(self, config, keys: list[str]) -> None:
+        existing = keys[:10]
+        msg = (f"Target modules {config.target_modules!r} not found in the base model "
+               f"{type(self.model).__name__}. Please check the target modules and try again. "
+               f"Some module names that exist: {existing}")
+        if getattr(config, "exclude_modules", None):
+            msg += f". Note: exclude_modules={config.exclude_modules!r}"
+        if getattr(config, "layers_to_transform", None) is not None:
+            msg += (f". Note: layers_to_transform={config.layers_to_transform!r}, "
+                    f"layers_pattern={getattr(config, 'layers_pattern', None)!r}")
+        raise ValueError(msg)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        """Freeze everything except adapter weights, biases per ``bias``, and modules_to_save copies."""
+        for n, p in model.named_parameters():
+            if self.prefix not in n and ".modules_to_save." not in n:
+                p.requires_grad_(False)
+        for adapter in self.active_adapters:
+            bias = getattr(self.peft_config.get(adapter), "bias", "none")
+            if bias == "none":
+                continue
+            if bias == "all":
+                for n, p in model.named_parameters():
+                    # the frozen original of a modules_to_save wrapper stays frozen (as in peft)
+                    if "bias" in n and ".original_module." not in n:
+                        p.requires_grad_(True)
+            elif bias == "lora_only":
+                for _, m in self._lora_layers_of(model):
+                    b = getattr(m.get_base_layer(), "bias", None)
+                    if b is not None:
+                        b.requires_grad_(True)
+            else:
+                raise NotImplementedError(f"Requested bias: {bias}, is not implemented.")
+
+    @staticmethod
+    def _lora_layers_of(model: nn.Module):
+        return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """Upcast the fp16/bf16 weights of ``adapter_name`` to fp32 (what peft does by default)."""
+        if not autocast_adapter_dtype:
+            return
+        for _, m in self._lora_layers():
+            for attr in m.adapter_layer_names:
+                d = getattr(m, attr)
+                if adapter_name not in d:
+                    continue
+                if isinstance(d, nn.ParameterDict):
+                    p = d[adapter_name]
+                    if p.dtype in (torch.float16, torch.bfloat16):
+                        d[adapter_name] = nn.Parameter(p.data.float(), requires_grad=p.requires_grad)
+                else:
+                    for p in d[adapter_name].parameters():
+                        if p.dtype in (torch.float16, torch.bfloat16):
+                            p.data = p.data.float()
+
+    # -- adapter management --------------------------------------------------------------------
+    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"Adapter(s) {missing} not found; existing adapters: {list(self.peft_config)}")
+        for _, m in self._lora_layers():
+            if m.merged:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.")
+                m.unmerge()
+            m.set_adapter(adapter_name)
+        for _, w in self._wrappers():
+            w.set_adapter(adapter_name)
+        self.active_adapter = adapter_name
+
+    def _set_adapter_layers(self, enabled: bool) -> None:
+        for _, m in list(self._lora_layers()) + list(self._wrappers()):
+            m.enable_adapters(enabled)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_adapter_layers(True)
+
+    def disable_adapter_layers(self) -> None:
+        for name in self.active_adapters:
+            bias = getattr(self.peft_config.get(name), "bias", "none")
+            if bias != "none":
+                warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not "
+                              f"produce the same output as the base model would without adaption.")
+        self._set_adapter_layers(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} does not exist; existing adapters: "
+                             f"{list(self.peft_config)}")
+        del self.peft_config[adapter_name]
+        new_active = None
+        for _, m in list(self._lora_layers()) + list(self._wrappers()):
+            m.delete_adapter(adapter_name)
+            if new_active is None and isinstance(m, BaseTunerLayer):
+                new_active = m.active_adapter
+        if new_active is None:
+            rest = [a for a in self.active_adapters if a != adapter_name] or list(self.peft_config)[:1]
+            new_active = rest[0] if len(rest) == 1 else rest
+        self.active_adapter = new_active or []
+
+    # -- merging ---------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        for _, m in self._lora_layers():
+            m.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for _, m in self._lora_layers():
+            m.unmerge()
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False,
+                                     safe_merge: bool = False, adapter_names: Optional[list[str]] = None):
+        keys = [k for k, m in self.model.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+        if progressbar:
+            try:
+                from tqdm.auto import tqdm
+                keys = tqdm(keys, desc="Unloading " + ("and merging " if merge else "") + "model")
+            except ImportError:  # tqdm is optional
+                pass
+        for key in keys:
+            try:
+                parent, target, attr = get_submodules(self.model, key)
+            except AttributeError:  # a parent was replaced already
+                continue
+            if isinstance(target, LoraLayer):
+                if merge:
+                    target.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                setattr(parent, attr, target.get_base_layer())
+            elif isinstance(target, ModulesToSaveWrapper):
+                # the trained copy replaces the wrapper (peft does this for both unload paths)
+                active = target.active_adapter
+                setattr(parent, attr, target.modules_to_save[active] if active in target.modules_to_save
+                        else target.original_module)
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """Merge the (active or given) adapters into the base weights and return the plain model."""
+        return self._unload_and_optionally_merge(merge=True, progressbar=progressbar, safe_merge=safe_merge,
+                                                 adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every LoRA layer without merging; returns the original model."""
+        return self._unload_and_optionally_merge(merge=False)
+
+    def get_peft_config_as_dict(self, inference: bool = False) -> dict:
+        out = {}
+        for name, cfg in self.peft_config.items():
+            d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
+            if inference:
+                d["inference_mode"] = True
+            out[name] = d
+        return out

@@ -1,0 +1,234 @@
+"""Tuner-independent pieces: which modules a config targets, and the adapter bookkeeping every
+adapter layer shares (active adapters, enable/disable, delete).
+
+The matching rules reproduce peft 0.21's observable behaviour (learned by running it):
+- ``target_modules`` as a string is a regex that must match the whole module name;
+- as a list/set, a name matches when it equals an entry or ends with ``"." + entry``;
+- ``exclude_modules`` uses the same two forms and wins over ``target_modules``;
+- ``layers_to_transform`` keeps only modules whose layer index (the number after ``layers_pattern``,
+  or after the last ``<name>.<index>.`` pair of the name when no pattern is given) is listed;
+- ``rank_pattern`` / ``alpha_pattern`` keys are regexes matched against the end of the module name
+  at a dot boundary; the first key (in dict order) that matches wins.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+try:  # transformers is optional for plain nn.Module users
+    from transformers.pytorch_utils import Conv1D as _HFConv1D
+except Exception:  # pragma: no cover - exercised only without transformers
+    _HFConv1D = None
+
+INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    return _HFConv1D is not None and isinstance(module, _HFConv1D)
+
+
+def _name_in(key: str, names: Union[str, Iterable[str]]) -> bool:
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return any(key == n or key.endswith("." + n) for n in names)
+
+
+def layer_index_of(key: str, layers_pattern: Union[None, str, list[str]]) -> Optional[int]:
+    """The transformer-block index of module ``key``, or None when its name holds none."""
+    if layers_pattern is None or (not isinstance(layers_pattern, str) and len(layers_pattern) == 0):
+        m = re.match(r".*\.[^.]*\.(\d+)\.", key)
+        return int(m.group(1)) if m else None
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+    for pat in patterns:
+        m = re.match(rf"(?:.*\.)?{pat}\.(\d+)\.", key)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def is_excluded(config, key: str) -> bool:
+    excl = getattr(config, "exclude_modules", None)
+    return bool(excl) and _name_in(key, excl)
+
+
+def target_matches(config, key: str) -> bool:
+    """Whether ``config`` targets the module called ``key`` (target list/regex, exclusions, layers)."""
+    targets = config.target_modules
+    if targets is None or is_excluded(config, key) or not _name_in(key, targets):
+        return False
+    layers = getattr(config, "layers_to_transform", None)
+    if layers is None or (isinstance(targets, str)):
+        # like peft: a regex target already says which layers it wants
+        return True
+    if isinstance(layers, int):
+        layers = [layers]
+    idx = layer_index_of(key, getattr(config, "layers_pattern", None))
+    return idx is not None and idx in layers
+
+
+def pattern_value(patterns: Optional[dict], key: str, default):
+    """Value for module ``key`` from a rank/alpha pattern dict (first matching key wins)."""
+    for pat in (patterns or {}):
+        if re.match(rf"(.*\.)?({pat})$", key):
+            return patterns[pat]
+    return default
+
+
+def pattern_keys_matching(patterns: Optional[dict], keys: Iterable[str]) -> set:
+    """The pattern keys of ``patterns`` that match at least one of ``keys``."""
+    keys = list(keys)
+    return {p for p in (patterns or {}) if any(re.match(rf"(.*\.)?({p})$", k) for k in keys)}
+
+
+def output_head_names(model: nn.Module) -> set:
+    """Names of the modules that produce the output logits (excluded by "all-linear")."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_out is None:
+        return set()
+    try:
+        head = get_out()
+    except Exception:  # models that declare the method but have no head raise NotImplementedError
+        return set()
+    if head is None:
+        return set()
+    return {name for name, mod in model.named_modules() if mod is head}
+
+
+def all_linear_names(model: nn.Module, skip: Iterable[str] = ()) -> set:
+    """Full names of every nn.Linear / transformers Conv1D except the output head and ``skip``."""
+    skip = set(skip) | output_head_names(model)
+    found = set()
+    for name, mod in model.named_modules():
+        if not name or name in skip or any(name.startswith(s + ".") for s in skip):
+            continue
+        # an existing adapter layer counts as its base layer (second adapter with "all-linear")
+        if isinstance(mod, BaseTunerLayer):
+            mod = mod.get_base_layer()
+        if isinstance(mod, nn.Linear) or is_hf_conv1d(mod):
+            found.add(name)
+    return found
+
+
+def get_submodules(model: nn.Module, key: str):
+    """(parent, module, attribute name in parent) for the module called ``key``."""
+    parent_name, _, attr = key.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, getattr(parent, attr), attr
+
+
+class BaseTunerLayer:
+    """Adapter bookkeeping shared by adapter layers (mixed into an nn.Module subclass).
+
+    Subclasses list the ModuleDict/ParameterDict attributes that hold per-adapter weights in
+    ``adapter_layer_names`` and the plain per-adapter dicts in ``other_param_names``.
+    """
+
+    adapter_layer_names: tuple = ()
+    other_param_names: tuple = ()
+
+    def _init_tuner_state(self) -> None:
+        self._active_adapter: Union[str, list[str]] = "default"
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+
+    def get_base_layer(self) -> nn.Module:
+        base = self
+        while hasattr(base, "base_layer"):
+            base = base.base_layer
+        return base
+
+    # transformers reads .weight/.bias of some modules (tying, dtype checks): expose the base ones
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        a = self._active_adapter
+        return [a] if isinstance(a, str) else list(a)
+
+    def _adapter_params(self, adapter_name: str):
+        for attr in self.adapter_layer_names:
+            d = getattr(self, attr)
+            if adapter_name in d:
+                item = d[adapter_name]
+                if isinstance(item, nn.Parameter):
+                    yield item
+                else:
+                    yield from item.parameters()
+
+    def _all_adapter_names(self) -> list[str]:
+        names: list[str] = []
+        for attr in self.adapter_layer_names + self.other_param_names:
+            for n in getattr(self, attr, {}):
+                if n not in names:
+                    names.append(n)
+        return names
+
+    def set_adapter(self, adapter_names: Union[str, list[str]]) -> None:
+        """Make ``adapter_names`` active; only active adapters' weights require grad."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in self._all_adapter_names():
+            for p in self._adapter_params(name):
+                p.requires_grad_(name in names)
+        self._active_adapter = adapter_names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self._disable_adapters = False
+        else:
+            for name in self._all_adapter_names():
+                for p in self._adapter_params(name):
+                    p.requires_grad_(False)
+            self._disable_adapters = True
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"Cannot delete adapter {adapter_name!r} while it is merged into the base "
+                             f"weights of {type(self).__name__}; unmerge first.")
+        for attr in self.adapter_layer_names + self.other_param_names:
+            d = getattr(self, attr)
+            if adapter_name in d:
+                del d[adapter_name]
+        if adapter_name in self.active_adapters:
+            remaining = [a for a in self.active_adapters if a != adapter_name]
+            if not remaining:
+                left = self._all_adapter_names()
+                remaining = left[:1]
+                if left:
+                    warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting "
+                                  f"active adapter to {left[0]}.")
+            self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
+
+
+def adapters_to_merge(layer: BaseTunerLayer, adapter_names: Optional[list[str]]) -> list[str]:
+    """The adapters to merge now: the requested (default: active) ones not merged yet."""
+    names = layer.active_adapters if adapter_names is None else list(adapter_names)
+    if layer.merged:
+        already = [n for n in names if n in layer.merged_adapters]
+        if already:
+            warnings.warn(f"Adapters {already} are already merged into {type(layer).__name__}; "
+                          f"merging only the others.")
+        names = [n for n in names if n not in layer.merged_adapters]
+    return names
