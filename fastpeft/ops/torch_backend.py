@@ -136,7 +136,7 @@ def lora_bwd(dY: Tensor, x2d: Tensor, weight: Optional[Tensor], A: Tensor, B: Te
     # One regeneration of the mask serves both dX and dA.
     keep = None
     if dropout_p > 0.0 and (needs_dx or needs_dA):
-        keep = _keep01(seed + 1, x2d.shape, dropout_p, x2d.device)
+        keep = _keep01(seed, x2d.shape, dropout_p, x2d.device)
     if needs_dx or needs_dA:
         # dS carries the 1/(1-p) of D too: D * (dS A) = keep * ((dS/(1-p)) A), and likewise for dA.
         dS = torch.mm(dYc, B.to(cdt))
