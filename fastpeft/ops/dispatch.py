@@ -86,6 +86,14 @@ def why_not(name: str, x2d: Tensor, weight, bias, A, B, dropout_p: float,
         return f"{name}.supports raised {type(e).__name__}: {e}"
 
 
+def _wins(name: str, x2d: Tensor, A: Tensor) -> bool:
+    """Automatic choice only: a backend may run more cases than it is measured to win (its
+    optional ``auto_ok(x2d, A)``); a forced backend runs whatever its supports() accepts."""
+    mod, _ = load_backend(name)
+    auto_ok = getattr(mod, "auto_ok", None)
+    return auto_ok is None or bool(auto_ok(x2d, A))
+
+
 def choose(x2d: Tensor, weight, bias, A, B, dropout_p: float) -> str:
     """Name of the backend that runs this call. Raises RuntimeError when a forced one cannot."""
     forced = forced_backend()
@@ -98,7 +106,7 @@ def choose(x2d: Tensor, weight, bias, A, B, dropout_p: float) -> str:
                 f"{reason}")
         return forced
     for name in BACKENDS:
-        if why_not(name, x2d, weight, bias, A, B, dropout_p) is None:
+        if why_not(name, x2d, weight, bias, A, B, dropout_p) is None and _wins(name, x2d, A):
             return name
     # torch supports every float input; reaching here means non-float tensors were passed.
     raise RuntimeError(f"no fastpeft backend can run lora_linear on x {x2d.dtype}, lora_A {A.dtype}: "

@@ -1,0 +1,169 @@
+// The one torch binding for csrc/: checks tensors, allocates outputs and calls the pure-CUDA launchers
+// on the current stream. Built as `fastpeft._C` by setup.py (FASTPEFT_BUILD_CUDA=1) or just in time by
+// fastpeft/ops/cuda_backend.py. pybind (not TORCH_LIBRARY) on purpose: the ahead-of-time and the JIT
+// module may both be loaded in one process, and two TORCH_LIBRARY registrations of one namespace
+// would collide; the torch.library custom op wrapping lives in fastpeft.ops.
+#include <torch/extension.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime_api.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+extern "C" int fastpeft_lora_gemv(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* bias,
+                                  const void* a, int64_t lda, const void* b, int64_t ldb, float* s, int64_t lds,
+                                  void* y, int64_t ldy, int M, int N, int K, int r, float scale, int x_dtype,
+                                  int ab_dtype, int use_pdl, cudaStream_t stream);
+
+namespace {
+
+// Argument errors are returned, not thrown: lora_gemv returns (Y, S, error) and the Python wrapper
+// (fastpeft.ops.cuda_backend.gemv) raises RuntimeError(error). Messages are built by plain string
+// concatenation, never through std::ostream: on the H100 test machine (torch 2.11, JIT build with
+// /opt/gcc g++ 13.3) formatting an integer through an ostream inside this module - which TORCH_CHECK
+// does too - segfaulted (strings, dtypes and devices printed fine), and so did throwing from here.
+using Result = std::tuple<at::Tensor, at::Tensor, std::string>;
+
+inline std::string text(const char* v) { return v; }
+inline std::string text(const std::string& v) { return v; }
+inline std::string text(int v) { return std::to_string(v); }
+inline std::string text(long v) { return std::to_string(v); }
+inline std::string text(long long v) { return std::to_string(v); }
+inline std::string text(at::ScalarType v) { return c10::toString(v); }
+inline std::string text(const c10::Device& v) { return v.str(); }
+inline std::string text(at::IntArrayRef v) {
+  std::string out = "[";
+  for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
+  return out + "]";
+}
+
+template <typename... Args>
+Result error(const Args&... args) {
+  std::string msg;
+  ((msg += text(args)), ...);
+  return Result{at::Tensor(), at::Tensor(), msg};
+}
+#define FP_CHECK(cond, ...)                     \
+  do {                                          \
+    if (!(cond)) return error(__VA_ARGS__);     \
+  } while (0)
+
+constexpr int64_t kMaxM = 8;
+constexpr int64_t kMaxR = 128;
+
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return 0;
+    case at::kHalf: return 1;
+    case at::kBFloat16: return 2;
+    default: return -1;
+  }
+}
+
+// The kernels take row strides and need unit inner strides; a decode-sized tensor is cheap to copy.
+at::Tensor unit_inner(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+#define FP_CHECK_DEVICE(t, name)                                                                      \
+  do {                                                                                                \
+    FP_CHECK((t).is_cuda(), name, " must be a CUDA tensor, found device ", (t).device());             \
+    FP_CHECK((t).device() == x_in.device(), name, " is on ", (t).device(), " but x is on ", x_in.device()); \
+  } while (0)
+
+// (Y [M, N] in x.dtype, S [M, r] fp32, "") or (None, None, error message), where
+// Y = x W^T + scale * S B^T (+ bias) and S = x A^T.
+Result lora_gemv(const at::Tensor& x_in, const std::optional<at::Tensor>& w_in,
+                 const std::optional<at::Tensor>& bias_in, const at::Tensor& a_in, const at::Tensor& b_in,
+                 double scale, bool use_pdl, const std::optional<at::Tensor>& y_out,
+                 const std::optional<at::Tensor>& s_out) {
+  FP_CHECK(x_in.dim() == 2, "x must be 2-D [M, K], found shape ", x_in.sizes());
+  FP_CHECK(x_in.is_cuda(), "x must be a CUDA tensor, found device ", x_in.device());
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  FP_CHECK(M <= kMaxM, "M (rows of x) must be <= ", kMaxM, ", found ", M);
+  const int xd = dtype_code(x_in.scalar_type());
+  FP_CHECK(xd == 1 || xd == 2, "x must be float16 or bfloat16, found ", x_in.scalar_type());
+  FP_CHECK(a_in.dim() == 2 && a_in.size(1) == K, "lora_A must be [r, K=", K, "], found ",
+           a_in.sizes());
+  const int64_t r = a_in.size(0);
+  FP_CHECK(r >= 1 && r <= kMaxR, "rank r must be in [1, ", kMaxR, "], found ", r);
+  FP_CHECK(b_in.dim() == 2 && b_in.size(1) == r, "lora_B must be [N, r=", r, "], found ",
+           b_in.sizes());
+  const int64_t N = b_in.size(0);
+  FP_CHECK_DEVICE(a_in, "lora_A");
+  FP_CHECK_DEVICE(b_in, "lora_B");
+  const int ad = dtype_code(a_in.scalar_type());
+  FP_CHECK(a_in.scalar_type() == b_in.scalar_type() && (ad == 0 || ad == xd),
+           "lora_A and lora_B must share a dtype, float32 or x's (", x_in.scalar_type(),
+           "); found ", a_in.scalar_type(), " and ", b_in.scalar_type());
+  FP_CHECK(K <= INT32_MAX && N <= INT32_MAX, "K and N must fit in int32");
+
+  at::Tensor x = unit_inner(x_in), a = unit_inner(a_in), b = unit_inner(b_in);
+  at::Tensor w, bias;
+  if (w_in.has_value()) {
+    w = unit_inner(*w_in);
+    FP_CHECK_DEVICE(w, "weight");
+    FP_CHECK(w.dim() == 2 && w.size(0) == N && w.size(1) == K, "weight must be [N=", N,
+             ", K=", K, "], found ", w.sizes());
+    FP_CHECK(w.scalar_type() == x.scalar_type(), "weight dtype ", w.scalar_type(),
+             " must equal x dtype ", x.scalar_type());
+  }
+  if (bias_in.has_value()) {
+    bias = bias_in->contiguous();
+    FP_CHECK_DEVICE(bias, "bias");
+    FP_CHECK(bias.dim() == 1 && bias.size(0) == N, "bias must be [N=", N, "], found ",
+             bias.sizes());
+    FP_CHECK(bias.scalar_type() == x.scalar_type(), "bias dtype ", bias.scalar_type(),
+             " must equal x dtype ", x.scalar_type());
+  }
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  // Optional preallocated outputs (serving loops, CUDA graphs, and the tests, which poison them).
+  at::Tensor y, s;
+  if (y_out.has_value()) {
+    y = *y_out;
+    FP_CHECK_DEVICE(y, "out");
+    FP_CHECK(y.dim() == 2 && y.size(0) == M && y.size(1) == N && y.stride(1) == 1 &&
+             y.scalar_type() == x.scalar_type(),
+             "out must be [M=", M, ", N=", N, "] in ", x.scalar_type(),
+             " with unit inner stride, found ", y.sizes(), " ", y.scalar_type(), " strides ", y.strides());
+  } else {
+    y = at::empty({M, N}, x.options());
+  }
+  if (s_out.has_value()) {
+    s = *s_out;
+    FP_CHECK_DEVICE(s, "s_out");
+    FP_CHECK(s.dim() == 2 && s.size(0) == M && s.size(1) == r && s.stride(1) == 1 &&
+             s.scalar_type() == at::kFloat,
+             "s_out must be float32 [M=", M, ", r=", r,
+             "] with unit inner stride, found ", s.sizes(), " ", s.scalar_type(), " strides ", s.strides());
+  } else {
+    s = at::empty({M, r}, x.options().dtype(at::kFloat));
+  }
+  if (M == 0) return Result{y, s, std::string()};
+  if (N == 0) {  // nothing for the kernels to write into; S is still part of the contract
+    s.copy_(at::matmul(x.to(at::kFloat), a.to(at::kFloat).t()));
+    return Result{y, s, std::string()};
+  }
+  // A row stride is meaningless for a single row (a [1, K] view may carry any stride(0)); pass 0 so the
+  // kernels' 16-byte alignment test looks only at the base pointer.
+  const int64_t ldx = M == 1 ? 0 : x.stride(0);
+  const int64_t lda = r == 1 ? 0 : a.stride(0);
+  const int err = fastpeft_lora_gemv(
+      x.data_ptr(), ldx, w.defined() ? w.data_ptr() : nullptr, w.defined() ? w.stride(0) : 0,
+      bias.defined() ? bias.data_ptr() : nullptr, a.data_ptr(), lda, b.data_ptr(), b.stride(0),
+      s.data_ptr<float>(), s.stride(0), y.data_ptr(), y.stride(0), (int)M, (int)N, (int)K, (int)r, (float)scale, xd,
+      ad, use_pdl ? 1 : 0, c10::cuda::getCurrentCUDAStream().stream());
+  FP_CHECK(err == 0, "CUDA launch failed: ", cudaGetErrorString((cudaError_t)err));
+  return Result{y, s, std::string()};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastpeft CUDA C++ kernels (csrc/)";
+  m.def("lora_gemv", &lora_gemv, "Fused LoRA decode GEMV: returns (Y [M,N] x.dtype, S [M,r] fp32, \"\") or (None, None, error)",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("lora_A"),
+        pybind11::arg("lora_B"), pybind11::arg("scale"), pybind11::arg("use_pdl"),
+        pybind11::arg("out") = pybind11::none(), pybind11::arg("s_out") = pybind11::none());
+}

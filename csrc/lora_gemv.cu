@@ -1,0 +1,424 @@
+// Fused LoRA GEMV for decode (M <= 8 rows):
+//     S[m, :]  = x[m, :] A^T                                   (fp32, also returned: autograd saves it)
+//     Y[m, n]  = x[m, :] . W[n, :] + s * sum_j S[m, j] B[n, j] (+ bias[n])
+//
+// Pure CUDA (runtime headers only); the torch binding lives in binding.cpp.
+//
+// Why two kernels in one launcher call, not one kernel
+// ----------------------------------------------------
+// Every output row needs all of S (M x r), and S needs all of A (r x K). Inside ONE grid without a
+// grid-wide barrier (cooperative launch is ruled out) the options are:
+//   * every block recomputes S: each block re-reads A (r*K elements) and does M*r*K FMAs. A block
+//     covers 16 rows of W here, so the extra L2 traffic is r*sizeof(A)/(16*2) times the W traffic
+//     (r=16, fp32 A: 2x; r=128: 16x) - far worse than the whole GEMV. Making blocks cover enough rows to
+//     amortise it (>> r rows) leaves too few blocks to stream W at full bandwidth for N = 4096.
+//   * ticket-ordered producer blocks + spin-wait flags: deadlock-free only with a zeroed global counter
+//     per call, i.e. a memset launch anyway, and unsafe when two streams share the counter.
+// So the launcher issues a tiny "shrink" kernel (S = x A^T, one block per rank row j) and then the
+// GEMV+expand kernel. On Hopper (sm_90+) the second is launched with Programmatic Dependent Launch:
+// the shrink kernel triggers its dependents as soon as it starts, the GEMV blocks stream W and
+// accumulate x W^T first, and only then execute `griddepcontrol.wait` before reading S. The shrink
+// (a few microseconds of latency-bound work on <= 2 MB of A) is thereby hidden behind the W stream,
+// which is what a single launch would buy. On older GPUs the two kernels simply run back to back.
+// The caller chooses (use_pdl): measured on an H100 it saves ~0.8 us at M = 1 and costs ~1 us at
+// M = 8, so fastpeft.ops.cuda_backend enables it for M = 1 only.
+//
+// The LoRA term is folded into the same fp32 per-lane accumulators as x W^T before the single warp
+// reduction, so Y is written exactly once and no [M, N] temporary exists.
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int kDtypeF32 = 0, kDtypeF16 = 1, kDtypeBF16 = 2;
+constexpr int kMaxM = 8, kMaxR = 128;
+
+// GEMV: 8 warps per block, 2 output rows per warp -> 16 rows per block (N = 4096 gives 256 blocks,
+// about two per SM on an H100). Two rows per warp let one x vector load feed two W rows.
+constexpr int kGemvWarps = 8;
+constexpr int kRowsPerWarp = 2;
+constexpr int kGemvThreads = kGemvWarps * 32;
+constexpr int kRowsPerBlock = kGemvWarps * kRowsPerWarp;
+constexpr int kShrinkThreads = 256;
+
+struct Params {
+  const void* x; int64_t ldx;
+  const void* w; int64_t ldw;     // may be null: LoRA term only
+  const void* bias;               // may be null
+  const void* a; int64_t lda;     // [r, K]
+  const void* b; int64_t ldb;     // [N, r]
+  float* s; int64_t lds;          // [M, r] fp32
+  void* y; int64_t ldy;           // [M, N]
+  int M, N, K, r;
+  float scale;
+  bool vec_x;                     // x rows are 16-byte aligned: uint4 loads
+  bool vec_w;                     // W rows are 16-byte aligned
+  bool vec_shrink;                // x and A rows are 16-byte aligned
+};
+
+// ---- scalar / vector loads converted to fp32 -------------------------------------------------------
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(float v) { return v; }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+template <typename T> __device__ __forceinline__ float ld1(const T* p) { return to_f32(__ldg(p)); }
+
+// Unpack 8 packed 16-bit values (one uint4) to fp32. bf16 -> fp32 is a 16-bit shift.
+__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8], __nv_bfloat16*) {
+  const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(u[i] << 16);
+    f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8], __half*) {
+  const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2 h = *reinterpret_cast<const __half2*>(&u[i]);
+    float2 t = __half22float2(h);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+// 8 consecutive elements starting at a 16-byte aligned address. `stream` = read-once data (W): use
+// the evict-first cache hint so W does not push x, A, B out of L2.
+template <typename T>
+__device__ __forceinline__ void ld8(const T* p, float (&f)[8], bool stream) {
+  const uint4 v = stream ? __ldcs(reinterpret_cast<const uint4*>(p)) : __ldg(reinterpret_cast<const uint4*>(p));
+  unpack8(v, f, static_cast<T*>(nullptr));
+}
+template <>
+__device__ __forceinline__ void ld8<float>(const float* p, float (&f)[8], bool) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+  f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Programmatic Dependent Launch hooks (PTX griddepcontrol, sm_90+). Both are no-ops when the grid
+// was not launched with the programmatic-serialization attribute.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// ---- kernel 1: shrink, S[m, j] = x[m] . A[j] ---------------------------------------------------------
+// One block per rank row j (r <= 128 blocks); its threads split K. A is read exactly once overall;
+// x (M*K 16-bit values, L2-resident) once per block.
+template <typename T, typename TA, int MT>
+__global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(const Params p) {
+  // Let the GEMV grid start streaming W right away; it waits for this grid before reading S.
+  pdl_launch_dependents();
+  const int j = blockIdx.x;
+  const int tid = threadIdx.x;
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const TA* __restrict__ arow = static_cast<const TA*>(p.a) + (int64_t)j * p.lda;
+  float acc[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) acc[m] = 0.f;
+
+  int k_scalar = 0;
+  if (p.vec_shrink) {
+    const int k8 = p.K & ~7;
+#pragma unroll 2
+    for (int k = tid * 8; k < k8; k += kShrinkThreads * 8) {
+      float af[8];
+      ld8(arow + k, af, false);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m < p.M) {
+          float xf[8];
+          ld8(x + m * p.ldx + k, xf, false);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[m] = fmaf(xf[e], af[e], acc[m]);
+        }
+      }
+    }
+    k_scalar = k8;
+  }
+  // Tail (K % 8) or the whole row when some row is not 16-byte aligned.
+  for (int k = k_scalar + tid; k < p.K; k += kShrinkThreads) {
+    const float av = ld1(arow + k);
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+      if (m < p.M) acc[m] = fmaf(ld1(x + m * p.ldx + k), av, acc[m]);
+  }
+
+  __shared__ float part[kShrinkThreads / 32][MT];
+  const int warp = tid >> 5, lane = tid & 31;
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const float v = warp_sum(acc[m]);
+    if (lane == 0) part[warp][m] = v;
+  }
+  __syncthreads();
+  if (tid < p.M) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kShrinkThreads / 32; ++w) v += part[w][tid];
+    p.s[tid * p.lds + j] = v;
+  }
+}
+
+// ---- kernel 2: Y = x W^T + s * S B^T (+ bias) ----------------------------------------------------------
+// Each warp owns kRowsPerWarp consecutive rows of W; lane l reads the 16-byte chunks k = 8*l, 8*l+256,
+// ... of every row (coalesced 512-byte warp loads), so one x chunk serves all its rows.
+//
+// Where x comes from: with M = 1, x (K 16-bit values) is read straight from global memory and stays in
+// L1. With M > 1 every W chunk needs M x chunks, and measured on an H100 (M = 8, K = N = 4096) the
+// streamed W evicted x from L1, so x was re-fetched from L2 for every row pair: 45 us against 16 us
+// for cuBLAS. So for M > 1 the block stages x in shared memory, kXChunk columns at a time
+// (MT * kXChunk * 2 bytes = 32 KB at MT = 8), and the warps read x from there: 34 us at M = 8 and
+// 22 us at M = 4 (cuBLAS without LoRA: 16 us); M = 1 runs at 16.2 us, like cuBLAS. Staging x already
+// converted to fp32 (to save the per-row-pair unpacking) measured slower (38-43 us at M = 8).
+// What is left at M = 8 is the inner loop's instruction count (128 FMAs + 64 x unpacks per 16 W
+// values per lane) and the per-chunk staging bubble; more rows per warp, cp.async double buffering of
+// the x chunk, or tensor cores (mma with M padded to 8/16) are the next steps.
+constexpr int kXChunk = 2048;
+
+// x chunk loads: __ldg (read-only path) from global memory; LDS.128 from the shared-memory chunk
+// (__ldg must never see a shared address).
+template <bool kShared, typename T>
+__device__ __forceinline__ void ld8_x(const T* p, float (&f)[8]) {
+  if constexpr (kShared) {
+    // Explicit LDS.128: with a plain dereference nvcc split the second unrolled copy into 4 x LDS.32.
+    uint4 v;
+    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(addr)
+                 : "memory");  // volatile + memory: never CSE/hoist across chunks or barriers
+    unpack8(v, f, static_cast<T*>(nullptr));
+  } else {
+    ld8(p, f, false);
+  }
+}
+
+template <bool kShared, typename T, int MT, int R>
+__device__ __forceinline__ void fma_chunk(float (&acc)[MT][R], const float (&wf)[R][8], const T* xm_k, int M,
+                                          int64_t ldx) {
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    if (m < M) {
+      float xf[8];
+      ld8_x<kShared>(xm_k + m * ldx, xf);
+#pragma unroll
+      for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[m][i] = fmaf(xf[e], wf[i][e], acc[m][i]);
+    }
+  }
+}
+
+// x W^T over columns [k0, k1) for this warp's rows; x row m of that range starts at xk[m * ldx] (global
+// memory or the shared-memory chunk, both indexed relative to k0). k0 is a multiple of 8.
+template <bool kShared, typename T, int MT, int R>
+__device__ __forceinline__ void gemv_range(float (&acc)[MT][R], const T* __restrict__ w, const int (&rows)[R],
+                                           int64_t ldw, const T* xk, int64_t ldx, int M, int k0, int k1, bool vec,
+                                           int lane) {
+  int k_scalar = k0;
+  if (vec) {
+    const int kv = k0 + ((k1 - k0) & ~7);
+#pragma unroll 2
+    for (int k = k0 + lane * 8; k < kv; k += 32 * 8) {
+      float wf[R][8];
+#pragma unroll
+      for (int i = 0; i < R; ++i) ld8(w + (int64_t)rows[i] * ldw + k, wf[i], true);
+      fma_chunk<kShared, T, MT, R>(acc, wf, xk + (k - k0), M, ldx);
+    }
+    k_scalar = kv;
+  }
+  // Tail (K % 8) or everything when some W row is not 16-byte aligned.
+  for (int k = k_scalar + lane; k < k1; k += 32) {
+    float wv[R];
+#pragma unroll
+    for (int i = 0; i < R; ++i) wv[i] = ld1(w + (int64_t)rows[i] * ldw + k);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m < M) {
+        const float xv = to_f32(xk[m * ldx + (k - k0)]);
+#pragma unroll
+        for (int i = 0; i < R; ++i) acc[m][i] = fmaf(xv, wv[i], acc[m][i]);
+      }
+    }
+  }
+}
+
+template <typename T, typename TB, int MT>
+__global__ void __launch_bounds__(kGemvThreads) lora_gemv_kernel(const Params p) {
+  constexpr int R = kRowsPerWarp;
+  constexpr bool kStageX = MT > 1;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n0 = (blockIdx.x * kGemvWarps + warp) * R;
+  // Rows past N are clamped to N-1 (valid memory) and never stored; no early return, so every
+  // thread reaches the barriers and pdl_wait(), and this grid cannot finish before the shrink grid.
+  int rows[R];
+#pragma unroll
+  for (int i = 0; i < R; ++i) rows[i] = min(n0 + i, p.N - 1);
+
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  float acc[MT][R];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int i = 0; i < R; ++i) acc[m][i] = 0.f;
+
+  if (p.w != nullptr) {
+    const T* __restrict__ w = static_cast<const T*>(p.w);
+    if constexpr (!kStageX) {
+      gemv_range<false, T, MT, R>(acc, w, rows, p.ldw, x, p.ldx, p.M, 0, p.K, p.vec_x && p.vec_w, lane);
+    } else {
+      __shared__ uint4 xs_raw[MT * kXChunk / 8];  // uint4: 16-byte aligned rows of kXChunk values
+      T* xs = reinterpret_cast<T*>(xs_raw);
+      for (int k0 = 0; k0 < p.K; k0 += kXChunk) {
+        const int len = min(kXChunk, p.K - k0);
+        if (p.vec_x) {
+          const int lv = len & ~7;
+          for (int idx = threadIdx.x * 8; idx < MT * kXChunk; idx += kGemvThreads * 8) {
+            const int m = idx / kXChunk, c = idx % kXChunk;
+            if (m < p.M && c < lv)
+              *reinterpret_cast<uint4*>(xs + idx) = __ldg(reinterpret_cast<const uint4*>(x + m * p.ldx + k0 + c));
+          }
+          for (int idx = threadIdx.x; idx < MT * 8; idx += kGemvThreads) {  // the < 8 values past lv
+            const int m = idx / 8, c = lv + idx % 8;
+            if (m < p.M && c < len) xs[m * kXChunk + c] = x[m * p.ldx + k0 + c];
+          }
+        } else {
+          for (int idx = threadIdx.x; idx < MT * kXChunk; idx += kGemvThreads) {
+            const int m = idx / kXChunk, c = idx % kXChunk;
+            if (m < p.M && c < len) xs[idx] = x[m * p.ldx + k0 + c];
+          }
+        }
+        __syncthreads();
+        // xs rows are 16-byte aligned and k0 % 8 == 0, so only W decides between vector and scalar.
+        gemv_range<true, T, MT, R>(acc, w, rows, p.ldw, xs, kXChunk, p.M, k0, k0 + len, p.vec_w, lane);
+        __syncthreads();  // before the next chunk overwrites xs
+      }
+    }
+  }
+
+  // S comes from the shrink grid: wait for it (PDL), then read it through L2 only (ld.cg), never
+  // through the non-coherent/L1 path, since it was written while this grid was already running.
+  pdl_wait();
+  const TB* __restrict__ b = static_cast<const TB*>(p.b);
+  for (int j = lane; j < p.r; j += 32) {
+    float bv[R];
+#pragma unroll
+    for (int i = 0; i < R; ++i) bv[i] = ld1(b + (int64_t)rows[i] * p.ldb + j);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m < p.M) {
+        const float sv = p.scale * __ldcg(p.s + m * p.lds + j);
+#pragma unroll
+        for (int i = 0; i < R; ++i) acc[m][i] = fmaf(sv, bv[i], acc[m][i]);
+      }
+    }
+  }
+
+  // One butterfly reduction per (m, row); afterwards every lane holds every sum and lane m*R+i stores
+  // element (m, row i).
+  T* __restrict__ y = static_cast<T*>(p.y);
+  const T* __restrict__ bias = static_cast<const T*>(p.bias);
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) {
+      float v = warp_sum(acc[m][i]);
+      const int n = n0 + i;
+      if (lane == m * R + i && m < p.M && n < p.N) {
+        if (bias != nullptr) v += ld1(bias + n);
+        y[(int64_t)m * p.ldy + n] = from_f32<T>(v);
+      }
+    }
+  }
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
+bool rows_aligned(const void* ptr, int64_t ld, int elem_bytes) {
+  return ptr == nullptr || (aligned16(ptr) && (ld * elem_bytes) % 16 == 0);
+}
+
+template <typename T, typename TA, int MT>
+cudaError_t launch_typed(const Params& p, bool use_pdl, cudaStream_t stream) {
+  lora_shrink_kernel<T, TA, MT><<<p.r, kShrinkThreads, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((p.N + kRowsPerBlock - 1) / kRowsPerBlock);
+  cfg.blockDim = dim3(kGemvThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = use_pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, lora_gemv_kernel<T, TA, MT>, p);
+}
+
+template <typename T, typename TA>
+cudaError_t launch_m(const Params& p, bool use_pdl, cudaStream_t stream) {
+  // M is rounded up to a compile-time bound (1, 2, 4, 8) so accumulators stay in registers; rows
+  // m >= M are skipped by warp-uniform branches.
+  if (p.M <= 1) return launch_typed<T, TA, 1>(p, use_pdl, stream);
+  if (p.M <= 2) return launch_typed<T, TA, 2>(p, use_pdl, stream);
+  if (p.M <= 4) return launch_typed<T, TA, 4>(p, use_pdl, stream);
+  return launch_typed<T, TA, 8>(p, use_pdl, stream);
+}
+
+template <typename T>
+cudaError_t launch_ab(const Params& p, int ab_dtype, bool use_pdl, cudaStream_t stream) {
+  if (ab_dtype == kDtypeF32) return launch_m<T, float>(p, use_pdl, stream);
+  return launch_m<T, T>(p, use_pdl, stream);
+}
+
+}  // namespace
+
+// Returns a cudaError_t value (0 = success). x, w, y, bias share x_dtype (1 = fp16, 2 = bf16); A and B
+// share ab_dtype (0 = fp32, or x_dtype). All inner strides are 1; ld* are row strides in elements.
+// w and bias may be null. S (fp32, [M, r], row stride lds) is written as a by-product.
+extern "C" int fastpeft_lora_gemv(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* bias,
+                                  const void* a, int64_t lda, const void* b, int64_t ldb, float* s, int64_t lds,
+                                  void* y, int64_t ldy, int M, int N, int K, int r, float scale, int x_dtype,
+                                  int ab_dtype, int use_pdl, cudaStream_t stream) {
+  if (M < 0 || M > kMaxM || N < 0 || K < 0 || r < 1 || r > kMaxR) return (int)cudaErrorInvalidValue;
+  if (x_dtype != kDtypeF16 && x_dtype != kDtypeBF16) return (int)cudaErrorInvalidValue;
+  if (ab_dtype != kDtypeF32 && ab_dtype != x_dtype) return (int)cudaErrorInvalidValue;
+  if (x == nullptr || a == nullptr || b == nullptr || s == nullptr || y == nullptr) return (int)cudaErrorInvalidValue;
+  if (M == 0 || N == 0) return (int)cudaSuccess;
+
+  Params p;
+  p.x = x; p.ldx = ldx; p.w = w; p.ldw = ldw; p.bias = bias;
+  p.a = a; p.lda = lda; p.b = b; p.ldb = ldb; p.s = s; p.lds = lds; p.y = y; p.ldy = ldy;
+  p.M = M; p.N = N; p.K = K; p.r = r; p.scale = scale;
+  const int ab_bytes = ab_dtype == kDtypeF32 ? 4 : 2;
+  p.vec_x = rows_aligned(x, ldx, 2);
+  p.vec_w = rows_aligned(w, ldw, 2);
+  p.vec_shrink = rows_aligned(x, ldx, 2) && rows_aligned(a, lda, ab_bytes);
+
+  if (x_dtype == kDtypeBF16) return (int)launch_ab<__nv_bfloat16>(p, ab_dtype, use_pdl != 0, stream);
+  return (int)launch_ab<__half>(p, ab_dtype, use_pdl != 0, stream);
+}

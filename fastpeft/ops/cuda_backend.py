@@ -1,0 +1,202 @@
+"""The `cuda` backend: CUDA C++ kernels from csrc/ (currently the fused LoRA decode GEMV).
+
+The kernels are built ahead of time by setup.py (FASTPEFT_BUILD_CUDA=1 -> module `fastpeft._C`) or,
+failing that, just in time on first use with torch.utils.cpp_extension.load (ninja), for the compute
+capability of the GPU in use (sm_90a on Hopper). The build is cached under $TORCH_EXTENSIONS_DIR when
+set, else ~/.cache/fastpeft/torch_extensions, so it costs about a minute once per machine and torch
+version. Importing this module never builds anything and works on CPU-only machines.
+
+Coverage (supports() returns None only then): CUDA tensors, 1 <= M <= 8 rows (decode), x and weight
+in float16/bfloat16, lora_A/lora_B in float32 or x's dtype, r <= 128, bias in x's dtype, no LoRA
+dropout (dropout_p == 0: dropout is a training feature and this kernel serves inference). Backward
+(lora_bwd) is plain torch math on the saved S: decode is inference, and a training step that does
+reach this backend with M <= 8 is too small for a dedicated backward kernel to matter.
+
+Environment: FASTPEFT_CUDA_JIT=0 forbids the just-in-time build; FASTPEFT_CUDA_PDL=0 turns off
+programmatic dependent launch (Hopper) between the shrink and GEMV kernels; FASTPEFT_CUDA_VERBOSE=1
+shows the build log.
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+MAX_M = 8
+# Automatic dispatch picks this kernel only up to AUTO_MAX_M rows. Measured on an H100 (bf16, K=N=4096,
+# r in {16, 64}, CUDA graphs; benchmarks/results/h100_lora_gemv.json): M=1 16.2 us vs F.linear 15.7 us,
+# M=4 25 us (peft-style eager 29-39 us), but M=8 37-43 us, slower than the unfused path (29-38 us).
+AUTO_MAX_M = 4
+MAX_R = 128
+CSRC_FILES = ("binding.cpp", "lora_gemv.cu")  # setup.py lists the same two files
+
+_lock = threading.Lock()
+_modules: dict = {}  # arch string -> loaded module, or str (why it could not be loaded)
+
+
+def csrc_dir() -> Optional[Path]:
+    """csrc/ in a source checkout (editable install) or packaged next to this package."""
+    here = Path(__file__).resolve()
+    for cand in (here.parents[2] / "csrc", here.parents[1] / "csrc"):
+        if all((cand / f).is_file() for f in CSRC_FILES):
+            return cand
+    return None
+
+
+def arch_tag(device: torch.device) -> str:
+    """'90a' for Hopper (arch-specific target, as the ahead-of-time build uses), else e.g. '80'."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
+
+
+def nvcc_flags(arch: str) -> list:
+    return ["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+
+
+def _build_dir(name: str) -> Optional[str]:
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return None  # torch puts it under $TORCH_EXTENSIONS_DIR/<name>
+    path = Path(os.path.expanduser("~/.cache/fastpeft/torch_extensions")) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _load_uncached(arch: str):
+    try:  # ahead-of-time build from setup.py
+        from fastpeft import _C  # type: ignore[attr-defined]
+
+        if hasattr(_C, "lora_gemv"):
+            return _C
+    except ImportError:
+        pass
+    if os.environ.get("FASTPEFT_CUDA_JIT", "1") == "0":
+        return "fastpeft._C is not built and FASTPEFT_CUDA_JIT=0 forbids the just-in-time build"
+    src = csrc_dir()
+    if src is None:
+        return f"csrc sources {CSRC_FILES} not found next to {Path(__file__).resolve().parents[1]}"
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        return "the just-in-time build of csrc needs ninja (pip install ninja)"
+    # The name carries arch and torch/CUDA versions: one cached build per combination, never a stale
+    # binary loaded into another torch.
+    tag = re.sub(r"\W", "_", f"{torch.__version__}_cu{torch.version.cuda}")
+    name = f"fastpeft_csrc_sm{arch}_pt{tag}"
+    try:
+        return cpp_extension.load(
+            name=name,
+            sources=[str(src / f) for f in CSRC_FILES],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=nvcc_flags(arch),
+            build_directory=_build_dir(name),
+            verbose=os.environ.get("FASTPEFT_CUDA_VERBOSE") == "1",
+        )
+    except Exception as exc:  # noqa: BLE001 - the reason is reported by supports() and lora_fwd
+        return f"building csrc ({name}) failed: {type(exc).__name__}: {exc}"
+
+
+def load(device: torch.device):
+    """The compiled module for `device`, or a string saying why there is none (cached either way)."""
+    arch = arch_tag(device)
+    with _lock:
+        if arch not in _modules:
+            _modules[arch] = _load_uncached(arch)
+        return _modules[arch]
+
+
+def _shape_reason(x2d, weight, bias, A, B) -> Optional[str]:
+    if x2d.dim() != 2:
+        return f"x2d must be 2-D, found shape {tuple(x2d.shape)}"
+    M, K = x2d.shape
+    if not 1 <= M <= MAX_M:
+        return f"the CUDA kernel is a decode GEMV for 1 <= M <= {MAX_M} rows, found M={M}"
+    if x2d.dtype not in (torch.float16, torch.bfloat16):
+        return f"x must be float16 or bfloat16 for the CUDA kernel, found {x2d.dtype}"
+    if A.dim() != 2 or A.shape[1] != K or B.dim() != 2 or B.shape[1] != A.shape[0]:
+        return f"lora_A [r, K={K}] / lora_B [N, r] expected, found {tuple(A.shape)} / {tuple(B.shape)}"
+    r, N = A.shape[0], B.shape[0]
+    if r > MAX_R:
+        return f"the CUDA kernel supports r <= {MAX_R}, found r={r}"
+    if A.dtype != B.dtype or A.dtype not in (torch.float32, x2d.dtype):
+        return f"lora_A/lora_B must share float32 or x's dtype {x2d.dtype}, found {A.dtype}/{B.dtype}"
+    if weight is not None and (weight.dtype != x2d.dtype or tuple(weight.shape) != (N, K)):
+        return f"weight must be [{N}, {K}] in {x2d.dtype}, found {tuple(weight.shape)} {weight.dtype}"
+    if bias is not None and (bias.dtype != x2d.dtype or tuple(bias.shape) != (N,)):
+        return f"bias must be [{N}] in {x2d.dtype}, found {tuple(bias.shape)} {bias.dtype}"
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", A), ("lora_B", B)):
+        if t is not None and t.device != x2d.device:
+            return f"{name} is on {t.device} but x is on {x2d.device}"
+    return None
+
+
+def supports(x2d, weight, bias, A, B, dropout_p) -> Optional[str]:
+    """None when lora_fwd can run this call, else the reason it cannot."""
+    if not (x2d.is_cuda and torch.cuda.is_available()):
+        return "the CUDA backend needs CUDA tensors"
+    if dropout_p and dropout_p > 0:
+        return "LoRA dropout (training) is not supported by the CUDA decode kernel"
+    reason = _shape_reason(x2d, weight, bias, A, B)
+    if reason is not None:
+        return reason
+    mod = load(x2d.device)
+    return mod if isinstance(mod, str) else None
+
+
+def _use_pdl(device: torch.device, M: int) -> bool:
+    # Measured on an H100 (K = N = 4096, bf16, CUDA graphs): PDL saves ~0.8 us at M = 1 (16.2 vs 17.0 us)
+    # but cost ~1 us at M = 8, so it is used for single-row decode only.
+    return (M == 1 and os.environ.get("FASTPEFT_CUDA_PDL", "1") != "0"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def gemv(x2d, weight, bias, A, B, scale, use_pdl=None, out=None, s_out=None):
+    """Run the compiled kernel: (Y [M, N] in x.dtype, S [M, r] fp32); `out`/`s_out` optionally
+    preallocated. The binding reports bad arguments as a returned message (C++ exceptions crashed
+    the test machine, see csrc/binding.cpp); raise it here."""
+    mod = load(x2d.device)
+    if isinstance(mod, str):
+        raise RuntimeError(f"fastpeft cuda backend is unavailable: {mod}")
+    if use_pdl is None:
+        use_pdl = _use_pdl(x2d.device, x2d.shape[0])
+    y, s, err = mod.lora_gemv(x2d, weight, bias, A, B, float(scale), bool(use_pdl), out=out, s_out=s_out)
+    if err:
+        raise RuntimeError(f"fastpeft lora_gemv: {err}")
+    return y, s
+
+
+def lora_fwd(x2d, weight, bias, A, B, scale, dropout_p, seed):
+    """(Y [M, N] in x.dtype, S = x A^T [M, r] fp32) from the fused decode GEMV. `seed` is unused:
+    dropout is refused (see supports)."""
+    reason = supports(x2d, weight, bias, A, B, dropout_p)
+    if reason is not None:
+        raise ValueError(f"fastpeft cuda backend cannot run lora_fwd: {reason}")
+    return gemv(x2d, weight, bias, A, B, scale)
+
+
+def lora_bwd(dY, x2d, weight, A, B, S, scale, dropout_p, seed, needs_dx, needs_dA, needs_dB):
+    """Torch math in fp32 (no kernel: decode is inference). Dropout never reaches here because
+    lora_fwd refuses it, so D = 1:  dS = s dY B,  dX = dY W + dS A,  dA = dS^T x,  dB = s dY^T S."""
+    if dropout_p and dropout_p > 0:
+        raise ValueError("fastpeft cuda backend: lora_bwd with dropout_p > 0 (lora_fwd refuses dropout)")
+    dy = dY.float()
+    ds = (dy @ B.float()) * scale if (needs_dx or needs_dA) else None
+    dx = dA = dB = None
+    if needs_dx:
+        dx = ds @ A.float()
+        if weight is not None:
+            dx = dx + dy @ weight.float()
+        dx = dx.to(x2d.dtype)
+    if needs_dA:
+        dA = (ds.t() @ x2d.float()).to(A.dtype)
+    if needs_dB:
+        dB = ((dy.t() @ S.float()) * scale).to(B.dtype)
+    return dx, dA, dB
+
+
+def auto_ok(x2d: torch.Tensor, A: torch.Tensor) -> bool:
+    """Whether automatic dispatch should pick this backend (see AUTO_MAX_M); forcing it still runs M <= 8."""
+    return x2d.shape[0] <= AUTO_MAX_M

@@ -1,0 +1,94 @@
+"""Decode LoRA linear timings on one GPU: base F.linear, HF-peft-style eager LoRA, fastpeft csrc GEMV
+(with and without programmatic dependent launch). Not a test; run by hand or by the device check:
+    python tests/csrc/bench_lora_gemv.py [out.json]
+Each variant is captured in a CUDA graph of ITERS calls cycling over enough weight copies to exceed
+L2, so the numbers are GPU time per call, not Python launch overhead. Median of REPEATS replays.
+"""
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from fastpeft.ops import cuda_backend
+
+ITERS, REPEATS = 64, 25
+
+
+def graph_time_us(fn, sets):
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3):
+            fn(*sets[i % len(sets)])
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(ITERS):
+            fn(*sets[i % len(sets)])
+    times = []
+    for _ in range(REPEATS):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1) * 1000 / ITERS)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main(out_path=None):
+    dev = torch.device("cuda")
+    mod = cuda_backend.load(dev)
+    assert not isinstance(mod, str), mod
+    K = N = 4096
+    dtype = torch.bfloat16
+    l2 = torch.cuda.get_device_properties(dev).L2_cache_size
+    nsets = max(2, -(-3 * l2 // (N * K * 2)))
+    rows = []
+    for ab_dtype in (torch.float32, torch.bfloat16):
+        for r in (16, 64):
+            sets_w = [(torch.randn(N, K, device=dev, dtype=dtype) / 64, torch.randn(r, K, device=dev, dtype=ab_dtype) / 64,
+                       torch.randn(N, r, device=dev, dtype=ab_dtype) / 8) for _ in range(nsets)]
+            for M in (1, 4, 8):
+                x = torch.randn(M, K, device=dev, dtype=dtype)
+                sets = [(x,) + t for t in sets_w]
+                scale = 2.0
+
+                def base(x, w, a, b):
+                    return F.linear(x, w)
+
+                def peft_like(x, w, a, b):  # peft: base(x) + lora_B(lora_A(x.to(A.dtype))) * scale
+                    y = F.linear(x, w)
+                    return y + (F.linear(F.linear(x.to(a.dtype), a), b) * scale).to(y.dtype)
+
+                def ours_pdl(x, w, a, b):
+                    return cuda_backend.gemv(x, w, None, a, b, scale, True)
+
+                def ours_nopdl(x, w, a, b):
+                    return cuda_backend.gemv(x, w, None, a, b, scale, False)
+
+                row = {"M": M, "K": K, "N": N, "r": r, "dtype": str(dtype), "ab_dtype": str(ab_dtype)}
+                for name, fn in (("base_us", base), ("peft_us", peft_like), ("fastpeft_pdl_us", ours_pdl),
+                                 ("fastpeft_nopdl_us", ours_nopdl)):
+                    try:
+                        row[name] = round(graph_time_us(fn, sets), 2)
+                    except Exception as exc:  # noqa: BLE001 - report, keep the other numbers
+                        row[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
+                if isinstance(row["base_us"], float) and isinstance(row["fastpeft_pdl_us"], float):
+                    row["GBps_pdl"] = round((N * K * 2 + r * K * ab_dtype.itemsize + N * r * ab_dtype.itemsize)
+                                            / row["fastpeft_pdl_us"] / 1e3, 1)
+                print(row, flush=True)
+                rows.append(row)
+    meta = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "graph_iters": ITERS, "weight_sets": nsets}
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(meta)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else None)

@@ -1,0 +1,102 @@
+"""csrc/ compiles with nvcc for sm_80 and sm_90a, and ptxas reports no spills (CPU-only check).
+
+The GPU-less development machines have nvcc (no cuBLAS headers), so this is how every change to the
+CUDA kernels is checked before a GPU is at hand. Both targets compile in parallel to stay fast.
+"""
+import os
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+KERNEL_FILES = ["lora_gemv.cu"]
+TARGETS = {
+    "sm_80": "-gencode=arch=compute_80,code=sm_80",
+    "sm_90a": "-gencode=arch=compute_90a,code=sm_90a",
+}
+# Instantiations: x dtype {bf16, fp16} x A/B dtype {fp32, x's} x M bound {1, 2, 4, 8}, for each kernel.
+EXPECTED_KERNELS = {"lora_shrink_kernel": 16, "lora_gemv_kernel": 16}
+
+ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\w+)'")
+STACK = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<st>\d+) bytes spill stores, (?P<ld>\d+) bytes spill loads")
+REGS = re.compile(r"Used (?P<regs>\d+) registers")
+
+
+def find_nvcc():
+    for cand in (os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if cand and Path(cand).is_file():
+            return cand
+    return None
+
+
+def parse_ptxas(text):
+    """{mangled kernel name: {"arch", "stack", "spill_stores", "spill_loads", "regs"}} from `ptxas -v`."""
+    out, current = {}, None
+    for line in text.splitlines():
+        m = ENTRY.search(line)
+        if m:
+            current = m.group("name")
+            out[current] = {"arch": m.group("arch")}
+            continue
+        if current is None:
+            continue
+        m = STACK.search(line)
+        if m:
+            out[current].update(stack=int(m.group("stack")), spill_stores=int(m.group("st")),
+                                spill_loads=int(m.group("ld")))
+        m = REGS.search(line)
+        if m:
+            out[current]["regs"] = int(m.group("regs"))
+    return out
+
+
+def compile_one(nvcc, src, gencode, tmp_path):
+    obj = tmp_path / f"{src.stem}_{abs(hash(gencode))}.o"
+    cmd = [nvcc, "-c", "-O3", "-std=c++17", gencode, "-Xptxas", "-v", str(src), "-o", str(obj)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    return cmd, proc
+
+
+def test_parse_ptxas_reads_a_known_report():
+    # Guards the parser itself, so the spill test cannot pass by parsing nothing.
+    text = (
+        "ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90a'\n"
+        "ptxas info    : Function properties for _Z3fooPf\n"
+        "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
+        "ptxas info    : Used 40 registers, used 0 barriers\n"
+    )
+    assert parse_ptxas(text) == {
+        "_Z3fooPf": {"arch": "sm_90a", "stack": 8, "spill_stores": 4, "spill_loads": 12, "regs": 40}
+    }
+
+
+@pytest.mark.parametrize("src_name", KERNEL_FILES)
+def test_compiles_without_spills(src_name, tmp_path):
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set NVCC or put it on PATH)")
+    src = CSRC / src_name
+    assert src.is_file(), f"missing {src}"
+    with ThreadPoolExecutor(len(TARGETS)) as pool:
+        jobs = {arch: pool.submit(compile_one, nvcc, src, g, tmp_path) for arch, g in TARGETS.items()}
+    for arch, job in jobs.items():
+        cmd, proc = job.result()
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{log}"
+        assert "warning" not in log.lower(), f"nvcc warnings for {src_name} ({arch}):\n{log}"
+        kernels = parse_ptxas(log)
+        assert kernels, f"no kernels found in the ptxas -v output for {src_name} ({arch}):\n{log}"
+        for base, count in EXPECTED_KERNELS.items():
+            found = [k for k in kernels if base in k]
+            assert len(found) == count, f"{arch}: expected {count} instantiations of {base}, found {len(found)}"
+        for name, info in kernels.items():
+            assert info["arch"] == arch, f"{name}: compiled for {info['arch']}, expected {arch}"
+            assert "spill_stores" in info and "regs" in info, f"{name} ({arch}): incomplete ptxas report {info}"
+            assert info["spill_stores"] == 0 and info["spill_loads"] == 0, f"{name} ({arch}) spills: {info}"
+            assert info["stack"] == 0, f"{name} ({arch}) uses a stack frame (local memory): {info}"
+            # __launch_bounds__(256) caps registers at 255; more than 128 would halve occupancy
+            assert info["regs"] <= 128, f"{name} ({arch}) uses {info['regs']} registers"
