@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (H100: Python 3.12, torch 2.11, triton 3.6, transformers, peft,
+# nvcc, ninja; no network). Run from the repository root:
+#
+#     bash benchmarks/device_check.sh            # results in $OUT (default ./device_out)
+#     DEVICE_CHECK_BUDGET_S=240 DEVICE_CHECK_STEPS=install,fastpeft-bench,plot bash benchmarks/device_check.sh
+#
+# Steps, in order of what later steps need: install, GPU summary, csrc JIT build (so the tests and the
+# bench find it built), the cuda-marked tests, `fastpeft bench --device cuda`, the pytest-benchmark
+# suite, the plot. Every step runs under `timeout`, sized from one overall deadline, so the whole
+# script ends within DEVICE_CHECK_BUDGET_S seconds (default 450, under 8 minutes) even if a step hangs;
+# a failed step is reported and the next one still runs. At most 8 files are written to $OUT:
+#   device_check.log  pytest_cuda.xml  bench_<gpu>.json  bench_<gpu>.png  bench_suite.json
+#   bench_suite.xml  summary.txt
+set -u
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-$PWD/device_out}"
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/device_check.log") 2>&1
+set -x
+
+PY="${PYTHON:-python3}"
+BUDGET="${DEVICE_CHECK_BUDGET_S:-450}"
+T0=$(date +%s)
+DEADLINE=$((T0 + BUDGET))
+# Build caches stay off $OUT (it must hold only the files listed above).
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/fastpeft_torch_extensions}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/fastpeft_triton_cache}"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+# DEVICE_CHECK_STEPS=name,name,... runs only those steps (names as below), for a short lease.
+STEPS=",${DEVICE_CHECK_STEPS:-install,gpu-summary,csrc-build,pytest-cuda,fastpeft-bench,bench-suite,plot},"
+
+# step NAME MAX_SECONDS CMD...: run CMD with timeout min(MAX, time left - 5 s); record rc and seconds.
+step() {
+    local name="$1" max="$2"
+    shift 2
+    local now left limit rc t
+    case "$STEPS" in
+        *",$name,"*) ;;
+        *) echo "SKIP   $name (not in DEVICE_CHECK_STEPS)" | tee -a "$SUMMARY"; return 0 ;;
+    esac
+    now=$(date +%s)
+    left=$((DEADLINE - now - 5))
+    if [ "$left" -lt 10 ]; then
+        echo "SKIP   $name (no time left)" | tee -a "$SUMMARY"
+        return 0
+    fi
+    limit=$(( max < left ? max : left ))
+    echo "===== $name (timeout ${limit}s) ====="
+    t=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@"
+    rc=$?
+    t=$(( $(date +%s) - t ))
+    if [ "$rc" -eq 0 ]; then
+        echo "OK     $name (${t}s)" | tee -a "$SUMMARY"
+    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        echo "TIMEOUT $name after ${t}s (limit ${limit}s)" | tee -a "$SUMMARY"
+    else
+        echo "FAIL   $name rc=$rc (${t}s)" | tee -a "$SUMMARY"
+    fi
+    return 0
+}
+
+# 1. Install. No network there: no build isolation (setuptools is already installed), no deps.
+step install 60 "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
+if ! "$PY" -c "import fastpeft, fastpeft.cli" 2>/dev/null; then
+    echo "editable install unusable; falling back to PYTHONPATH=$PWD"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# 2. What machine this is.
+step gpu-summary 20 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv; nvcc --version | tail -2; '"$PY"' -c "import torch, triton, transformers, peft, sys; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"transformers\", transformers.__version__, \"peft\", peft.__version__, torch.cuda.get_device_name(0))"'
+GPU_TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr 'A-Z' 'a-z' | grep -oE 'h100|h200|a100|l40s|l4|b200' | head -1)
+GPU_TAG="${GPU_TAG:-gpu}"
+
+# 3. csrc: JIT-build the CUDA extension with ninja (fills TORCH_EXTENSIONS_DIR for the steps below).
+step csrc-build 150 "$PY" -c "
+import time, torch
+import fastpeft.ops.cuda_backend as cb
+t = time.time()
+mod = cb.load(torch.device('cuda'))
+print('csrc extension:', mod, 'built/loaded in %.1fs' % (time.time() - t))
+assert mod is not None and not isinstance(mod, str), 'csrc build failed: %s' % (mod,)
+"
+
+# 4. The cuda-marked tests.
+step pytest-cuda 120 "$PY" -m pytest -m cuda tests -q -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" -o junit_family=xunit2
+
+# 5. The side-by-side bench with ratios (headline layer shapes, bf16, and the decoder).
+step fastpeft-bench 120 "$PY" -m fastpeft bench --device cuda --json "$OUT/bench_${GPU_TAG}.json"
+
+# 6. The pytest-benchmark suite.
+step bench-suite 100 "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-json="$OUT/bench_suite.json" \
+    --junitxml="$OUT/bench_suite.xml" --benchmark-columns=min,median,max,rounds --benchmark-sort=name
+
+# 7. Plot the ratios.
+if [ -f "$OUT/bench_${GPU_TAG}.json" ]; then
+    step plot 20 "$PY" benchmarks/plot.py "$OUT/bench_${GPU_TAG}.json" "$OUT/bench_${GPU_TAG}.png"
+else
+    echo "SKIP   plot (no bench_${GPU_TAG}.json)" | tee -a "$SUMMARY"
+fi
+
+set +x
+echo "===== summary ($(( $(date +%s) - T0 ))s of ${BUDGET}s) ====="
+cat "$SUMMARY"
+ls -la "$OUT"

@@ -1,0 +1,7 @@
+"""`python -m fastpeft ...` runs the `fastpeft` command (fastpeft/cli.py)."""
+import sys
+
+from fastpeft.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

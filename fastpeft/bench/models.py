@@ -1,0 +1,326 @@
+"""Builds the three things every benchmark row compares, with identical weights:
+
+  base      the frozen model alone (inputs require grad, so backward computes dX as it must under LoRA)
+  fastpeft  fastpeft.get_peft_model(copy of base, fastpeft LoraConfig)
+  peft      peft.get_peft_model(copy of base, peft LoraConfig) with the same field values
+
+The LoRA weights are drawn once (B non-zero, so the LoRA branch does real work and the outputs can be
+compared) and copied into both adapters by parameter name, which the two libraries share.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+IMPLS = ("base", "fastpeft", "peft")
+
+
+class BenchSetupError(RuntimeError):
+    """The bench cannot run here (a library missing, a bad flag value); the CLI prints it without traceback."""
+
+
+def fastpeft_api():
+    """(get_peft_model, LoraConfig) from fastpeft, with an error that says what is missing."""
+    try:
+        from fastpeft import LoraConfig, get_peft_model  # type: ignore[attr-defined]
+        return get_peft_model, LoraConfig
+    except ImportError:
+        pass
+    try:
+        from fastpeft.mapping import get_peft_model
+        from fastpeft.tuners.lora.config import LoraConfig
+    except ImportError as e:
+        raise BenchSetupError(
+            "fastpeft bench needs fastpeft.get_peft_model (fastpeft/mapping.py) and fastpeft LoraConfig "
+            f"(fastpeft/tuners/lora/config.py); importing them failed: {e}") from e
+    return get_peft_model, LoraConfig
+
+
+def peft_api():
+    try:
+        import peft
+    except ImportError as e:
+        raise BenchSetupError("fastpeft bench compares against Hugging Face peft; install it (pip install peft): "
+                           f"{e}") from e
+    return peft.get_peft_model, peft.LoraConfig
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise BenchSetupError(f"unknown dtype {name!r}; expected one of fp32, fp16, bf16") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+
+
+def _lora_config_kwargs(r: int, alpha: float, dropout: float, targets: List[str], task_type: Optional[str]):
+    kw = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    if task_type is not None:
+        kw["task_type"] = task_type
+    return kw
+
+
+def _sync_lora_weights(src: nn.Module, dst: nn.Module, seed: int) -> None:
+    """Draw fresh LoRA weights in `src` (B non-zero) and copy every lora_ parameter into `dst` by name."""
+    gen = torch.Generator().manual_seed(seed)
+    dst_params = dict(dst.named_parameters())
+    copied = 0
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if "lora_" not in name:
+                continue
+            fan_in = p.shape[-1]
+            vals = torch.randn(p.shape, generator=gen, dtype=torch.float32) / fan_in ** 0.5
+            p.copy_(vals.to(p.dtype))
+            if name not in dst_params:
+                raise KeyError(f"fastpeft model has no parameter {name!r} (peft has it); fastpeft lora_ "
+                               f"parameters: {[n for n in dst_params if 'lora_' in n][:10]}")
+            q = dst_params[name]
+            if q.shape != p.shape:
+                raise ValueError(f"parameter {name!r}: peft shape {tuple(p.shape)}, fastpeft {tuple(q.shape)}")
+            q.copy_(p.to(q.dtype))
+            copied += 1
+    if copied == 0:
+        raise RuntimeError("no lora_ parameters found in the peft model: nothing was adapted")
+
+
+def _trainable(model: nn.Module) -> List[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _state_tensors(model: nn.Module) -> List[torch.Tensor]:
+    return list(model.parameters()) + list(model.buffers())
+
+
+def _adapter_dtype(model: nn.Module) -> Optional[str]:
+    for name, p in model.named_parameters():
+        if "lora_A" in name:
+            return dtype_name(p.dtype)
+    return None
+
+
+@dataclass
+class Bench:
+    """One row: the callables to time and what saved-bytes counting must leave out."""
+
+    name: str
+    forward: Callable[[], torch.Tensor]          # forward in training mode, graph recorded
+    step: Callable[[], None]                     # forward (+ loss) + backward
+    grad_tensors: List[torch.Tensor]             # .grad reset between runs (outside timing)
+    state: List[torch.Tensor]                    # params/buffers: excluded from saved bytes
+    adapter_dtype: Optional[str] = None
+    extra: Dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- layer
+@dataclass
+class LayerCase:
+    M: int
+    K: int
+    N: int
+    r: int
+    dtype: torch.dtype
+    dropout: float
+    alpha: Optional[float] = None  # default 2r
+
+    def label(self) -> str:
+        return f"M={self.M} K={self.K} N={self.N} r={self.r} {dtype_name(self.dtype)}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["dtype"] = dtype_name(self.dtype)
+        d["alpha"] = self.lora_alpha
+        return d
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else 2 * self.r)
+
+
+class _OneLinear(nn.Module):
+    """The smallest model peft and fastpeft can both wrap: one bias-free projection, as in Llama."""
+
+    def __init__(self, K: int, N: int):
+        super().__init__()
+        self.proj = nn.Linear(K, N, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def build_layer(case: LayerCase, device: torch.device, seed: int = 0, pool: int = 4):
+    """Returns ({impl: Bench}, info). Each Bench calls the wrapped layer itself (not the PeftModel
+    wrapper), so per-call Python overhead of the model wrapper does not blur small-M timings."""
+    torch.manual_seed(seed)
+    base = _OneLinear(case.K, case.N).to(device=device, dtype=case.dtype)
+    base.requires_grad_(False)
+    f_get, f_cfg = fastpeft_api()
+    p_get, p_cfg = peft_api()
+    kw = _lora_config_kwargs(case.r, case.lora_alpha, case.dropout, ["proj"], None)
+    peft_model = p_get(copy.deepcopy(base), p_cfg(**kw))
+    fast_model = f_get(copy.deepcopy(base), f_cfg(**kw))
+    _sync_lora_weights(peft_model, fast_model, seed + 1)
+    for m in (base, peft_model, fast_model):
+        m.train()
+    layers = {"base": base.proj, "fastpeft": fast_model.base_model.model.proj, "peft": peft_model.base_model.model.proj}
+    owners = {"base": base, "fastpeft": fast_model, "peft": peft_model}
+
+    g = torch.Generator(device="cpu").manual_seed(seed + 2)
+    xs = [torch.randn(case.M, case.K, generator=g).to(device=device, dtype=case.dtype).requires_grad_(True)
+          for _ in range(pool)]
+    dys = [torch.randn(case.M, case.N, generator=g).to(device=device, dtype=case.dtype) for _ in range(pool)]
+
+    # Outputs must agree before timings mean anything (eval: dropout off).
+    with torch.no_grad():
+        for m in owners.values():
+            m.eval()
+        ref = layers["peft"](xs[0]).float()
+        out = layers["fastpeft"](xs[0]).float()
+        max_abs = (out - ref).abs().max().item()
+        rel = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        for m in owners.values():
+            m.train()
+
+    benches = {}
+    for name in IMPLS:
+        layer = layers[name]
+        counter = {"i": 0}
+
+        def forward(layer=layer, counter=counter):
+            i = counter["i"] = (counter["i"] + 1) % pool  # rotate inputs
+            return layer(xs[i])
+
+        def step(layer=layer, counter=counter):
+            i = counter["i"] = (counter["i"] + 1) % pool
+            layer(xs[i]).backward(dys[i])
+
+        benches[name] = Bench(name, forward, step, grad_tensors=_trainable(owners[name]) + xs,
+                              state=_state_tensors(owners[name]), adapter_dtype=_adapter_dtype(owners[name]))
+    info = {"fastpeft_vs_peft_max_abs_diff": max_abs, "fastpeft_vs_peft_rel_diff": rel,
+            "fastpeft_backend": _backend_for(fast_model.base_model.model.proj, xs[0], case.dropout)}
+    return benches, info
+
+
+def _backend_for(layer: nn.Module, x: torch.Tensor, dropout: float) -> Optional[str]:
+    """The fastpeft.ops backend this layer's call dispatches to (None if fastpeft.ops cannot say)."""
+    try:
+        from fastpeft.ops import current_backend
+
+        A = next(iter(layer.lora_A.values())).weight
+        B = next(iter(layer.lora_B.values())).weight
+        return str(current_backend(x, layer.base_layer.weight, layer.base_layer.bias, A, B, dropout))
+    except Exception as e:  # reporting only; the timing itself shows whether the layer runs
+        return f"unknown ({type(e).__name__}: {e})"
+
+
+# --------------------------------------------------------------------------------------------- decoder
+@dataclass
+class DecoderCase:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    seq: int
+    batch: int
+    r: int
+    dtype: torch.dtype
+    dropout: float
+    alpha: Optional[float] = None
+    targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def label(self) -> str:
+        return (f"Llama h={self.hidden} L={self.layers} seq={self.seq} batch={self.batch} r={self.r} "
+                f"{dtype_name(self.dtype)}")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else 2 * self.r)
+
+    @property
+    def tokens(self) -> int:
+        return self.seq * self.batch
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["dtype"] = dtype_name(self.dtype)
+        d["alpha"] = self.lora_alpha
+        d["targets"] = list(self.targets)
+        return d
+
+
+def _make_llama(case: DecoderCase, device: torch.device, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=case.vocab, hidden_size=case.hidden, intermediate_size=case.intermediate,
+                      num_hidden_layers=case.layers, num_attention_heads=case.heads,
+                      num_key_value_heads=case.kv_heads, max_position_embeddings=max(case.seq, 128),
+                      tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"  # the same attention kernel for all three rows
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    return model.to(device=device, dtype=case.dtype)
+
+
+def _inputs_require_grad(model: nn.Module) -> None:
+    """Make the embedding output require grad, so backward runs dX through every layer even for the
+    frozen base row (what a frozen base needs under LoRA, where layer 0's dX feeds nothing trainable
+    but later layers' dX does). Applied to all three rows so they do the same base work."""
+    emb = model.get_input_embeddings()
+    emb.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+
+
+def build_decoder(case: DecoderCase, device: torch.device, seed: int = 0, pool: int = 3):
+    base = _make_llama(case, device, seed)
+    base.requires_grad_(False)
+    f_get, f_cfg = fastpeft_api()
+    p_get, p_cfg = peft_api()
+    kw = _lora_config_kwargs(case.r, case.lora_alpha, case.dropout, list(case.targets), "CAUSAL_LM")
+    peft_model = p_get(copy.deepcopy(base), p_cfg(**kw))
+    fast_model = f_get(copy.deepcopy(base), f_cfg(**kw))
+    _sync_lora_weights(peft_model, fast_model, seed + 1)
+    models = {"base": base, "fastpeft": fast_model, "peft": peft_model}
+    for m in models.values():
+        _inputs_require_grad(m.get_base_model() if hasattr(m, "get_base_model") else m)
+
+    g = torch.Generator(device="cpu").manual_seed(seed + 2)
+    ids = [torch.randint(0, case.vocab, (case.batch, case.seq), generator=g).to(device) for _ in range(pool)]
+
+    with torch.no_grad():
+        for m in models.values():
+            m.eval()
+        ref = peft_model(input_ids=ids[0]).logits.float()
+        out = fast_model(input_ids=ids[0]).logits.float()
+        max_abs = (out - ref).abs().max().item()
+        rel = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        for m in models.values():
+            m.train()
+
+    benches = {}
+    for name in IMPLS:
+        model = models[name]
+        counter = {"i": 0}
+
+        def forward(model=model, counter=counter):
+            i = counter["i"] = (counter["i"] + 1) % pool
+            return model(input_ids=ids[i], labels=ids[i]).loss
+
+        def step(model=model, counter=counter):
+            i = counter["i"] = (counter["i"] + 1) % pool
+            model(input_ids=ids[i], labels=ids[i]).loss.backward()
+
+        benches[name] = Bench(name, forward, step, grad_tensors=_trainable(model), state=_state_tensors(model),
+                              adapter_dtype=_adapter_dtype(model),
+                              extra={"trainable_params": sum(p.numel() for p in _trainable(model))})
+    info = {"fastpeft_vs_peft_logits_max_abs_diff": max_abs, "fastpeft_vs_peft_logits_rel_diff": rel}
+    return benches, info

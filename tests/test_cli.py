@@ -1,0 +1,249 @@
+"""The `fastpeft` command: bench (in-process, --quick), inspect and merge on tiny adapters."""
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastpeft.bench.timing import SavedTensorCounter, saved_bytes
+from fastpeft.cli import main
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """A tiny base model folder and an adapter for it, saved by HF peft (the file format both share)."""
+    import peft
+
+    root = tmp_path_factory.mktemp("cli_models")
+    base = _tiny_llama()
+    base.save_pretrained(root / "base")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                          task_type="CAUSAL_LM", init_lora_weights=False)  # non-zero B: the merge must matter
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(_tiny_llama(), cfg)
+    pm.save_pretrained(root / "adapter")
+    return root
+
+
+# --------------------------------------------------------------------------------------------- bench
+def test_saved_tensor_counter_dedupes_by_storage_and_skips_params():
+    x = torch.randn(8, 16, requires_grad=True)
+    # x * x saves x twice, and views of x share its storage: one storage, counted once.
+    with SavedTensorCounter() as c:
+        y = (x * x).sum() + (x.view(16, 8) * x.t().reshape(16, 8)).sum()
+    assert c.count >= 2
+    assert c.bytes == x.numel() * 4
+    lin = torch.nn.Linear(16, 32, bias=False).requires_grad_(False)
+    # Frozen weight, x requires grad: linear keeps only the weight (a parameter, excluded).
+    assert saved_bytes(lambda: lin(x), exclude=list(lin.parameters())) == 0
+    assert saved_bytes(lambda: lin(x)) == lin.weight.numel() * 4
+    # Dropout keeps its mask; the dropped-out copy feeds a linear that needs it for dW.
+    lin_t = torch.nn.Linear(16, 4, bias=False)
+    drop = torch.nn.Dropout(0.5).train()
+    b = saved_bytes(lambda: lin_t(drop(x)), exclude=list(lin_t.parameters()))
+    assert b == 2 * x.numel() * 4  # the fp32 dropped-out copy + the mask (fp32 on CPU)
+    del y
+
+
+@pytest.fixture(scope="module")
+def quick_bench(tmp_path_factory):
+    """One in-process `fastpeft bench --quick` run (a few seconds), shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(["bench", "--quick", "--device", "cpu", "--json", str(out), "--dropout", "0.1"])
+    return rc, out, stdout.getvalue(), stderr.getvalue()
+
+
+def test_bench_quick_json(quick_bench):
+    rc, out, stdout, stderr = quick_bench
+    assert rc == 0
+    assert "peft/fastpeft" in stdout and "LoRA linear layer" in stdout and "counted once" in stdout
+    assert "[fastpeft bench" in stderr  # the progress line goes to stderr
+    data = json.loads(out.read_text())
+    assert data["schema"] == "fastpeft-bench/1"
+    env = data["env"]
+    for key in ("device", "cpu_count", "torch", "triton", "transformers", "peft", "fastpeft"):
+        assert key in env, key
+    assert env["device"] == "cpu" and env["cpu_count"] >= 1
+    assert data["settings"]["dropout"] == 0.1 and data["settings"]["quick"] is True
+    assert "counted once" in data["settings"]["saved_bytes_note"]
+    assert len(data["layer"]) == 1 and len(data["decoder"]) == 1
+    layer = data["layer"][0]
+    assert layer["case"]["M"] == 64 and layer["case"]["dtype"] == "fp32" and layer["case"]["dropout"] == 0.1
+    assert set(layer["rows"]) == {"base", "fastpeft", "peft"}
+    for name, row in layer["rows"].items():
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0, name
+        assert row["fwd"]["runs"] == 3
+    # Same weights in both adapters: the outputs agree (fp32, dropout off for the check).
+    assert layer["fastpeft_vs_peft_rel_diff"] < 1e-5
+    # peft keeps dropout(x) (a copy of x) and the mask; fastpeft keeps x by reference and S [M, r].
+    saved = {n: r["saved_bytes"] for n, r in layer["rows"].items()}
+    assert saved["fastpeft"] < saved["peft"], saved
+    assert layer["ratios"]["saved_bytes"]["peft/fastpeft"] == pytest.approx(saved["peft"] / saved["fastpeft"])
+    for metric in ("fwd_ms", "fwd_bwd_ms"):
+        assert set(layer["ratios"][metric]) == {"fastpeft/base", "peft/base", "peft/fastpeft"}
+        assert layer["ratios"][metric]["peft/base"] > 0
+    dec = data["decoder"][0]
+    assert set(dec["rows"]) == {"base", "fastpeft", "peft"}
+    for name, row in dec["rows"].items():
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["tokens_per_s"] > 0, name
+        assert row["saved_bytes"] > 0
+    assert dec["rows"]["base"]["trainable_params"] == 0
+    assert dec["rows"]["fastpeft"]["trainable_params"] == dec["rows"]["peft"]["trainable_params"] > 0
+    assert dec["fastpeft_vs_peft_logits_rel_diff"] < 1e-4
+    assert dec["case"]["seq"] == 32 and dec["case"]["batch"] == 2
+
+
+def test_plot_makes_a_png_of_the_ratios(quick_bench, tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "fastpeft_bench_plot", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "plot.py"))
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    png = tmp_path / "ratios.png"
+    assert plot.main([str(quick_bench[1]), str(png)]) == 0
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert sorted(os.listdir(tmp_path)) == ["ratios.png"]  # written via a temporary name, nothing left over
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "something-else"}')
+    with pytest.raises(SystemExit, match="not a `fastpeft bench --json` file"):
+        plot.main([str(bad), str(tmp_path / "x.png")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rank", "abc"], "--rank expects integers"),
+    (["--layer-shapes", "4x8"], "--layer-shapes expects MxKxN"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--dtype", "int3"], "unknown dtype"),
+])
+def test_bench_rejects_bad_flags(argv, message, capsys):
+    assert main(["bench", "--quick", "--device", "cpu", "--no-progress"] + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- inspect
+def test_inspect_prints_config_and_tensors(saved_models, capsys):
+    assert main(["inspect", str(saved_models / "adapter")]) == 0
+    out = capsys.readouterr().out
+    assert "peft_type" in out and "LORA" in out and "CAUSAL_LM" in out
+    assert "scaling                  2" in out  # lora_alpha 8 / r 4
+    # 2 layers x 3 targets x (A, B) tensors, with shapes and dtypes
+    assert "12 tensors" in out
+    assert re.search(r"base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight +\[4, 32\] +F32", out)
+    assert re.search(r"base_model\.model\.model\.layers\.1\.mlp\.down_proj\.lora_B\.weight +\[32, 4\] +F32", out)
+    assert "warning" not in out
+
+
+def test_inspect_errors_name_the_problem(tmp_path, saved_models, capsys):
+    assert main(["inspect", str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["inspect", str(empty)]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
+
+    parent = tmp_path / "parent"
+    (parent / "second").mkdir(parents=True)
+    (parent / "second" / "adapter_config.json").write_text((saved_models / "adapter" / "adapter_config.json").read_text())
+    assert main(["inspect", str(parent)]) == 2
+    assert "adapters found in subfolders: second" in capsys.readouterr().err
+
+    bad_json = tmp_path / "bad_json"
+    bad_json.mkdir()
+    (bad_json / "adapter_config.json").write_text('{"peft_type": "LORA", "r": }')
+    assert main(["inspect", str(bad_json)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid JSON" in err and "line 1" in err
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text((saved_models / "adapter" / "adapter_config.json").read_text())
+    good = (saved_models / "adapter" / "adapter_model.safetensors").read_bytes()
+    (corrupt / "adapter_model.safetensors").write_bytes(good[: len(good) // 2])  # truncated
+    assert main(["inspect", str(corrupt)]) == 2
+    err = capsys.readouterr().err
+    assert "corrupt or not a safetensors file" in err and "adapter_model.safetensors" in err
+
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "adapter_config.json").write_text((saved_models / "adapter" / "adapter_config.json").read_text())
+    assert main(["inspect", str(no_weights)]) == 2
+    assert "no adapter weights" in capsys.readouterr().err
+
+
+def test_inspect_warns_on_rank_mismatch(tmp_path, saved_models, capsys):
+    folder = tmp_path / "mismatch"
+    folder.mkdir()
+    cfg = json.loads((saved_models / "adapter" / "adapter_config.json").read_text())
+    cfg["r"] = 8  # the weights have rank 4
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    (folder / "adapter_model.safetensors").write_bytes((saved_models / "adapter" / "adapter_model.safetensors").read_bytes())
+    assert main(["inspect", str(folder)]) == 0
+    assert "rank 4 in the weights, config says r=8" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------- merge
+def test_merge_matches_peft_and_is_atomic(tmp_path, saved_models, capsys):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(saved_models / "base"), str(saved_models / "adapter"), str(out)]) == 0
+    assert "saved to" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+
+    ref_base = AutoModelForCausalLM.from_pretrained(saved_models / "base", local_files_only=True)
+    ref = peft.PeftModel.from_pretrained(ref_base, saved_models / "adapter").merge_and_unload().eval()
+    ref_sd = ref.state_dict()
+    got_sd = merged.state_dict()
+    assert set(got_sd) == set(ref_sd)
+    for k in ref_sd:
+        torch.testing.assert_close(got_sd[k], ref_sd[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    base_sd = AutoModelForCausalLM.from_pretrained(saved_models / "base", local_files_only=True).state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(got_sd[q], base_sd[q])  # the adapter really was merged in
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-5)
+
+    # No temporary folders left next to OUT; a second merge refuses to overwrite unless --force.
+    assert sorted(os.listdir(tmp_path)) == ["merged"]
+    assert main(["merge", str(saved_models / "base"), str(saved_models / "adapter"), str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    (out / "marker.txt").write_text("old")
+    assert main(["merge", str(saved_models / "base"), str(saved_models / "adapter"), str(out), "--force"]) == 0
+    assert not (out / "marker.txt").exists() and (out / "config.json").exists()
+    assert sorted(os.listdir(tmp_path)) == ["merged"]
+
+
+def test_merge_errors(tmp_path, saved_models, capsys):
+    assert main(["merge", str(tmp_path / "nobase"), str(saved_models / "adapter"), str(tmp_path / "o")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert main(["merge", str(saved_models / "base"), str(tmp_path / "noadapter"), str(tmp_path / "o")]) == 2
+    assert "noadapter: no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastpeft", "inspect", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "fastpeft inspect: error:" in proc.stderr and "no such folder" in proc.stderr
