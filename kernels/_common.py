@@ -1,0 +1,153 @@
+"""Helpers shared by the LoRA kernels: dropout mask, dtype mapping, block-size arithmetic.
+
+Kept tiny on purpose: every op file holds its own kernels, configs and launcher; this file only
+holds what must be *identical* across ops (the dropout mask must be bit-identical in forward and
+backward, so it is defined once here).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Shared memory per block usable by a kernel (bytes); sm_90 has 227 KiB, sm_80 163 KiB. Config
+# pruning uses the smaller so a config kept here compiles on both.
+SMEM_LIMIT = 160 * 1024
+
+TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+ACT_DTYPES = tuple(TORCH_TO_TL)
+
+
+# Test hook: when True, every output buffer the launchers allocate starts as NaN (see `empty`), so a
+# test proves each element is written by a kernel. Never set in production (it costs a fill).
+POISON_OUTPUTS = False
+
+
+def empty(shape, dtype, device) -> torch.Tensor:
+    """torch.empty for kernel outputs (NaN-filled under POISON_OUTPUTS)."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dropout_tile_ok(rows: int, cols: int, num_warps: int) -> bool:
+    """Pruning rule for tiles that draw a dropout mask: at most 32 elements per thread.
+
+    tl.rand runs Philox per element with 4 live 32-bit counters each, so a 128x128 tile on 256
+    threads needs ~256 registers for the mask alone and spills (seen with ptxas -v)."""
+    return rows * cols <= 32 * 32 * num_warps
+
+
+def ieee_tile_ok(rows: int, cols: int, bk: int, precision) -> bool:
+    """Pruning rule for exact fp32 dots (input_precision "ieee", no tensor cores): Triton lowers
+    them to FMA loops holding both operand tiles in registers; bigger tiles spill (ptxas -v)."""
+    return precision != "ieee" or (rows * cols <= 32 * 64 and bk <= 32)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def r_block(r: int) -> int:
+    """r padded to a power of two >= 16 (tl.dot needs every dim >= 16); the tail is masked."""
+    return max(16, next_pow2(r))
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: powers of two from 16, capped, so M=1000 and M=1024 share a tuning."""
+    return min(max(16, next_pow2(m)), 8192)
+
+
+def tl_dtype(t: torch.dtype):
+    return TORCH_TO_TL[t]
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Operand dtype of a dot whose inputs have `dtypes`: fp32 if any input is fp32, else the
+    16-bit dtype. Accumulation is always fp32.
+
+    bf16 x with fp32 adapters therefore multiplies in fp32 (tf32 on GPU, see `dot_precision`):
+    bf16 converts to tf32 exactly, only the fp32 side rounds (to 10 mantissa bits), which is
+    closer to peft (it computes the LoRA branch in the adapter dtype) than rounding A, S or B to
+    bf16. Those dots have an inner size of r or a [*, r] output, so their cost is small next to
+    the main GEMM, which always runs in x's dtype.
+    """
+    if any(d == torch.float32 for d in dtypes):
+        return torch.float32
+    return dtypes[0]
+
+
+def dot_precision(dtypes, fp32_tf32: bool) -> str:
+    """tl.dot input_precision: "tf32" when fp32 operands meet 16-bit data (the 16-bit side is the
+    precision floor anyway); for all-fp32 inputs "tf32" or "ieee" as the caller asks (the triton
+    backend follows torch.backends.cuda.matmul.allow_tf32, like F.linear does)."""
+    if all(d == torch.float32 for d in dtypes):
+        return "tf32" if fp32_tf32 else "ieee"
+    return "tf32"
+
+
+def check_2d(name: str, t: torch.Tensor, shape: tuple, dtypes=ACT_DTYPES):
+    if t.dim() != 2 or tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, found {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: dtype {t.dtype} not supported (expected one of {list(dtypes)})")
+
+
+# Triton's CPU interpreter multiplies bf16 dot operands as their raw uint16 storage (checked on
+# triton 3.9: garbage ~1e10). Under the interpreter only, bf16 operands are rounded to bf16 and
+# then multiplied in fp32, which is what bf16 tensor cores compute (exact products, fp32 sums).
+# On a GPU this flag is False and the branch compiles away.
+_EMULATE_BF16_DOT = tl.constexpr(interpreting())
+
+
+@triton.jit
+def mma(a, b, acc, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b with operands cast to COMPUTE_DTYPE, fp32 accumulation."""
+    if _EMULATE_BF16_DOT and COMPUTE_DTYPE == tl.bfloat16:
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc,
+                      input_precision="ieee")
+    else:
+        return tl.dot(a.to(COMPUTE_DTYPE), b.to(COMPUTE_DTYPE), acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def dropout_keep(seed, rows, cols, n_cols, p_drop):
+    """Dropout keep-mask (bool) of the elements (rows[:, None], cols[None, :]) of a [*, n_cols] matrix.
+
+    The Philox counter is the logical element index row * n_cols + col (int32, wrapping, so masks
+    repeat only after 2**32 elements), independent of strides and of block sizes: forward and
+    backward kernels with different tilings regenerate exactly the same mask from the seed.
+    True (kept) with probability 1 - p. Kernels zero the dropped inputs with tl.where (exact in any
+    dtype) and apply the 1/(1-p) scale to the fp32 accumulator once, so no rounding of x/(1-p) to
+    16 bits ever happens.
+    """
+    idx = rows[:, None] * n_cols + cols[None, :]
+    u = tl.rand(seed, idx)
+    return u >= p_drop
+
+
+@triton.jit
+def _dropout_mask_kernel(out_ptr, M, K, seed, p_drop, inv_keep, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    d = tl.where(dropout_keep(seed, rows, cols, K, p_drop), inv_keep, 0.0)
+    ptrs = out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
+    tl.store(ptrs, d, mask=(rows[:, None] < M) & (cols[None, :] < K))
+
+
+def dropout_mask_dense(seed: int, m: int, k: int, p: float, device="cpu") -> torch.Tensor:
+    """The [m, k] fp32 dropout multiplier the kernels use, materialised.
+
+    For tests and debugging only: the kernels never store the mask.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout p must be in [0, 1), found {p}")
+    out = torch.empty((m, k), dtype=torch.float32, device=device)
+    grid = (triton.cdiv(m, 32), triton.cdiv(k, 64))
+    _dropout_mask_kernel[grid](out, m, k, seed, p, 1.0 / (1.0 - p), BLOCK_M=32, BLOCK_K=64)
+    return out

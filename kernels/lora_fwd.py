@@ -1,0 +1,414 @@
+"""LoRA linear forward:  Y = x W^T + s * S B^T (+ bias),  S = (D * x) A^T.
+
+Two kernels, one launcher (`lora_fwd`):
+- `lora_matmul_kernel` (large M): S comes from the shrink kernel (kernels/lora_shrink.py); the
+  LoRA-B term is one extra K = r step into the same fp32 accumulator as x W^T, so Y is written
+  once and no [M, N] temporary exists. Backward reuses it for dX = dY W + D * (dS A): the LoRA
+  step runs first so the output-side dropout multiplies only the LoRA part of the accumulator.
+- `lora_fused_kernel` (small M, decode): one launch; every program recomputes S for its row block
+  inside the main K loop from the x tile it already loaded (cheap when M is small: the extra
+  work is r/BLOCK_N of the main GEMM and A stays in L2), and the programs of column 0 write S.
+Both kernels serve fp16/bf16/fp32 via constexpr dtypes; A/B may be fp32 next to 16-bit x.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    ACT_DTYPES, SMEM_LIMIT, check_2d, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty,
+    ieee_tile_ok, interpreting, m_bucket, mma, r_block, tl_dtype,
+)
+from .lora_shrink import lora_shrink
+
+# r chunk of the extra LoRA step in the large-M kernel (r > 32 takes several chunks).
+MATMUL_BLOCK_R = 32
+# The fused kernel holds S [BLOCK_M, r_pad] and B^T [r_pad, BLOCK_N] in registers: r <= 128
+# (r <= 64 with exact fp32 dots, which also keep their operands in registers).
+FUSED_MAX_R = 128
+FUSED_MAX_R_IEEE = 64
+# auto variant: fused single kernel up to this many rows.
+FUSED_MAX_M = 64
+
+
+def get_lora_matmul_configs():
+    """Autotune space of the large-M kernel: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
+    shapes = [
+        (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (32, 128, 64, 4, 4), (32, 64, 64, 4, 4), (16, 64, 64, 4, 4),
+        (32, 64, 32, 4, 3), (16, 64, 32, 4, 3),  # small-K tiles for exact fp32 ("ieee") dots
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+def _matmul_config_ok(c, mb, n, k, elt, out_dropout=False, precision="tf32"):
+    bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+    if bm > mb or bn > max(16, triton.next_power_of_2(n)) or bk > max(32, triton.next_power_of_2(k)):
+        return False
+    if elt == 4 and bm * bn > 64 * 64:  # fp32 x: FMA/tf32 tiles this big spill registers (ptxas -v)
+        return False
+    if out_dropout and not dropout_tile_ok(bm, bn, c.num_warps):
+        return False
+    if not ieee_tile_ok(bm, bn, bk, precision):
+        return False
+    main = c.num_stages * (bm + bn) * bk * elt
+    lora = (bm + bn) * MATMUL_BLOCK_R * 4 * 2  # fp32 S and B chunks, double-buffered
+    return max(main, lora) <= SMEM_LIMIT
+
+
+def prune_lora_matmul_configs(configs, named_args, **kwargs):
+    """Pruning rule: BLOCK_M <= M bucket, BLOCK_N/BLOCK_K no larger than N/K rounded up to a power
+    of two, pipelined tiles within shared memory; at least the smallest config survives."""
+    elt = named_args["x_ptr"].element_size()
+    kept = [c for c in configs if _matmul_config_ok(c, named_args["M_BUCKET"], named_args["N"], named_args["K"], elt,
+                                                    bool(kwargs.get("OUT_DROPOUT")), kwargs.get("INPUT_PRECISION"))]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
+
+
+@triton.jit(do_not_specialize=["seed"])
+def lora_matmul_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
+    scale, seed, p_drop, inv_keep,
+    M_BUCKET,  # autotune key only
+    HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DROPOUT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Y[M, N] = x[M, K] W[N, K]^T + scale * D_out * (S[M, R] B[N, R]^T) (+ bias[N])."""
+    # Grouped program order: consecutive program ids walk GROUP_M row tiles of one column strip
+    # before moving to the next strip, so programs resident at the same time share W tiles (and
+    # x rows) in L2 instead of each streaming its own; plain row-major order would re-read all of
+    # W once per row tile from DRAM when W does not fit in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+
+    # The LoRA step first: K = R (chunks of BLOCK_R, masked tail), scaled and, for dX in backward,
+    # multiplied by the dropout mask of the output element before the base GEMM joins in.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rr0 = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + rr0
+        r_ok = rr < R
+        s = tl.load(s_ptr + rows64[:, None] * stride_sm + rr[None, :] * stride_sr,
+                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        bt = tl.load(b_ptr + rr[:, None] * stride_br + cols64[None, :] * stride_bn,
+                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(s, bt, acc, LORA_DTYPE, LORA_PRECISION)
+    acc = acc * scale
+    if OUT_DROPOUT:
+        acc = tl.where(dropout_keep(seed, rows, cols, N, p_drop), acc * inv_keep, 0.0)
+
+    if HAS_W:
+        kk = tl.arange(0, BLOCK_K)
+        x_rows = x_ptr + rows64[:, None] * stride_xm
+        w_cols = w_ptr + cols64[None, :] * stride_wn
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + kk
+            k_ok = ks < K
+            x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = mma(x, wt, acc, COMPUTE_DTYPE, INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows64[:, None] * stride_ym + cols64[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+lora_matmul_kernel_tuned = triton.autotune(
+    configs=get_lora_matmul_configs(),
+    # Flags and W's K-stride are in the key too: forward (W) and backward dX (W^T, output dropout) of a
+    # square layer share M/N/K/R but want (and may only use, see the pruning) different configs.
+    key=["M_BUCKET", "N", "K", "R", "stride_wk", "HAS_W", "HAS_BIAS", "OUT_DROPOUT", "INPUT_PRECISION",
+         "LORA_PRECISION"],
+    prune_configs_by={"early_config_prune": prune_lora_matmul_configs},
+)(lora_matmul_kernel)
+
+
+def get_lora_fused_configs():
+    """Autotune space of the small-M fused kernel: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)."""
+    shapes = [
+        (16, 32, 128, 4, 4), (16, 64, 64, 4, 4), (16, 64, 128, 4, 3), (16, 128, 64, 4, 4), (32, 64, 64, 4, 4),
+        (32, 128, 64, 4, 3), (64, 64, 64, 4, 3),
+        (16, 32, 32, 4, 3), (16, 64, 32, 4, 3),  # small-K tiles for exact fp32 ("ieee") dots
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+def _fused_config_ok(c, mb, n, k, br, elt, elt_a, in_dropout=False, out_dropout=False, precision="tf32"):
+    bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+    if bm > mb or bn > max(16, triton.next_power_of_2(n)) or bk > max(32, triton.next_power_of_2(k)):
+        return False
+    if br * bn > 128 * 64 or br * bk > 128 * 64:  # B^T / A^T tiles: register-resident operands
+        return False
+    if elt == 4 and bm * bn > 32 * 64:  # fp32 x: bigger tiles spill registers (ptxas -v)
+        return False
+    # fp32 values live per thread: Y accumulator, S accumulator, the [r_pad, BLOCK_N] B tile. More
+    # than ~96 spilled on sm_80/sm_90 in ptxas -v.
+    if bm * bn + br * bn + bm * br > 96 * 32 * c.num_warps:
+        return False
+    if (in_dropout and not dropout_tile_ok(bm, bk, c.num_warps)) or \
+            (out_dropout and not dropout_tile_ok(bm, bn, c.num_warps)):
+        return False
+    if not ieee_tile_ok(bm, bn + br, bk, precision):
+        return False
+    smem = c.num_stages * ((bm + bn) * bk * elt + br * bk * elt_a)
+    return smem <= SMEM_LIMIT
+
+
+def prune_lora_fused_configs(configs, named_args, **kwargs):
+    """Pruning rule: as the large-M kernel, plus r: the x, W and A tiles of every stage must fit in
+    shared memory and the [r_pad, BLOCK_N] B tile in registers; at least one config survives."""
+    br = kwargs.get("BLOCK_R", 16)
+    elt = named_args["x_ptr"].element_size()
+    elt_a = max(elt, named_args["a_ptr"].element_size())
+    kept = [c for c in configs
+            if _fused_config_ok(c, named_args["M_BUCKET"], named_args["N"], named_args["K"], br, elt, elt_a,
+                                bool(kwargs.get("IN_DROPOUT")), bool(kwargs.get("OUT_DROPOUT")),
+                                kwargs.get("INPUT_PRECISION"))]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
+
+
+@triton.jit(do_not_specialize=["seed"])
+def lora_fused_kernel(
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, s_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_ym, stride_yn, stride_sm, stride_sr,
+    s_scale, out_scale, seed, p_drop, inv_keep,
+    M_BUCKET,  # autotune key only
+    HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, IN_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
+    WRITE_S: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SHRINK_DTYPE: tl.constexpr, SHRINK_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """S = s_scale * (D_in * x) A^T;  Y = x W^T + out_scale * D_out * (S B^T) (+ bias); writes Y and S.
+
+    Forward: s_scale = 1, out_scale = s, IN_DROPOUT. Backward dX (x := dY, W := W^T, A := B^T,
+    B := A^T): s_scale = s, out_scale = 1, OUT_DROPOUT, and S is dS.
+    """
+    # Grouped program order (see lora_matmul_kernel): programs sharing a column strip of W run
+    # together. With small M there is usually one row group and this is plain column order.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    kk = tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    col_ok = cols < N
+    r_ok = rr < R
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    x_rows = x_ptr + rows64[:, None] * stride_xm
+    w_cols = w_ptr + cols64[None, :] * stride_wn
+    a_rows = a_ptr + rr[None, :] * stride_ar
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + kk
+        k_ok = ks < K
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_W:
+            wt = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = mma(x, wt, acc, COMPUTE_DTYPE, INPUT_PRECISION)
+        at = tl.load(a_rows + ks[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        if IN_DROPOUT:
+            xd = tl.where(dropout_keep(seed, rows, ks, K, p_drop), x, 0.0)
+            s_acc = mma(xd, at, s_acc, SHRINK_DTYPE, SHRINK_PRECISION)
+        else:
+            s_acc = mma(x, at, s_acc, SHRINK_DTYPE, SHRINK_PRECISION)
+    s_acc = s_acc * (s_scale * inv_keep if IN_DROPOUT else s_scale)
+    if WRITE_S:
+        if pid_n == 0:
+            s_ptrs = s_ptr + rows64[:, None] * stride_sm + rr[None, :] * stride_sr
+            tl.store(s_ptrs, s_acc, mask=row_ok[:, None] & r_ok[None, :])
+
+    bt = tl.load(b_ptr + rr[:, None] * stride_br + cols64[None, :] * stride_bn,
+                 mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+    lora = mma(s_acc, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), tl.float32, LORA_PRECISION) * out_scale
+    if OUT_DROPOUT:
+        lora = tl.where(dropout_keep(seed, rows, cols, N, p_drop), lora * inv_keep, 0.0)
+    acc += lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows64[:, None] * stride_ym + cols64[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+lora_fused_kernel_tuned = triton.autotune(
+    configs=get_lora_fused_configs(),
+    key=["M_BUCKET", "N", "K", "R", "stride_wk", "HAS_W", "HAS_BIAS", "IN_DROPOUT", "OUT_DROPOUT", "INPUT_PRECISION",
+         "SHRINK_PRECISION", "LORA_PRECISION"],
+    prune_configs_by={"early_config_prune": prune_lora_fused_configs},
+)(lora_fused_kernel)
+
+
+def _first_config(configs, prune, named_args, **kwargs) -> dict:
+    c = prune(configs, named_args, **kwargs)[0]
+    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _grid(m, n, bm, bn):
+    return (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+
+
+def launch_lora_matmul(x, w, s, b, bias, y, scale, out_dropout_p=0.0, seed=0, fp32_tf32=False, config=None):
+    """y = x w^T + scale * D_out * (s b^T) (+ bias). Shapes: x [M, K], w [N, K] or None, s [M, R] fp32,
+    b [N, R], y [M, N] (all may be strided views). No argument checks: callers check."""
+    m, k = x.shape
+    n, r = b.shape
+    has_w, has_bias = w is not None, bias is not None
+    args = (x, w if has_w else x, s, b, bias if has_bias else b, y, m, n, k, r,
+            x.stride(0), x.stride(1), w.stride(0) if has_w else 0, w.stride(1) if has_w else 0,
+            s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
+            float(scale), int(seed), float(out_dropout_p), 1.0 / (1.0 - out_dropout_p), m_bucket(m))
+    main_dtypes = (x.dtype, w.dtype) if has_w else (x.dtype,)
+    consts = dict(HAS_W=has_w, HAS_BIAS=has_bias, OUT_DROPOUT=out_dropout_p > 0.0,
+                  COMPUTE_DTYPE=tl_dtype(compute_dtype(*main_dtypes)),
+                  INPUT_PRECISION=dot_precision(main_dtypes, fp32_tf32),
+                  LORA_DTYPE=tl.float32, LORA_PRECISION=dot_precision((x.dtype, b.dtype), fp32_tf32),
+                  BLOCK_R=min(r_block(r), MATMUL_BLOCK_R))
+    if config is None and interpreting():
+        config = _first_config(get_lora_matmul_configs(), prune_lora_matmul_configs,
+                               {"M_BUCKET": m_bucket(m), "N": n, "K": k, "x_ptr": x}, **consts)
+    if config is not None:
+        lora_matmul_kernel[_grid(m, n, config["BLOCK_M"], config["BLOCK_N"])](*args, **consts, **config)
+    else:
+        lora_matmul_kernel_tuned[lambda meta: _grid(m, n, meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+    return y
+
+
+def launch_lora_fused(x, w, a, b, bias, y, s_out, s_scale, out_scale, in_dropout_p=0.0, out_dropout_p=0.0, seed=0,
+                      fp32_tf32=False, config=None):
+    """s_out = s_scale * (D_in x) a^T;  y = x w^T + out_scale * D_out * (s_out b^T) (+ bias).
+    x [M, K], w [N, K] or None, a [R, K], b [N, R], y [M, N], s_out [M, R] fp32. Callers check."""
+    m, k = x.shape
+    n, r = b.shape
+    has_w, has_bias = w is not None, bias is not None
+    if in_dropout_p > 0.0 and out_dropout_p > 0.0:
+        raise ValueError("launch_lora_fused: dropout on the input and the output at once is not a LoRA op")
+    p = max(in_dropout_p, out_dropout_p)
+    args = (x, w if has_w else x, a, b, bias if has_bias else b, y, s_out, m, n, k, r,
+            x.stride(0), x.stride(1), w.stride(0) if has_w else 0, w.stride(1) if has_w else 0,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
+            s_out.stride(0), s_out.stride(1),
+            float(s_scale), float(out_scale), int(seed), float(p), 1.0 / (1.0 - p), m_bucket(m))
+    main_dtypes = (x.dtype, w.dtype) if has_w else (x.dtype,)
+    br = r_block(r)
+    consts = dict(HAS_W=has_w, HAS_BIAS=has_bias, IN_DROPOUT=in_dropout_p > 0.0, OUT_DROPOUT=out_dropout_p > 0.0,
+                  WRITE_S=True, COMPUTE_DTYPE=tl_dtype(compute_dtype(*main_dtypes)),
+                  INPUT_PRECISION=dot_precision(main_dtypes, fp32_tf32),
+                  SHRINK_DTYPE=tl_dtype(compute_dtype(x.dtype, a.dtype)),
+                  SHRINK_PRECISION=dot_precision((x.dtype, a.dtype), fp32_tf32),
+                  LORA_PRECISION=dot_precision((x.dtype, b.dtype), fp32_tf32), BLOCK_R=br)
+    if config is None and interpreting():
+        config = _first_config(get_lora_fused_configs(), prune_lora_fused_configs,
+                               {"M_BUCKET": m_bucket(m), "N": n, "K": k, "x_ptr": x, "a_ptr": a}, **consts)
+    if config is not None:
+        lora_fused_kernel[_grid(m, n, config["BLOCK_M"], config["BLOCK_N"])](*args, **consts, **config)
+    else:
+        lora_fused_kernel_tuned[lambda meta: _grid(m, n, meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+    return y, s_out
+
+
+def check_lora_args(fn, x, weight, bias, a, b, scale=1.0, dropout_p=0.0):
+    """Shape/dtype/device checks shared by lora_fwd and lora_bwd; returns (M, K, N, r)."""
+    if x.dim() != 2:
+        raise ValueError(f"{fn}: x must be 2-D [M, K] (x.reshape(-1, K)), found shape {tuple(x.shape)}")
+    m, k = x.shape
+    check_2d(f"{fn}: x", x, (m, k))
+    if a.dim() != 2 or a.shape[1] != k:
+        raise ValueError(f"{fn}: lora_A must be [r, K={k}], found {tuple(a.shape)}")
+    r = a.shape[0]
+    if b.dim() != 2 or b.shape[1] != r:
+        raise ValueError(f"{fn}: lora_B must be [N, r={r}], found {tuple(b.shape)}")
+    n = b.shape[0]
+    adapter_dtypes = (torch.float32, x.dtype)
+    check_2d(f"{fn}: lora_A", a, (r, k), adapter_dtypes)
+    check_2d(f"{fn}: lora_B", b, (n, r), adapter_dtypes)
+    if weight is not None:
+        check_2d(f"{fn}: weight", weight, (n, k), (x.dtype,))
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n or bias.dtype not in ACT_DTYPES):
+        raise ValueError(f"{fn}: bias must be a float [N={n}] vector, found {bias.dtype} {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("lora_A", a), ("lora_B", b)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{fn}: {name} on {t.device} but x on {x.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), found {dropout_p}")
+    return m, k, n, r
+
+
+def lora_fwd(x, weight, bias, a, b, scale, dropout_p=0.0, seed=0, variant="auto", fp32_tf32=False,
+             config=None, shrink_config=None, out=None, s_out=None):
+    """Y = x weight^T + scale * ((D x) a^T) b^T (+ bias), returns (Y [M, N] in x.dtype, S [M, r] fp32).
+
+    x: [M, K] fp16/bf16/fp32, any strides; weight: [N, K] in x.dtype or None (LoRA term only);
+    bias: [N] or None; a: [r, K], b: [N, r] in fp32 or x.dtype. D: dropout with keep probability
+    1 - dropout_p from (seed, element index of x), regenerated in backward, never stored.
+    variant: "auto" (fused single kernel for M <= 64 and r <= 128, r <= 64 for exact fp32), "fused" or "split"
+    (shrink kernel + GEMM). config / shrink_config: explicit meta-parameters instead of autotuning.
+    out / s_out: optional preallocated outputs (tests poison them to prove every element is written).
+    """
+    m, k, n, r = check_lora_args("lora_fwd", x, weight, bias, a, b, scale, dropout_p)
+    if variant not in ("auto", "fused", "split"):
+        raise ValueError(f"lora_fwd: variant must be 'auto', 'fused' or 'split', found {variant!r}")
+    if r > 256 or r < 1:
+        raise ValueError(f"lora_fwd: r must be in 1..256, found {r}")
+    if variant == "fused" and r > FUSED_MAX_R:
+        raise ValueError(f"lora_fwd: the fused variant holds r <= {FUSED_MAX_R} in registers, found r={r}")
+    y = out if out is not None else empty((m, n), x.dtype, x.device)
+    s = s_out if s_out is not None else empty((m, r), torch.float32, x.device)
+    if tuple(y.shape) != (m, n) or y.dtype != x.dtype:
+        raise ValueError(f"lora_fwd: out must be {x.dtype} [{m}, {n}], found {y.dtype} {tuple(y.shape)}")
+    if tuple(s.shape) != (m, r) or s.dtype != torch.float32:
+        raise ValueError(f"lora_fwd: s_out must be fp32 [{m}, {r}], found {s.dtype} {tuple(s.shape)}")
+    if m == 0 or n == 0:
+        if m:
+            lora_shrink(x, a, 1.0, dropout_p, seed, out=s, fp32_tf32=fp32_tf32, config=shrink_config)
+        return y, s
+    if k == 0:  # empty reduction: x W^T = 0 and S = 0
+        s.zero_()
+        y.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(y))
+        return y, s
+    if variant == "fused":
+        fused = True
+    else:
+        ieee = dot_precision((x.dtype, a.dtype, b.dtype), fp32_tf32) == "ieee"
+        fused = variant == "auto" and m <= FUSED_MAX_M and r <= (FUSED_MAX_R_IEEE if ieee else FUSED_MAX_R)
+    if fused:
+        launch_lora_fused(x, weight, a, b, bias, y, s, 1.0, scale, in_dropout_p=dropout_p, seed=seed,
+                          fp32_tf32=fp32_tf32, config=config)
+    else:
+        lora_shrink(x, a, 1.0, dropout_p, seed, out=s, fp32_tf32=fp32_tf32, config=shrink_config)
+        launch_lora_matmul(x, weight, s, b, bias, y, scale, seed=seed, fp32_tf32=fp32_tf32, config=config)
+    return y, s

@@ -1,0 +1,194 @@
+"""Ahead-of-time compile of every fastpeft Triton kernel for sm_80 / sm_90, no GPU needed.
+
+Run as a script (in a process WITHOUT TRITON_INTERPRET, which replaces kernels by interpreted
+Python): `python aot_compile.py {default|all} [variant]` prints one JSON line per compiled (kernel, variant,
+config, arch) with shared memory, the use of wgmma, and ptxas -v register/spill counts.
+test_aot_compile.py runs it and checks the numbers.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+FLOATS = {"scale", "s_scale", "out_scale", "p_drop", "inv_keep"}
+
+
+def _variants():
+    """(kernel, variant, JITFunction, pointer dtypes, constexprs, configs, dot-rows meta key, pruning rule)."""
+    import triton.language as tl
+
+    from fastpeft.kernels import lora_bwd, lora_fwd, lora_shrink
+
+    bf, f32 = "bf16", "fp32"
+    out = []
+    # shrink: forward S (x bf16, A fp32, dropout) and backward dS (dY bf16, B^T bf16 as a strided view)
+    out.append(("lora_shrink", "fwd_bf16_dropout", lora_shrink.lora_shrink_kernel,
+                dict(x_ptr=bf, a_ptr=f32, s_ptr=f32),
+                dict(stride_xk=1, stride_ak=1, stride_sr=1, HAS_DROPOUT=True, COMPUTE_DTYPE=tl.float32,
+                     INPUT_PRECISION="tf32", BLOCK_R=64),
+                lora_shrink.get_shrink_configs(), "BLOCK_M", lora_shrink.prune_shrink_configs))
+    out.append(("lora_shrink", "bwd_bf16", lora_shrink.lora_shrink_kernel,
+                dict(x_ptr=bf, a_ptr=bf, s_ptr=f32),
+                dict(stride_xk=1, stride_ar=1, stride_sr=1, HAS_DROPOUT=False, COMPUTE_DTYPE=tl.bfloat16,
+                     INPUT_PRECISION="tf32", BLOCK_R=16),
+                lora_shrink.get_shrink_configs(), "BLOCK_M", lora_shrink.prune_shrink_configs))
+    out.append(("lora_shrink", "fwd_fp32_ieee_r128", lora_shrink.lora_shrink_kernel,
+                dict(x_ptr=f32, a_ptr=f32, s_ptr=f32),
+                dict(stride_xk=1, stride_ak=1, stride_sr=1, HAS_DROPOUT=True, COMPUTE_DTYPE=tl.float32,
+                     INPUT_PRECISION="ieee", BLOCK_R=128),
+                lora_shrink.get_shrink_configs(), None, lora_shrink.prune_shrink_configs))
+    mm = dict(LORA_DTYPE=tl.float32, LORA_PRECISION="tf32", BLOCK_R=32)
+    out.append(("lora_matmul", "fwd_bf16_bias", lora_fwd.lora_matmul_kernel,
+                dict(x_ptr=bf, w_ptr=bf, s_ptr=f32, b_ptr=f32, bias_ptr=bf, y_ptr=bf),
+                dict(mm, stride_xk=1, stride_wk=1, stride_sr=1, stride_br=1, stride_yn=1, HAS_W=True, HAS_BIAS=True,
+                     OUT_DROPOUT=False, COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32"),
+                lora_fwd.get_lora_matmul_configs(), "BLOCK_M", lora_fwd.prune_lora_matmul_configs))
+    out.append(("lora_matmul", "bwd_dx_bf16_dropout", lora_fwd.lora_matmul_kernel,
+                dict(x_ptr=bf, w_ptr=bf, s_ptr=f32, b_ptr=f32, bias_ptr=f32, y_ptr=bf),
+                dict(mm, stride_xk=1, stride_wn=1, stride_sr=1, stride_bn=1, stride_yn=1, HAS_W=True, HAS_BIAS=False,
+                     OUT_DROPOUT=True, COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32"),
+                lora_fwd.get_lora_matmul_configs(), "BLOCK_M", lora_fwd.prune_lora_matmul_configs))
+    out.append(("lora_matmul", "fwd_fp32_ieee", lora_fwd.lora_matmul_kernel,
+                dict(x_ptr=f32, w_ptr=f32, s_ptr=f32, b_ptr=f32, bias_ptr=f32, y_ptr=f32),
+                dict(stride_xk=1, stride_wk=1, stride_sr=1, stride_br=1, stride_yn=1, HAS_W=True, HAS_BIAS=True,
+                     OUT_DROPOUT=False, COMPUTE_DTYPE=tl.float32, INPUT_PRECISION="ieee", LORA_DTYPE=tl.float32,
+                     LORA_PRECISION="ieee", BLOCK_R=32),
+                lora_fwd.get_lora_matmul_configs(), None, lora_fwd.prune_lora_matmul_configs))
+    fz = dict(WRITE_S=True, COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", LORA_PRECISION="tf32")
+    out.append(("lora_fused", "fwd_bf16_dropout_r64", lora_fwd.lora_fused_kernel,
+                dict(x_ptr=bf, w_ptr=bf, a_ptr=f32, b_ptr=f32, bias_ptr=bf, y_ptr=bf, s_ptr=f32),
+                dict(fz, stride_xk=1, stride_wk=1, stride_ak=1, stride_br=1, stride_yn=1, stride_sr=1, HAS_W=True,
+                     HAS_BIAS=True, IN_DROPOUT=True, OUT_DROPOUT=False, SHRINK_DTYPE=tl.float32,
+                     SHRINK_PRECISION="tf32", BLOCK_R=64),
+                lora_fwd.get_lora_fused_configs(), "BLOCK_M", lora_fwd.prune_lora_fused_configs))
+    out.append(("lora_fused", "bwd_dx_bf16_dropout_r16", lora_fwd.lora_fused_kernel,
+                dict(x_ptr=bf, w_ptr=bf, a_ptr=f32, b_ptr=f32, bias_ptr=f32, y_ptr=bf, s_ptr=f32),
+                dict(fz, stride_xk=1, stride_wn=1, stride_ar=1, stride_bn=1, stride_yn=1, stride_sr=1, HAS_W=True,
+                     HAS_BIAS=False, IN_DROPOUT=False, OUT_DROPOUT=True, SHRINK_DTYPE=tl.float32,
+                     SHRINK_PRECISION="tf32", BLOCK_R=16),
+                lora_fwd.get_lora_fused_configs(), "BLOCK_M", lora_fwd.prune_lora_fused_configs))
+    out.append(("lora_fused", "fwd_bf16_adapters_r128", lora_fwd.lora_fused_kernel,
+                dict(x_ptr=bf, w_ptr=bf, a_ptr=bf, b_ptr=bf, bias_ptr=bf, y_ptr=bf, s_ptr=f32),
+                dict(fz, stride_xk=1, stride_wk=1, stride_ak=1, stride_br=1, stride_yn=1, stride_sr=1, HAS_W=True,
+                     HAS_BIAS=False, IN_DROPOUT=False, OUT_DROPOUT=False, SHRINK_DTYPE=tl.bfloat16,
+                     SHRINK_PRECISION="tf32", BLOCK_R=128),
+                lora_fwd.get_lora_fused_configs(), "BLOCK_M", lora_fwd.prune_lora_fused_configs))
+    out.append(("lora_fused", "fwd_fp32_ieee_r64", lora_fwd.lora_fused_kernel,
+                dict(x_ptr=f32, w_ptr=f32, a_ptr=f32, b_ptr=f32, bias_ptr=f32, y_ptr=f32, s_ptr=f32),
+                dict(WRITE_S=True, COMPUTE_DTYPE=tl.float32, INPUT_PRECISION="ieee", LORA_PRECISION="ieee",
+                     stride_xk=1, stride_wk=1, stride_ak=1, stride_br=1, stride_yn=1, stride_sr=1, HAS_W=True,
+                     HAS_BIAS=True, IN_DROPOUT=True, OUT_DROPOUT=False, SHRINK_DTYPE=tl.float32,
+                     SHRINK_PRECISION="ieee", BLOCK_R=64),  # auto runs r > 64 exact fp32 split
+                lora_fwd.get_lora_fused_configs(), None, lora_fwd.prune_lora_fused_configs))
+    wg = dict(COMPUTE_DTYPE=tl.float32, INPUT_PRECISION="tf32")
+    out.append(("lora_wgrad", "dA_bf16_dropout", lora_bwd.lora_wgrad_kernel,
+                dict(l_ptr=f32, r_ptr=bf, out_ptr=f32),
+                dict(wg, stride_lp=1, stride_rq=1, stride_oq=1, HAS_DROPOUT=True, ATOMIC=False),
+                lora_bwd.get_wgrad_configs(), "BLOCK_P", lora_bwd.prune_wgrad_configs))
+    out.append(("lora_wgrad", "dB_bf16_atomic", lora_bwd.lora_wgrad_kernel,
+                dict(l_ptr=bf, r_ptr=f32, out_ptr=f32),
+                dict(wg, stride_lp=1, stride_rq=1, stride_oq=1, HAS_DROPOUT=False, ATOMIC=True),
+                lora_bwd.get_wgrad_configs(), "BLOCK_P", lora_bwd.prune_wgrad_configs))
+    out.append(("lora_wgrad", "dA_fp32_ieee_dropout", lora_bwd.lora_wgrad_kernel,
+                dict(l_ptr=f32, r_ptr=f32, out_ptr=f32),
+                dict(COMPUTE_DTYPE=tl.float32, INPUT_PRECISION="ieee", stride_lp=1, stride_rq=1, stride_oq=1,
+                     HAS_DROPOUT=True, ATOMIC=False),
+                lora_bwd.get_wgrad_configs(), None, lora_bwd.prune_wgrad_configs))
+    return out
+
+
+def _ptxas_v(ptx: str, arch: str, cap: int):
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        r = subprocess.run([get_ptxas(cap).path, "-v", f"--gpu-name={arch}", f.name, "-o", os.devnull],
+                           capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    if r.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {arch}: {r.stderr[-2000:]}")
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    return int(m.group(1)), int(m.group(2)), int(regs.group(1)) if regs else -1
+
+
+def compile_one(fn, ptrs, consts, cfg, cap):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    consts = dict(consts, **cfg.kwargs)
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        elif name == "seed":
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride") or name == "rows_per_split":
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, sig, consts, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+
+
+# Default subset (CI time budget): one variant per kernel, forward + backward-side flags mixed.
+DEFAULT_VARIANTS = ("fwd_bf16_dropout", "bwd_dx_bf16_dropout", "fwd_bf16_dropout_r64", "dA_bf16_dropout")
+
+
+TORCH = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def tunable(configs, prune, ptrs, consts, small_m=False):
+    """The configs the autotuner may run for these dtypes/flags: the pruning rule applied to a
+    large shape (M = 4096, or 64 for the small-M fused kernel; N = K = 4096; r = 256 for dA/dB)."""
+    import torch
+
+    named = {name: torch.empty(0, dtype=getattr(torch, TORCH[d])) for name, d in ptrs.items()}
+    named.update(M_BUCKET=64 if small_m else 4096, N=4096, K=4096, P=consts.get("BLOCK_R", 64), Q=4096)
+    if "ATOMIC" in consts:  # wgrad: P = r (dA) or N (dB)
+        named.update(P=256 if consts.get("HAS_DROPOUT") else 4096, Q=4096 if consts.get("HAS_DROPOUT") else 256)
+    return prune(configs, named, **consts)
+
+
+def representative(configs, dot_rows_key):
+    """Default subset: the config with the largest dot tile (what big shapes pick on H100)."""
+    key = (lambda c: (c.kwargs[dot_rows_key], sum(v for k, v in c.kwargs.items() if k.startswith("BLOCK")))) \
+        if dot_rows_key else (lambda c: sum(v for k, v in c.kwargs.items() if k.startswith("BLOCK")))
+    return [max(configs, key=key)]
+
+
+def main(mode: str, only: str = ""):
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("run without TRITON_INTERPRET: the interpreter replaces kernels by Python")
+    for kname, variant, fn, ptrs, consts, configs, rows_key, prune in _variants():
+        if (mode != "all" and variant not in DEFAULT_VARIANTS) or (only and variant != only):
+            continue
+        configs = tunable(configs, prune, ptrs, consts, small_m=kname == "lora_fused")
+        chosen = configs if mode == "all" else representative(configs, rows_key)
+        for cfg in chosen:
+            for cap in (80, 90):
+                arch = "sm_90a" if cap == 90 else f"sm_{cap}"
+                c = compile_one(fn, ptrs, consts, cfg, cap)
+                ptx = c.asm["ptx"]
+                target = re.search(r"\.target (\S+)", ptx).group(1)
+                stores, loads, regs = _ptxas_v(ptx, target, cap)
+                print(json.dumps(dict(kernel=kname, variant=variant, config=str(cfg), cap=cap, target=target,
+                                      arch=arch, shared=c.metadata.shared, wgmma="wgmma" in ptx,
+                                      mma=("mma.sync" in ptx) or ("wgmma" in ptx),
+                                      dot_rows=cfg.kwargs[rows_key] if rows_key else None,
+                                      spill_stores=stores, spill_loads=loads, regs=regs)), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "default", sys.argv[2] if len(sys.argv) > 2 else "")

@@ -1,0 +1,59 @@
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 (no GPU needed): sm_90 matrix
+kernels use wgmma, ptxas -v reports no spills, shared memory fits the chip.
+
+Default: one representative config (the largest dot tile the pruning rule keeps for a big shape)
+of one variant per kernel (4 kernels x 2 archs, ~1 minute on 2 cores). `-m slow`: every config the
+autotuner can run, for every dtype/flag variant listed in aot_compile.py.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SMEM = {80: 163 * 1024, 90: 227 * 1024}
+
+
+def _compile(mode):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "aot_compile.py"), mode], capture_output=True, text=True,
+                       env=env, timeout=3600)
+    assert r.returncode == 0, f"aot_compile.py {mode} failed:\n{r.stderr[-4000:]}"
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert rows, f"aot_compile.py {mode} compiled nothing:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+    return rows
+
+
+def _check(rows):
+    problems = []
+    for d in rows:
+        what = f"{d['kernel']}[{d['variant']}] {d['config']} sm_{d['cap']}"
+        if d["spill_stores"] or d["spill_loads"]:
+            problems.append(f"{what}: spills {d['spill_stores']} B stores / {d['spill_loads']} B loads")
+        if d["shared"] > SMEM[d["cap"]]:
+            problems.append(f"{what}: {d['shared']} B shared memory > {SMEM[d['cap']]}")
+        if d["dot_rows"] is not None:  # tensor-core variants (not fp32 "ieee")
+            if d["cap"] == 90 and d["dot_rows"] >= 64 and not d["wgmma"]:
+                problems.append(f"{what}: no wgmma in the sm_90 PTX")
+            if not d["mma"]:
+                problems.append(f"{what}: no tensor-core mma instruction")
+    assert not problems, "\n".join(problems)
+    by_arch = {(d["kernel"], d["variant"], d["config"]): set() for d in rows}
+    for d in rows:
+        by_arch[(d["kernel"], d["variant"], d["config"])].add(d["cap"])
+    assert all(caps == {80, 90} for caps in by_arch.values())
+
+
+def test_aot_compile_representative_configs():
+    rows = _compile("default")
+    assert {d["kernel"] for d in rows} == {"lora_shrink", "lora_matmul", "lora_fused", "lora_wgrad"}
+    assert any(d["wgmma"] for d in rows if d["cap"] == 90)
+    _check(rows)
+
+
+@pytest.mark.slow
+def test_aot_compile_every_config():
+    _check(_compile("all"))
