@@ -106,6 +106,27 @@ _EMULATE_BF16_DOT = tl.constexpr(interpreting())
 
 
 @triton.jit
+def grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order.
+
+    Consecutive program ids walk GROUP_M row tiles of one column strip before moving to the next
+    strip, so programs resident at the same time share W tiles (and x rows) in L2 instead of each
+    streaming its own; plain row-major order would re-read all of W once per row tile from DRAM
+    when W does not fit in L2.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def mma(a, b, acc, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """acc + a @ b with operands cast to COMPUTE_DTYPE, fp32 accumulation."""
     if _EMULATE_BF16_DOT and COMPUTE_DTYPE == tl.bfloat16:

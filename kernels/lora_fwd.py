@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._common import (
     ACT_DTYPES, SMEM_LIMIT, check_2d, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty,
-    ieee_tile_ok, interpreting, m_bucket, mma, r_block, tl_dtype,
+    grouped_pid, ieee_tile_ok, interpreting, m_bucket, mma, r_block, tl_dtype,
 )
 from .lora_shrink import lora_shrink
 
@@ -78,19 +78,7 @@ def lora_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Y[M, N] = x[M, K] W[N, K]^T + scale * D_out * (S[M, R] B[N, R]^T) (+ bias[N])."""
-    # Grouped program order: consecutive program ids walk GROUP_M row tiles of one column strip
-    # before moving to the next strip, so programs resident at the same time share W tiles (and
-    # x rows) in L2 instead of each streaming its own; plain row-major order would re-read all of
-    # W once per row tile from DRAM when W does not fit in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -207,17 +195,9 @@ def lora_fused_kernel(
     Forward: s_scale = 1, out_scale = s, IN_DROPOUT. Backward dX (x := dY, W := W^T, A := B^T,
     B := A^T): s_scale = s, out_scale = 1, OUT_DROPOUT, and S is dS.
     """
-    # Grouped program order (see lora_matmul_kernel): programs sharing a column strip of W run
-    # together. With small M there is usually one row group and this is plain column order.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    # Grouped program order (see grouped_pid): with small M there is usually one row group and
+    # this is plain column order.
+    pid_m, pid_n = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
