@@ -16,6 +16,7 @@ from .auto import (
 )
 from .config import PEFT_TYPE_TO_CONFIG_MAPPING, PeftConfig, PeftConfigMixin, register_peft_config
 from .mapping import get_peft_model, inject_adapter_in_model
+from .quant import QuantLinear, quantize  # quantized base weights (QLoRA)
 from .peft_model import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PeftModel,
@@ -40,4 +41,5 @@ __all__ = [
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
     "accelerate", "get_peft_model", "get_peft_model_state_dict", "inject_adapter_in_model",
     "load_peft_weights", "register_peft_config", "set_peft_model_state_dict",
+    "QuantLinear", "quantize",
 ]

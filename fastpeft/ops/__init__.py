@@ -13,6 +13,7 @@ from torch import Tensor
 from . import dispatch
 from .lora_embedding import lora_delta_weight, lora_embedding
 from .lora_linear import draw_seed, lora_linear
+from .lora_quant import lora_quant_linear, register_quant_backend  # quantized base weights (fastpeft.quant)
 from .torch_backend import dropout_mask
 
 
@@ -35,4 +36,4 @@ def current_backend(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[T
 
 
 __all__ = ["lora_linear", "lora_embedding", "lora_delta_weight", "current_backend", "dropout_mask",
-           "draw_seed", "dispatch"]
+           "draw_seed", "dispatch", "lora_quant_linear", "register_quant_backend"]

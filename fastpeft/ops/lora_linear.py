@@ -76,10 +76,11 @@ def lora_bwd_op(dY: Tensor, x: Tensor, weight: Optional[Tensor], lora_A: Tensor,
     dY2 = dY.reshape(-1, dY.shape[-1])
     dX, dA, dB = dispatch.get(backend).lora_bwd(dY2, x2d, weight, lora_A, lora_B, S, scale, dropout_p,
                                                 _seed_int(seed), needs_dx, needs_dA, needs_dB)
-    empty = x.new_empty(0)
-    dX = dX.to(x.dtype).reshape(x.shape) if needs_dx else empty
-    dA = dA.to(lora_A.dtype) if needs_dA else empty.to(lora_A.dtype)
-    dB = dB.to(lora_B.dtype) if needs_dB else empty.to(lora_B.dtype)
+    # Each unneeded grad gets its own empty tensor: a custom op may not return one tensor twice
+    # (torch.compile rejects the aliasing when two of them would share dtype).
+    dX = dX.to(x.dtype).reshape(x.shape) if needs_dx else x.new_empty(0)
+    dA = dA.to(lora_A.dtype) if needs_dA else lora_A.new_empty(0)
+    dB = dB.to(lora_B.dtype) if needs_dB else lora_B.new_empty(0)
     return dX, dA, dB
 
 

@@ -61,3 +61,20 @@ def test_compile_inductor_fullgraph_matches_eager():
     # own RNG stream, so dropout masks (though consistent between its forward and backward) differ
     # from eager's.
     _compare("inductor", 0.0)
+
+
+def test_compile_frozen_adapters_grad_to_x_only():
+    # A frozen adapter (inference-mode LoRA, or a disabled one) with a trainable input: backward is
+    # asked for dX only, so the op returns empty dA and dB, which must be distinct tensors (a custom
+    # op may not return one tensor twice; this used to fail under torch.compile).
+    torch._dynamo.reset()
+    m = _Tiny(0.0).train()
+    m.A.requires_grad_(False)
+    m.B.requires_grad_(False)
+    m.b.requires_grad_(False)
+    x = torch.randn(3, 16, requires_grad=True)
+    m(x).sum().backward()
+    expected = x.grad.clone()
+    x.grad = None
+    torch.compile(m, fullgraph=True, backend="aot_eager")(x).sum().backward()
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-5)

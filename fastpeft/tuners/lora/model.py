@@ -21,6 +21,7 @@ from .conv1d import Conv1D
 from .embedding import Embedding
 from .layer import LoraLayer
 from .linear import Linear
+from .quant_linear import QuantLinear, QuantLoraLinear  # fastpeft.quant hook (QLoRA)
 
 
 def create_lora_module(target: nn.Module, adapter_name: str, config, r: int, lora_alpha: float) -> nn.Module:
@@ -30,6 +31,8 @@ def create_lora_module(target: nn.Module, adapter_name: str, config, r: int, lor
                   lora_bias=getattr(config, "lora_bias", False))
     if isinstance(target, nn.Embedding):
         return Embedding(target, adapter_name, **kwargs)
+    if isinstance(target, QuantLinear):  # fastpeft.quant hook: before nn.Linear, which QuantLinear subclasses
+        return QuantLoraLinear(target, adapter_name, **kwargs)
     if isinstance(target, nn.Linear):
         if config.fan_in_fan_out:
             warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
