@@ -29,6 +29,8 @@ from .peft_model import (
 )
 from .tuners.lora import LoraConfig, LoraModel
 from .tuners.lora.accelerate import accelerate
+from .tuners.prompt import (PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType,
+                            PromptLearningConfig, PromptTuningConfig, PromptTuningInit)
 from .utils.peft_types import PeftType, TaskType
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
@@ -41,5 +43,7 @@ __all__ = [
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
     "accelerate", "get_peft_model", "get_peft_model_state_dict", "inject_adapter_in_model",
     "load_peft_weights", "register_peft_config", "set_peft_model_state_dict",
+    "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType", "PromptLearningConfig",
+    "PromptTuningConfig", "PromptTuningInit",
     "QuantLinear", "quantize",
 ]

@@ -76,6 +76,9 @@ PEFT_TYPE_TO_CONFIG_MAPPING: dict[PeftType, type] = {}
 # without config.py importing every tuner (and torch) up front.
 _CONFIG_MODULES: dict[PeftType, str] = {
     PeftType.LORA: "fastpeft.tuners.lora.config",
+    PeftType.PROMPT_TUNING: "fastpeft.tuners.prompt.config",
+    PeftType.P_TUNING: "fastpeft.tuners.prompt.config",
+    PeftType.PREFIX_TUNING: "fastpeft.tuners.prompt.config",
 }
 
 

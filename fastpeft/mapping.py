@@ -50,5 +50,8 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     """
     validate_adapter_name(adapter_name)
     _check_config(peft_config)
+    if peft_config.is_prompt_learning:
+        raise ValueError(f"inject_adapter_in_model: {type(peft_config).__name__} is a prompt-learning config; its "
+                         f"virtual tokens live in the PeftModel wrapper, so use get_peft_model instead")
     tuner = _tuner_class(peft_config.peft_type)(model, {adapter_name: peft_config}, adapter_name)
     return tuner.model

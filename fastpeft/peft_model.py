@@ -2,7 +2,9 @@
 
 A PeftModel wraps a tuner (``base_model``, a LoraModel) which wraps the user's model
 (``base_model.model``); state_dict keys therefore start with ``base_model.model.`` exactly as in
-peft. This class owns what is not per-layer: adapter bookkeeping across the whole model, the task
+peft. Prompt-learning adapters follow peft's other layout: ``base_model`` is the user's model and
+the virtual tokens come from ``prompt_encoder`` (fastpeft.tuners.prompt.model.PromptLearningMixin).
+This class owns what is not per-layer: adapter bookkeeping across the whole model, the task
 heads that train in full, parameter counting, and saving/loading adapter folders in peft's format
 (see fastpeft.utils.save_and_load for the key rules).
 
@@ -24,6 +26,7 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from fastpeft.config import CONFIG_NAME, PeftConfig
+from fastpeft.tuners.prompt.model import PromptLearningMixin
 from fastpeft.utils.model_card import model_card_text_for
 from fastpeft.utils.peft_types import PeftType, TaskType
 from fastpeft.utils.save_and_load import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, find_weights_file,
@@ -59,11 +62,27 @@ def _tuner_class(peft_type) -> type:
 def _check_config(peft_config) -> None:
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a fastpeft PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}")
-    if peft_config.is_prompt_learning or peft_config.is_adaption_prompt:
+    if peft_config.is_adaption_prompt:
         raise NotImplementedError(
-            f"{type(peft_config).__name__}: prompt-learning methods are not supported by fastpeft's PeftModel yet."
+            f"{type(peft_config).__name__}: adaption prompt is not supported by fastpeft's PeftModel yet."
         )
+    if peft_config.is_prompt_learning:
+        if getattr(peft_config.peft_type, "value", peft_config.peft_type) not in (
+                PeftType.PROMPT_TUNING.value, PeftType.P_TUNING.value, PeftType.PREFIX_TUNING.value):
+            raise NotImplementedError(f"fastpeft does not implement the prompt-learning method "
+                                      f"{peft_config.peft_type!r} yet")
+        return
     _tuner_class(peft_config.peft_type)
+
+
+def _refuse_trainable_prompt(config, is_trainable: bool) -> None:
+    # peft 0.21 refuses this too: a saved p-tuning / prefix-projection adapter holds the prompt
+    # network's output, not the network, so there is nothing to continue training from.
+    if is_trainable and config.is_prompt_learning:
+        raise ValueError(
+            f"is_trainable=True is not possible for a prompt-learning adapter ({config.peft_type}): the saved file "
+            f"holds only the final prompt, as in peft. Load it for inference, or train a new adapter."
+        )
 
 
 def _hub_kwargs(kwargs: dict) -> dict:
@@ -101,8 +120,12 @@ def _strip_tuner(model: nn.Module) -> None:
         del model.__dict__["peft_config"]
 
 
-class PeftModel(nn.Module):
-    """A model with adapters. ``base_model`` is the tuner; ``get_base_model()`` the user's model."""
+class PeftModel(PromptLearningMixin, nn.Module):
+    """A model with adapters. ``base_model`` is the tuner; ``get_base_model()`` the user's model.
+
+    With a prompt-learning adapter (prompt tuning, p-tuning, prefix tuning) ``base_model`` is the
+    user's model itself and the prompts live in ``prompt_encoder`` (see tuners/prompt/model.py).
+    """
 
     # task heads that peft trains in full for this task (added to config.modules_to_save)
     _auto_modules_to_save: tuple = ()
@@ -118,9 +141,14 @@ class PeftModel(nn.Module):
         self.peft_type = peft_config.peft_type
         # forward kwargs that steer the adapters instead of going to the model
         self.special_peft_forward_args = {"adapter_names"}
-        self._is_prompt_learning = False
+        self._is_prompt_learning = bool(peft_config.is_prompt_learning)
         self._fill_config_from_model(peft_config, model)
         self._add_task_heads(peft_config)
+        if self._is_prompt_learning:
+            # virtual tokens: the user's model is base_model itself (peft's layout)
+            self._init_prompt_learning(model, peft_config, adapter_name)
+            self._prepare_for_checkpointing(model)
+            return
         self.base_model = _tuner_class(peft_config.peft_type)(model, {adapter_name: peft_config}, adapter_name)
         self._update_modules_to_save(peft_config)
         self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
@@ -143,18 +171,27 @@ class PeftModel(nn.Module):
 
     @property
     def peft_config(self) -> dict:
+        if self.__dict__.get("_is_prompt_learning"):
+            return self._prompt_configs
         return self.base_model.peft_config
 
     @peft_config.setter
     def peft_config(self, value: dict) -> None:
+        if self.__dict__.get("_is_prompt_learning"):
+            self._prompt_configs = value
+            return
         self.base_model.peft_config = value
 
     @property
     def active_adapter(self) -> Union[str, list[str]]:
+        if self.__dict__.get("_is_prompt_learning"):
+            return self._prompt_active
         return self.base_model.active_adapter
 
     @property
     def active_adapters(self) -> list[str]:
+        if self.__dict__.get("_is_prompt_learning"):
+            return [self._prompt_active]
         return self.base_model.active_adapters
 
     @property
@@ -164,6 +201,8 @@ class PeftModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         """The user's model (with LoRA layers inside)."""
+        if self.__dict__.get("_is_prompt_learning"):
+            return self.base_model
         return self.base_model.model
 
     # ---------------------------------------------------------------------------------------------
@@ -239,14 +278,44 @@ class PeftModel(nn.Module):
             )
         return {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
 
+    # the TaskType value a task class stands for (prompt learning handles labels/inputs per task)
+    _prompt_task: Optional[str] = None
+
     def forward(self, *args: Any, **kwargs: Any):
+        if self._is_prompt_learning:
+            if args:
+                if len(args) > 1 or "input_ids" in kwargs:
+                    raise TypeError("With a prompt-learning adapter pass model inputs by name (input_ids=..., ...)")
+                kwargs["input_ids"] = args[0]
+            return self._forward_named({k: kwargs.pop(k, None) for k in
+                                        ("input_ids", "attention_mask", "inputs_embeds", "labels")}, kwargs)
         return self.get_base_model()(*args, **self._model_kwargs(kwargs))
 
     def _forward_named(self, named: dict, kwargs: dict):
+        if self._is_prompt_learning:
+            named = dict(named)
+            main = {k: named.pop(k, None) for k in ("input_ids", "attention_mask", "inputs_embeds", "labels")}
+            kwargs = self._model_kwargs(kwargs)
+            if named.get("token_type_ids") is not None:
+                kwargs["token_type_ids"] = named.pop("token_type_ids")
+            named.pop("token_type_ids", None)
+            if named.get("position_ids") is not None:
+                kwargs["position_ids"] = named.pop("position_ids")
+            named.pop("position_ids", None)
+            return self._prompt_forward(self._prompt_task, **main, kwargs=kwargs, extra=named)
         # None means "the model's default" for every transformers forward argument; leaving them out
         # also lets models without some of these arguments work
         named = {k: v for k, v in named.items() if v is not None}
         return self.base_model(**named, **self._model_kwargs(kwargs))
+
+    def _generate(self, seq2seq: bool, args: tuple, kwargs: dict):
+        if not self._is_prompt_learning:
+            return self.get_base_model().generate(*args, **self._model_kwargs(kwargs))
+        if args:
+            if len(args) > 1 or "input_ids" in kwargs:
+                raise TypeError("generate(): pass at most one positional argument (input_ids)")
+            kwargs["input_ids"] = args[0]
+        return self._prompt_generate(seq2seq, self._model_kwargs(kwargs))
 
     # ---------------------------------------------------------------------------------------------
     # adapters
@@ -258,6 +327,14 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; existing adapters: {list(self.peft_config)}")
         _check_config(peft_config)
+        if self._is_prompt_learning or peft_config.is_prompt_learning:
+            if not (self._is_prompt_learning and peft_config.is_prompt_learning):
+                raise ValueError(f"Cannot add a {peft_config.peft_type} adapter to a model holding {self.peft_type} "
+                                 f"adapters: prompt-learning and layer adapters do not mix in one PeftModel")
+            self._fill_config_from_model(peft_config, self.get_base_model())
+            self._add_task_heads(peft_config)
+            self._add_prompt_adapter(adapter_name, peft_config)
+            return
         if getattr(peft_config.peft_type, "value", peft_config.peft_type) != getattr(self.peft_type, "value", self.peft_type):
             raise ValueError(
                 f"Cannot add a {peft_config.peft_type} adapter to a model holding {self.peft_type} adapters."
@@ -293,11 +370,19 @@ class PeftModel(nn.Module):
         missing = [n for n in names if n not in self.peft_config]
         if missing:
             raise ValueError(f"Adapter {missing[0]!r} not found; existing adapters: {list(self.peft_config)}")
+        if self._is_prompt_learning:
+            if len(names) != 1:
+                raise ValueError(f"Prompt-learning adapters cannot be active together; got {names}")
+            self._set_prompt_adapter(names[0])
+            return
         self.base_model.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} does not exist; existing adapters: {list(self.peft_config)}")
+        if self._is_prompt_learning:
+            self._delete_prompt_adapter(adapter_name)
+            return
         self.base_model.delete_adapter(adapter_name)
 
     @contextmanager
@@ -305,26 +390,45 @@ class PeftModel(nn.Module):
         """Run the base model without adapters inside the ``with`` block; restores everything after."""
         # disabling/enabling flips requires_grad in the layers; put back exactly what was there
         grads = {p: p.requires_grad for p in self.parameters()}
-        self.base_model.disable_adapter_layers()
+        if self._is_prompt_learning:
+            disable = lambda: self._enable_prompt(False)  # noqa: E731
+            enable = lambda: self._enable_prompt(True)  # noqa: E731
+        else:
+            disable, enable = self.base_model.disable_adapter_layers, self.base_model.enable_adapter_layers
+        disable()
         try:
             yield
         finally:
-            self.base_model.enable_adapter_layers()
+            enable()
             for p, flag in grads.items():
                 p.requires_grad_(flag)
 
+    def _enable_prompt(self, enabled: bool) -> None:
+        self._prompt_disabled = not enabled
+        for wrapper in self._prompt_wrappers():
+            wrapper.enable_adapters(enabled)
+
+    def _refuse_merge(self, what: str) -> None:
+        if self._is_prompt_learning:
+            raise ValueError(f"{what}: prompt-learning adapters ({self.peft_type}) add virtual tokens and have no "
+                             f"weights to merge into the model")
+
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._refuse_merge("merge_adapter")
         self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
+        self._refuse_merge("unmerge_adapter")
         self.base_model.unmerge_adapter()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[list[str]] = None) -> nn.Module:
+        self._refuse_merge("merge_and_unload")
         return self.base_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge,
                                                 adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
+        self._refuse_merge("unload")
         return self.base_model.unload()
 
     # ---------------------------------------------------------------------------------------------
@@ -442,6 +546,7 @@ class PeftModel(nn.Module):
         torch_device = kwargs.pop("torch_device", None)
         config, weights, path = cls._read_adapter(model_id, config, torch_device, kwargs)
         _check_config(config)
+        _refuse_trainable_prompt(config, is_trainable)
         config.inference_mode = not is_trainable
         target_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(getattr(config.task_type, "value", config.task_type), cls)
 
@@ -479,6 +584,7 @@ class PeftModel(nn.Module):
                                                    torch_device, kwargs)
         if is_new:
             _check_config(config)
+            _refuse_trainable_prompt(config, is_trainable)
             config.inference_mode = not is_trainable
             self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
@@ -508,11 +614,15 @@ class PeftModelForCausalLM(PeftModel):
                                         labels=labels, output_attentions=output_attentions,
                                         output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
 
+    _prompt_task = TaskType.CAUSAL_LM.value
+
     def generate(self, *args, **kwargs):
-        return self.get_base_model().generate(*args, **self._model_kwargs(kwargs))
+        return self._generate(False, args, kwargs)
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
+    _prompt_task = TaskType.SEQ_2_SEQ_LM.value
+
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
                 decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
@@ -524,10 +634,11 @@ class PeftModelForSeq2SeqLM(PeftModel):
                                         output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
 
     def generate(self, *args, **kwargs):
-        return self.get_base_model().generate(*args, **self._model_kwargs(kwargs))
+        return self._generate(True, args, kwargs)
 
 
 class PeftModelForSequenceClassification(PeftModel):
+    _prompt_task = TaskType.SEQ_CLS.value
     _auto_modules_to_save = ("classifier", "score")
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
@@ -538,6 +649,7 @@ class PeftModelForSequenceClassification(PeftModel):
 
 
 class PeftModelForTokenClassification(PeftModel):
+    _prompt_task = TaskType.TOKEN_CLS.value
     _auto_modules_to_save = ("classifier", "score")
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
@@ -548,6 +660,7 @@ class PeftModelForTokenClassification(PeftModel):
 
 
 class PeftModelForQuestionAnswering(PeftModel):
+    _prompt_task = TaskType.QUESTION_ANS.value
     _auto_modules_to_save = ("qa_outputs",)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
@@ -561,6 +674,7 @@ class PeftModelForQuestionAnswering(PeftModel):
 
 
 class PeftModelForFeatureExtraction(PeftModel):
+    _prompt_task = TaskType.FEATURE_EXTRACTION.value
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
         return self._forward_named(dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,

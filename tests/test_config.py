@@ -413,8 +413,8 @@ def test_hub_id(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------- dispatch
 def test_dispatch_errors(tmp_path):
-    _write(tmp_path / "p", {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 20})
-    with pytest.raises(NotImplementedError, match="PREFIX_TUNING"):
+    _write(tmp_path / "p", {"peft_type": "LOHA", "r": 8})
+    with pytest.raises(NotImplementedError, match="LOHA"):
         PeftConfig.from_pretrained(tmp_path / "p")
     _write(tmp_path / "b", {"peft_type": "BOGUS"})
     with pytest.raises(ValueError, match="BOGUS"):

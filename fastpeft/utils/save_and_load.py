@@ -9,6 +9,9 @@ File format (peft 0.21's, learned by saving with peft and reading the files back
 - ``bias="all"`` adds every state_dict entry whose key contains "bias", unchanged;
   ``bias="lora_only"`` adds the base bias of every LoRA-wrapped module, unchanged;
 - embedding layers (``embed_tokens``/``lm_head``), when saved, are stored under their key unchanged.
+- prompt-learning adapters (prompt tuning, p-tuning, prefix tuning) store one tensor,
+  ``prompt_embeddings``: the prompt table as the model uses it (for p-tuning and projected prefixes
+  the prompt network's output), plus their modules_to_save copies as above.
 
 Loading maps a file key back by looking at the model's structure (which modules are LoRA layers,
 which are ModulesToSaveWrappers) rather than by string heuristics, and checks every shape before
@@ -48,6 +51,7 @@ WEIGHTS_NAME = "adapter_model.bin"
 # changes usually go together with training them); the names are part of peft's save behaviour.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 MODEL_PREFIX = "base_model.model."
+PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,6 +166,10 @@ def get_peft_model_state_dict(
         state_dict = model.state_dict()
     slots = dict(_adapter_slots(model, ""))
     out: dict = {}
+    if getattr(config, "is_prompt_learning", False):
+        _add_modules_to_save(model, state_dict, adapter_name, out)
+        out[PROMPT_EMBEDDINGS_KEY] = model.get_prompt_embedding_to_save(adapter_name)
+        return out
 
     # 1. this adapter's LoRA tensors, adapter name removed
     for key, value in state_dict.items():
@@ -187,13 +195,7 @@ def get_peft_model_state_dict(
         raise NotImplementedError(f"bias={bias!r} is not implemented (expected 'none', 'all' or 'lora_only')")
 
     # 3. modules_to_save copies, stored under the wrapped module's name
-    for wrapper_key, wrapper in _wrappers(model, ""):
-        if adapter_name not in wrapper.modules_to_save:
-            continue
-        inner = f"{wrapper_key}.modules_to_save.{adapter_name}."
-        for key, value in state_dict.items():
-            if key.startswith(inner):
-                out[wrapper_key + "." + key[len(inner):]] = value
+    _add_modules_to_save(model, state_dict, adapter_name, out)
 
     # 4. embedding layers in full
     if _wants_embedding_layers(config, save_embedding_layers):
@@ -206,6 +208,16 @@ def get_peft_model_state_dict(
                 out.setdefault(key, value)
 
     return out
+
+
+def _add_modules_to_save(model: nn.Module, state_dict: dict, adapter_name: str, out: dict) -> None:
+    for wrapper_key, wrapper in _wrappers(model, ""):
+        if adapter_name not in wrapper.modules_to_save:
+            continue
+        inner = f"{wrapper_key}.modules_to_save.{adapter_name}."
+        for key, value in state_dict.items():
+            if key.startswith(inner):
+                out[wrapper_key + "." + key[len(inner):]] = value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -263,12 +275,26 @@ def set_peft_model_state_dict(
     wrapper_names = sorted((k for k, _ in _wrappers(model, "")), key=len, reverse=True)
     targets = dict(model.state_dict(keep_vars=True))
     where = f" in {source}" if source else ""
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    prompt = bool(getattr(config, "is_prompt_learning", False))
+    prompt_key = f"prompt_encoder.{adapter_name}.embedding.weight"
+    if prompt and not config.inference_mode and PROMPT_EMBEDDINGS_KEY in peft_model_state_dict \
+            and (getattr(config, "encoder_reparameterization_type", None) is not None
+                 or getattr(config, "prefix_projection", False)):
+        warnings.warn(
+            f"Loading saved prompt_embeddings{where} into adapter {adapter_name!r}, whose prompt network is still "
+            f"active (inference_mode=False): the file holds the network's output, so the prompt will differ. Load "
+            f"with PeftModel.from_pretrained(..., is_trainable=False) to use the saved prompt as it is."
+        )
 
     plan = []
     unexpected = []
     mismatched = []
     for file_key, value in peft_model_state_dict.items():
-        model_key = _model_key_for(file_key, adapter_name, slots, wrapper_names)
+        if prompt and file_key == PROMPT_EMBEDDINGS_KEY:
+            model_key = prompt_key
+        else:
+            model_key = _model_key_for(file_key, adapter_name, slots, wrapper_names)
         if model_key not in targets:
             unexpected.append(file_key)
             continue
@@ -304,7 +330,10 @@ def set_peft_model_state_dict(
         if adapter_name in wrapper.modules_to_save:
             inner = f"{wrapper_key}.modules_to_save.{adapter_name}."
             expected.update(k for k in targets if k.startswith(inner))
-    loaded = {_model_key_for(k, adapter_name, slots, wrapper_names) for k in peft_model_state_dict}
+    if prompt and prompt_key in targets:
+        expected.add(prompt_key)
+    loaded = {prompt_key if (prompt and k == PROMPT_EMBEDDINGS_KEY) else
+              _model_key_for(k, adapter_name, slots, wrapper_names) for k in peft_model_state_dict}
     missing = sorted(expected - loaded)
     if missing:
         warnings.warn(
