@@ -33,6 +33,11 @@ from .tuners.prompt import (PrefixTuningConfig, PromptEncoderConfig, PromptEncod
                             PromptLearningConfig, PromptTuningConfig, PromptTuningInit)
 from .utils.peft_types import PeftType, TaskType
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .utils.training import prepare_model_for_kbit_training
+from .integrations import trainer as _trainer_integration
+
+# transformers' Trainer saves fastpeft models as adapters, like peft models (see integrations/trainer.py)
+_trainer_integration.register()
 
 __all__ = [
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
@@ -42,7 +47,7 @@ __all__ = [
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
     "accelerate", "get_peft_model", "get_peft_model_state_dict", "inject_adapter_in_model",
-    "load_peft_weights", "register_peft_config", "set_peft_model_state_dict",
+    "load_peft_weights", "prepare_model_for_kbit_training", "register_peft_config", "set_peft_model_state_dict",
     "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType", "PromptLearningConfig",
     "PromptTuningConfig", "PromptTuningInit",
     "QuantLinear", "quantize",

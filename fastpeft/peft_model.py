@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
+from fastpeft.integrations.hub import PushToHubMixin
 from fastpeft.config import CONFIG_NAME, PeftConfig
 from fastpeft.tuners.prompt.model import PromptLearningMixin
 from fastpeft.utils.model_card import model_card_text_for
@@ -120,7 +121,7 @@ def _strip_tuner(model: nn.Module) -> None:
         del model.__dict__["peft_config"]
 
 
-class PeftModel(PromptLearningMixin, nn.Module):
+class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
     """A model with adapters. ``base_model`` is the tuner; ``get_base_model()`` the user's model.
 
     With a prompt-learning adapter (prompt tuning, p-tuning, prefix tuning) ``base_model`` is the

@@ -75,7 +75,7 @@ def validate_adapter_name(adapter_name: Any) -> str:
     if bad:
         raise ValueError(
             f"adapter_name {adapter_name!r} is not a safe folder name: it contains {sorted(set(bad))!r}. "
-            f"Adapter names become subfolder names and module keys; use letters, digits, '-' or '_'."
+            f"Adapter names become subfolder names and module keys, so they cannot hold path separators or '.'."
         )
     if hasattr(nn.ModuleDict(), adapter_name):
         # adapter names are keys of nn.ModuleDicts, which cannot hold names of nn.Module attributes

@@ -155,3 +155,10 @@ def test_autocast_uses_fast_path(counted):
         y_ref = _logits(ref, ids)
     assert len(counted) == 4 and y.dtype == y_ref.dtype
     assert ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item() < 2e-2
+
+
+def test_accelerate_says_why_when_there_is_nothing_to_do():
+    from fastpeft.tuners.lora.accelerate import accelerate
+
+    report = accelerate(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    assert report.swapped == 0 and "no HF peft LoRA layer found" in str(report)

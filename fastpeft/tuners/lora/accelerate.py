@@ -35,10 +35,14 @@ class AccelerateReport:
     swapped: int = 0
     swapped_modules: list = field(default_factory=list)
     skipped: list = field(default_factory=list)  # (module name, reason)
+    note: str = ""  # set when there was nothing to do, saying why
+
 
     def __str__(self) -> str:
         lines = [f"fastpeft.accelerate: {self.swapped} LoRA layer(s) accelerated, {len(self.skipped)} left alone"]
         lines += [f"  left alone: {name}: {reason}" for name, reason in self.skipped]
+        if self.note:
+            lines.append(f"  note: {self.note}")
         return "\n".join(lines)
 
 
@@ -133,6 +137,10 @@ def accelerate(peft_model: nn.Module) -> AccelerateReport:
             setattr(module, _MARK, True)
         report.swapped += 1
         report.swapped_modules.append(name)
+    if report.swapped == 0 and not report.skipped:
+        report.note = (f"no HF peft LoRA layer found in this {type(peft_model).__name__}: accelerate() speeds up "
+                       f"models made by peft's get_peft_model/PeftModel.from_pretrained (fastpeft's own "
+                       f"models already run on fastpeft.ops)")
     return report
 
 

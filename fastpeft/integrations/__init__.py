@@ -1,0 +1,1 @@
+"""How fastpeft models plug into other libraries (transformers' Trainer, the Hugging Face Hub)."""
