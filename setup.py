@@ -33,9 +33,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["fastpeft", "fastpeft.*"]) + ["fastpeft.kernels"],
-    package_dir={"fastpeft.kernels": "kernels"},
-    package_data={"fastpeft": ["csrc/*"]},
+    # kernels/ installs as fastpeft.kernels; csrc/ ships as fastpeft/csrc (sources for the just-in-time build)
+    packages=find_packages(include=["fastpeft", "fastpeft.*"]) + ["fastpeft.kernels", "fastpeft.csrc"],
+    package_dir={"fastpeft.kernels": "kernels", "fastpeft.csrc": "csrc"},
+    package_data={"fastpeft.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=4.45",
