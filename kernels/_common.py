@@ -172,3 +172,22 @@ def dropout_mask_dense(seed: int, m: int, k: int, p: float, device="cpu") -> tor
     grid = (triton.cdiv(m, 32), triton.cdiv(k, 64))
     _dropout_mask_kernel[grid](out, m, k, seed, p, 1.0 / (1.0 - p), BLOCK_M=32, BLOCK_K=64)
     return out
+
+
+# True under TRITON_INTERPRET=1 (kernels then run in numpy); branches on it compile away on a GPU.
+_INTERPRETING = tl.constexpr(interpreting())
+
+
+@triton.jit
+def mul_rn(a, b):
+    """fp32 a * b rounded on its own, never contracted with a following add into an FMA.
+
+    Dequantization formulas such as code2[q] * absmax2 + offset must give the bits of the torch
+    reference, which rounds the product before the add; the compiler would otherwise fuse them
+    (PTX mul.rn is exempt from contraction). The interpreter computes in numpy, which never fuses.
+    """
+    if _INTERPRETING:
+        return a * b
+    else:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)

@@ -104,3 +104,44 @@ def lora_bwd(dY: Tensor, x2d: Tensor, weight: Optional[Tensor], A: Tensor, B: Te
     return bwd.lora_bwd(dY, x2d, weight, A, B, S, float(scale), float(dropout_p), int(seed),
                         needs_dx=needs_dx, needs_da=needs_dA, needs_db=needs_dB, deterministic=True,
                         fp32_tf32=_fp32_tf32(x2d))
+
+
+# -- quantized base weights (QLoRA): the contract of fastpeft/ops/lora_quant.py --------------------
+def _quant_kernels():
+    from fastpeft.kernels import lora_quant
+
+    return lora_quant
+
+
+def supports_quant(x2d: Tensor, qw, bias: Optional[Tensor], A: Tensor, B: Tensor, dropout_p: float) -> Optional[str]:
+    """None when the quantized-weight kernel can run this call (W = qw dequantized), else why not."""
+    reason = supports(x2d, None, bias, A, B, dropout_p)
+    if reason is not None:
+        return reason
+    if x2d.shape[1] != qw.K or B.shape[0] != qw.N:
+        return f"quantized weight is [N={qw.N}, K={qw.K}] but x is {tuple(x2d.shape)} and lora_B {tuple(B.shape)}"
+    for name in ("qdata", "scales", "zeros", "code", "absmax2", "code2", "offset", "g_idx"):
+        t = getattr(qw, name)
+        if t is not None and t.device != x2d.device:
+            return f"quantized weight field {name} is on {t.device} but x on {x2d.device}"
+    return _quant_kernels().quant_reason(qw, x2d.dtype)
+
+
+def lora_quant_fwd(x2d: Tensor, qw, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float, dropout_p: float,
+                   seed: int) -> tuple[Tensor, Tensor]:
+    """(Y [M, N] in x's dtype, S [M, r] fp32); W is dequantized in registers inside the GEMM."""
+    return _quant_kernels().lora_quant_fwd(x2d, qw, bias, A, B, float(scale), float(dropout_p), int(seed),
+                                           fp32_tf32=_fp32_tf32(x2d))
+
+
+def lora_quant_bwd(dY: Tensor, x2d: Tensor, qw, A: Tensor, B: Tensor, S: Tensor, scale: float, dropout_p: float,
+                   seed: int, needs_dx: bool, needs_dA: bool,
+                   needs_dB: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(dX | None, dA | None, dB | None); dX = dY deq(W) + D * (dS A) in one quantized GEMM."""
+    if dY.dtype != x2d.dtype:
+        dY = dY.to(x2d.dtype)
+    if S.dtype != torch.float32:
+        S = S.float()
+    return _quant_kernels().lora_quant_bwd(dY, x2d, qw, A, B, S, float(scale), float(dropout_p), int(seed),
+                                           needs_dx=needs_dx, needs_da=needs_dA, needs_db=needs_dB,
+                                           fp32_tf32=_fp32_tf32(x2d))

@@ -19,7 +19,7 @@ def _variants():
     """(kernel, variant, JITFunction, pointer dtypes, constexprs, configs, dot-rows meta key, pruning rule)."""
     import triton.language as tl
 
-    from fastpeft.kernels import lora_bwd, lora_fwd, lora_shrink
+    from fastpeft.kernels import lora_bwd, lora_fwd, lora_quant, lora_shrink
 
     bf, f32 = "bf16", "fp32"
     out = []
@@ -96,6 +96,46 @@ def _variants():
                 dict(COMPUTE_DTYPE=tl.float32, INPUT_PRECISION="ieee", stride_lp=1, stride_rq=1, stride_oq=1,
                      HAS_DROPOUT=True, ATOMIC=False),
                 lora_bwd.get_wgrad_configs(), None, lora_bwd.prune_wgrad_configs))
+    # quantized base weight (kernels/lora_quant.py): one kernel, FORMAT / TRANS_W constexprs
+    u8, i8, i32 = "u8", "i8", "i32"
+    qcfg, qprune = lora_quant.get_lora_quant_configs(), lora_quant.prune_lora_quant_configs
+    qfwd = dict(stride_xk=1, stride_sr=1, stride_br=1, stride_yn=1, INDEX_64=False, PACKED=True, TRANS_W=True,
+                OUT_DROPOUT=False, LORA_PRECISION="tf32", BLOCK_R=32)
+    qbwd = dict(stride_xk=1, stride_sr=1, stride_bp=1, stride_yn=1, INDEX_64=False, PACKED=True, TRANS_W=False,
+                HAS_BIAS=False, OUT_DROPOUT=True, LORA_PRECISION="tf32", BLOCK_R=32)
+
+    def qptrs(x, q, sc, y, z=f32, g=i32):
+        return dict(x_ptr=x, qdata_ptr=q, scales_ptr=sc, zeros_ptr=z, code_ptr=f32, absmax2_ptr=f32, code2_ptr=f32,
+                    offset_ptr=f32, gidx_ptr=g, s_ptr=f32, b_ptr=f32, bias_ptr=y, y_ptr=y)
+
+    out.append(("lora_quant", "fwd_nf4_dq_bf16_bias", lora_quant.lora_quant_kernel, qptrs(bf, u8, u8, bf),
+                dict(qfwd, FORMAT=0, DOUBLE_QUANT=True, HAS_GIDX=False, HAS_BIAS=True, COMPUTE_DTYPE=tl.bfloat16,
+                     INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
+    out.append(("lora_quant", "bwd_dx_int4_gidx_bf16_dropout", lora_quant.lora_quant_kernel,
+                qptrs(bf, u8, "fp16", bf, z=u8),
+                dict(qbwd, stride_sn=1, FORMAT=1, DOUBLE_QUANT=False, HAS_GIDX=True, COMPUTE_DTYPE=tl.bfloat16,
+                     INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
+    out.append(("lora_quant", "fwd_int8_fp16_decode", lora_quant.lora_quant_kernel, qptrs("fp16", i8, f32, "fp16"),
+                dict(qfwd, FORMAT=2, PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=False,
+                     COMPUTE_DTYPE=tl.float16,
+                     INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
+    out.append(("lora_quant", "fwd_nf4_bf16_decode", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
+                dict(qfwd, FORMAT=0, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=False, COMPUTE_DTYPE=tl.bfloat16,
+                     INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
+    out.append(("lora_quant", "fwd_int4_fp16", lora_quant.lora_quant_kernel, qptrs("fp16", u8, "fp16", "fp16", z=u8),
+                dict(qfwd, stride_sn=1, FORMAT=1, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=True,
+                     COMPUTE_DTYPE=tl.float16, INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
+    out.append(("lora_quant", "bwd_dx_nf4_dq_bf16_dropout", lora_quant.lora_quant_kernel, qptrs(bf, u8, u8, bf),
+                dict(qbwd, FORMAT=0, DOUBLE_QUANT=True, HAS_GIDX=False, COMPUTE_DTYPE=tl.bfloat16,
+                     INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
+    out.append(("lora_quant", "fwd_int8_fp32_ieee", lora_quant.lora_quant_kernel, qptrs(f32, i8, f32, f32),
+                dict(qfwd, FORMAT=2, PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=True,
+                     COMPUTE_DTYPE=tl.float32,
+                     INPUT_PRECISION="ieee", LORA_PRECISION="ieee"), qcfg, None, qprune))
+    # nf4 with odd K: rows start mid-byte, each element reads its own byte (no packed tile)
+    out.append(("lora_quant", "fwd_nf4_oddk_bf16", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
+                dict(qfwd, FORMAT=0, PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=False,
+                     COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
     return out
 
 
@@ -143,19 +183,23 @@ def compile_one(fn, ptrs, consts, cfg, cap):
 
 
 # Default subset (CI time budget): one variant per kernel, forward + backward-side flags mixed.
-DEFAULT_VARIANTS = ("fwd_bf16_dropout", "bwd_dx_bf16_dropout", "fwd_bf16_dropout_r64", "dA_bf16_dropout")
+DEFAULT_VARIANTS = ("fwd_bf16_dropout", "bwd_dx_bf16_dropout", "fwd_bf16_dropout_r64", "dA_bf16_dropout",
+                    "fwd_nf4_dq_bf16_bias", "bwd_dx_int4_gidx_bf16_dropout", "fwd_int8_fp16_decode")
 
 
-TORCH = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+TORCH = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "u8": "uint8", "i8": "int8", "i32": "int32"}
 
 
-def tunable(configs, prune, ptrs, consts, small_m=False):
+def tunable(configs, prune, ptrs, consts, small_m=False, m_bucket=None):
     """The configs the autotuner may run for these dtypes/flags: the pruning rule applied to a
-    large shape (M = 4096, or 64 for the small-M fused kernel; N = K = 4096; r = 256 for dA/dB)."""
+    large shape (M = 4096, or 64 for the small-M fused kernel, or m_bucket; N = K = 4096; r = 256
+    for dA/dB; P = Q = 4096 for the quant GEMM)."""
     import torch
 
     named = {name: torch.empty(0, dtype=getattr(torch, TORCH[d])) for name, d in ptrs.items()}
-    named.update(M_BUCKET=64 if small_m else 4096, N=4096, K=4096, P=consts.get("BLOCK_R", 64), Q=4096)
+    named.update(M_BUCKET=m_bucket or (64 if small_m else 4096), N=4096, K=4096, P=consts.get("BLOCK_R", 64), Q=4096)
+    if "TRANS_W" in consts:  # quant GEMM: P is the output width (N or K), not r
+        named.update(P=4096)
     if "ATOMIC" in consts:  # wgrad: P = r (dA) or N (dB)
         named.update(P=256 if consts.get("HAS_DROPOUT") else 4096, Q=4096 if consts.get("HAS_DROPOUT") else 256)
     return prune(configs, named, **consts)
@@ -174,7 +218,8 @@ def main(mode: str, only: str = ""):
     for kname, variant, fn, ptrs, consts, configs, rows_key, prune in _variants():
         if (mode != "all" and variant not in DEFAULT_VARIANTS) or (only and variant != only):
             continue
-        configs = tunable(configs, prune, ptrs, consts, small_m=kname == "lora_fused")
+        configs = tunable(configs, prune, ptrs, consts, small_m=kname == "lora_fused",
+                          m_bucket=16 if variant.endswith("_decode") else None)
         chosen = configs if mode == "all" else representative(configs, rows_key)
         for cfg in chosen:
             for cap in (80, 90):

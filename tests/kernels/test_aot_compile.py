@@ -49,7 +49,10 @@ def _check(rows):
 
 def test_aot_compile_representative_configs():
     rows = _compile("default")
-    assert {d["kernel"] for d in rows} == {"lora_shrink", "lora_matmul", "lora_fused", "lora_wgrad"}
+    assert {d["kernel"] for d in rows} == {"lora_shrink", "lora_matmul", "lora_fused", "lora_wgrad", "lora_quant"}
+    # the quant GEMM: a 64+-row prefill tile on wgmma, and the decode variant on 16-row tiles
+    assert any(d["wgmma"] for d in rows if d["kernel"] == "lora_quant" and d["cap"] == 90)
+    assert all(d["dot_rows"] == 16 for d in rows if d["variant"].endswith("_decode"))
     assert any(d["wgmma"] for d in rows if d["cap"] == 90)
     _check(rows)
 

@@ -4,10 +4,10 @@ import itertools
 import pytest
 import torch
 
-from fastpeft.kernels import lora_bwd, lora_fwd, lora_shrink
+from fastpeft.kernels import lora_bwd, lora_fwd, lora_quant, lora_shrink
 
 TUNED = [lora_shrink.lora_shrink_kernel_tuned, lora_fwd.lora_matmul_kernel_tuned, lora_fwd.lora_fused_kernel_tuned,
-         lora_bwd.lora_wgrad_kernel_tuned]
+         lora_bwd.lora_wgrad_kernel_tuned, lora_quant.lora_quant_kernel_tuned]
 
 
 @pytest.mark.parametrize("tuned", TUNED, ids=lambda t: t.base_fn.__name__)

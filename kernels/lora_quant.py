@@ -1,0 +1,413 @@
+"""LoRA linear over a quantized base weight (QLoRA), dequantizing W in registers.
+
+    forward   Y  = x deq(W)^T + s * S B^T (+ bias)          S = (D x) A^T   (kernels/lora_shrink.py)
+    backward  dX = dY deq(W) + D * (dS A)                    dS = s dY B     (kernels/lora_shrink.py)
+              dA, dB: the 16-bit reductions of kernels/lora_bwd.py (they never touch W)
+
+One GEMM kernel, `lora_quant_kernel`, serves both GEMMs and all formats:
+    out[M, P] = a[M, Q] @ Wop[Q, P] + scale * D_out * (S[M, R] @ Bt[R, P]) (+ bias[P])
+with Wop = deq(W)^T (forward: P = N, Q = K) or Wop = deq(W) (dX: P = K, Q = N), chosen by the
+constexpr TRANS_W. Inside the main loop over Q it loads the packed bytes / scales that the
+[BLOCK_Q, BLOCK_P] tile of W needs and dequantizes them with `dequant_w`, whose constexpr FORMAT
+selects the format's arithmetic; W is never materialized in memory. 4-bit formats whose rows start
+on a byte (int4; nf4 with even K) load the tile's bytes once as a [*, half] block contiguous along
+K and unpack both nibbles in registers (`load_nibbles`, constexpr PACKED); nf4 with odd K (rows
+start mid-byte, blocks straddle rows) reads each element's byte by its flat index instead. The
+NF4 code book (16 fp32) and the per-block absmax / per-group scale+zero are gathered per element
+(the same few addresses across a warp: L1 broadcasts). The LoRA term is one extra
+K = R step into the same fp32 accumulator (first, so the dX dropout multiplies only it), and the
+output is written once.
+
+Dequantization matches fastpeft.quant.formats.dequantize exactly (fp32 arithmetic in the same order;
+the double-quant multiply-add is kept unfused, see `mul_rn`), then W is cast to the GEMM's dtype,
+which is what the torch reference does with dequantize(qw, x.dtype).
+
+Decode (M <= 16): the launcher restricts the configs to BLOCK_M = 16 with narrow N tiles so a
+single row still spreads over many programs; the weight stream dominates and is read once.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    SMEM_LIMIT, dot_precision, dropout_keep, dropout_tile_ok, empty, grouped_pid, ieee_tile_ok,
+    interpreting, m_bucket, mma, mul_rn, r_block, tl_dtype,
+)
+from .lora_shrink import lora_shrink
+
+FORMAT_IDS = {"nf4": 0, "int4": 1, "int8": 2}
+# r chunk of the extra LoRA step (r > 32 takes several chunks).
+QUANT_BLOCK_R = 32
+# Rows up to which the launcher uses the decode configs.
+DECODE_MAX_M = 16
+MAX_R = 256
+
+
+def get_lora_quant_configs():
+    """Autotune space: (BLOCK_M, BLOCK_P, BLOCK_Q, warps, stages). The first group is for prefill /
+    training, the BLOCK_M = 16 group for decode (M <= 16)."""
+    shapes = [
+        (128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (64, 64, 32, 4, 3),
+        (32, 64, 32, 4, 3), (32, 128, 32, 8, 3),
+        (16, 32, 64, 4, 3), (16, 64, 64, 4, 3), (16, 64, 32, 4, 3), (16, 128, 32, 4, 3), (16, 32, 128, 4, 2),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_P": bp, "BLOCK_Q": bq, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bp, bq, w, s in shapes]
+
+
+def _quant_config_ok(c, mb, p, q, elt, out_dropout=False, precision="tf32"):
+    bm, bp, bq = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]
+    if mb <= DECODE_MAX_M and bm != 16:
+        return False  # decode: only 16-row tiles (no work on padding rows, many programs along P)
+    if bm > mb or bp > max(32, triton.next_power_of_2(p)) or bq > max(32, triton.next_power_of_2(q)):
+        return False
+    # The dequantized W tile is built in registers (fp32 value + int index math per element) before
+    # it goes to shared memory for the dot: more than 32 elements per thread spilled (ptxas -v).
+    if bp * bq > (16 if out_dropout else 32) * 32 * c.num_warps:
+        return False  # (16 next to the dX dropout mask, whose Philox state is live at the same time)
+    # fp32 values per thread: the accumulator plus that W tile. Beyond 80 (48 with the dX dropout
+    # mask) ptxas -v spilled on sm_80 or sm_90.
+    if bm * bp + bp * bq > (48 if out_dropout else 80) * 32 * c.num_warps:
+        return False
+    if elt == 4 and bm * bp > 64 * 64:  # fp32 x: bigger tiles spill registers (ptxas -v)
+        return False
+    if out_dropout and not dropout_tile_ok(bm, bp, c.num_warps):
+        return False
+    if not ieee_tile_ok(bm, bp, bq, precision) or (precision == "ieee" and bm * bp > 16 * 64):
+        return False  # exact fp32 FMA dots next to the W tile: 32x64 / 16x128 spilled (ptxas -v)
+    main = c.num_stages * (bm * bq * elt + bq * bp * max(elt, 2))
+    lora = (bm + bp) * QUANT_BLOCK_R * 4 * 2
+    return max(main, lora) <= SMEM_LIMIT
+
+
+def prune_lora_quant_configs(configs, named_args, **kwargs):
+    """Pruning rule: decode shapes (M <= 16) keep only BLOCK_M = 16; otherwise BLOCK_M <= M bucket;
+    BLOCK_P/BLOCK_Q no larger than P/Q rounded up to a power of two; the register-built W tile at
+    most 32 elements per thread; tiles within shared memory. At least one config survives."""
+    elt = named_args["x_ptr"].element_size()
+    kept = [c for c in configs if _quant_config_ok(c, named_args["M_BUCKET"], named_args["P"], named_args["Q"], elt,
+                                                   bool(kwargs.get("OUT_DROPOUT")), kwargs.get("INPUT_PRECISION"))]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]))]
+
+
+@triton.jit
+def load_nibbles(qdata_ptr, q0, p0, Q, P, row_bytes, TRANS_W: tl.constexpr, BLOCK_Q: tl.constexpr,
+                 BLOCK_P: tl.constexpr):
+    """The 4-bit codes of the [BLOCK_Q, BLOCK_P] tile of Wop from one load of its packed bytes.
+
+    Rows of W start on a byte (int4 always; nf4 when K is even) and q0, p0 are even, so the tile is
+    a [*, half] block of bytes, contiguous along W's K axis (coalesced), split into high (even k)
+    and low (odd k) nibbles and interleaved back with join + reshape, in registers.
+    TRANS_W: K runs along q (dim 0); else along p (dim 1).
+    """
+    if TRANS_W:
+        bi = q0 // 2 + tl.arange(0, BLOCK_Q // 2)
+        p = p0 + tl.arange(0, BLOCK_P)
+        byte = tl.load(qdata_ptr + p.to(tl.int64)[None, :] * row_bytes + bi[:, None],
+                       mask=(bi[:, None] < (Q + 1) // 2) & (p[None, :] < P), other=0).to(tl.int32)
+        nib = tl.reshape(tl.permute(tl.join(byte >> 4, byte & 0xF), (0, 2, 1)), (BLOCK_Q, BLOCK_P))
+    else:
+        q = q0 + tl.arange(0, BLOCK_Q)
+        bj = p0 // 2 + tl.arange(0, BLOCK_P // 2)
+        byte = tl.load(qdata_ptr + q.to(tl.int64)[:, None] * row_bytes + bj[None, :],
+                       mask=(q[:, None] < Q) & (bj[None, :] < (P + 1) // 2), other=0).to(tl.int32)
+        nib = tl.reshape(tl.join(byte >> 4, byte & 0xF), (BLOCK_Q, BLOCK_P))
+    return nib
+
+
+@triton.jit
+def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
+              n, k, mask, nib_in, K, stride_qn, stride_sn, stride_zn, blocksize, bs_shift, bs2_shift,
+              FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_GIDX: tl.constexpr, INDEX_64: tl.constexpr,
+              PACKED: tl.constexpr):
+    """fp32 values of W[n, k] (n, k: broadcastable int tensors, mask: in-bounds) for one format.
+
+    PACKED (nf4 / int4): the 4-bit codes come in as nib_in (from `load_nibbles`); otherwise each
+    element reads its own byte (nf4 with odd K, where rows start mid-byte).
+
+    nf4:  element i = n * K + k of the flattened weight; byte i // 2, high nibble when i is even;
+          value code[nibble] * absmax[i >> bs_shift] (blocks may straddle rows: flat index math;
+          nf4 block sizes are powers of two, so shifts instead of divisions);
+          double quant: absmax = code2[q] * absmax2[j >> bs2_shift] + offset.
+          The flat index is int32 unless INDEX_64 (N * K >= 2**31): int64 index tiles cost
+          registers the [BLOCK_Q, BLOCK_P] tile cannot spare (ptxas -v spilled).
+    int4: byte qdata[n, k // 2], high nibble when k is even; group g = g_idx[k] or k // blocksize;
+          value (nibble - zeros[n, g]) * scales[n, g].
+    int8: qdata[n, k] * scales[n].
+    Masked-out elements are 0.
+    """
+    if FORMAT == 0:  # nf4
+        if INDEX_64:
+            flat = n.to(tl.int64) * K + k
+        else:
+            flat = n * K + k
+        if PACKED:
+            nib = nib_in
+        else:
+            byte = tl.load(qdata_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+            nib = (byte >> (4 - (flat & 1).to(tl.int32) * 4)) & 0xF
+        val = tl.load(code_ptr + nib, mask=mask, other=0.0)  # 16-entry code book: stays in L1
+        blk = flat >> bs_shift
+        if DOUBLE_QUANT:
+            q = tl.load(scales_ptr + blk, mask=mask, other=0).to(tl.int32)
+            c2 = tl.load(code2_ptr + q, mask=mask, other=0.0)
+            a2 = tl.load(absmax2_ptr + (blk >> bs2_shift), mask=mask, other=0.0)
+            absmax = mul_rn(c2, a2) + tl.load(offset_ptr)
+        else:
+            absmax = tl.load(scales_ptr + blk, mask=mask, other=0.0)
+        w = val * absmax
+    elif FORMAT == 1:  # int4
+        n64 = n.to(tl.int64)
+        if PACKED:
+            nib = nib_in
+        else:
+            byte = tl.load(qdata_ptr + n64 * stride_qn + (k >> 1), mask=mask, other=0).to(tl.int32)
+            nib = (byte >> (4 - (k & 1) * 4)) & 0xF
+        if HAS_GIDX:
+            g = tl.load(gidx_ptr + k, mask=mask, other=0)
+        else:
+            g = k // blocksize
+        z = tl.load(zeros_ptr + n64 * stride_zn + g, mask=mask, other=0).to(tl.int32)
+        sc = tl.load(scales_ptr + n64 * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
+        w = (nib - z).to(tl.float32) * sc
+    else:  # int8
+        q = tl.load(qdata_ptr + n.to(tl.int64) * stride_qn + k, mask=mask, other=0).to(tl.float32)
+        sc = tl.load(scales_ptr + n, mask=mask, other=0.0).to(tl.float32)
+        w = q * sc
+    return w
+
+
+@triton.jit(do_not_specialize=["seed"])
+def lora_quant_kernel(
+    x_ptr, qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
+    s_ptr, b_ptr, bias_ptr, y_ptr,
+    M, P, Q, R, K, blocksize, bs_shift, bs2_shift,
+    stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_sm, stride_sr, stride_bp, stride_br,
+    stride_ym, stride_yn,
+    scale, seed, p_drop, inv_keep,
+    M_BUCKET,  # autotune key only
+    FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_GIDX: tl.constexpr, INDEX_64: tl.constexpr,
+    PACKED: tl.constexpr, TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DROPOUT: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y[M, P] = x[M, Q] Wop[Q, P] + scale * D_out * (S[M, R] Bt[R, P]) (+ bias[P]); Bt[r, p] = b[p, r].
+
+    TRANS_W: Wop = deq(W)^T (forward, W [P, Q]); else Wop = deq(W) (dX, W [Q, P]). K is W's column
+    count (the nf4 flat index n * K + k)."""
+    pid_m, pid_p = grouped_pid(M, P, BLOCK_M, BLOCK_P, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    row_ok = rows < M
+    col_ok = cols < P
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+
+    # LoRA step first (K = R in chunks), scaled, and for dX multiplied by the output dropout mask
+    # before the base GEMM joins the accumulator.
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    rr0 = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + rr0
+        r_ok = rr < R
+        s = tl.load(s_ptr + rows64[:, None] * stride_sm + rr[None, :] * stride_sr,
+                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        bt = tl.load(b_ptr + rr[:, None] * stride_br + cols64[None, :] * stride_bp,
+                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(s, bt, acc, tl.float32, LORA_PRECISION)
+    acc = acc * scale
+    if OUT_DROPOUT:
+        acc = tl.where(dropout_keep(seed, rows, cols, P, p_drop), acc * inv_keep, 0.0)
+
+    qq = tl.arange(0, BLOCK_Q)
+    x_rows = x_ptr + rows64[:, None] * stride_xm
+    for q0 in range(0, Q, BLOCK_Q):
+        qs = q0 + qq
+        q_ok = qs < Q
+        x = tl.load(x_rows + qs[None, :] * stride_xk, mask=row_ok[:, None] & q_ok[None, :], other=0.0)
+        wmask = q_ok[:, None] & col_ok[None, :]
+        if PACKED:
+            nib = load_nibbles(qdata_ptr, q0, pid_p * BLOCK_P, Q, P, stride_qn, TRANS_W, BLOCK_Q, BLOCK_P)
+        else:
+            nib = 0  # unused: dequant_w reads bytes per element
+        if TRANS_W:  # Wop[q, p] = W[p, q]
+            w = dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
+                          cols[None, :], qs[:, None], wmask, nib, K, stride_qn, stride_sn, stride_zn, blocksize,
+                          bs_shift, bs2_shift, FORMAT, DOUBLE_QUANT, HAS_GIDX, INDEX_64, PACKED)
+        else:  # Wop[q, p] = W[q, p]
+            w = dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
+                          qs[:, None], cols[None, :], wmask, nib, K, stride_qn, stride_sn, stride_zn, blocksize,
+                          bs_shift, bs2_shift, FORMAT, DOUBLE_QUANT, HAS_GIDX, INDEX_64, PACKED)
+        # Round W to x's dtype first (the reference's dequantize(qw, x.dtype)), then the dot.
+        acc = mma(x, w.to(x_ptr.dtype.element_ty), acc, COMPUTE_DTYPE, INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rows64[:, None] * stride_ym + cols64[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+lora_quant_kernel_tuned = triton.autotune(
+    configs=get_lora_quant_configs(),
+    key=["M_BUCKET", "P", "Q", "R", "FORMAT", "DOUBLE_QUANT", "HAS_GIDX", "PACKED", "TRANS_W", "HAS_BIAS",
+         "OUT_DROPOUT", "INPUT_PRECISION", "LORA_PRECISION"],
+    prune_configs_by={"early_config_prune": prune_lora_quant_configs},
+)(lora_quant_kernel)
+
+
+# -- launchers ------------------------------------------------------------------------------------
+def quant_reason(qw, x_dtype=None):
+    """None when the kernel handles this QuantizedWeight, else why not (for supports_quant)."""
+    fmt = qw.fmt
+    if fmt not in FORMAT_IDS:
+        return f"quantization format {fmt!r} has no Triton kernel (nf4, int4, int8)"
+    n, k = qw.N, qw.K
+    if fmt == "nf4":
+        if qw.code is None or qw.code.numel() != 16:
+            return "nf4 weight without its 16-entry code book"
+        if qw.blocksize <= 0 or qw.blocksize & (qw.blocksize - 1):
+            return f"nf4 blocksize {qw.blocksize} must be a power of two (the kernel indexes blocks by shifts)"
+        if qw.qdata.numel() * 2 < n * k:
+            return f"nf4 qdata holds {qw.qdata.numel()} bytes, < N*K/2 = {(n * k + 1) // 2}"
+        if qw.double_quant and (qw.code2 is None or qw.offset is None or qw.blocksize2 <= 0
+                                or qw.blocksize2 & (qw.blocksize2 - 1)):
+            return "nf4 double quantization needs code2, offset and a power-of-two blocksize2"
+        if qw.double_quant and qw.scales.dtype != torch.uint8:
+            return f"nf4 double-quantized absmax codes must be uint8, found {qw.scales.dtype}"
+    elif fmt == "int4":
+        if qw.zeros is None or qw.blocksize <= 0:
+            return "int4 weight needs zeros and a positive group size"
+        if qw.qdata.dim() != 2 or qw.qdata.stride(1) != 1 or qw.scales.stride(1) != 1 or qw.zeros.stride(1) != 1:
+            return "int4 qdata/scales/zeros must be 2-D with unit stride along K"
+        if qw.g_idx is not None and (qw.g_idx.numel() != k or qw.g_idx.dtype not in (torch.int32, torch.int64)):
+            return f"int4 g_idx must be int32/int64 [K={k}], found {qw.g_idx.dtype} {tuple(qw.g_idx.shape)}"
+    else:
+        if qw.qdata.dim() != 2 or qw.qdata.stride(1) != 1:
+            return "int8 qdata must be 2-D [N, K] with unit stride along K"
+    if fmt == "nf4" and not qw.qdata.is_contiguous():
+        return "nf4 qdata must be contiguous (flat byte layout)"
+    if x_dtype is not None and qw.scales.is_floating_point() and qw.scales.dtype not in (
+            torch.float16, torch.bfloat16, torch.float32):
+        return f"scales dtype {qw.scales.dtype} not supported"
+    return None
+
+
+def _log2(v: int) -> int:
+    """log2 of a power of two (nf4 block sizes); 0 for unused (0) sizes."""
+    return max(0, int(v).bit_length() - 1)
+
+
+def _packed_args(qw, dummy):
+    """Pointer arguments (absent fields get a dummy pointer, never read) and strides/sizes."""
+    fmt = qw.fmt
+    def d(t):
+        return t if t is not None else dummy
+    # nf4 with even K: rows start on a byte, K / 2 bytes apart (the packed-tile path)
+    stride_qn = qw.qdata.stride(0) if fmt != "nf4" else qw.K // 2
+    stride_sn = qw.scales.stride(0) if fmt == "int4" else 0
+    stride_zn = qw.zeros.stride(0) if fmt == "int4" else 0
+    offset = qw.offset.reshape(1) if qw.offset is not None else None
+    ptrs = (qw.qdata, qw.scales, d(qw.zeros), d(qw.code), d(qw.absmax2), d(qw.code2), d(offset), d(qw.g_idx))
+    return ptrs, stride_qn, stride_sn, stride_zn
+
+
+def launch_lora_quant(x, qw, s, b, bias, y, scale, trans_w, out_dropout_p=0.0, seed=0, fp32_tf32=False,
+                      config=None):
+    """y = x Wop + scale * D_out * (s b^T) (+ bias) with Wop = deq(W)^T (trans_w) or deq(W).
+    x [M, Q], s [M, R] fp32, b [P, R], y [M, P] (strided views allowed). Callers check."""
+    m, q = x.shape
+    p, r = b.shape
+    ptrs, sqn, ssn, szn = _packed_args(qw, s)
+    args = (x, *ptrs, s, b, bias if bias is not None else b, y,
+            m, p, q, r, qw.K, max(1, qw.blocksize), _log2(qw.blocksize), _log2(qw.blocksize2),
+            x.stride(0), x.stride(1), sqn, ssn, szn, s.stride(0), s.stride(1), b.stride(0), b.stride(1),
+            y.stride(0), y.stride(1),
+            float(scale), int(seed), float(out_dropout_p), 1.0 / (1.0 - out_dropout_p), m_bucket(m))
+    consts = dict(FORMAT=FORMAT_IDS[qw.fmt], DOUBLE_QUANT=qw.fmt == "nf4" and qw.double_quant,
+                  HAS_GIDX=qw.fmt == "int4" and qw.g_idx is not None,
+                  INDEX_64=qw.N * qw.K + qw.blocksize >= 2 ** 31,
+                  PACKED=qw.fmt == "int4" or (qw.fmt == "nf4" and qw.K % 2 == 0), TRANS_W=bool(trans_w),
+                  HAS_BIAS=bias is not None, OUT_DROPOUT=out_dropout_p > 0.0,
+                  COMPUTE_DTYPE=tl_dtype(x.dtype), INPUT_PRECISION=dot_precision((x.dtype,), fp32_tf32),
+                  LORA_PRECISION=dot_precision((x.dtype, b.dtype), fp32_tf32),
+                  BLOCK_R=min(r_block(r), QUANT_BLOCK_R))
+    if config is None and interpreting():
+        c = prune_lora_quant_configs(get_lora_quant_configs(), {"M_BUCKET": m_bucket(m), "P": p, "Q": q, "x_ptr": x},
+                                     **consts)[0]
+        config = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+    if config is not None:
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(p, config["BLOCK_P"]),)
+        lora_quant_kernel[grid](*args, **consts, **config)
+    else:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]),)  # noqa: E731
+        lora_quant_kernel_tuned[grid](*args, **consts)
+    return y
+
+
+def _check(fn, x, qw, a, b, dropout_p):
+    if x.dim() != 2 or x.shape[1] != qw.K:
+        raise ValueError(f"{fn}: x must be [M, K={qw.K}], found {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{fn}: x dtype {x.dtype} not supported (fp16, bf16, fp32)")
+    if a.dim() != 2 or a.shape[1] != qw.K or not 1 <= a.shape[0] <= MAX_R:
+        raise ValueError(f"{fn}: lora_A must be [r in 1..{MAX_R}, K={qw.K}], found {tuple(a.shape)}")
+    if tuple(b.shape) != (qw.N, a.shape[0]):
+        raise ValueError(f"{fn}: lora_B must be [N={qw.N}, r={a.shape[0]}], found {tuple(b.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), found {dropout_p}")
+    reason = quant_reason(qw, x.dtype)
+    if reason is not None:
+        raise ValueError(f"{fn}: {reason}")
+
+
+def lora_quant_fwd(x, qw, bias, a, b, scale, dropout_p=0.0, seed=0, fp32_tf32=False, config=None,
+                   shrink_config=None):
+    """(Y [M, N] in x.dtype, S [M, r] fp32): Y = x deq(W)^T + scale * ((D x) a^T) b^T (+ bias).
+
+    qw: fastpeft.quant.formats.QuantizedWeight (nf4 / int4 / int8). config / shrink_config: explicit
+    meta-parameters instead of autotuning (tests; the interpreter uses the first pruned config)."""
+    _check("lora_quant_fwd", x, qw, a, b, dropout_p)
+    m, n = x.shape[0], qw.N
+    s = lora_shrink(x, a, 1.0, dropout_p, seed, fp32_tf32=fp32_tf32, config=shrink_config)
+    y = empty((m, n), x.dtype, x.device)
+    if m and n:
+        if qw.K == 0:
+            y.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(y))
+        else:
+            launch_lora_quant(x, qw, s, b, bias, y, scale, True, fp32_tf32=fp32_tf32, config=config)
+    return y, s
+
+
+def lora_quant_bwd(dy, x, qw, a, b, s, scale, dropout_p=0.0, seed=0, needs_dx=True, needs_da=True, needs_db=True,
+                   fp32_tf32=False, configs=None):
+    """(dX | None, dA | None, dB | None) of Y = x deq(W)^T + scale * ((D x) a^T) b^T.
+
+    dX = dY deq(W) + D * (dS a) in one quant GEMM (W dequantized in registers, dX written once);
+    dA / dB by the 16-bit reduction kernel. configs: optional {"shrink", "quant", "wgrad", "split_m"}."""
+    from .lora_bwd import lora_wgrad
+
+    _check("lora_quant_bwd", x, qw, a, b, dropout_p)
+    m, k, n, r = x.shape[0], qw.K, qw.N, a.shape[0]
+    if tuple(dy.shape) != (m, n) or dy.dtype != x.dtype:
+        raise ValueError(f"lora_quant_bwd: dY must be {x.dtype} [{m}, {n}], found {dy.dtype} {tuple(dy.shape)}")
+    if tuple(s.shape) != (m, r) or s.dtype != torch.float32:
+        raise ValueError(f"lora_quant_bwd: S must be fp32 [{m}, {r}], found {s.dtype} {tuple(s.shape)}")
+    cfg = configs or {}
+    dx = da = db = None
+    ds = None
+    if needs_dx or needs_da:
+        ds = lora_shrink(dy, b.t(), scale, fp32_tf32=fp32_tf32, config=cfg.get("shrink"))
+    if needs_dx:
+        dx = empty((m, k), x.dtype, x.device)
+        if m and k:
+            if n == 0:
+                dx.zero_()  # ds is 0 as well
+            else:
+                launch_lora_quant(dy, qw, ds, a.t(), None, dx, 1.0, False, out_dropout_p=dropout_p, seed=seed,
+                                  fp32_tf32=fp32_tf32, config=cfg.get("quant"))
+    if needs_da:
+        da = lora_wgrad(ds, x, 1.0, dropout_p, seed, True, cfg.get("split_m"), fp32_tf32, cfg.get("wgrad")).to(a.dtype)
+    if needs_db:
+        db = lora_wgrad(dy, s, scale, 0.0, 0, True, cfg.get("split_m"), fp32_tf32, cfg.get("wgrad")).to(b.dtype)
+    return dx, da, db
