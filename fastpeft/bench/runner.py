@@ -75,7 +75,7 @@ def plan(opts: BenchOptions, device: torch.device) -> None:
         # Sized so the whole default run takes about a minute on 2 CPU cores.
         shapes, ranks = [(512, 1024, 1024)], opts.ranks or [16]
         dec = dict(hidden=512, intermediate=1376, layers=4, heads=8, kv_heads=8, vocab=4096, seq=256, batch=2)
-        opts.repeats = opts.repeats or 10
+        opts.repeats = opts.repeats or 30
         opts.warmup = 2 if opts.warmup is None else opts.warmup
     if opts.layer_shapes:
         shapes = list(opts.layer_shapes)
