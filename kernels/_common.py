@@ -153,6 +153,35 @@ def dropout_keep(seed, rows, cols, n_cols, p_drop):
 
 
 @triton.jit
+def lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bn,
+                scale, seed, p_drop, inv_keep, n_cols, OUT_DROPOUT: tl.constexpr,
+                LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The LoRA term of an output tile, the first steps of its accumulator: scale * (S B^T).
+
+    S [M, R] times B^T (B [N, R]) as extra K = R steps (chunks of BLOCK_R, masked tail), scaled,
+    and, for dX in backward, multiplied by the dropout mask of the output element, all before the
+    base GEMM joins the same fp32 accumulator, so the output tile is written once.
+    """
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rr0 = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + rr0
+        r_ok = rr < R
+        s = tl.load(s_ptr + rows64[:, None] * stride_sm + rr[None, :] * stride_sr,
+                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        bt = tl.load(b_ptr + rr[:, None] * stride_br + cols64[None, :] * stride_bn,
+                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(s, bt, acc, LORA_DTYPE, LORA_PRECISION)
+    acc = acc * scale
+    if OUT_DROPOUT:
+        acc = tl.where(dropout_keep(seed, rows, cols, n_cols, p_drop), acc * inv_keep, 0.0)
+    return acc
+
+
+@triton.jit
 def _dropout_mask_kernel(out_ptr, M, K, seed, p_drop, inv_keep, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)

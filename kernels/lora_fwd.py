@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._common import (
     ACT_DTYPES, SMEM_LIMIT, check_2d, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty,
-    grouped_pid, ieee_tile_ok, interpreting, m_bucket, mma, r_block, tl_dtype,
+    grouped_pid, ieee_tile_ok, lora_b_step, interpreting, m_bucket, mma, r_block, tl_dtype,
 )
 from .lora_shrink import lora_shrink
 
@@ -87,21 +87,10 @@ def lora_matmul_kernel(
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
 
-    # The LoRA step first: K = R (chunks of BLOCK_R, masked tail), scaled and, for dX in backward,
-    # multiplied by the dropout mask of the output element before the base GEMM joins in.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    rr0 = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + rr0
-        r_ok = rr < R
-        s = tl.load(s_ptr + rows64[:, None] * stride_sm + rr[None, :] * stride_sr,
-                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        bt = tl.load(b_ptr + rr[:, None] * stride_br + cols64[None, :] * stride_bn,
-                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(s, bt, acc, LORA_DTYPE, LORA_PRECISION)
-    acc = acc * scale
-    if OUT_DROPOUT:
-        acc = tl.where(dropout_keep(seed, rows, cols, N, p_drop), acc * inv_keep, 0.0)
+    # The LoRA step first (see lora_b_step), then the base GEMM joins the same accumulator.
+    acc = lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bn,
+                      scale, seed, p_drop, inv_keep, N, OUT_DROPOUT, LORA_DTYPE, LORA_PRECISION,
+                      BLOCK_M, BLOCK_N, BLOCK_R)
 
     if HAS_W:
         kk = tl.arange(0, BLOCK_K)

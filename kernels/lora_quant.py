@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    SMEM_LIMIT, dot_precision, dropout_keep, dropout_tile_ok, empty, grouped_pid, ieee_tile_ok,
+    SMEM_LIMIT, dot_precision, dropout_tile_ok, empty, grouped_pid, ieee_tile_ok, lora_b_step,
     interpreting, m_bucket, mma, mul_rn, r_block, tl_dtype,
 )
 from .lora_shrink import lora_shrink
@@ -204,21 +204,10 @@ def lora_quant_kernel(
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
 
-    # LoRA step first (K = R in chunks), scaled, and for dX multiplied by the output dropout mask
-    # before the base GEMM joins the accumulator.
-    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-    rr0 = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + rr0
-        r_ok = rr < R
-        s = tl.load(s_ptr + rows64[:, None] * stride_sm + rr[None, :] * stride_sr,
-                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        bt = tl.load(b_ptr + rr[:, None] * stride_br + cols64[None, :] * stride_bp,
-                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(s, bt, acc, tl.float32, LORA_PRECISION)
-    acc = acc * scale
-    if OUT_DROPOUT:
-        acc = tl.where(dropout_keep(seed, rows, cols, P, p_drop), acc * inv_keep, 0.0)
+    # LoRA step first (see lora_b_step), then the dequantized base GEMM joins the accumulator.
+    acc = lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bp,
+                      scale, seed, p_drop, inv_keep, P, OUT_DROPOUT, tl.float32, LORA_PRECISION,
+                      BLOCK_M, BLOCK_P, BLOCK_R)
 
     qq = tl.arange(0, BLOCK_Q)
     x_rows = x_ptr + rows64[:, None] * stride_xm
