@@ -1,7 +1,18 @@
-"""fastpeft.ops: the one door to the kernels (spec.md, "fastpeft.ops public API").
+"""fastpeft.ops: the one door to the kernels.
 
 Layers call these functions; the backend (cuda > triton > torch, or FASTPEFT_BACKEND) is picked per
-call in :mod:`fastpeft.ops.dispatch`.
+call in :mod:`fastpeft.ops.dispatch`. Which code runs a LoRA layer's forward and backward:
+
+| call                                   | CUDA, 16/32-bit x                                   | CPU               |
+|----------------------------------------|-----------------------------------------------------|-------------------|
+| lora_linear, M <= 4 rows, bf16/fp16,   | csrc/lora_gemv.cu (cuda_backend.py): S kernel, then  | torch_backend.py  |
+|   no dropout (decode)                  |   the fused GEMV                                    |                   |
+| lora_linear, other M                   | kernels/lora_fwd.py: lora_fused_kernel (M <= 64) or | torch_backend.py  |
+|                                        |   kernels/lora_shrink.py + lora_matmul_kernel;      |                   |
+|                                        |   backward kernels/lora_bwd.py (triton_backend.py)  |                   |
+| lora_quant_linear (nf4/int8/int4 base) | kernels/lora_quant.py (lora_quant_kernel)           | lora_quant.py,    |
+|                                        |                                                     |   dequant + torch |
+| lora_embedding, lora_delta_weight      | torch (a lookup and a small matmul: nothing to fuse)| torch             |
 """
 from __future__ import annotations
 

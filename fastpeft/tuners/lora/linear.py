@@ -1,4 +1,7 @@
-"""LoRA on nn.Linear: forward and merge through fastpeft.ops (never a LoRA matmul here)."""
+"""LoRA on nn.Linear: forward and merge through fastpeft.ops (never a LoRA matmul here).
+
+The kernel that runs forward() for a given device and dtype is listed in fastpeft/ops/__init__.py.
+"""
 from __future__ import annotations
 
 import math
