@@ -105,6 +105,18 @@ class LoraModel(nn.Module):
             del self.peft_config[adapter_name]  # leave no half-registered adapter behind
             raise
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                             svd_driver: Optional[str] = None, density: Optional[float] = None,
+                             majority_sign_method: str = "total") -> None:
+        """New inactive adapter ``adapter_name`` mixing ``adapters`` with ``weights`` (peft's API and
+        results; all of peft's combination types). See fastpeft/tuners/lora/weighted.py."""
+        from .weighted import add_weighted_adapter
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type=combination_type,
+                             svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+                             svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
+
     # -- injection ---------------------------------------------------------------------------
     def _prepare_adapter_config(self, config, model: nn.Module):
         if config.target_modules is None:
