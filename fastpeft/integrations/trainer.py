@@ -15,7 +15,6 @@ altogether; then Trainer saves a state dict, so call ``model.save_pretrained`` y
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
 import sys
 
 # transformers module -> names it imported from peft whose isinstance checks should accept fastpeft
@@ -37,8 +36,25 @@ def _patch(module) -> None:
             setattr(module, name, (*classes, FastPeftModel))
 
 
-class _PatchAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds the target modules with the other finders, runs them, then patches them."""
+class _PatchingLoader(importlib.abc.Loader):
+    """Runs the module with its own loader, then patches it; anything else goes to that loader."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module):
+        self._inner.exec_module(module)
+        _patch(module)
+
+    def __getattr__(self, name):  # get_source, get_code, is_package, ... (inspect and linecache use them)
+        return getattr(self._inner, name)
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Finds the target modules with the other finders and wraps their loader in _PatchingLoader."""
 
     def find_spec(self, fullname, path, target=None):
         if fullname not in _TARGETS:
@@ -48,18 +64,9 @@ class _PatchAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                self._wrapped = getattr(self, "_wrapped", {})
-                self._wrapped[fullname] = spec.loader
-                spec.loader = self
+                spec.loader = _PatchingLoader(spec.loader)
                 return spec
         return None
-
-    def create_module(self, spec):
-        return self._wrapped[spec.name].create_module(spec)
-
-    def exec_module(self, module):
-        self._wrapped[module.__name__].exec_module(module)
-        _patch(module)
 
 
 _finder = _PatchAfterImport()

@@ -109,3 +109,13 @@ def test_trainer_recognises_fastpeft_models_whatever_the_import_order(trainer_fi
     ])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_patched_trainer_module_keeps_its_loader_services():
+    # the import hook wraps transformers' trainer loader; inspect/linecache still reach its source
+    import inspect
+
+    import transformers.trainer as tr
+
+    assert "def _save" in inspect.getsource(tr.Trainer._save)
+    assert tr.__spec__.loader.get_source("transformers.trainer")
