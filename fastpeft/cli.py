@@ -16,8 +16,10 @@ import sys
 import tempfile
 from typing import List, Optional
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+from fastpeft.config import CONFIG_NAME
+from fastpeft.utils.save_and_load import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+
+WEIGHTS_NAMES = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
 
 # Files a model folder carries besides what save_pretrained writes; merge copies them along so the
 # merged folder loads with its tokenizer like the base did.

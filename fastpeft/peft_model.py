@@ -604,16 +604,20 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
 # task classes: forward signatures follow peft's (argument order matters for positional calls, and
 # transformers' Trainer reads the names to decide which dataset columns to keep)
 # -------------------------------------------------------------------------------------------------
+def _labelled_forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                      output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+    """forward() of the decoder-only and classification task classes (same arguments in peft)."""
+    return self._forward_named(dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                    labels=labels, output_attentions=output_attentions,
+                                    output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
+
+
 class PeftModelForCausalLM(PeftModel):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
         self.base_model_torch_dtype = getattr(model, "dtype", None)
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        return self._forward_named(dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                        labels=labels, output_attentions=output_attentions,
-                                        output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
+    forward = _labelled_forward
 
     _prompt_task = TaskType.CAUSAL_LM.value
 
@@ -642,22 +646,14 @@ class PeftModelForSequenceClassification(PeftModel):
     _prompt_task = TaskType.SEQ_CLS.value
     _auto_modules_to_save = ("classifier", "score")
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        return self._forward_named(dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                        labels=labels, output_attentions=output_attentions,
-                                        output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
+    forward = _labelled_forward
 
 
 class PeftModelForTokenClassification(PeftModel):
     _prompt_task = TaskType.TOKEN_CLS.value
     _auto_modules_to_save = ("classifier", "score")
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
-        return self._forward_named(dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                                        labels=labels, output_attentions=output_attentions,
-                                        output_hidden_states=output_hidden_states, return_dict=return_dict), kwargs)
+    forward = _labelled_forward
 
 
 class PeftModelForQuestionAnswering(PeftModel):

@@ -102,7 +102,8 @@ def check_2d(name: str, t: torch.Tensor, shape: tuple, dtypes=ACT_DTYPES):
 # triton 3.9: garbage ~1e10). Under the interpreter only, bf16 operands are rounded to bf16 and
 # then multiplied in fp32, which is what bf16 tensor cores compute (exact products, fp32 sums).
 # On a GPU this flag is False and the branch compiles away.
-_EMULATE_BF16_DOT = tl.constexpr(interpreting())
+INTERPRETING = interpreting()  # fixed at import, as Triton's own choice of interpreter is
+_INTERPRETING = tl.constexpr(INTERPRETING)  # the same, for @triton.jit code
 
 
 @triton.jit
@@ -129,7 +130,7 @@ def grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
 @triton.jit
 def mma(a, b, acc, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """acc + a @ b with operands cast to COMPUTE_DTYPE, fp32 accumulation."""
-    if _EMULATE_BF16_DOT and COMPUTE_DTYPE == tl.bfloat16:
+    if _INTERPRETING and COMPUTE_DTYPE == tl.bfloat16:
         return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc,
                       input_precision="ieee")
     else:
@@ -201,10 +202,6 @@ def dropout_mask_dense(seed: int, m: int, k: int, p: float, device="cpu") -> tor
     grid = (triton.cdiv(m, 32), triton.cdiv(k, 64))
     _dropout_mask_kernel[grid](out, m, k, seed, p, 1.0 / (1.0 - p), BLOCK_M=32, BLOCK_K=64)
     return out
-
-
-# True under TRITON_INTERPRET=1 (kernels then run in numpy); branches on it compile away on a GPU.
-_INTERPRETING = tl.constexpr(interpreting())
 
 
 @triton.jit

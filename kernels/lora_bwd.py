@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    SMEM_LIMIT, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty, ieee_tile_ok, interpreting,
+    SMEM_LIMIT, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty, ieee_tile_ok, INTERPRETING,
     m_bucket, mma, tl_dtype,
 )
 from .lora_fwd import FUSED_MAX_M, FUSED_MAX_R, FUSED_MAX_R_IEEE, check_lora_args, launch_lora_fused, launch_lora_matmul
@@ -161,7 +161,7 @@ def lora_wgrad(lhs, rhs, scale=1.0, dropout_p=0.0, seed=0, deterministic=True, s
     consts = dict(HAS_DROPOUT=dropout_p > 0.0, ATOMIC=atomic,
                   COMPUTE_DTYPE=tl_dtype(compute_dtype(lhs.dtype, rhs.dtype)),
                   INPUT_PRECISION=dot_precision((lhs.dtype, rhs.dtype), fp32_tf32))
-    if config is None and interpreting():
+    if config is None and INTERPRETING:
         c = prune_wgrad_configs(get_wgrad_configs(), {"P": p, "Q": q, "l_ptr": lhs, "r_ptr": rhs}, **consts)[0]
         config = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     if config is not None:

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._common import (
     ACT_DTYPES, SMEM_LIMIT, check_2d, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty,
-    grouped_pid, ieee_tile_ok, lora_b_step, interpreting, m_bucket, mma, r_block, tl_dtype,
+    grouped_pid, ieee_tile_ok, lora_b_step, INTERPRETING, m_bucket, mma, r_block, tl_dtype,
 )
 from .lora_shrink import lora_shrink
 
@@ -267,7 +267,7 @@ def launch_lora_matmul(x, w, s, b, bias, y, scale, out_dropout_p=0.0, seed=0, fp
                   INPUT_PRECISION=dot_precision(main_dtypes, fp32_tf32),
                   LORA_DTYPE=tl.float32, LORA_PRECISION=dot_precision((x.dtype, b.dtype), fp32_tf32),
                   BLOCK_R=min(r_block(r), MATMUL_BLOCK_R))
-    if config is None and interpreting():
+    if config is None and INTERPRETING:
         config = _first_config(get_lora_matmul_configs(), prune_lora_matmul_configs,
                                {"M_BUCKET": m_bucket(m), "N": n, "K": k, "x_ptr": x}, **consts)
     if config is not None:
@@ -300,7 +300,7 @@ def launch_lora_fused(x, w, a, b, bias, y, s_out, s_scale, out_scale, in_dropout
                   SHRINK_DTYPE=tl_dtype(compute_dtype(x.dtype, a.dtype)),
                   SHRINK_PRECISION=dot_precision((x.dtype, a.dtype), fp32_tf32),
                   LORA_PRECISION=dot_precision((x.dtype, b.dtype), fp32_tf32), BLOCK_R=br)
-    if config is None and interpreting():
+    if config is None and INTERPRETING:
         config = _first_config(get_lora_fused_configs(), prune_lora_fused_configs,
                                {"M_BUCKET": m_bucket(m), "N": n, "K": k, "x_ptr": x, "a_ptr": a}, **consts)
     if config is not None:

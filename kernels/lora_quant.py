@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._common import (
     SMEM_LIMIT, dot_precision, dropout_tile_ok, empty, grouped_pid, ieee_tile_ok, lora_b_step,
-    interpreting, m_bucket, mma, mul_rn, r_block, tl_dtype,
+    INTERPRETING, m_bucket, mma, mul_rn, r_block, tl_dtype,
 )
 from .lora_shrink import lora_shrink
 
@@ -321,7 +321,7 @@ def launch_lora_quant(x, qw, s, b, bias, y, scale, trans_w, out_dropout_p=0.0, s
                   COMPUTE_DTYPE=tl_dtype(x.dtype), INPUT_PRECISION=dot_precision((x.dtype,), fp32_tf32),
                   LORA_PRECISION=dot_precision((x.dtype, b.dtype), fp32_tf32),
                   BLOCK_R=min(r_block(r), QUANT_BLOCK_R))
-    if config is None and interpreting():
+    if config is None and INTERPRETING:
         c = prune_lora_quant_configs(get_lora_quant_configs(), {"M_BUCKET": m_bucket(m), "P": p, "Q": q, "x_ptr": x},
                                      **consts)[0]
         config = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)

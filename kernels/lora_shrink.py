@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ._common import (
     SMEM_LIMIT, check_2d, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty, ieee_tile_ok,
-    interpreting, m_bucket, mma, r_block, tl_dtype,
+    INTERPRETING, m_bucket, mma, r_block, tl_dtype,
 )
 
 # r tiles wider than this are split across programs (keeps the fp32 accumulator in registers).
@@ -148,7 +148,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0, dropout_p:
             float(scale), int(seed), float(dropout_p), 1.0 / (1.0 - dropout_p), m_bucket(m))
     consts = dict(HAS_DROPOUT=dropout_p > 0.0, COMPUTE_DTYPE=tl_dtype(compute_dtype(x.dtype, a.dtype)),
                   INPUT_PRECISION=dot_precision((x.dtype, a.dtype), fp32_tf32), BLOCK_R=br)
-    if config is None and interpreting():
+    if config is None and INTERPRETING:
         config = default_shrink_config(x, a, **consts)
     if config is not None:
         grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(r, br))

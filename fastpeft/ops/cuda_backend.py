@@ -18,6 +18,7 @@ shows the build log.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -35,6 +36,7 @@ MAX_R = 128
 CSRC_FILES = ("binding.cpp", "lora_gemv.cu")  # setup.py lists the same two files
 
 _lock = threading.Lock()
+_PDL_ENABLED = os.environ.get("FASTPEFT_CUDA_PDL", "1") != "0"  # read once, at import
 _modules: dict = {}  # arch string -> loaded module, or str (why it could not be loaded)
 
 
@@ -47,9 +49,19 @@ def csrc_dir() -> Optional[Path]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def _device_index(device: torch.device) -> int:
+    device = torch.device(device)
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def arch_tag(device: torch.device) -> str:
     """'90a' for Hopper (arch-specific target, as the ahead-of-time build uses), else e.g. '80'."""
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = _capability(_device_index(device))
     return f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
 
 
@@ -149,8 +161,7 @@ def supports(x2d, weight, bias, A, B, dropout_p) -> Optional[str]:
 def _use_pdl(device: torch.device, M: int) -> bool:
     # Measured on an H100 (K = N = 4096, bf16, CUDA graphs): PDL saves ~0.8 us at M = 1 (16.2 vs 17.0 us)
     # but cost ~1 us at M = 8, so it is used for single-row decode only.
-    return (M == 1 and os.environ.get("FASTPEFT_CUDA_PDL", "1") != "0"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    return M == 1 and _PDL_ENABLED and _capability(_device_index(device))[0] >= 9
 
 
 def gemv(x2d, weight, bias, A, B, scale, use_pdl=None, out=None, s_out=None):
@@ -170,31 +181,21 @@ def gemv(x2d, weight, bias, A, B, scale, use_pdl=None, out=None, s_out=None):
 
 def lora_fwd(x2d, weight, bias, A, B, scale, dropout_p, seed):
     """(Y [M, N] in x.dtype, S = x A^T [M, r] fp32) from the fused decode GEMV. `seed` is unused:
-    dropout is refused (see supports)."""
-    reason = supports(x2d, weight, bias, A, B, dropout_p)
-    if reason is not None:
-        raise ValueError(f"fastpeft cuda backend cannot run lora_fwd: {reason}")
+    dropout is refused. The dispatcher has already run supports() for this call, so it is not
+    repeated here; gemv() still raises the binding's own message for a bad argument."""
+    if dropout_p and dropout_p > 0:
+        raise ValueError("fastpeft cuda backend cannot run lora_fwd with LoRA dropout (training)")
     return gemv(x2d, weight, bias, A, B, scale)
 
 
 def lora_bwd(dY, x2d, weight, A, B, S, scale, dropout_p, seed, needs_dx, needs_dA, needs_dB):
-    """Torch math in fp32 (no kernel: decode is inference). Dropout never reaches here because
-    lora_fwd refuses it, so D = 1:  dS = s dY B,  dX = dY W + dS A,  dA = dS^T x,  dB = s dY^T S."""
+    """The torch backend's backward (no kernel: decode is inference). Dropout never reaches here
+    because supports() refuses it, so the regenerated mask would be all ones anyway."""
     if dropout_p and dropout_p > 0:
         raise ValueError("fastpeft cuda backend: lora_bwd with dropout_p > 0 (lora_fwd refuses dropout)")
-    dy = dY.float()
-    ds = (dy @ B.float()) * scale if (needs_dx or needs_dA) else None
-    dx = dA = dB = None
-    if needs_dx:
-        dx = ds @ A.float()
-        if weight is not None:
-            dx = dx + dy @ weight.float()
-        dx = dx.to(x2d.dtype)
-    if needs_dA:
-        dA = (ds.t() @ x2d.float()).to(A.dtype)
-    if needs_dB:
-        dB = ((dy.t() @ S.float()) * scale).to(B.dtype)
-    return dx, dA, dB
+    from . import torch_backend
+
+    return torch_backend.lora_bwd(dY, x2d, weight, A, B, S, scale, dropout_p, seed, needs_dx, needs_dA, needs_dB)
 
 
 def auto_ok(x2d: torch.Tensor, A: torch.Tensor) -> bool:

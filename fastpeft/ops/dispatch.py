@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import Tensor
 
@@ -57,13 +57,18 @@ def forced_backend() -> Optional[str]:
     return val
 
 
-def _device_reason(name: str, x2d: Tensor, forced: bool) -> Optional[str]:
+def triton_interpreting() -> bool:
+    """TRITON_INTERPRET set to anything but ''/'0' (Triton's own rule): kernels run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def device_reason(name: str, x2d: Tensor, forced: bool) -> Optional[str]:
     """Device rules that hold whatever a backend's supports() says."""
     if name == "torch":
         return None
     if x2d.device.type == "cuda":
         return None
-    if name == "triton" and forced and os.environ.get("TRITON_INTERPRET", "") == "1":
+    if name == "triton" and forced and triton_interpreting():
         return None  # CI path: Triton kernels run on CPU tensors through the interpreter.
     if name == "triton":
         return (f"tensors are on {x2d.device.type}; the triton backend runs on CUDA tensors, or on CPU "
@@ -74,7 +79,7 @@ def _device_reason(name: str, x2d: Tensor, forced: bool) -> Optional[str]:
 def why_not(name: str, x2d: Tensor, weight, bias, A, B, dropout_p: float,
             forced: bool = False) -> Optional[str]:
     """None if backend ``name`` can run this call, else the reason it cannot."""
-    reason = _device_reason(name, x2d, forced)
+    reason = device_reason(name, x2d, forced)
     if reason is not None:
         return reason
     mod, reason = load_backend(name)
@@ -94,23 +99,34 @@ def _wins(name: str, x2d: Tensor, A: Tensor) -> bool:
     return auto_ok is None or bool(auto_ok(x2d, A))
 
 
-def choose(x2d: Tensor, weight, bias, A, B, dropout_p: float) -> str:
-    """Name of the backend that runs this call. Raises RuntimeError when a forced one cannot."""
+def pick(why_not_fn: Callable[[str, bool], Optional[str]], call: str,
+         auto_ok: Callable[[str], bool] = lambda name: True) -> str:
+    """The backend for one call, given ``why_not_fn(name, forced)`` (None = it can run the call).
+
+    The forced backend (FASTPEFT_BACKEND) or a RuntimeError naming it, the call and the reason; else
+    the first of BACKENDS that can run the call and ``auto_ok`` accepts. Shared by every op so the
+    rules (order, forcing, errors) live in one place. ``call`` describes the call for messages.
+    """
     forced = forced_backend()
     if forced is not None:
-        reason = why_not(forced, x2d, weight, bias, A, B, dropout_p, forced=True)
+        reason = why_not_fn(forced, True)
         if reason is not None:
-            raise RuntimeError(
-                f"{ENV_VAR}={forced} forces the {forced} backend, which cannot run this lora_linear call "
-                f"(x {tuple(x2d.shape)} {x2d.dtype} on {x2d.device}, r={A.shape[0]}, dropout_p={dropout_p}): "
-                f"{reason}")
+            raise RuntimeError(f"{ENV_VAR}={forced} forces the {forced} backend, which cannot run this {call}: "
+                               f"{reason}")
         return forced
     for name in BACKENDS:
-        if why_not(name, x2d, weight, bias, A, B, dropout_p) is None and _wins(name, x2d, A):
+        if why_not_fn(name, False) is None and auto_ok(name):
             return name
     # torch supports every float input; reaching here means non-float tensors were passed.
-    raise RuntimeError(f"no fastpeft backend can run lora_linear on x {x2d.dtype}, lora_A {A.dtype}: "
-                       f"{why_not('torch', x2d, weight, bias, A, B, dropout_p)}")
+    raise RuntimeError(f"no fastpeft backend can run this {call}: {why_not_fn('torch', False)}")
+
+
+def choose(x2d: Tensor, weight, bias, A, B, dropout_p: float) -> str:
+    """Name of the backend that runs this lora_linear call. Raises RuntimeError when a forced one cannot."""
+    return pick(lambda name, forced: why_not(name, x2d, weight, bias, A, B, dropout_p, forced=forced),
+                f"lora_linear call (x {tuple(x2d.shape)} {x2d.dtype} on {x2d.device}, lora_A {A.dtype}, "
+                f"r={A.shape[0]}, dropout_p={dropout_p})",
+                auto_ok=lambda name: _wins(name, x2d, A))
 
 
 def get(name: str) -> ModuleType:

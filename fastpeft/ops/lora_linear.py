@@ -101,7 +101,6 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = dispatch.choose(_reshape2d(x), weight, bias, lora_A, lora_B, dropout_p)
     ctx.scale = scale
     ctx.dropout_p = dropout_p
-    ctx.has_weight = weight is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.save_for_backward(x, weight, lora_A, lora_B, S, seed)
 

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..quant.formats import QuantizedWeight, check_format, dequantize
 from . import dispatch, torch_backend
-from .lora_linear import draw_seed
+from .lora_linear import _seed_int, draw_seed
 from .torch_backend import compute_dtype
 
 _QUANT_FUNCS = ("supports_quant", "lora_quant_fwd", "lora_quant_bwd")
@@ -91,10 +91,9 @@ def _quant_impl(name: str) -> tuple[Optional[object], Optional[str]]:
 
 
 def _why_not(name: str, x2d: Tensor, qw: QuantizedWeight, bias, A, B, dropout_p: float, forced: bool) -> Optional[str]:
-    if name != "torch" and x2d.device.type != "cuda":
-        interp = name == "triton" and forced and __import__("os").environ.get("TRITON_INTERPRET", "") == "1"
-        if not interp:
-            return f"tensors are on {x2d.device.type}; the {name} backend runs on CUDA tensors"
+    reason = dispatch.device_reason(name, x2d, forced)
+    if reason is not None:
+        return reason
     impl, reason = _quant_impl(name)
     if impl is None:
         return reason
@@ -105,29 +104,14 @@ def _why_not(name: str, x2d: Tensor, qw: QuantizedWeight, bias, A, B, dropout_p:
 
 
 def choose(x2d: Tensor, qw: QuantizedWeight, bias, A, B, dropout_p: float) -> str:
-    """Backend for a quantized call: the forced one (or a RuntimeError saying why it cannot), else
-    the first of cuda > triton > torch that can run it."""
-    forced = dispatch.forced_backend()
-    if forced is not None:
-        reason = _why_not(forced, x2d, qw, bias, A, B, dropout_p, True)
-        if reason is not None:
-            raise RuntimeError(
-                f"{dispatch.ENV_VAR}={forced} forces the {forced} backend, which cannot run this lora_quant_linear "
-                f"call ({qw.fmt} weight [{qw.N}, {qw.K}], x {tuple(x2d.shape)} {x2d.dtype} on {x2d.device}): {reason}")
-        return forced
-    for name in dispatch.BACKENDS:
-        if _why_not(name, x2d, qw, bias, A, B, dropout_p, False) is None:
-            return name
-    raise RuntimeError(f"no fastpeft backend can run lora_quant_linear on x {x2d.dtype}: "
-                       f"{_why_not('torch', x2d, qw, bias, A, B, dropout_p, False)}")
+    """Backend for a quantized call (dispatch.pick's rules: forced, else cuda > triton > torch)."""
+    return dispatch.pick(lambda name, forced: _why_not(name, x2d, qw, bias, A, B, dropout_p, forced),
+                         f"lora_quant_linear call ({qw.fmt} weight [{qw.N}, {qw.K}], x {tuple(x2d.shape)} "
+                         f"{x2d.dtype} on {x2d.device})")
 
 
 def _qw(qdata, scales, zeros, code, absmax2, code2, offset, g_idx, fmt, N, K, blocksize, blocksize2):
     return QuantizedWeight(fmt, N, K, qdata, scales, zeros, code, absmax2, code2, offset, g_idx, blocksize, blocksize2)
-
-
-def _seed_int(seed: Optional[Tensor]) -> int:
-    return 0 if seed is None else int(seed.item())
 
 
 @torch.library.custom_op("fastpeft::lora_quant_fwd", mutates_args=())

@@ -25,7 +25,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-NAME = "torch"
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 

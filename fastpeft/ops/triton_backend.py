@@ -8,11 +8,12 @@ torch backend's mask for the same seed; forward and backward of this backend alw
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .dispatch import triton_interpreting
 
 try:
     import triton  # noqa: F401
@@ -22,10 +23,6 @@ except Exception as e:  # not installed, or a broken install: the backend report
 
 MAX_R = 256
 _ACT = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _kernels():
@@ -47,7 +44,7 @@ def supports(x2d: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], A: T
     if _TRITON_ERROR is not None:
         return _TRITON_ERROR
     dev = x2d.device.type
-    if dev == "cpu" and not _interpreting():
+    if dev == "cpu" and not triton_interpreting():
         return "x is a CPU tensor and TRITON_INTERPRET=1 is not set (Triton kernels need CUDA tensors)"
     if dev not in ("cuda", "cpu"):
         return f"x is on {x2d.device}; the triton backend runs on CUDA (or CPU under TRITON_INTERPRET=1)"

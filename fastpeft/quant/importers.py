@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..tuners.tuners_utils import get_submodules
 from .formats import NESTED_BLOCKSIZE, QuantizedWeight, pack_nibbles
 from .linear import QuantLinear
 
@@ -144,8 +145,7 @@ def import_bnb(model: nn.Module) -> list[str]:
     done = []
     for name, mod in list(model.named_modules()):
         if type(mod).__name__ in ("Linear4bit", "LinearNF4") and hasattr(mod.weight, "quant_state"):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
+            parent, _, attr = get_submodules(model, name)
             setattr(parent, attr, from_bnb(mod))
             done.append(name)
     return done

@@ -1,13 +1,13 @@
 """``fastpeft.quantize(model, fmt, ...)``: replace a model's nn.Linear layers by QuantLinear in place."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Iterable, Union
 
 import torch
 from torch import nn
 
+from ..tuners.tuners_utils import get_submodules, name_matches
 from .formats import NF4_BLOCKSIZES, check_format
 from .linear import QuantLinear
 
@@ -38,13 +38,8 @@ class QuantizeReport:
 
 
 def _matches(name: str, patterns: Union[None, str, Iterable[str]]) -> bool:
-    # Same rules as LoraConfig.target_modules: a str is a full-match regex, a list matches a name
-    # equal to an entry or ending in "." + entry.
-    if patterns is None:
-        return False
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
+    # Same rules as LoraConfig.target_modules; None matches nothing.
+    return patterns is not None and name_matches(name, patterns)
 
 
 def _nbytes(*tensors) -> int:
@@ -87,9 +82,7 @@ def quantize(model: nn.Module, fmt: str, target_modules: Union[None, str, Iterab
         except ImportError:  # tqdm is optional
             pass
     for name in it:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        lin = getattr(parent, attr)
+        parent, lin, attr = get_submodules(model, name)
         with torch.no_grad():
             q = QuantLinear.from_linear(lin, fmt, blocksize=blocksize, double_quant=double_quant, group_size=group_size)
         report.layers.append(name)

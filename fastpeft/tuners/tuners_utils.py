@@ -31,7 +31,9 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     return _HFConv1D is not None and isinstance(module, _HFConv1D)
 
 
-def _name_in(key: str, names: Union[str, Iterable[str]]) -> bool:
+def name_matches(key: str, names: Union[str, Iterable[str]]) -> bool:
+    """peft's module-name rule: a str is a full-match regex; a list matches a name equal to an entry
+    or ending in "." + entry."""
     if isinstance(names, str):
         return re.fullmatch(names, key) is not None
     return any(key == n or key.endswith("." + n) for n in names)
@@ -52,13 +54,13 @@ def layer_index_of(key: str, layers_pattern: Union[None, str, list[str]]) -> Opt
 
 def is_excluded(config, key: str) -> bool:
     excl = getattr(config, "exclude_modules", None)
-    return bool(excl) and _name_in(key, excl)
+    return bool(excl) and name_matches(key, excl)
 
 
 def target_matches(config, key: str) -> bool:
     """Whether ``config`` targets the module called ``key`` (target list/regex, exclusions, layers)."""
     targets = config.target_modules
-    if targets is None or is_excluded(config, key) or not _name_in(key, targets):
+    if targets is None or is_excluded(config, key) or not name_matches(key, targets):
         return False
     layers = getattr(config, "layers_to_transform", None)
     if layers is None or (isinstance(targets, str)):

@@ -29,9 +29,6 @@ LORA_DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "blip-2": ["q", "v", "q_proj", "v_proj"],
 }
 
-# Conventional names of the containers that hold numbered transformer blocks (informational: without
-# ``layers_pattern``, ``layers_to_transform`` takes the last ``<name>.<index>.`` pair of a module name).
-COMMON_LAYERS_PATTERN = ["layers", "h", "block", "blocks", "layer"]
 
 # Name of the LoRA parameter namespace; every LoRA parameter name contains it.
 LORA_PREFIX = "lora_"

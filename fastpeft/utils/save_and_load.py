@@ -50,7 +50,6 @@ WEIGHTS_NAME = "adapter_model.bin"
 # peft's names for input/output embedding layers, saved in full when they are adapted (vocabulary
 # changes usually go together with training them); the names are part of peft's save behaviour.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
-MODEL_PREFIX = "base_model.model."
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
 
 

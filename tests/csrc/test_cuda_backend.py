@@ -188,10 +188,12 @@ def test_dispatch_picks_cuda_for_decode_through_fastpeft_ops(module, monkeypatch
     x, w, bias, a, b = make_inputs(M, K, N, r, torch.bfloat16, torch.float32, True, seed=11)
     assert ops.current_backend(x, w, bias, a, b) == "cuda"
     y = ops.lora_linear(x.view(2, 2, K), w, bias, a, b, 0.5)
-    ref_y, _ = reference(x, w, bias, a, b, 0.5)
+    ref_y, ref_s = reference(x, w, bias, a, b, 0.5)
     assert y.shape == (2, 2, N) and y.dtype == torch.bfloat16
-    assert_close_to_ref(y.reshape(M, N), x.float() @ a.float().t(), ref_y, x.double() @ a.double().t(),
-                        torch.bfloat16, "fastpeft.ops.lora_linear")
+    # the op's own S (what backward uses) as well as Y
+    y2, s = torch.ops.fastpeft.lora_fwd(x, w, bias, a, b, 0.5, 0.0, None)
+    torch.testing.assert_close(y2, y.reshape(M, N), rtol=0, atol=0)
+    assert_close_to_ref(y2, s, ref_y, ref_s, torch.bfloat16, "fastpeft.ops.lora_linear")
     assert ops.current_backend(torch.zeros(16, K, device="cuda", dtype=torch.bfloat16), w, bias, a, b) != "cuda"
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernel_ref import DEVICE, assert_close, mask, randn, ref_forward
+from kernel_ref import assert_close, mask, randn, ref_forward
 
 from fastpeft.kernels.lora_fwd import lora_fwd
 
@@ -98,4 +98,3 @@ def test_fwd_argument_errors():
         lora_fwd(x, w, randn(5), a, b, 1.0)
     with pytest.raises(ValueError, match="variant"):
         lora_fwd(x, w, None, a, b, 1.0, variant="fast")
-    assert DEVICE in ("cpu", "cuda")

@@ -8,7 +8,7 @@ import torch
 
 from fastpeft.ops import current_backend, dispatch, draw_seed, lora_linear, torch_backend
 
-from ._ref import reference, rel_err, run_and_compare
+from ._ref import reference, rel_err
 
 
 @pytest.fixture
@@ -177,4 +177,8 @@ def test_real_triton_backend_under_interpreter():
     proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT.format(tests=tests)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert ("RAN" in proc.stdout) or ("UNAVAILABLE" in proc.stdout), proc.stdout
+    import importlib.util
+
+    # triton is a dependency on Linux: where it is installed the backend must really run
+    expected = "RAN" if importlib.util.find_spec("triton") is not None else "UNAVAILABLE"
+    assert expected in proc.stdout, proc.stdout

@@ -9,7 +9,6 @@ import warnings
 import pytest
 import torch
 
-from fastpeft import ops
 from lora_helpers import copy_weights, ids_for, tiny, twins
 
 pytestmark = [pytest.mark.cuda,
@@ -32,8 +31,6 @@ def test_lora_model_matches_peft_on_cuda(dtype, tol):
     ours, theirs = ours.cuda().to(dtype), theirs.cuda().to(dtype)
     ours.eval(), theirs.eval()
     ids = ids_for(base).cuda()
-    x = torch.randn(2, 6, 16, device="cuda", dtype=dtype)
-    print("backend:", ops.current_backend(x, ours.model.model.layers[0].mlp.up_proj.base_layer.weight))
     y, y_ref = ours.model(ids).logits, theirs.model(ids).logits
     assert _rel(y, y_ref) < tol
     y.float().pow(2).mean().backward()

@@ -23,7 +23,6 @@ from torch import nn
 
 from ... import ops
 from ..tuners_utils import is_hf_conv1d
-from .linear import autocast_inputs
 
 _MARK = "_fastpeft_accelerated"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -87,6 +86,18 @@ def _why_not(module: nn.Module, peft_linear: type) -> Optional[str]:
         if type(drop) not in (nn.Dropout, nn.Identity):
             return f"LoRA dropout of adapter {name!r} is {type(drop).__name__} (need nn.Dropout/nn.Identity)"
     return None
+
+
+def autocast_inputs(x: torch.Tensor, weight: torch.Tensor, bias):
+    """x, weight and bias cast the way torch.autocast casts nn.Linear's inputs (to decide below whether
+    the fused op can take the call; fastpeft.ops.lora_linear applies the same casts itself)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x = x.to(dt)
+        weight = weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    return x, weight, bias
 
 
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -53,13 +53,14 @@ class Embedding(nn.Module, LoraLayer):
                                      self.scaling[adapter_name]).t()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._prepare_forward(args, kwargs):
+        names = self._adapters_for_forward(args, kwargs)
+        if not names:
             return self.base_layer(x)
         base = self.get_base_layer()
         opts = dict(padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
                     scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
         out = None
-        for name in self._unmerged_active():
+        for name in names:
             A, B, s = self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name]
             if out is None:
                 out = ops.lora_embedding(x, base.weight, A, B, s, **opts)

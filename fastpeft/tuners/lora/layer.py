@@ -91,29 +91,6 @@ class LoraLayer(BaseTunerLayer):
     def _has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self.lora_A or adapter_name in self.lora_embedding_A
 
-    def set_scale(self, adapter_name: str, scale: float) -> None:
-        """Set the scaling to ``scale * alpha / r`` (alpha / sqrt(r) with rsLoRA)."""
-        if adapter_name not in self.scaling:
-            return
-        r = self.r[adapter_name]
-        base = self.lora_alpha[adapter_name] / (math.sqrt(r) if self.use_rslora[adapter_name] else r)
-        self.scaling[adapter_name] = scale * base
-
-    def scale_layer(self, scale: float) -> None:
-        if scale == 1:
-            return
-        for a in self.active_adapters:
-            if a in self.scaling:
-                self.scaling[a] *= scale
-
-    def unscale_layer(self, scale: Optional[float] = None) -> None:
-        for a in self.active_adapters:
-            if a in self.scaling:
-                if scale is None:
-                    self.set_scale(a, 1.0)
-                else:
-                    self.scaling[a] /= scale
-
     def _dropout_p(self, adapter_name: str) -> float:
         mod = self.lora_dropout[adapter_name]
         return float(mod.p) if isinstance(mod, nn.Dropout) else 0.0
@@ -171,8 +148,9 @@ class LoraLayer(BaseTunerLayer):
                 if bias_delta is not None:
                     base.bias.data -= bias_delta.to(base.bias.dtype)
 
-    def _prepare_forward(self, args: tuple = (), kwargs: Optional[dict] = None) -> bool:
-        """Common start of forward; True when the plain base layer output is the answer."""
+    def _adapters_for_forward(self, args: tuple = (), kwargs: Optional[dict] = None) -> list[str]:
+        """Common start of forward: the adapters to apply, in order; [] when the plain base layer
+        output is the answer (adapters disabled or merged)."""
         if kwargs and "adapter_names" in kwargs:
             raise NotImplementedError("Mixed-batch inference (forward(..., adapter_names=[...])) is not "
                                       "implemented by fastpeft LoRA layers; use set_adapter, or HF peft.")
@@ -183,5 +161,5 @@ class LoraLayer(BaseTunerLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return True
-        return self.merged or not self._unmerged_active()
+            return []
+        return [] if self.merged else self._unmerged_active()

@@ -36,23 +36,6 @@ def init_lora_pair(lora_A: nn.Linear, lora_B: nn.Linear, r: int, init_lora_weigh
             nn.init.zeros_(lora_B.bias)
 
 
-def autocast_inputs(x: torch.Tensor, weight: torch.Tensor, bias):
-    """Cast x, weight and bias the way autocast casts nn.Linear's inputs.
-
-    fastpeft.ops.lora_linear is a custom op that autocast does not know, and it requires x and weight
-    in one dtype (as F.linear does without autocast). Under torch.autocast (e.g. HF Trainer with
-    bf16=True on an fp32 model) F.linear would run in the autocast dtype, so the fused op does too.
-    Adapter weights keep their dtype: the op accumulates in fp32 and accepts fp32 A/B with 16-bit x.
-    """
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        x = x.to(dt)
-        weight = weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
-    return x, weight, bias
-
-
 class Linear(nn.Module, LoraLayer):
     """LoRA around an nn.Linear (base weight [out, in])."""
 
@@ -80,31 +63,35 @@ class Linear(nn.Module, LoraLayer):
         init_lora_pair(self.lora_A[adapter_name], self.lora_B[adapter_name], self.r[adapter_name],
                        init_lora_weights)
 
-    def _weight_nk(self) -> torch.Tensor:
-        """The base weight as [N, K] (out, in), a view when stored transposed."""
-        w = self.get_base_layer().weight
-        return w.t() if self.fan_in_fan_out else w
-
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         delta = ops.lora_delta_weight(self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight,
                                       self.scaling[adapter_name])
         return delta.t() if self.fan_in_fan_out else delta
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._prepare_forward(args, kwargs):
-            return self.base_layer(x)
+    def _base_and_first(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, p: float) -> torch.Tensor:
+        """The base GEMM and the first adapter's update as one fused op (subclasses swap the base op).
+
+        The base weight goes in as [N, K], a transposed view when stored [in, out] (Conv1D). Under
+        torch.autocast fastpeft.ops casts x, weight and bias as autocast casts nn.Linear's inputs.
+        """
         base = self.get_base_layer()
-        x, weight, bias = autocast_inputs(x, self._weight_nk(), base.bias)
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight
+        return ops.lora_linear(x, weight, base.bias, A, B, s, p, self.training)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = self._adapters_for_forward(args, kwargs)
+        if not names:
+            return self.base_layer(x)
         out = None
-        for name in self._unmerged_active():
+        for name in names:
             A = self.lora_A[name].weight
             B = self.lora_B[name].weight
             s = self.scaling[name]
+            p = self._dropout_p(name)
             if out is None:
-                # the base GEMM and the first adapter's update run as one fused op
-                out = ops.lora_linear(x, weight, bias, A, B, s, self._dropout_p(name), self.training)
-            else:
-                out = out + ops.lora_linear(x, None, None, A, B, s, self._dropout_p(name), self.training)
+                out = self._base_and_first(x, A, B, s, p)
+            else:  # further adapters: the LoRA term only
+                out = out + ops.lora_linear(x, None, None, A, B, s, p, self.training)
             if self.lora_bias.get(name):
                 out = out + (self.lora_B[name].bias * s).to(out.dtype)
         return out

@@ -141,8 +141,7 @@ class LoraModel(nn.Module):
             raise ValueError(f"LoraModel supports only 1 adapter with bias (found bias != 'none' in "
                              f"{with_bias}). When using multiple adapters, set bias to 'none' for all adapters.")
 
-    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
-                       **kwargs) -> None:
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         """Create adapter ``adapter_name`` (config: self.peft_config[adapter_name]) in ``model``."""
         config = self.peft_config[adapter_name]
         self._check_new_adapter_config(config, adapter_name)
@@ -245,16 +244,12 @@ class LoraModel(nn.Module):
                     if "bias" in n and ".original_module." not in n:
                         p.requires_grad_(True)
             elif bias == "lora_only":
-                for _, m in self._lora_layers_of(model):
+                for m in (m for m in model.modules() if isinstance(m, LoraLayer)):
                     b = getattr(m.get_base_layer(), "bias", None)
                     if b is not None:
                         b.requires_grad_(True)
             else:
                 raise NotImplementedError(f"Requested bias: {bias}, is not implemented.")
-
-    @staticmethod
-    def _lora_layers_of(model: nn.Module):
-        return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Upcast the fp16/bf16 weights of ``adapter_name`` to fp32 (what peft does by default)."""

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from ...ops.lora_quant import lora_quant_linear
-from ...ops import lora_linear
 from ...quant.linear import QuantLinear
 from ..tuners_utils import adapters_to_merge
 from .linear import Linear
@@ -38,26 +37,12 @@ class QuantLoraLinear(Linear):
         # that a merged layer's state_dict holds only the float base, as after a merge in peft.
         object.__setattr__(self, "_quant_base", None)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._prepare_forward(args, kwargs):
-            return self.base_layer(x)
+    def _base_and_first(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, p: float) -> torch.Tensor:
         base = self.get_base_layer()
         if not isinstance(base, QuantLinear):  # merged with requantize=False and then re-activated
-            return super().forward(x)
-        qw = base.quantized()
-        out = None
-        for name in self._unmerged_active():
-            A = self.lora_A[name].weight
-            B = self.lora_B[name].weight
-            s = self.scaling[name]
-            p = self._dropout_p(name)
-            if out is None:  # base GEMM (on the packed weight) and the first adapter in one op
-                out = lora_quant_linear(x, qw, base.bias, A, B, s, p, self.training)
-            else:
-                out = out + lora_linear(x, None, None, A, B, s, p, self.training)
-            if self.lora_bias.get(name):
-                out = out + (self.lora_B[name].bias * s).to(out.dtype)
-        return out
+            return super()._base_and_first(x, A, B, s, p)
+        # base GEMM on the packed weight and the first adapter in one op
+        return lora_quant_linear(x, base.quantized(), base.bias, A, B, s, p, self.training)
 
     # -- merge ---------------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastpeft.tuners.tuners_utils import get_submodules
 from fastpeft.tuners.modules_to_save import ModulesToSaveWrapper, matches_modules_to_save
 from fastpeft.utils.peft_types import PeftType, TaskType
 
@@ -180,8 +181,7 @@ class PromptLearningMixin:
                 continue
             if any(isinstance(m, ModulesToSaveWrapper) for m in self._parents(key)):
                 continue  # inside a wrapper that already copies it
-            parent_name, _, attr = key.rpartition(".")
-            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            parent, _, attr = get_submodules(self.base_model, key)
             setattr(parent, attr, ModulesToSaveWrapper(target, adapter_name))
 
     def _parents(self, key: str):
@@ -249,7 +249,12 @@ class PromptLearningMixin:
         return _value(self._prompt_config().peft_type) == PeftType.PREFIX_TUNING.value
 
     def _check_prefix_support(self) -> str:
-        name = _cache_argument(self.base_model)
+        # inspect.signature is slow for a per-step call: remember the answer for this forward function
+        fwd = getattr(self.base_model.forward, "__func__", self.base_model.forward)
+        cached = self.__dict__.get("_cache_arg_for")
+        if cached is None or cached[0] is not fwd:
+            cached = self.__dict__["_cache_arg_for"] = (fwd, _cache_argument(self.base_model))
+        name = cached[1]
         if name is None:
             raise ValueError(
                 f"Prefix tuning needs a model whose forward takes a key/value cache (past_key_values); "
