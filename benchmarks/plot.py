@@ -81,9 +81,10 @@ def plot(data, out):
     fig.suptitle(f"fastpeft {env.get('fastpeft')} vs peft {env.get('peft')} on {env.get('device_name')} "
                  f"({env.get('device')}), torch {env.get('torch')}", fontsize=9)
     fig.tight_layout()
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, out)
+    from fastpeft.utils.atomic import atomic_path
+
+    with atomic_path(out) as tmp:  # the temporary name has no .png suffix to infer the format from
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 

@@ -2,53 +2,63 @@
 
 The public names mirror peft's, so `from fastpeft import LoraConfig, get_peft_model, PeftModel`
 works where `from peft import ...` did.
+
+The names load on first use (PEP 562 ``__getattr__``): importing the package, or a low layer of it
+such as fastpeft.ops or fastpeft.kernels, must not import transformers or the model code above it.
 """
+from .utils.lazy import lazy_exports
+
 __version__ = "0.1.0"
 
-from .auto import (
-    AutoPeftModel,
-    AutoPeftModelForCausalLM,
-    AutoPeftModelForFeatureExtraction,
-    AutoPeftModelForQuestionAnswering,
-    AutoPeftModelForSeq2SeqLM,
-    AutoPeftModelForSequenceClassification,
-    AutoPeftModelForTokenClassification,
-)
-from .config import PEFT_TYPE_TO_CONFIG_MAPPING, PeftConfig, PeftConfigMixin, register_peft_config
-from .mapping import get_peft_model, inject_adapter_in_model
-from .quant import QuantLinear, quantize  # quantized base weights (QLoRA)
-from .peft_model import (
-    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
-    PeftModel,
-    PeftModelForCausalLM,
-    PeftModelForFeatureExtraction,
-    PeftModelForQuestionAnswering,
-    PeftModelForSeq2SeqLM,
-    PeftModelForSequenceClassification,
-    PeftModelForTokenClassification,
-)
-from .tuners.lora import LoraConfig, LoraModel
-from .tuners.lora.accelerate import accelerate
-from .tuners.prompt import (PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType,
-                            PromptLearningConfig, PromptTuningConfig, PromptTuningInit)
-from .utils.peft_types import PeftType, TaskType
-from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
-from .utils.training import prepare_model_for_kbit_training
-from .integrations import trainer as _trainer_integration
+# public name -> module (relative to this package) that defines it
+_EXPORTS = {
+    "AutoPeftModel": "auto",
+    "AutoPeftModelForCausalLM": "auto",
+    "AutoPeftModelForFeatureExtraction": "auto",
+    "AutoPeftModelForQuestionAnswering": "auto",
+    "AutoPeftModelForSeq2SeqLM": "auto",
+    "AutoPeftModelForSequenceClassification": "auto",
+    "AutoPeftModelForTokenClassification": "auto",
+    "PEFT_TYPE_TO_CONFIG_MAPPING": "config",
+    "PeftConfig": "config",
+    "PeftConfigMixin": "config",
+    "register_peft_config": "config",
+    "get_peft_model": "mapping",
+    "inject_adapter_in_model": "mapping",
+    "QuantLinear": "quant",  # quantized base weights (QLoRA)
+    "quantize": "quant",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING": "peft_model",
+    "PeftModel": "peft_model",
+    "PeftModelForCausalLM": "peft_model",
+    "PeftModelForFeatureExtraction": "peft_model",
+    "PeftModelForQuestionAnswering": "peft_model",
+    "PeftModelForSeq2SeqLM": "peft_model",
+    "PeftModelForSequenceClassification": "peft_model",
+    "PeftModelForTokenClassification": "peft_model",
+    "LoraConfig": "tuners.lora",
+    "LoraModel": "tuners.lora",
+    "accelerate": "tuners.lora.accelerate",
+    "PrefixTuningConfig": "tuners.prompt",
+    "PromptEncoderConfig": "tuners.prompt",
+    "PromptEncoderReparameterizationType": "tuners.prompt",
+    "PromptLearningConfig": "tuners.prompt",
+    "PromptTuningConfig": "tuners.prompt",
+    "PromptTuningInit": "tuners.prompt",
+    "PeftType": "utils.peft_types",
+    "TaskType": "utils.peft_types",
+    "get_peft_model_state_dict": "utils.save_and_load",
+    "load_peft_weights": "utils.save_and_load",
+    "set_peft_model_state_dict": "utils.save_and_load",
+    "prepare_model_for_kbit_training": "utils.training",
+}
 
-# transformers' Trainer saves fastpeft models as adapters, like peft models (see integrations/trainer.py)
+__all__ = list(_EXPORTS)
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+# transformers' Trainer saves fastpeft models as adapters, like peft models (see integrations/trainer.py).
+# Registering only installs an import hook (stdlib only); the patch runs when transformers.trainer loads.
+from .integrations import trainer as _trainer_integration  # noqa: E402
+
 _trainer_integration.register()
-
-__all__ = [
-    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
-    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
-    "AutoPeftModelForTokenClassification", "LoraConfig", "LoraModel", "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
-    "PEFT_TYPE_TO_CONFIG_MAPPING", "PeftConfig", "PeftConfigMixin", "PeftModel", "PeftModelForCausalLM",
-    "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
-    "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
-    "accelerate", "get_peft_model", "get_peft_model_state_dict", "inject_adapter_in_model",
-    "load_peft_weights", "prepare_model_for_kbit_training", "register_peft_config", "set_peft_model_state_dict",
-    "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType", "PromptLearningConfig",
-    "PromptTuningConfig", "PromptTuningInit",
-    "QuantLinear", "quantize",
-]

@@ -12,10 +12,9 @@ import os
 from typing import Any, Optional
 
 from fastpeft.config import PeftConfig
-from fastpeft.peft_model import (MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel, PeftModelForCausalLM,
-                                 PeftModelForFeatureExtraction, PeftModelForQuestionAnswering,
-                                 PeftModelForSeq2SeqLM, PeftModelForSequenceClassification,
-                                 PeftModelForTokenClassification, _hub_kwargs)
+from fastpeft.peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel, _hub_kwargs
+from fastpeft.utils.peft_types import TaskType
+from fastpeft.utils.tasks import TASKS
 
 __all__ = [
     "AutoPeftModel",
@@ -33,8 +32,17 @@ _ADAPTER_KWARGS = ("autocast_adapter_dtype", "ephemeral_gpu_offload", "low_cpu_m
 
 
 class _BaseAutoPeftModel:
+    _task: Optional[TaskType] = None  # the task a subclass loads; None: AutoPeftModel, for task-less adapters
     _target_class: Optional[str] = None  # name of the transformers auto class for the base model
     _target_peft_class: type = PeftModel
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # both classes come from the task tables, so a task's classes are named in one place only; only for
+        # a class that sets _task itself, so that a user's subclass can still override the two targets
+        if cls.__dict__.get("_task") is not None:
+            cls._target_class = TASKS[cls._task].auto_class
+            cls._target_peft_class = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[cls._task]
 
     def __init__(self, *args, **kwargs):
         raise EnvironmentError(f"{type(self).__name__} is not meant to be instantiated; use "
@@ -114,35 +122,28 @@ class _BaseAutoPeftModel:
 
 
 class AutoPeftModel(_BaseAutoPeftModel):
-    _target_class = None
-    _target_peft_class = PeftModel
+    """For adapters saved without a task type: the base model class comes from their auto_mapping."""
 
 
 class AutoPeftModelForCausalLM(_BaseAutoPeftModel):
-    _target_class = "AutoModelForCausalLM"
-    _target_peft_class = PeftModelForCausalLM
+    _task = TaskType.CAUSAL_LM
 
 
 class AutoPeftModelForSeq2SeqLM(_BaseAutoPeftModel):
-    _target_class = "AutoModelForSeq2SeqLM"
-    _target_peft_class = PeftModelForSeq2SeqLM
+    _task = TaskType.SEQ_2_SEQ_LM
 
 
 class AutoPeftModelForSequenceClassification(_BaseAutoPeftModel):
-    _target_class = "AutoModelForSequenceClassification"
-    _target_peft_class = PeftModelForSequenceClassification
+    _task = TaskType.SEQ_CLS
 
 
 class AutoPeftModelForTokenClassification(_BaseAutoPeftModel):
-    _target_class = "AutoModelForTokenClassification"
-    _target_peft_class = PeftModelForTokenClassification
+    _task = TaskType.TOKEN_CLS
 
 
 class AutoPeftModelForQuestionAnswering(_BaseAutoPeftModel):
-    _target_class = "AutoModelForQuestionAnswering"
-    _target_peft_class = PeftModelForQuestionAnswering
+    _task = TaskType.QUESTION_ANS
 
 
 class AutoPeftModelForFeatureExtraction(_BaseAutoPeftModel):
-    _target_class = "AutoModel"
-    _target_peft_class = PeftModelForFeatureExtraction
+    _task = TaskType.FEATURE_EXTRACTION

@@ -13,11 +13,12 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from typing import List, Optional
 
 from fastpeft.config import CONFIG_NAME
+from fastpeft.utils.atomic import atomic_folder
 from fastpeft.utils.save_and_load import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from fastpeft.utils.tasks import TASKS
 
 WEIGHTS_NAMES = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
 
@@ -25,15 +26,6 @@ WEIGHTS_NAMES = (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME)
 # merged folder loads with its tokenizer like the base did.
 _COPY_ALONG_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab.", "merges.txt", "chat_template",
                         "preprocessor_config", "processor_config", "spiece.model", "sentencepiece")
-
-_TASK_AUTO_CLASS = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
 
 
 class CliError(Exception):
@@ -246,7 +238,8 @@ def cmd_inspect(args) -> int:
 def _model_class(base: str, adapter_cfg: dict, override: Optional[str]):
     import transformers
 
-    name = override or _TASK_AUTO_CLASS.get(str(adapter_cfg.get("task_type") or "").upper())
+    task = TASKS.get(str(adapter_cfg.get("task_type") or "").upper())
+    name = override or (task.auto_class if task else None)
     if name is None:
         # No task type: the adapter was made on whatever class the user wrapped; the base config's first
         # architecture is the best guess, since adapter keys name modules of that class.
@@ -267,31 +260,19 @@ def _num_labels_from_adapter(weights: Optional[str]) -> Optional[int]:
     return None
 
 
-def _atomic_save_dir(model, base: str, out: str, force: bool) -> None:
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+def _save_merged(model, base: str, out: str, force: bool) -> None:
+    """Save the merged model and the base's tokenizer files into OUT as one atomic folder swap."""
     try:
-        model.save_pretrained(tmp)
-        for f in sorted(os.listdir(base)):
-            src = os.path.join(base, f)
-            if os.path.isfile(src) and f.startswith(_COPY_ALONG_PREFIXES) and not os.path.exists(os.path.join(tmp, f)):
-                shutil.copy2(src, os.path.join(tmp, f))
-        if os.path.exists(out):
-            if not force:
-                raise CliError(f"{out} already exists (use --force to replace it)")
-            # A non-empty folder cannot be os.replace'd over: move it aside first, then swap in the new one.
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-            os.rmdir(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_folder(out, overwrite=force) as tmp:
+            model.save_pretrained(tmp)
+            for f in sorted(os.listdir(base)):
+                src, dst = os.path.join(base, f), os.path.join(tmp, f)
+                if os.path.isfile(src) and f.startswith(_COPY_ALONG_PREFIXES) and not os.path.exists(dst):
+                    shutil.copy2(src, dst)
+    except FileExistsError as e:
+        if e.filename != os.path.abspath(out):
+            raise
+        raise CliError(f"{e.filename} already exists (use --force to replace it)") from None
 
 
 def _load_base(cls, base: str, dtype: str, num_labels: Optional[int]):
@@ -349,7 +330,7 @@ def cmd_merge(args) -> int:
     PeftModel = _peft_model_class()
     peft_model = PeftModel.from_pretrained(model, adapter)
     merged = peft_model.merge_and_unload(safe_merge=args.safe_merge)
-    _atomic_save_dir(merged, base, out, args.force)
+    _save_merged(merged, base, out, args.force)
     print(f"merged adapter {os.path.abspath(adapter)} (targets: {adapter_cfg.get('target_modules')}) into "
           f"{cls.__name__} from {os.path.abspath(base)}; saved to {os.path.abspath(out)}")
     return 0

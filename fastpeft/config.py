@@ -17,11 +17,11 @@ import importlib
 import inspect
 import json
 import os
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from fastpeft.utils.atomic import write_json_atomic
 from fastpeft.utils.peft_types import PeftType, TaskType
 
 try:  # a hard dependency in practice (transformers needs it); kept optional so config I/O works offline without it
@@ -164,25 +164,6 @@ def _to_json_value(value: Any) -> Any:
     return value
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    """Write JSON to `path` via a temporary file in the same folder and os.replace, so a reader never
-    sees a half-written config and an interrupted save leaves the old file intact."""
-    text = json.dumps(obj, indent=2, sort_keys=True)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        # mode "x" + the process umask gives the same permissions a plain open(path, "w") would.
-        with open(tmp, "x", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _hub_download_param_names() -> frozenset:
     if hf_hub_download is None:
         return frozenset()
@@ -311,7 +292,8 @@ class PeftConfigMixin:
                 raise TypeError(
                     f"{type(self).__name__}.save_pretrained: field {key!r} cannot be written to {CONFIG_NAME}: {exc}"
                 ) from exc
-        _write_json_atomic(os.path.join(save_directory, CONFIG_NAME), output)
+        # atomic: a reader never sees a half-written config, and a failed save leaves the old one
+        write_json_atomic(os.path.join(save_directory, CONFIG_NAME), output, indent=2, sort_keys=True)
 
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs) -> dict:

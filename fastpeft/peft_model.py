@@ -18,16 +18,15 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-import shutil
-import uuid
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 from torch import nn
 
 from fastpeft.integrations.hub import PushToHubMixin
-from fastpeft.config import CONFIG_NAME, PeftConfig
+from fastpeft.config import PeftConfig
 from fastpeft.tuners.prompt.model import PromptLearningMixin
+from fastpeft.utils.atomic import staged_folder
 from fastpeft.utils.model_card import model_card_text_for
 from fastpeft.utils.peft_types import PeftType, TaskType
 from fastpeft.utils.save_and_load import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, find_weights_file,
@@ -475,47 +474,32 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
         if not is_main_process:
             return
 
-        os.makedirs(save_directory, exist_ok=True)
-        staging = os.path.join(save_directory, f".fastpeft-save-{os.getpid()}-{uuid.uuid4().hex[:12]}")
-        os.makedirs(staging)
-        moves: list[tuple[str, str]] = []  # (staged file, final path)
+        weights_name = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+        other_name = WEIGHTS_NAME if safe_serialization else SAFETENSORS_WEIGHTS_NAME
         stale: list[str] = []  # weights in the other format, removed once the new ones are in place
-        try:
+        # Every file is written into a staging folder first and moved into place only once all were written.
+        with staged_folder(save_directory) as staging:
             state_dict = self.state_dict()
-            weights_name = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
-            other_name = WEIGHTS_NAME if safe_serialization else SAFETENSORS_WEIGHTS_NAME
             saved = []
             for name in selected_adapters:
                 rel = "" if name == "default" else name
                 stage_dir = os.path.join(staging, rel)
-                final_dir = os.path.join(save_directory, rel)
                 os.makedirs(stage_dir, exist_ok=True)
                 weights = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name,
                                                     save_embedding_layers=save_embedding_layers)
                 write_weights(weights, os.path.join(stage_dir, weights_name), safe_serialization=safe_serialization)
                 cfg, auto_mapping = self._config_to_save(name)
                 cfg.save_pretrained(stage_dir, auto_mapping_dict=auto_mapping)
-                for fname in (weights_name, CONFIG_NAME):
-                    moves.append((os.path.join(stage_dir, fname), os.path.join(final_dir, fname)))
-                stale.append(os.path.join(final_dir, other_name))
+                stale.append(os.path.join(save_directory, rel, other_name))
                 saved.append((name, cfg))
             base = next((c.base_model_name_or_path for _, c in saved if c.base_model_name_or_path), None)
             card = model_card_text_for(save_directory, saved, base)
             if card is not None:
                 with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as fh:
                     fh.write(card)
-                moves.append((os.path.join(staging, "README.md"), os.path.join(save_directory, "README.md")))
-            for src, _ in moves:  # durable before they become visible
-                with open(src, "rb") as fh:
-                    os.fsync(fh.fileno())
-            for src, dst in moves:
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                os.replace(src, dst)
-            for path in stale:
-                if os.path.isfile(path):
-                    os.remove(path)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        for path in stale:
+            if os.path.isfile(path):
+                os.remove(path)
 
     # ---------------------------------------------------------------------------------------------
     # loading

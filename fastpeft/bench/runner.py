@@ -6,16 +6,15 @@ and for the decoder tokens/s and (CUDA) peak memory. Ratios are computed from me
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, TextIO
 
 import torch
 
+from ..utils.atomic import write_json_atomic
 from .models import IMPLS, BenchSetupError, DecoderCase, LayerCase, build_decoder, build_layer, parse_dtype
 from .timing import cuda_peak_memory, environment, saved_bytes, time_fn
 
@@ -195,24 +194,9 @@ def run(opts: BenchOptions) -> dict:
         prog.close()
     result["wall_s"] = time.perf_counter() - t_start
     if opts.json_path:
-        write_json_atomic(opts.json_path, result)
+        os.makedirs(os.path.dirname(os.path.abspath(opts.json_path)), exist_ok=True)
+        write_json_atomic(opts.json_path, result, trailing_newline=True, indent=2)
     return result
-
-
-def write_json_atomic(path: str, obj: dict) -> None:
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------- table

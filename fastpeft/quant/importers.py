@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..tuners.tuners_utils import get_submodules
+from ..utils.modules import get_submodules
 from .formats import NESTED_BLOCKSIZE, QuantizedWeight, pack_nibbles
 from .linear import QuantLinear
 

@@ -7,7 +7,7 @@ from typing import Iterable, Union
 import torch
 from torch import nn
 
-from ..tuners.tuners_utils import get_submodules, name_matches
+from ..utils.modules import get_submodules, name_matches
 from .formats import NF4_BLOCKSIZES, check_format
 from .linear import QuantLinear
 
@@ -100,9 +100,9 @@ def merge_and_unload(model: nn.Module, requantize: bool = False, **kwargs) -> nn
     dequantize(W) + the adapter deltas. requantize=True: that merged weight is quantized again to the
     base's format (a UserWarning per layer gives the measured max error) and a QuantLinear comes back.
     """
-    from ..tuners.lora.quant_linear import QuantLoraLinear  # lazy: tuners import this package
-
-    layers = [m for m in model.modules() if isinstance(m, QuantLoraLinear)]
+    # The LoRA-over-QuantLinear layers (fastpeft.tuners.lora.quant_linear.QuantLoraLinear) are found by
+    # the switch they carry rather than by class: fastpeft.quant sits below the tuners and never imports them.
+    layers = [m for m in model.modules() if hasattr(m, "requantize_on_merge")]
     for m in layers:
         m.requantize_on_merge = bool(requantize)
     try:

@@ -19,6 +19,9 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import nn
 
+# generic module helpers, defined below the tuners (fastpeft.quant uses them too); re-exported here
+from fastpeft.utils.modules import get_submodules, name_matches  # noqa: F401
+
 try:  # transformers is optional for plain nn.Module users
     from transformers.pytorch_utils import Conv1D as _HFConv1D
 except Exception:  # pragma: no cover - exercised only without transformers
@@ -29,14 +32,6 @@ INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
 
 def is_hf_conv1d(module: nn.Module) -> bool:
     return _HFConv1D is not None and isinstance(module, _HFConv1D)
-
-
-def name_matches(key: str, names: Union[str, Iterable[str]]) -> bool:
-    """peft's module-name rule: a str is a full-match regex; a list matches a name equal to an entry
-    or ending in "." + entry."""
-    if isinstance(names, str):
-        return re.fullmatch(names, key) is not None
-    return any(key == n or key.endswith("." + n) for n in names)
 
 
 def layer_index_of(key: str, layers_pattern: Union[None, str, list[str]]) -> Optional[int]:
@@ -113,13 +108,6 @@ def all_linear_names(model: nn.Module, skip: Iterable[str] = ()) -> set:
         if isinstance(mod, nn.Linear) or is_hf_conv1d(mod):
             found.add(name)
     return found
-
-
-def get_submodules(model: nn.Module, key: str):
-    """(parent, module, attribute name in parent) for the module called ``key``."""
-    parent_name, _, attr = key.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    return parent, getattr(parent, attr), attr
 
 
 class BaseTunerLayer:

@@ -424,7 +424,8 @@ def _untie(state_dict: dict) -> dict:
 
 
 def write_weights(state_dict: dict, path: str, safe_serialization: bool = True) -> None:
-    """Serialize adapter tensors to ``path`` (no atomicity here: the caller writes into a staging folder)."""
+    """Serialize adapter tensors to ``path`` (no atomicity here: PeftModel.save_pretrained writes into a
+    fastpeft.utils.atomic.staged_folder; use atomic_path for a single file)."""
     if safe_serialization:
         tensors = _untie(state_dict)
         # looked up through the module at call time so tests can make serialization fail midway
