@@ -13,16 +13,14 @@ import torch
 
 from fastpeft.bench.timing import SavedTensorCounter, saved_bytes
 from fastpeft.cli import main
+from _support.models import tiny_model
 
 
 # ------------------------------------------------------------------------------------------- helpers
 def _tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval()
+    # hidden 32: the inspect test reads the adapter's [4, 32] / [32, 4] shapes
+    return tiny_model("llama", seed, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, attention_bias=False).eval()
 
 
 @pytest.fixture(scope="module")

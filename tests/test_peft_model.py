@@ -229,7 +229,8 @@ def test_autocast_adapter_dtype(tiny):
     lora_params = [p for n, p in pm.named_parameters() if "lora_" in n]
     assert lora_params and all(p.dtype == torch.float32 for p in lora_params)
     pm2 = get_peft_model(tiny.model("llama").to(torch.bfloat16), _lora(), autocast_adapter_dtype=False)
-    assert all(p.dtype == torch.bfloat16 for n, p in pm2.named_parameters() if "lora_" in n)
+    lora_params2 = [p for n, p in pm2.named_parameters() if "lora_" in n]
+    assert lora_params2 and all(p.dtype == torch.bfloat16 for p in lora_params2)
     pm.eval()
     out = pm(**tiny.inputs("llama")).logits  # bf16 activations with fp32 adapters run
     assert torch.isfinite(out.float()).all()

@@ -68,7 +68,7 @@ def test_selected_adapters_and_bin(tiny, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["README.md", "b"]
     assert sorted(os.listdir(tmp_path / "b")) == ["adapter_config.json", "adapter_model.bin"]
     sd = torch.load(tmp_path / "b" / "adapter_model.bin", weights_only=True)
-    assert all(".b." not in k and "lora_" in k for k in sd)
+    assert sd and all(".b." not in k and "lora_" in k for k in sd)
 
 
 @pytest.mark.parametrize("kind,task", [("llama", "CAUSAL_LM"), ("roberta", "SEQ_CLS"), ("gpt2", "CAUSAL_LM"),
@@ -133,10 +133,12 @@ def test_load_adapter_trainable_flag(tiny, tmp_path):
     target = get_peft_model(tiny.model("opt"), _lora(r=2), adapter_name="main")
     target.load_adapter(str(tmp_path), adapter_name="frozen")
     assert target.peft_config["frozen"].inference_mode is True
-    assert not any(p.requires_grad for n, p in target.named_parameters() if ".frozen." in n)
+    frozen = [p for n, p in target.named_parameters() if ".frozen." in n]
+    assert frozen and not any(p.requires_grad for p in frozen)
     target.load_adapter(str(tmp_path), adapter_name="trainable", is_trainable=True)
     target.set_adapter("trainable")
-    assert all(p.requires_grad for n, p in target.named_parameters() if ".trainable." in n)
+    trainable = [p for n, p in target.named_parameters() if ".trainable." in n]
+    assert trainable and all(p.requires_grad for p in trainable)
 
 
 def test_base_model_name_or_path_and_auto_class(tiny, tiny_base_dir, tmp_path):

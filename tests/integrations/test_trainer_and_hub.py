@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import fastpeft
 from fastpeft import LoraConfig, PeftModel, TaskType, get_peft_model
-from tests.conftest import build_tiny_model
+from _support.models import tiny_model
 
 
 class _Ids(torch.utils.data.Dataset):
@@ -29,7 +29,7 @@ class _Ids(torch.utils.data.Dataset):
 def test_trainer_checkpoints_and_save_model_write_the_adapter(tmp_path, kind):
     from transformers import Trainer, TrainingArguments
 
-    model = get_peft_model(build_tiny_model(kind), LoraConfig(task_type=TaskType.CAUSAL_LM, r=4,
+    model = get_peft_model(tiny_model(kind), LoraConfig(task_type=TaskType.CAUSAL_LM, r=4,
                                                               target_modules="all-linear", init_lora_weights=False))
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, use_cpu=True,
                              save_strategy="steps", save_steps=2, report_to=[], logging_steps=1)
@@ -42,7 +42,7 @@ def test_trainer_checkpoints_and_save_model_write_the_adapter(tmp_path, kind):
         assert "model.safetensors" not in files, files
         keys = set(load_file(folder / "adapter_model.safetensors"))
         assert keys == set(fastpeft.get_peft_model_state_dict(model)), keys
-    reloaded = PeftModel.from_pretrained(build_tiny_model(kind), str(tmp_path / "final"))
+    reloaded = PeftModel.from_pretrained(tiny_model(kind), str(tmp_path / "final"))
     ids = _Ids().ids[:2]
     model.eval()
     with torch.no_grad():
@@ -67,7 +67,7 @@ def test_push_to_hub_uploads_only_the_adapter(tmp_path, monkeypatch):
             return "commit-info"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    model = get_peft_model(build_tiny_model("llama"), LoraConfig(task_type=TaskType.CAUSAL_LM, r=4))
+    model = get_peft_model(tiny_model("llama"), LoraConfig(task_type=TaskType.CAUSAL_LM, r=4))
     assert model.push_to_hub("me/tiny-lora", token="t") == "commit-info"
     assert uploaded["repo"] == "me/tiny-lora" and uploaded["token"] == "t"
     assert uploaded["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
@@ -75,7 +75,7 @@ def test_push_to_hub_uploads_only_the_adapter(tmp_path, monkeypatch):
 
 
 def test_prepare_model_for_kbit_training_on_a_quantized_model():
-    base = build_tiny_model("llama").to(torch.bfloat16)
+    base = tiny_model("llama").to(torch.bfloat16)
     fastpeft.quantize(base, "nf4", blocksize=32, progressbar=False)
     out = fastpeft.prepare_model_for_kbit_training(base)
     assert out is base

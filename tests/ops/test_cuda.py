@@ -8,7 +8,7 @@ import torch
 
 from fastpeft.ops import current_backend, lora_linear
 
-from ._ref import TOL, check_mask_consistency, run_and_compare
+from _support.reference import TOL, check_mask_consistency, run_and_compare
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

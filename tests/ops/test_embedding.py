@@ -10,7 +10,7 @@ from torch import nn
 
 from fastpeft.ops import lora_delta_weight, lora_embedding
 
-from ._ref import rel_err
+from _support.reference import rel_err
 
 
 def _tables(V=23, D=12, r=4, dtype=torch.float32):

@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastpeft.ops import draw_seed, dropout_mask, lora_linear
 
-from ._ref import TOL, check_mask_consistency, rel_err, run_and_compare
+from _support.reference import TOL, check_mask_consistency, rel_err, run_and_compare
 
 SHAPES = [  # (leading dims of x, K, N, r)
     ((1,), 17, 13, 1),          # M = 1

@@ -5,7 +5,7 @@ import os
 
 import torch
 
-# model kind (tests/conftest.py) -> task type
+# model kind (tests/_support/models.py) -> task type
 KINDS = {"opt": "CAUSAL_LM", "llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "roberta": "SEQ_CLS",
          "roberta_tok": "TOKEN_CLS", "t5": "SEQ_2_SEQ_LM"}
 METHODS = ["prompt", "ptuning_mlp", "ptuning_lstm", "prefix", "prefix_proj"]

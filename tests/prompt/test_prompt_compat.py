@@ -1,6 +1,6 @@
 """Prompt tuning, p-tuning and prefix tuning against HF peft on tiny OPT, Llama, GPT-2, RoBERTa and T5 models.
 
-Each test builds bit-identical twin models (tests/conftest.py), applies the same adapter with both
+Each test builds bit-identical twin models (tests/_support/models.py), applies the same adapter with both
 libraries and compares parameter counts, the files written, and the outputs after loading one
 library's files in the other.
 """

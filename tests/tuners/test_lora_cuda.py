@@ -9,14 +9,12 @@ import warnings
 import pytest
 import torch
 
-from lora_helpers import copy_weights, ids_for, tiny, twins
+from _support.models import ids_for, tiny_model
+from _support.reference import rel_err
+from _support.twins import copy_weights, lora_twins
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 def _grads(m):
@@ -25,26 +23,26 @@ def _grads(m):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-2)])
 def test_lora_model_matches_peft_on_cuda(dtype, tol):
-    base = tiny("llama")
-    ours, theirs = twins(base, target_modules="all-linear", init_lora_weights=False, r=16)
+    base = tiny_model("llama")
+    ours, theirs = lora_twins(base, target_modules="all-linear", init_lora_weights=False, r=16)
     copy_weights(theirs, ours)
     ours, theirs = ours.cuda().to(dtype), theirs.cuda().to(dtype)
     ours.eval(), theirs.eval()
     ids = ids_for(base).cuda()
     y, y_ref = ours.model(ids).logits, theirs.model(ids).logits
-    assert _rel(y, y_ref) < tol
+    assert rel_err(y, y_ref) < tol
     y.float().pow(2).mean().backward()
     y_ref.float().pow(2).mean().backward()
     g, g_ref = _grads(ours), _grads(theirs)
     assert g.keys() == g_ref.keys()
     for n in g:
-        assert _rel(g[n], g_ref[n]) < 5 * tol, n
+        assert rel_err(g[n], g_ref[n]) < 5 * tol, n
 
 
 def test_accelerate_on_cuda_bf16_training_with_dropout():
     import peft
     from fastpeft.tuners.lora.accelerate import accelerate
-    base = tiny("llama").cuda().to(torch.bfloat16)
+    base = tiny_model("llama").cuda().to(torch.bfloat16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(base, peft.LoraConfig(target_modules="all-linear", lora_dropout=0.1,
@@ -57,12 +55,12 @@ def test_accelerate_on_cuda_bf16_training_with_dropout():
     ids = ids_for(base).cuda()
     pm.eval(), ref.eval()
     y, y_ref = pm(ids).logits, ref(ids).logits
-    assert _rel(y, y_ref) < 3e-2
+    assert rel_err(y, y_ref) < 3e-2
     y.float().pow(2).mean().backward()
     y_ref.float().pow(2).mean().backward()
     g, g_ref = _grads(pm), _grads(ref)
     for n in g:
-        assert _rel(g[n], g_ref[n]) < 0.15, n
+        assert rel_err(g[n], g_ref[n]) < 0.15, n
     pm.train()
     torch.manual_seed(0)
     y1 = pm(ids).logits

@@ -7,7 +7,10 @@ from torch import nn
 
 from fastpeft.tuners.lora import Conv1D, Embedding, Linear, LoraConfig, LoraModel
 from fastpeft.tuners.modules_to_save import ModulesToSaveWrapper
-from lora_helpers import Plain, copy_weights, ids_for, run, tiny, twins
+from _support.models import Plain, ids_for, run
+from _support.models import tiny_model as tiny
+from _support.twins import copy_weights
+from _support.twins import lora_twins as twins
 
 CASES = [
     ("llama", dict(target_modules="all-linear")),

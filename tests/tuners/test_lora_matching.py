@@ -7,14 +7,15 @@ from torch import nn
 from fastpeft.tuners.lora import LoraConfig, LoraModel
 from fastpeft.tuners.tuners_utils import layer_index_of, pattern_value, target_matches
 from fastpeft.utils.constants import LORA_DEFAULT_TARGET_MODULES
-from lora_helpers import Plain, lora_names, tiny, twins
+from _support.models import Plain, tiny_model
+from _support.twins import lora_names, lora_twins
 
 ARCHS = ["llama", "mistral", "qwen2", "opt", "gpt2", "gpt_neox", "bert", "roberta", "t5"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_default_targets_equal_peft(arch):
-    ours, theirs = twins(tiny(arch))  # target_modules=None -> per-architecture defaults
+    ours, theirs = lora_twins(tiny_model(arch))  # target_modules=None -> per-architecture defaults
     assert lora_names(ours) == lora_names(theirs)
     assert len(lora_names(ours)) > 0
     assert set(ours.peft_config["default"].target_modules) == set(theirs.peft_config["default"].target_modules)
@@ -27,23 +28,23 @@ def test_defaults_table_covers_required_archs():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "roberta", "opt"])
 def test_all_linear_equal_peft(arch):
-    ours, theirs = twins(tiny(arch), target_modules="all-linear")
+    ours, theirs = lora_twins(tiny_model(arch), target_modules="all-linear")
     assert lora_names(ours) == lora_names(theirs)
     assert set(ours.peft_config["default"].target_modules) == set(theirs.peft_config["default"].target_modules)
 
 
 def test_all_linear_excludes_output_head_but_not_on_plain_modules():
-    ours, _ = twins(tiny("llama"), target_modules="all-linear")
+    ours, _ = lora_twins(tiny_model("llama"), target_modules="all-linear")
     assert "model.lm_head" not in lora_names(ours)
     assert not hasattr(ours.model.lm_head, "lora_A")
     # a plain nn.Module has no declared output head: every linear is taken (as peft does)
     seq = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    ours, theirs = twins(seq, target_modules="all-linear")
+    ours, theirs = lora_twins(seq, target_modules="all-linear")
     assert lora_names(ours) == lora_names(theirs) == ["model.0", "model.2"]
 
 
 def test_all_linear_skips_modules_to_save():
-    ours, theirs = twins(tiny("roberta"), target_modules="all-linear", modules_to_save=["classifier"])
+    ours, theirs = lora_twins(tiny_model("roberta"), target_modules="all-linear", modules_to_save=["classifier"])
     assert lora_names(ours) == lora_names(theirs)
     assert not any("classifier" in n for n in lora_names(ours))
 
@@ -60,14 +61,14 @@ def test_all_linear_skips_modules_to_save():
     dict(target_modules=["embed_tokens", "q_proj"]),
 ])
 def test_matching_rules_equal_peft(cfg):
-    ours, theirs = twins(tiny("llama"), **cfg)
+    ours, theirs = lora_twins(tiny_model("llama"), **cfg)
     assert lora_names(ours) == lora_names(theirs)
 
 
 def test_list_entry_is_suffix_at_dot_boundary_only():
     # "proj" is not a dotted suffix of "q_proj": nothing matches -> ValueError
     with pytest.raises(ValueError, match="proj"):
-        LoraModel(tiny("llama"), LoraConfig(target_modules=["proj"]), "default")
+        LoraModel(tiny_model("llama"), LoraConfig(target_modules=["proj"]), "default")
     cfg = LoraConfig(target_modules=["q_proj"])
     assert target_matches(cfg, "model.layers.0.self_attn.q_proj")
     assert target_matches(cfg, "q_proj")
@@ -89,7 +90,7 @@ def test_layer_index_rules():
 
 
 def test_layers_pattern_on_plain_module_equal_peft():
-    ours, theirs = twins(Plain(), target_modules=["0", "2"], layers_to_transform=[0, 2], layers_pattern="layers")
+    ours, theirs = lora_twins(Plain(), target_modules=["0", "2"], layers_to_transform=[0, 2], layers_pattern="layers")
     assert lora_names(ours) == lora_names(theirs) == ["model.layers.0.0", "model.layers.0.2",
                                                        "model.layers.2.0", "model.layers.2.2"]
 
@@ -102,7 +103,7 @@ def test_layers_pattern_on_plain_module_equal_peft():
     ({"layers.1.self_attn.v_proj": 2, "v_proj": 9}, {"f_attn.v_proj": 3}),
 ])
 def test_rank_alpha_pattern_equal_peft(rp, ap):
-    ours, theirs = twins(tiny("llama"), target_modules="all-linear", r=8, lora_alpha=16,
+    ours, theirs = lora_twins(tiny_model("llama"), target_modules="all-linear", r=8, lora_alpha=16,
                          rank_pattern=rp, alpha_pattern=ap)
     got = {n: (m.r["default"], m.lora_alpha["default"], m.scaling["default"], m.lora_A["default"].weight.shape)
            for n, m in ours.model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "r")}
@@ -114,7 +115,7 @@ def test_rank_alpha_pattern_equal_peft(rp, ap):
 
 def test_unmatched_pattern_key_warns():
     with pytest.warns(RuntimeWarning, match="up"):
-        LoraModel(tiny("llama"), LoraConfig(target_modules=["q_proj"], rank_pattern={"up": 3}), "default")
+        LoraModel(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], rank_pattern={"up": 3}), "default")
 
 
 def test_pattern_value_first_match_wins():
@@ -124,7 +125,7 @@ def test_pattern_value_first_match_wins():
 
 
 def test_rslora_scaling():
-    ours, theirs = twins(tiny("llama"), target_modules=["q_proj"], r=4, lora_alpha=8, use_rslora=True)
+    ours, theirs = lora_twins(tiny_model("llama"), target_modules=["q_proj"], r=4, lora_alpha=8, use_rslora=True)
     m = ours.model.model.layers[0].self_attn.q_proj
     assert m.scaling["default"] == pytest.approx(8 / 2.0)
     assert m.scaling["default"] == theirs.model.model.layers[0].self_attn.q_proj.scaling["default"]
@@ -132,7 +133,7 @@ def test_rslora_scaling():
 
 def test_no_match_error_names_targets_and_lists_modules():
     with pytest.raises(ValueError) as ei:
-        LoraModel(tiny("llama"), LoraConfig(target_modules=["nope_proj"]), "default")
+        LoraModel(tiny_model("llama"), LoraConfig(target_modules=["nope_proj"]), "default")
     msg = str(ei.value)
     assert "nope_proj" in msg
     assert "model.embed_tokens" in msg  # some existing module names are shown
@@ -144,7 +145,7 @@ def test_unsupported_fields_raise_not_implemented():
     cfg = LoraConfig(target_modules=["q_proj"], use_dora=True)
     assert "use_dora" in cfg.unsupported_fields()
     with pytest.raises(NotImplementedError, match="use_dora"):
-        LoraModel(tiny("llama"), cfg, "default")
+        LoraModel(tiny_model("llama"), cfg, "default")
 
 
 def test_unsupported_layer_type_and_default_targets():
@@ -162,18 +163,18 @@ def test_unsupported_layer_type_and_default_targets():
 def test_fan_in_fan_out_fixed_with_warning():
     cfg = LoraConfig(target_modules=["c_attn"])
     with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True"):
-        ours = LoraModel(tiny("gpt2"), cfg, "default")
+        ours = LoraModel(tiny_model("gpt2"), cfg, "default")
     assert cfg.fan_in_fan_out is True
     assert ours.model.transformer.h[0].attn.c_attn.fan_in_fan_out is True
     cfg = LoraConfig(target_modules=["q_proj"], fan_in_fan_out=True)
     with pytest.warns(UserWarning, match="Setting fan_in_fan_out to False"):
-        ours = LoraModel(tiny("llama"), cfg, "default")
+        ours = LoraModel(tiny_model("llama"), cfg, "default")
     assert cfg.fan_in_fan_out is False
     assert ours.model.model.layers[0].self_attn.q_proj.fan_in_fan_out is False
 
 
 def test_modules_to_save_suffix_rule_equal_peft():
-    ours, theirs = twins(Plain(), target_modules=["head"], modules_to_save=["norm", "layers.1.2"])
+    ours, theirs = lora_twins(Plain(), target_modules=["head"], modules_to_save=["norm", "layers.1.2"])
     k1 = list(ours.state_dict())
     k2 = list(theirs.state_dict())
     assert k1 == k2

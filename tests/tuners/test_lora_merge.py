@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from fastpeft.tuners.lora import Linear, LoraConfig, LoraModel
-from lora_helpers import Plain, copy_weights, ids_for, run, tiny, twins
+from _support.models import Plain, ids_for, run, tiny_model
+from _support.twins import copy_weights, lora_twins
 
 TOL = 1e-5
 
@@ -24,7 +25,7 @@ def _max(a, b):
     ("opt", dict(target_modules=["q_proj", "fc2"], lora_bias=True)),
 ])
 def test_merge_unmerge_merge_and_unload_unload(arch, cfg):
-    base = Plain() if arch == "plain" else tiny(arch)
+    base = Plain() if arch == "plain" else tiny_model(arch)
     base.eval()
     cfg = dict(cfg)
     if arch == "plain":
@@ -39,7 +40,8 @@ def test_merge_unmerge_merge_and_unload_unload(arch, cfg):
         y = run(lm.model, ids)
         assert _max(y, y0) > 1e-4
         lm.merge_adapter()
-        assert all(m.merged for n, m in lm.model.named_modules() if hasattr(m, "merged_adapters"))
+        lora_layers = [m for m in lm.model.modules() if hasattr(m, "merged_adapters")]
+        assert lora_layers and all(m.merged for m in lora_layers)
         assert _max(run(lm.model, ids), y) <= TOL
         lm.unmerge_adapter()
         assert _max(run(lm.model, ids), y) <= TOL
@@ -60,7 +62,7 @@ def test_merge_unmerge_merge_and_unload_unload(arch, cfg):
 
 
 def test_merge_matches_peft_merge_and_unload():
-    ours, theirs = twins(tiny("gpt2"), target_modules=["c_attn", "c_proj"], init_lora_weights=False,
+    ours, theirs = lora_twins(tiny_model("gpt2"), target_modules=["c_attn", "c_proj"], init_lora_weights=False,
                          fan_in_fan_out=True)
     copy_weights(theirs, ours)
     a = ours.merge_and_unload().state_dict()
@@ -92,7 +94,7 @@ def test_merge_twice_warns_and_merges_once():
 
 
 def _two_adapter_twins(base):
-    ours, theirs = twins(base, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ours, theirs = lora_twins(base, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs.peft_config["two"] = peft.LoraConfig(target_modules=["q_proj", "k_proj"], r=3, lora_alpha=5,
@@ -107,7 +109,7 @@ def _two_adapter_twins(base):
 
 
 def test_several_adapters_equal_peft():
-    base = tiny("llama").eval()
+    base = tiny_model("llama").eval()
     ours, theirs = _two_adapter_twins(base)
     ids = ids_for(base)
     q = ours.model.model.layers[0].self_attn.q_proj
@@ -130,7 +132,7 @@ def test_several_adapters_equal_peft():
 
 
 def test_delete_adapter():
-    base = tiny("llama").eval()
+    base = tiny_model("llama").eval()
     ours, theirs = _two_adapter_twins(base)
     ids = ids_for(base)
     ours.set_adapter("two")
@@ -154,7 +156,7 @@ def test_disable_with_bias_warns():
 
 
 def test_getattr_and_forward_pass_through():
-    base = tiny("llama")
+    base = tiny_model("llama")
     lm = LoraModel(base, LoraConfig(target_modules=["q_proj"]), "default")
     assert lm.config is base.config  # falls back to the wrapped model
     assert lm.model.peft_config is lm.peft_config

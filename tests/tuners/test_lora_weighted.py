@@ -4,7 +4,6 @@ Both libraries get twin models with the same two random adapters (init_lora_weig
 targets and ranks), run add_weighted_adapter with the same arguments, and are compared: the new
 config, the new lora_A/lora_B tensors (linear, cat), the merged deltas (svd), outputs, errors.
 """
-import copy
 import os
 import warnings
 
@@ -14,7 +13,8 @@ import torch
 
 import fastpeft
 from fastpeft.tuners.lora import LoraLayer
-from lora_helpers import copy_weights, ids_for, run, tiny
+from _support.models import ids_for, run, tiny_model
+from _support.twins import copy_weights, peft_model_twins
 
 TARGETS = {  # (adapter "default", adapter "two"): overlapping, not equal; embeddings in both models
     "llama": (["q_proj", "v_proj", "embed_tokens"], ["q_proj", "k_proj", "embed_tokens", "down_proj"]),
@@ -25,18 +25,12 @@ TOL = 1e-5
 
 def _pair(arch, r2=4, t1=None, t2=None, **extra):
     """(fastpeft PeftModel, peft PeftModel) on twin models, holding identical adapters 'default' and 'two'."""
-    base = tiny(arch)
+    base = tiny_model(arch)
     t1 = t1 if t1 is not None else TARGETS[arch][0]
     t2 = t2 if t2 is not None else TARGETS[arch][1]
     c1 = dict(target_modules=t1, r=4, lora_alpha=8, init_lora_weights=False, **extra)
     c2 = dict(target_modules=t2, r=r2, lora_alpha=6, init_lora_weights=False, **extra)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ours = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**c1))
-        ours.add_adapter("two", fastpeft.LoraConfig(**c2))
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**c1))
-        theirs.add_adapter("two", peft.LoraConfig(**c2))
-    copy_weights(theirs, ours)
+    ours, theirs = peft_model_twins(base, c1, extra=[("two", c2)])
     return ours.eval(), theirs.eval()
 
 
@@ -169,6 +163,7 @@ def test_regex_targets_are_joined_like_peft():
 def test_modules_to_save_conflict_and_empty_list():
     ours, theirs = _pair("llama", modules_to_save=["lm_head"])
     e_ours, e_theirs = _errors(ours, theirs, ["default", "two"], [1.0, 1.0], "mix", "cat")
+    assert type(e_ours) is type(e_theirs)
     assert "modules_to_save" in str(e_ours) and "modules_to_save" in str(e_theirs)
     with pytest.raises(ValueError):
         ours.add_weighted_adapter([], [], "mix")
@@ -259,8 +254,8 @@ def test_save_and_load_both_ways(arch, tmp_path):
         want = run(ours, ids)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded_by_peft = peft.PeftModel.from_pretrained(tiny(arch), str(d_ours)).eval()
-        loaded_by_us = fastpeft.PeftModel.from_pretrained(tiny(arch), str(d_theirs)).eval()
+        loaded_by_peft = peft.PeftModel.from_pretrained(tiny_model(arch), str(d_ours)).eval()
+        loaded_by_us = fastpeft.PeftModel.from_pretrained(tiny_model(arch), str(d_theirs)).eval()
     assert loaded_by_us.peft_config["default"].r == 7
     with torch.no_grad():
         assert (run(loaded_by_peft, ids) - want).abs().max().item() <= TOL
@@ -284,32 +279,39 @@ def test_svd_rank_above_the_layer_dims_is_zero_padded():
     ours, _ = _pair("llama", r2=3)
     w = [1.0, -0.5]
     ours.add_weighted_adapter(["default", "two"], w, "mix", combination_type="svd", svd_rank=20)
-    for n, m in _layers_with(ours, "mix").items():
+    layers = _layers_with(ours, "mix")
+    assert layers
+    ref = tiny_model("llama").eval()  # _pair's base: the model with every weight moved by the weighted delta
+    for n, m in layers.items():
         want = sum(wi * m.get_delta_weight(a) for a, wi in zip(["default", "two"], w) if a in m.r)
         A = m.lora_A["mix"].weight if "mix" in m.lora_A else m.lora_embedding_A["mix"]
         assert A.shape[0] == 20, n
         assert torch.allclose(m.get_delta_weight("mix"), want, atol=1e-5), n
-    _check_outputs(ours, ours, "llama")
+        with torch.no_grad():
+            ref.get_submodule(n.removeprefix("base_model.model.")).weight.add_(want)
+    # the padded adapter's forward is that model's (not only its delta weights)
+    ids = ids_for(ours)
+    ours.set_adapter("mix")
+    with torch.no_grad():
+        assert (run(ours, ids) - run(ref, ids)).abs().max().item() <= TOL
 
 
 def test_new_adapter_frozen_even_with_a_name_found_in_every_parameter_path():
     ours, _ = _pair("llama", r2=3, t1=["q_proj", "embed_tokens"])
     ours.add_weighted_adapter(["default", "two"], [1.0, 1.0], "model", combination_type="cat")
     grads = {n: p.requires_grad for n, p in ours.named_parameters() if "lora_" in n}
-    assert all(g for n, g in grads.items() if n.endswith(".default.weight") or n.endswith(".default"))
-    assert not any(g for n, g in grads.items() if n.endswith(".model.weight") or n.endswith(".model"))
+    default = [g for n, g in grads.items() if n.endswith(".default.weight") or n.endswith(".default")]
+    new = [g for n, g in grads.items() if n.endswith(".model.weight") or n.endswith(".model")]
+    assert default and all(default)
+    assert len(new) > len(default) and not any(new)  # the new adapter (on both sources' layers) is frozen
 
 
 def test_modules_to_save_of_one_source_is_copied_like_peft():
-    base = tiny("llama")
-    with warnings.catch_warnings():  # rebuild with modules_to_save on "default" only
-        warnings.simplefilter("ignore")
-        c1 = dict(target_modules=["q_proj"], modules_to_save=["lm_head"], r=2, init_lora_weights=False)
-        c2 = dict(target_modules=["k_proj"], r=2, init_lora_weights=False)
-        ours = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**c1))
-        ours.add_adapter("two", fastpeft.LoraConfig(**c2))
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**c1))
-        theirs.add_adapter("two", peft.LoraConfig(**c2))
+    base = tiny_model("llama")
+    # rebuild with modules_to_save on "default" only
+    c1 = dict(target_modules=["q_proj"], modules_to_save=["lm_head"], r=2, init_lora_weights=False)
+    c2 = dict(target_modules=["k_proj"], r=2, init_lora_weights=False)
+    ours, theirs = peft_model_twins(base, c1, extra=[("two", c2)], same_weights=False)
     with torch.no_grad():
         theirs.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)  # "trained"
     copy_weights(theirs, ours)
