@@ -1,14 +1,19 @@
-"""Helpers shared by the LoRA kernels: dropout mask, dtype mapping, block-size arithmetic.
+"""Helpers shared by the LoRA kernels: dropout mask, dtype mapping, block-size arithmetic, the
+launch rule, and the two ends of an output tile of the LoRA GEMMs (`lora_b_step`, `finish_tile`).
 
-Kept tiny on purpose: every op file holds its own kernels, configs and launcher; this file only
-holds what must be *identical* across ops (the dropout mask must be bit-identical in forward and
-backward, so it is defined once here).
+Every op file holds its own kernels, configs and launcher; this file holds what must be
+*identical* across ops (the dropout mask must be bit-identical in forward and backward, so it is
+defined once here) or would otherwise be repeated by each of them.
 """
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+# Largest LoRA rank any kernel supports (the shrink / split / quant paths; the fused small-M kernel
+# holds less in registers, see lora_fwd.FUSED_MAX_R). Rank 0 (no adapter) is accepted too.
+MAX_R = 256
 
 # Shared memory per block usable by a kernel (bytes); sm_90 has 227 KiB, sm_80 163 KiB. Config
 # pruning uses the smaller so a config kept here compiles on both.
@@ -106,6 +111,33 @@ INTERPRETING = interpreting()  # fixed at import, as Triton's own choice of inte
 _INTERPRETING = tl.constexpr(INTERPRETING)  # the same, for @triton.jit code
 
 
+def launch(tuned, grid, args, consts, config=None):
+    """Launch an autotuned kernel the one way every launcher does.
+
+    tuned: `triton.autotune(configs=get_*_configs(), prune_configs_by={"early_config_prune":
+    prune_*}, ...)(kernel)`; args: the kernel's positional (runtime) arguments; consts: its
+    constexpr flags; grid: meta -> launch grid, where meta maps the config's meta-parameters
+    (BLOCK_*) to values.
+    - config given (tests, benchmarks): the plain @triton.jit kernel with those meta-parameters
+      (keys of the config's kwargs plus num_warps / num_stages), on grid(config);
+    - no config under the interpreter, which cannot time anything: the first config left by the
+      kernel's pruning rule, given the same named arguments the autotuner would give it;
+    - no config on a GPU: the autotuned kernel, with grid over the chosen meta.
+    """
+    if config is None and INTERPRETING:
+        c = tuned.early_config_prune(tuned.configs, dict(zip(tuned.arg_names, args)), **consts)[0]
+        config = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+    if config is not None:
+        tuned.fn[grid(config)](*args, **consts, **config)
+    else:
+        tuned[grid](*args, **consts)
+
+
+def grouped_grid(m, n, block_m="BLOCK_M", block_n="BLOCK_N"):
+    """Grid of a kernel ordering its [block_m, block_n] output tiles with `grouped_pid`: one axis."""
+    return lambda meta: (triton.cdiv(m, meta[block_m]) * triton.cdiv(n, meta[block_n]),)
+
+
 @triton.jit
 def grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program in grouped order.
@@ -125,6 +157,16 @@ def grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_N] tile of an [M, N] output, in `grouped_pid` order:
+    (pid_n, rows [BLOCK_M], cols [BLOCK_N], row_ok = rows < M, col_ok = cols < N)."""
+    pid_m, pid_n = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_n, rows, cols, rows < M, cols < N
 
 
 @triton.jit
@@ -153,16 +195,43 @@ def dropout_keep(seed, rows, cols, n_cols, p_drop):
     return u >= p_drop
 
 
+# -- the two ends of an output tile of the LoRA GEMMs ----------------------------------------------
+# lora_matmul_kernel, lora_fused_kernel (kernels/lora_fwd.py) and lora_quant_kernel
+# (kernels/lora_quant.py) each compute one [BLOCK_M, BLOCK_N] tile of
+#     y = x W^T + scale * D_out * (S B^T) (+ bias)
+# in one fp32 accumulator. What makes the tile a *LoRA* tile, rather than a GEMM tile, lives in two
+# shared functions, so that it is written once for all three kernels:
+#   lora_b_step  the first step (matmul / quant kernels): the LoRA term scale * D_out * (S B^T),
+#                before the base GEMM's main loop joins the same accumulator. It goes first so that
+#                backward dX's output dropout D_out multiplies only the LoRA part, and so that no
+#                second [BLOCK_M, BLOCK_N] fp32 accumulator is live next to the main loop's
+#                (register pressure: the AOT test checks ptxas spills). The fused kernel computes S
+#                in its main loop and adds its LoRA term after it instead.
+#   finish_tile  the last step (all three): bias, cast, masked store.
+
+
+@triton.jit
+def out_dropout_scale(lora, rows, cols, n_cols, scale, seed, p_drop, inv_keep, OUT_DROPOUT: tl.constexpr):
+    """scale * D_out * lora for a [rows, cols] tile of the LoRA term (D_out: backward dX's dropout
+    mask of the output element, inverse keep probability included; none in forward)."""
+    lora = lora * scale
+    if OUT_DROPOUT:
+        lora = tl.where(dropout_keep(seed, rows, cols, n_cols, p_drop), lora * inv_keep, 0.0)
+    return lora
+
+
 @triton.jit
 def lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bn,
                 scale, seed, p_drop, inv_keep, n_cols, OUT_DROPOUT: tl.constexpr,
                 LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """The LoRA term of an output tile, the first steps of its accumulator: scale * (S B^T).
+    """The LoRA term of an output tile, the first steps of its accumulator: scale * D_out * (S B^T).
 
     S [M, R] times B^T (B [N, R]) as extra K = R steps (chunks of BLOCK_R, masked tail), scaled,
     and, for dX in backward, multiplied by the dropout mask of the output element, all before the
-    base GEMM joins the same fp32 accumulator, so the output tile is written once.
+    base GEMM joins the same fp32 accumulator, so the output tile is written once. R = 0 (a layer
+    without adapter): no step runs and the tile starts at zero (S and B are never read).
+    Returns the fp32 [BLOCK_M, BLOCK_N] accumulator.
     """
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
@@ -172,21 +241,37 @@ def lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_s
         rr = r0 + rr0
         r_ok = rr < R
         s = tl.load(s_ptr + rows64[:, None] * stride_sm + rr[None, :] * stride_sr,
-                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
         bt = tl.load(b_ptr + rr[:, None] * stride_br + cols64[None, :] * stride_bn,
-                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
         acc = mma(s, bt, acc, LORA_DTYPE, LORA_PRECISION)
-    acc = acc * scale
-    if OUT_DROPOUT:
-        acc = tl.where(dropout_keep(seed, rows, cols, n_cols, p_drop), acc * inv_keep, 0.0)
-    return acc
+    return out_dropout_scale(acc, rows, cols, n_cols, scale, seed, p_drop, inv_keep, OUT_DROPOUT)
+
+
+@triton.jit
+def finish_tile(acc, y_ptr, bias_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn, HAS_BIAS: tl.constexpr):
+    """The last step of an output tile of the LoRA GEMMs: y[rows, cols] = acc (+ bias[cols]).
+
+    acc: the fp32 [BLOCK_M, BLOCK_N] accumulator holding x W^T + scale * D_out * (S B^T). The bias
+    (any float dtype) is added in fp32, the sum is cast to y's dtype once and stored, masked to the
+    matrix. This is the one place where per-output scaling of the whole tile is to be added, once
+    for the three kernels that call it:
+    - DoRA, y = g * (x W^T + s S B^T) + bias with a per-output-column magnitude scale g [N]: the
+      multiply acc * g[cols] goes here, before the bias (not implemented yet);
+    - a per-row adapter gather (several adapters in one batch, an adapter index per row): its
+      per-row selection of g goes here, and of B in `lora_b_step` (not implemented yet).
+    """
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_N]
+    y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _dropout_mask_kernel(out_ptr, M, K, seed, p_drop, inv_keep, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    d = tl.where(dropout_keep(seed, rows, cols, K, p_drop), inv_keep, 0.0)
+    d = tl.where(dropout_keep(seed, rows, cols, K, p_drop), inv_keep, 0.0)  # [BLOCK_M, BLOCK_K]
     ptrs = out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
     tl.store(ptrs, d, mask=(rows[:, None] < M) & (cols[None, :] < K))
 

@@ -21,10 +21,10 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    SMEM_LIMIT, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty, ieee_tile_ok, INTERPRETING,
-    m_bucket, mma, tl_dtype,
+    SMEM_LIMIT, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty, ieee_tile_ok, launch, m_bucket,
+    mma, tl_dtype,
 )
-from .lora_fwd import FUSED_MAX_M, FUSED_MAX_R, FUSED_MAX_R_IEEE, check_lora_args, launch_lora_fused, launch_lora_matmul
+from .lora_fwd import FUSED_MAX_R, check_lora_args, launch_lora_fused, launch_lora_matmul, use_fused
 from .lora_shrink import lora_shrink
 
 
@@ -57,7 +57,7 @@ def _wgrad_config_ok(c, p, q, elt, dropout=False, precision="tf32"):
 def prune_wgrad_configs(configs, named_args, **kwargs):
     """Pruning rule: output tiles no larger than P and Q rounded up to a power of two (r = 16 gets
     16-wide tiles, not 128 of padding), pipelined tiles within shared memory; >= 1 config kept."""
-    elt = max(named_args["l_ptr"].element_size(), named_args["r_ptr"].element_size())
+    elt = max(named_args["lhs_ptr"].element_size(), named_args["rhs_ptr"].element_size())
     kept = [c for c in configs
             if _wgrad_config_ok(c, named_args["P"], named_args["Q"], elt, bool(kwargs.get("HAS_DROPOUT")),
                                 kwargs.get("INPUT_PRECISION"))]
@@ -66,17 +66,17 @@ def prune_wgrad_configs(configs, named_args, **kwargs):
 
 @triton.jit(do_not_specialize=["seed"])
 def lora_wgrad_kernel(
-    l_ptr, r_ptr, out_ptr,
+    lhs_ptr, rhs_ptr, out_ptr,
     M, P, Q,
-    stride_lm, stride_lp, stride_rm, stride_rq, stride_os, stride_op, stride_oq,
+    stride_lhs_m, stride_lhs_p, stride_rhs_m, stride_rhs_q, stride_os, stride_op, stride_oq,
     scale, seed, p_drop, inv_keep, rows_per_split,
     M_BUCKET,  # autotune key only
     HAS_DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """out[split, P, Q] (or atomically out[P, Q]) = scale * L[m-range, P]^T (D * R)[m-range, Q].
+    """out[split, P, Q] (or atomically out[P, Q]) = scale * lhs[m-range, P]^T (D * rhs)[m-range, Q].
 
-    dA: L = dS, R = x (dropout index m * K + k, as forward). dB: L = dY, R = S, scale = s.
+    dA: lhs = dS, rhs = x (dropout index m * K + k, as forward). dB: lhs = dY, rhs = S, scale = s.
     """
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -95,14 +95,14 @@ def lora_wgrad_kernel(
         ms = m0 + mm
         m_ok = ms < m_end
         ms64 = ms.to(tl.int64)
-        # L^T tile [BLOCK_P, BLOCK_M] straight from L [M, P] via strides.
-        lt = tl.load(l_ptr + pp[:, None] * stride_lp + ms64[None, :] * stride_lm,
-                     mask=p_ok[:, None] & m_ok[None, :], other=0.0)
-        rt = tl.load(r_ptr + ms64[:, None] * stride_rm + qq[None, :] * stride_rq,
-                     mask=m_ok[:, None] & q_ok[None, :], other=0.0)
+        # lhs^T tile straight from lhs [M, P] via strides.
+        lhs_t = tl.load(lhs_ptr + pp[:, None] * stride_lhs_p + ms64[None, :] * stride_lhs_m,
+                        mask=p_ok[:, None] & m_ok[None, :], other=0.0)  # [BLOCK_P, BLOCK_M]
+        rhs = tl.load(rhs_ptr + ms64[:, None] * stride_rhs_m + qq[None, :] * stride_rhs_q,
+                      mask=m_ok[:, None] & q_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_Q]
         if HAS_DROPOUT:
-            rt = tl.where(dropout_keep(seed, ms, qq, Q, p_drop), rt, 0.0)
-        acc = mma(lt, rt, acc, COMPUTE_DTYPE, INPUT_PRECISION)
+            rhs = tl.where(dropout_keep(seed, ms, qq, Q, p_drop), rhs, 0.0)
+        acc = mma(lhs_t, rhs, acc, COMPUTE_DTYPE, INPUT_PRECISION)  # [BLOCK_P, BLOCK_Q]
     acc = acc * (scale * inv_keep if HAS_DROPOUT else scale)
     mask = p_ok[:, None] & q_ok[None, :]
     offs = pp[:, None].to(tl.int64) * stride_op + qq[None, :] * stride_oq
@@ -142,34 +142,27 @@ def lora_wgrad(lhs, rhs, scale=1.0, dropout_p=0.0, seed=0, deterministic=True, s
     m2, q = rhs.shape
     if m != m2:
         raise ValueError(f"lora_wgrad: lhs {tuple(lhs.shape)} and rhs {tuple(rhs.shape)} differ in M")
+    if m == 0 or p == 0 or q == 0:  # empty reduction (no rows) or empty output (r = 0): no launch
+        return torch.zeros((p, q), dtype=torch.float32, device=lhs.device)
     split = split_m if split_m is not None else choose_split(m, p, q, lhs.device)
-    split = max(1, min(int(split), max(m, 1)))
-    rows_per_split = triton.cdiv(m, split) if m else 1
+    split = max(1, min(int(split), m))
+    rows_per_split = triton.cdiv(m, split)
     if split_m is None and rows_per_split > 128:
         rows_per_split = triton.cdiv(rows_per_split, 128) * 128  # whole BLOCK_M steps per split
-    split = triton.cdiv(m, rows_per_split) if m else 1
+    split = triton.cdiv(m, rows_per_split)
     atomic = not deterministic and split > 1
     if atomic:
         out = torch.zeros((1, p, q), dtype=torch.float32, device=lhs.device)
     else:
         out = empty((split, p, q), torch.float32, lhs.device)
-    if m == 0:
-        return out.zero_().sum(0)
     args = (lhs, rhs, out, m, p, q, lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
             float(scale), int(seed), float(dropout_p), 1.0 / (1.0 - dropout_p), rows_per_split, m_bucket(m))
     consts = dict(HAS_DROPOUT=dropout_p > 0.0, ATOMIC=atomic,
                   COMPUTE_DTYPE=tl_dtype(compute_dtype(lhs.dtype, rhs.dtype)),
                   INPUT_PRECISION=dot_precision((lhs.dtype, rhs.dtype), fp32_tf32))
-    if config is None and INTERPRETING:
-        c = prune_wgrad_configs(get_wgrad_configs(), {"P": p, "Q": q, "l_ptr": lhs, "r_ptr": rhs}, **consts)[0]
-        config = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-    if config is not None:
-        grid = (triton.cdiv(p, config["BLOCK_P"]) * triton.cdiv(q, config["BLOCK_Q"]), split)
-        lora_wgrad_kernel[grid](*args, **consts, **config)
-    else:
-        grid = lambda meta: (triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(q, meta["BLOCK_Q"]), split)  # noqa: E731
-        lora_wgrad_kernel_tuned[grid](*args, **consts)
+    grid = lambda meta: (triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(q, meta["BLOCK_Q"]), split)  # noqa: E731
+    launch(lora_wgrad_kernel_tuned, grid, args, consts, config)
     # torch's sum over a fixed-size leading dim is a deterministic tree; split == 1 is a no-op view.
     return out[0] if out.shape[0] == 1 else out.sum(0)
 
@@ -184,6 +177,8 @@ def lora_bwd(dy, x, weight, a, b, s, scale, dropout_p=0.0, seed=0, needs_dx=True
     variant: "auto" (fused dS+dX kernel for M <= 64 and r <= 128), "fused" or "split".
     configs: optional dict of explicit meta-parameters with keys among "shrink", "matmul",
     "fused", "wgrad" (tests use small blocks; otherwise autotuned).
+    r = 0 (no adapter): dX = dY W by the split path's GEMM alone, whatever the variant; dA [0, K]
+    and dB [N, 0] are empty.
     """
     m, k, n, r = check_lora_args("lora_bwd", x, weight, None, a, b, scale, dropout_p)
     if tuple(dy.shape) != (m, n) or dy.dtype != x.dtype:
@@ -199,9 +194,7 @@ def lora_bwd(dy, x, weight, a, b, s, scale, dropout_p=0.0, seed=0, needs_dx=True
     ds = None
     if needs_dx:
         dx = empty((m, k), x.dtype, x.device)
-        ieee = dot_precision((x.dtype, a.dtype, b.dtype), fp32_tf32) == "ieee"
-        fused = variant == "fused" or (
-            variant == "auto" and m <= FUSED_MAX_M and r <= (FUSED_MAX_R_IEEE if ieee else FUSED_MAX_R))
+        fused = use_fused(variant, m, r, (x.dtype, a.dtype, b.dtype), fp32_tf32)
         if m and k and (n == 0):
             dx.zero_()
             ds = torch.zeros((m, r), dtype=torch.float32, device=x.device)

@@ -15,10 +15,10 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    ACT_DTYPES, SMEM_LIMIT, check_2d, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty,
-    grouped_pid, ieee_tile_ok, lora_b_step, INTERPRETING, m_bucket, mma, r_block, tl_dtype,
+    ACT_DTYPES, MAX_R, SMEM_LIMIT, check_2d, compute_dtype, dot_precision, dropout_tile_ok, empty, finish_tile,
+    grouped_grid, grouped_tile, ieee_tile_ok, launch, lora_b_step, m_bucket, mma, out_dropout_scale, r_block, tl_dtype,
 )
-from .lora_shrink import lora_shrink
+from .lora_shrink import lora_shrink, shrink_step
 
 # r chunk of the extra LoRA step in the large-M kernel (r > 32 takes several chunks).
 MATMUL_BLOCK_R = 32
@@ -78,35 +78,27 @@ def lora_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """Y[M, N] = x[M, K] W[N, K]^T + scale * D_out * (S[M, R] B[N, R]^T) (+ bias[N])."""
-    pid_m, pid_n = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < M
-    col_ok = cols < N
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
+    _, rows, cols, row_ok, col_ok = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)  # [BLOCK_M], [BLOCK_N]
 
     # The LoRA step first (see lora_b_step), then the base GEMM joins the same accumulator.
     acc = lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bn,
                       scale, seed, p_drop, inv_keep, N, OUT_DROPOUT, LORA_DTYPE, LORA_PRECISION,
-                      BLOCK_M, BLOCK_N, BLOCK_R)
+                      BLOCK_M, BLOCK_N, BLOCK_R)  # [BLOCK_M, BLOCK_N] fp32
 
     if HAS_W:
         kk = tl.arange(0, BLOCK_K)
-        x_rows = x_ptr + rows64[:, None] * stride_xm
-        w_cols = w_ptr + cols64[None, :] * stride_wn
+        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
+        w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn  # [1, BLOCK_N]
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + kk
             k_ok = ks < K
-            x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            wt = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            x = tl.load(x_rows + ks[None, :] * stride_xk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+            wt = tl.load(w_cols + ks[:, None] * stride_wk,
+                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
             acc = mma(x, wt, acc, COMPUTE_DTYPE, INPUT_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows64[:, None] * stride_ym + cols64[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    finish_tile(acc, y_ptr, bias_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn, HAS_BIAS)
 
 
 lora_matmul_kernel_tuned = triton.autotune(
@@ -186,52 +178,41 @@ def lora_fused_kernel(
     """
     # Grouped program order (see grouped_pid): with small M there is usually one row group and
     # this is plain column order.
-    pid_m, pid_n = grouped_pid(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n, rows, cols, row_ok, col_ok = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)  # [BLOCK_M], [BLOCK_N]
     rr = tl.arange(0, BLOCK_R)
     kk = tl.arange(0, BLOCK_K)
-    row_ok = rows < M
-    col_ok = cols < N
     r_ok = rr < R
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
-    x_rows = x_ptr + rows64[:, None] * stride_xm
-    w_cols = w_ptr + cols64[None, :] * stride_wn
-    a_rows = a_ptr + rr[None, :] * stride_ar
+    x_rows = x_ptr + rows64[:, None] * stride_xm  # [BLOCK_M, 1]
+    w_cols = w_ptr + cols64[None, :] * stride_wn  # [1, BLOCK_N]
+    a_rows = a_ptr + rr[None, :] * stride_ar  # [1, BLOCK_R]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + kk
         k_ok = ks < K
-        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(x_rows + ks[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         if HAS_W:
-            wt = tl.load(w_cols + ks[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            wt = tl.load(w_cols + ks[:, None] * stride_wk,
+                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
             acc = mma(x, wt, acc, COMPUTE_DTYPE, INPUT_PRECISION)
-        at = tl.load(a_rows + ks[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        if IN_DROPOUT:
-            xd = tl.where(dropout_keep(seed, rows, ks, K, p_drop), x, 0.0)
-            s_acc = mma(xd, at, s_acc, SHRINK_DTYPE, SHRINK_PRECISION)
-        else:
-            s_acc = mma(x, at, s_acc, SHRINK_DTYPE, SHRINK_PRECISION)
-    s_acc = s_acc * (s_scale * inv_keep if IN_DROPOUT else s_scale)
+        s_acc = shrink_step(s_acc, x, a_rows, rows, ks, k_ok, r_ok, K, stride_ak, seed, p_drop, IN_DROPOUT,
+                            SHRINK_DTYPE, SHRINK_PRECISION)  # [BLOCK_M, BLOCK_R]
+    s_acc = s_acc * (s_scale * inv_keep if IN_DROPOUT else s_scale)  # [BLOCK_M, BLOCK_R]
     if WRITE_S:
         if pid_n == 0:
             s_ptrs = s_ptr + rows64[:, None] * stride_sm + rr[None, :] * stride_sr
             tl.store(s_ptrs, s_acc, mask=row_ok[:, None] & r_ok[None, :])
 
+    # The LoRA term from the S in registers (the matmul kernel's lora_b_step loads S instead).
     bt = tl.load(b_ptr + rr[:, None] * stride_br + cols64[None, :] * stride_bn,
-                 mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-    lora = mma(s_acc, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), tl.float32, LORA_PRECISION) * out_scale
-    if OUT_DROPOUT:
-        lora = tl.where(dropout_keep(seed, rows, cols, N, p_drop), lora * inv_keep, 0.0)
-    acc += lora
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows64[:, None] * stride_ym + cols64[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+                 mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+    lora = mma(s_acc, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), tl.float32, LORA_PRECISION)
+    acc += out_dropout_scale(lora, rows, cols, N, out_scale, seed, p_drop, inv_keep, OUT_DROPOUT)
+    finish_tile(acc, y_ptr, bias_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn, HAS_BIAS)
 
 
 lora_fused_kernel_tuned = triton.autotune(
@@ -242,22 +223,15 @@ lora_fused_kernel_tuned = triton.autotune(
 )(lora_fused_kernel)
 
 
-def _first_config(configs, prune, named_args, **kwargs) -> dict:
-    c = prune(configs, named_args, **kwargs)[0]
-    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-
-
-def _grid(m, n, bm, bn):
-    return (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-
-
 def launch_lora_matmul(x, w, s, b, bias, y, scale, out_dropout_p=0.0, seed=0, fp32_tf32=False, config=None):
     """y = x w^T + scale * D_out * (s b^T) (+ bias). Shapes: x [M, K], w [N, K] or None, s [M, R] fp32,
-    b [N, R], y [M, N] (all may be strided views). No argument checks: callers check."""
+    b [N, R], y [M, N] (all may be strided views); R = 0: y = x w^T (+ bias). No argument checks:
+    callers check."""
     m, k = x.shape
     n, r = b.shape
     has_w, has_bias = w is not None, bias is not None
-    args = (x, w if has_w else x, s, b, bias if has_bias else b, y, m, n, k, r,
+    s_arg, b_arg = (s, b) if r else (x, x)  # R = 0: S and B are never read; pass live pointers anyway
+    args = (x, w if has_w else x, s_arg, b_arg, bias if has_bias else b_arg, y, m, n, k, r,
             x.stride(0), x.stride(1), w.stride(0) if has_w else 0, w.stride(1) if has_w else 0,
             s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
             float(scale), int(seed), float(out_dropout_p), 1.0 / (1.0 - out_dropout_p), m_bucket(m))
@@ -267,13 +241,7 @@ def launch_lora_matmul(x, w, s, b, bias, y, scale, out_dropout_p=0.0, seed=0, fp
                   INPUT_PRECISION=dot_precision(main_dtypes, fp32_tf32),
                   LORA_DTYPE=tl.float32, LORA_PRECISION=dot_precision((x.dtype, b.dtype), fp32_tf32),
                   BLOCK_R=min(r_block(r), MATMUL_BLOCK_R))
-    if config is None and INTERPRETING:
-        config = _first_config(get_lora_matmul_configs(), prune_lora_matmul_configs,
-                               {"M_BUCKET": m_bucket(m), "N": n, "K": k, "x_ptr": x}, **consts)
-    if config is not None:
-        lora_matmul_kernel[_grid(m, n, config["BLOCK_M"], config["BLOCK_N"])](*args, **consts, **config)
-    else:
-        lora_matmul_kernel_tuned[lambda meta: _grid(m, n, meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+    launch(lora_matmul_kernel_tuned, grouped_grid(m, n), args, consts, config)
     return y
 
 
@@ -300,14 +268,20 @@ def launch_lora_fused(x, w, a, b, bias, y, s_out, s_scale, out_scale, in_dropout
                   SHRINK_DTYPE=tl_dtype(compute_dtype(x.dtype, a.dtype)),
                   SHRINK_PRECISION=dot_precision((x.dtype, a.dtype), fp32_tf32),
                   LORA_PRECISION=dot_precision((x.dtype, b.dtype), fp32_tf32), BLOCK_R=br)
-    if config is None and INTERPRETING:
-        config = _first_config(get_lora_fused_configs(), prune_lora_fused_configs,
-                               {"M_BUCKET": m_bucket(m), "N": n, "K": k, "x_ptr": x, "a_ptr": a}, **consts)
-    if config is not None:
-        lora_fused_kernel[_grid(m, n, config["BLOCK_M"], config["BLOCK_N"])](*args, **consts, **config)
-    else:
-        lora_fused_kernel_tuned[lambda meta: _grid(m, n, meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+    launch(lora_fused_kernel_tuned, grouped_grid(m, n), args, consts, config)
     return y, s_out
+
+
+def use_fused(variant, m, r, dtypes, fp32_tf32) -> bool:
+    """Whether lora_fwd / lora_bwd run the fused small-M kernel: always for "fused", never for
+    "split", for "auto" when M <= FUSED_MAX_M and r fits its registers (FUSED_MAX_R, FUSED_MAX_R_IEEE
+    for exact fp32 dots). Never for r = 0: without adapter there is nothing to fuse."""
+    if r == 0 or variant == "split":
+        return False
+    if variant == "fused":
+        return True
+    ieee = dot_precision(dtypes, fp32_tf32) == "ieee"
+    return m <= FUSED_MAX_M and r <= (FUSED_MAX_R_IEEE if ieee else FUSED_MAX_R)
 
 
 def check_lora_args(fn, x, weight, bias, a, b, scale=1.0, dropout_p=0.0):
@@ -347,12 +321,14 @@ def lora_fwd(x, weight, bias, a, b, scale, dropout_p=0.0, seed=0, variant="auto"
     variant: "auto" (fused single kernel for M <= 64 and r <= 128, r <= 64 for exact fp32), "fused" or "split"
     (shrink kernel + GEMM). config / shrink_config: explicit meta-parameters instead of autotuning.
     out / s_out: optional preallocated outputs (tests poison them to prove every element is written).
+    r = 0 (a: [0, K], b: [N, 0], no adapter): Y = x weight^T (+ bias) by the split path's GEMM
+    alone, whatever the variant; S is the empty [M, 0].
     """
     m, k, n, r = check_lora_args("lora_fwd", x, weight, bias, a, b, scale, dropout_p)
     if variant not in ("auto", "fused", "split"):
         raise ValueError(f"lora_fwd: variant must be 'auto', 'fused' or 'split', found {variant!r}")
-    if r > 256 or r < 1:
-        raise ValueError(f"lora_fwd: r must be in 1..256, found {r}")
+    if r > MAX_R:
+        raise ValueError(f"lora_fwd: r must be in 0..{MAX_R}, found {r}")
     if variant == "fused" and r > FUSED_MAX_R:
         raise ValueError(f"lora_fwd: the fused variant holds r <= {FUSED_MAX_R} in registers, found r={r}")
     y = out if out is not None else empty((m, n), x.dtype, x.device)
@@ -369,15 +345,10 @@ def lora_fwd(x, weight, bias, a, b, scale, dropout_p=0.0, seed=0, variant="auto"
         s.zero_()
         y.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(y))
         return y, s
-    if variant == "fused":
-        fused = True
-    else:
-        ieee = dot_precision((x.dtype, a.dtype, b.dtype), fp32_tf32) == "ieee"
-        fused = variant == "auto" and m <= FUSED_MAX_M and r <= (FUSED_MAX_R_IEEE if ieee else FUSED_MAX_R)
-    if fused:
+    if use_fused(variant, m, r, (x.dtype, a.dtype, b.dtype), fp32_tf32):
         launch_lora_fused(x, weight, a, b, bias, y, s, 1.0, scale, in_dropout_p=dropout_p, seed=seed,
                           fp32_tf32=fp32_tf32, config=config)
     else:
-        lora_shrink(x, a, 1.0, dropout_p, seed, out=s, fp32_tf32=fp32_tf32, config=shrink_config)
+        lora_shrink(x, a, 1.0, dropout_p, seed, out=s, fp32_tf32=fp32_tf32, config=shrink_config)  # r = 0: no launch
         launch_lora_matmul(x, weight, s, b, bias, y, scale, seed=seed, fp32_tf32=fp32_tf32, config=config)
     return y, s

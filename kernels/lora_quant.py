@@ -9,14 +9,15 @@ One GEMM kernel, `lora_quant_kernel`, serves both GEMMs and all formats:
 with Wop = deq(W)^T (forward: P = N, Q = K) or Wop = deq(W) (dX: P = K, Q = N), chosen by the
 constexpr TRANS_W. Inside the main loop over Q it loads the packed bytes / scales that the
 [BLOCK_Q, BLOCK_P] tile of W needs and dequantizes them with `dequant_w`, whose constexpr FORMAT
-selects the format's arithmetic; W is never materialized in memory. 4-bit formats whose rows start
-on a byte (int4; nf4 with even K) load the tile's bytes once as a [*, half] block contiguous along
-K and unpack both nibbles in registers (`load_nibbles`, constexpr PACKED); nf4 with odd K (rows
-start mid-byte, blocks straddle rows) reads each element's byte by its flat index instead. The
-NF4 code book (16 fp32) and the per-block absmax / per-group scale+zero are gathered per element
-(the same few addresses across a warp: L1 broadcasts). The LoRA term is one extra
-K = R step into the same fp32 accumulator (first, so the dX dropout multiplies only it), and the
-output is written once.
+(FMT_NF4, FMT_INT4, FMT_INT8) selects the format's arithmetic; W is never materialized in memory.
+4-bit formats whose rows start on a byte (int4; nf4 with even K) load the tile's bytes once as a
+[*, half] block contiguous along K and unpack both nibbles in registers (`load_nibbles`, constexpr
+PACKED); nf4 with odd K (rows start mid-byte, blocks straddle rows) reads each element's byte by its
+flat index instead. The NF4 code book (16 fp32) and the per-block absmax / per-group scale+zero are
+gathered per element (the same few addresses across a warp: L1 broadcasts). The LoRA term is one
+extra K = R step into the same fp32 accumulator (first, so the dX dropout multiplies only it: the
+shared `lora_b_step`), and the output is written once (the shared `finish_tile`). R = 0 (a
+quantized layer without adapter) runs the same kernel, its LoRA step empty.
 
 Dequantization matches fastpeft.quant.formats.dequantize exactly (fp32 arithmetic in the same order;
 the double-quant multiply-add is kept unfused, see `mul_rn`), then W is cast to the GEMM's dtype,
@@ -30,17 +31,20 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    SMEM_LIMIT, dot_precision, dropout_tile_ok, empty, grouped_pid, ieee_tile_ok, lora_b_step,
-    INTERPRETING, m_bucket, mma, mul_rn, r_block, tl_dtype,
+    MAX_R, SMEM_LIMIT, dot_precision, dropout_tile_ok, empty, finish_tile, grouped_grid, grouped_tile, ieee_tile_ok,
+    launch, lora_b_step, m_bucket, mma, mul_rn, r_block, tl_dtype,
 )
 from .lora_shrink import lora_shrink
 
-FORMAT_IDS = {"nf4": 0, "int4": 1, "int8": 2}
+# Values of the kernel's FORMAT constexpr, usable inside @triton.jit code (`FORMAT == FMT_NF4`).
+FMT_NF4 = tl.constexpr(0)
+FMT_INT4 = tl.constexpr(1)
+FMT_INT8 = tl.constexpr(2)
+FORMAT_IDS = {"nf4": FMT_NF4.value, "int4": FMT_INT4.value, "int8": FMT_INT8.value}
 # r chunk of the extra LoRA step (r > 32 takes several chunks).
 QUANT_BLOCK_R = 32
 # Rows up to which the launcher uses the decode configs.
 DECODE_MAX_M = 16
-MAX_R = 256
 
 
 def get_lora_quant_configs():
@@ -103,16 +107,18 @@ def load_nibbles(qdata_ptr, q0, p0, Q, P, row_bytes, TRANS_W: tl.constexpr, BLOC
     if TRANS_W:
         bi = q0 // 2 + tl.arange(0, BLOCK_Q // 2)
         p = p0 + tl.arange(0, BLOCK_P)
+        # bytes [BLOCK_Q // 2, BLOCK_P]: two k per byte, along q
         byte = tl.load(qdata_ptr + p.to(tl.int64)[None, :] * row_bytes + bi[:, None],
                        mask=(bi[:, None] < (Q + 1) // 2) & (p[None, :] < P), other=0).to(tl.int32)
         nib = tl.reshape(tl.permute(tl.join(byte >> 4, byte & 0xF), (0, 2, 1)), (BLOCK_Q, BLOCK_P))
     else:
         q = q0 + tl.arange(0, BLOCK_Q)
         bj = p0 // 2 + tl.arange(0, BLOCK_P // 2)
+        # bytes [BLOCK_Q, BLOCK_P // 2]: two k per byte, along p
         byte = tl.load(qdata_ptr + q.to(tl.int64)[:, None] * row_bytes + bj[None, :],
                        mask=(q[:, None] < Q) & (bj[None, :] < (P + 1) // 2), other=0).to(tl.int32)
         nib = tl.reshape(tl.join(byte >> 4, byte & 0xF), (BLOCK_Q, BLOCK_P))
-    return nib
+    return nib  # [BLOCK_Q, BLOCK_P]
 
 
 @triton.jit
@@ -136,7 +142,7 @@ def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr
     int8: qdata[n, k] * scales[n].
     Masked-out elements are 0.
     """
-    if FORMAT == 0:  # nf4
+    if FORMAT == FMT_NF4:
         if INDEX_64:
             flat = n.to(tl.int64) * K + k
         else:
@@ -156,7 +162,7 @@ def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr
         else:
             absmax = tl.load(scales_ptr + blk, mask=mask, other=0.0)
         w = val * absmax
-    elif FORMAT == 1:  # int4
+    elif FORMAT == FMT_INT4:
         n64 = n.to(tl.int64)
         if PACKED:
             nib = nib_in
@@ -170,7 +176,7 @@ def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr
         z = tl.load(zeros_ptr + n64 * stride_zn + g, mask=mask, other=0).to(tl.int32)
         sc = tl.load(scales_ptr + n64 * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
         w = (nib - z).to(tl.float32) * sc
-    else:  # int8
+    else:  # FMT_INT8
         q = tl.load(qdata_ptr + n.to(tl.int64) * stride_qn + k, mask=mask, other=0).to(tl.float32)
         sc = tl.load(scales_ptr + n, mask=mask, other=0.0).to(tl.float32)
         w = q * sc
@@ -196,45 +202,37 @@ def lora_quant_kernel(
 
     TRANS_W: Wop = deq(W)^T (forward, W [P, Q]); else Wop = deq(W) (dX, W [Q, P]). K is W's column
     count (the nf4 flat index n * K + k)."""
-    pid_m, pid_p = grouped_pid(M, P, BLOCK_M, BLOCK_P, GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    row_ok = rows < M
-    col_ok = cols < P
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
+    pid_p, rows, cols, row_ok, col_ok = grouped_tile(M, P, BLOCK_M, BLOCK_P, GROUP_M)  # [BLOCK_M], [BLOCK_P]
 
     # LoRA step first (see lora_b_step), then the dequantized base GEMM joins the accumulator.
     acc = lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bp,
                       scale, seed, p_drop, inv_keep, P, OUT_DROPOUT, tl.float32, LORA_PRECISION,
-                      BLOCK_M, BLOCK_P, BLOCK_R)
+                      BLOCK_M, BLOCK_P, BLOCK_R)  # [BLOCK_M, BLOCK_P] fp32
 
     qq = tl.arange(0, BLOCK_Q)
-    x_rows = x_ptr + rows64[:, None] * stride_xm
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
     for q0 in range(0, Q, BLOCK_Q):
         qs = q0 + qq
         q_ok = qs < Q
-        x = tl.load(x_rows + qs[None, :] * stride_xk, mask=row_ok[:, None] & q_ok[None, :], other=0.0)
-        wmask = q_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_rows + qs[None, :] * stride_xk,
+                    mask=row_ok[:, None] & q_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_Q]
+        wmask = q_ok[:, None] & col_ok[None, :]  # [BLOCK_Q, BLOCK_P]
         if PACKED:
-            nib = load_nibbles(qdata_ptr, q0, pid_p * BLOCK_P, Q, P, stride_qn, TRANS_W, BLOCK_Q, BLOCK_P)
+            nib = load_nibbles(qdata_ptr, q0, pid_p * BLOCK_P, Q, P, stride_qn, TRANS_W, BLOCK_Q,
+                               BLOCK_P)  # [BLOCK_Q, BLOCK_P] int32 codes
         else:
             nib = 0  # unused: dequant_w reads bytes per element
         if TRANS_W:  # Wop[q, p] = W[p, q]
-            w = dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
-                          cols[None, :], qs[:, None], wmask, nib, K, stride_qn, stride_sn, stride_zn, blocksize,
-                          bs_shift, bs2_shift, FORMAT, DOUBLE_QUANT, HAS_GIDX, INDEX_64, PACKED)
+            wn, wk = cols[None, :], qs[:, None]  # [1, BLOCK_P], [BLOCK_Q, 1]
         else:  # Wop[q, p] = W[q, p]
-            w = dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
-                          qs[:, None], cols[None, :], wmask, nib, K, stride_qn, stride_sn, stride_zn, blocksize,
-                          bs_shift, bs2_shift, FORMAT, DOUBLE_QUANT, HAS_GIDX, INDEX_64, PACKED)
+            wn, wk = qs[:, None], cols[None, :]  # [BLOCK_Q, 1], [1, BLOCK_P]
+        w = dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
+                      wn, wk, wmask, nib, K, stride_qn, stride_sn, stride_zn, blocksize, bs_shift, bs2_shift,
+                      FORMAT, DOUBLE_QUANT, HAS_GIDX, INDEX_64, PACKED)  # [BLOCK_Q, BLOCK_P] fp32
         # Round W to x's dtype first (the reference's dequantize(qw, x.dtype)), then the dot.
         acc = mma(x, w.to(x_ptr.dtype.element_ty), acc, COMPUTE_DTYPE, INPUT_PRECISION)
 
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + rows64[:, None] * stride_ym + cols64[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    finish_tile(acc, y_ptr, bias_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn, HAS_BIAS)
 
 
 lora_quant_kernel_tuned = triton.autotune(
@@ -304,11 +302,13 @@ def _packed_args(qw, dummy):
 def launch_lora_quant(x, qw, s, b, bias, y, scale, trans_w, out_dropout_p=0.0, seed=0, fp32_tf32=False,
                       config=None):
     """y = x Wop + scale * D_out * (s b^T) (+ bias) with Wop = deq(W)^T (trans_w) or deq(W).
-    x [M, Q], s [M, R] fp32, b [P, R], y [M, P] (strided views allowed). Callers check."""
+    x [M, Q], s [M, R] fp32, b [P, R], y [M, P] (strided views allowed); R = 0: y = x Wop (+ bias).
+    Callers check."""
     m, q = x.shape
     p, r = b.shape
-    ptrs, sqn, ssn, szn = _packed_args(qw, s)
-    args = (x, *ptrs, s, b, bias if bias is not None else b, y,
+    s_arg, b_arg = (s, b) if r else (x, x)  # R = 0: S and B are never read; pass live pointers anyway
+    ptrs, sqn, ssn, szn = _packed_args(qw, s_arg)
+    args = (x, *ptrs, s_arg, b_arg, bias if bias is not None else b_arg, y,
             m, p, q, r, qw.K, max(1, qw.blocksize), _log2(qw.blocksize), _log2(qw.blocksize2),
             x.stride(0), x.stride(1), sqn, ssn, szn, s.stride(0), s.stride(1), b.stride(0), b.stride(1),
             y.stride(0), y.stride(1),
@@ -321,16 +321,7 @@ def launch_lora_quant(x, qw, s, b, bias, y, scale, trans_w, out_dropout_p=0.0, s
                   COMPUTE_DTYPE=tl_dtype(x.dtype), INPUT_PRECISION=dot_precision((x.dtype,), fp32_tf32),
                   LORA_PRECISION=dot_precision((x.dtype, b.dtype), fp32_tf32),
                   BLOCK_R=min(r_block(r), QUANT_BLOCK_R))
-    if config is None and INTERPRETING:
-        c = prune_lora_quant_configs(get_lora_quant_configs(), {"M_BUCKET": m_bucket(m), "P": p, "Q": q, "x_ptr": x},
-                                     **consts)[0]
-        config = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-    if config is not None:
-        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(p, config["BLOCK_P"]),)
-        lora_quant_kernel[grid](*args, **consts, **config)
-    else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]),)  # noqa: E731
-        lora_quant_kernel_tuned[grid](*args, **consts)
+    launch(lora_quant_kernel_tuned, grouped_grid(m, p, "BLOCK_M", "BLOCK_P"), args, consts, config)
     return y
 
 
@@ -339,8 +330,8 @@ def _check(fn, x, qw, a, b, dropout_p):
         raise ValueError(f"{fn}: x must be [M, K={qw.K}], found {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"{fn}: x dtype {x.dtype} not supported (fp16, bf16, fp32)")
-    if a.dim() != 2 or a.shape[1] != qw.K or not 1 <= a.shape[0] <= MAX_R:
-        raise ValueError(f"{fn}: lora_A must be [r in 1..{MAX_R}, K={qw.K}], found {tuple(a.shape)}")
+    if a.dim() != 2 or a.shape[1] != qw.K or not 0 <= a.shape[0] <= MAX_R:
+        raise ValueError(f"{fn}: lora_A must be [r in 0..{MAX_R}, K={qw.K}], found {tuple(a.shape)}")
     if tuple(b.shape) != (qw.N, a.shape[0]):
         raise ValueError(f"{fn}: lora_B must be [N={qw.N}, r={a.shape[0]}], found {tuple(b.shape)}")
     if not 0.0 <= dropout_p < 1.0:
@@ -355,7 +346,9 @@ def lora_quant_fwd(x, qw, bias, a, b, scale, dropout_p=0.0, seed=0, fp32_tf32=Fa
     """(Y [M, N] in x.dtype, S [M, r] fp32): Y = x deq(W)^T + scale * ((D x) a^T) b^T (+ bias).
 
     qw: fastpeft.quant.formats.QuantizedWeight (nf4 / int4 / int8). config / shrink_config: explicit
-    meta-parameters instead of autotuning (tests; the interpreter uses the first pruned config)."""
+    meta-parameters instead of autotuning (tests; the interpreter uses the first pruned config).
+    r = 0 (a: [0, K], b: [N, 0], a quantized layer without adapter): Y = x deq(W)^T (+ bias) by the
+    same fused dequant GEMM, whose LoRA step runs no iteration; S is the empty fp32 [M, 0]."""
     _check("lora_quant_fwd", x, qw, a, b, dropout_p)
     m, n = x.shape[0], qw.N
     s = lora_shrink(x, a, 1.0, dropout_p, seed, fp32_tf32=fp32_tf32, config=shrink_config)
@@ -373,7 +366,8 @@ def lora_quant_bwd(dy, x, qw, a, b, s, scale, dropout_p=0.0, seed=0, needs_dx=Tr
     """(dX | None, dA | None, dB | None) of Y = x deq(W)^T + scale * ((D x) a^T) b^T.
 
     dX = dY deq(W) + D * (dS a) in one quant GEMM (W dequantized in registers, dX written once);
-    dA / dB by the 16-bit reduction kernel. configs: optional {"shrink", "quant", "wgrad", "split_m"}."""
+    dA / dB by the 16-bit reduction kernel. configs: optional {"shrink", "quant", "wgrad", "split_m"}.
+    r = 0: dX = dY deq(W) by the same GEMM; dA [0, K] and dB [N, 0] are empty."""
     from .lora_bwd import lora_wgrad
 
     _check("lora_quant_bwd", x, qw, a, b, dropout_p)

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    SMEM_LIMIT, check_2d, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty, ieee_tile_ok,
-    INTERPRETING, m_bucket, mma, r_block, tl_dtype,
+    SMEM_LIMIT, check_2d, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty, ieee_tile_ok, launch,
+    m_bucket, mma, r_block, tl_dtype,
 )
 
 # r tiles wider than this are split across programs (keeps the fp32 accumulator in registers).
@@ -58,6 +58,22 @@ def prune_shrink_configs(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.num_warps))]
 
 
+@triton.jit
+def shrink_step(s_acc, x, a_rows, rows, ks, k_ok, r_ok, K, stride_ak, seed, p_drop, HAS_DROPOUT: tl.constexpr,
+                COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One K tile of S = (D x) A^T: s_acc [BLOCK_M, BLOCK_R] + (D * x) A^T[ks, :].
+
+    x: the [BLOCK_M, BLOCK_K] tile of x at rows x ks (left undropped for the caller: the fused
+    kernel multiplies it by W too); a_rows: A's row pointers [1, BLOCK_R]. The shrink kernel and
+    the fused forward/dX kernel (kernels/lora_fwd.py) share it, so both make S the same way.
+    """
+    # A^T tile loaded straight from A [r, K] via strides.
+    at = tl.load(a_rows + ks[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]
+    if HAS_DROPOUT:
+        x = tl.where(dropout_keep(seed, rows, ks, K, p_drop), x, 0.0)
+    return mma(x, at, s_acc, COMPUTE_DTYPE, INPUT_PRECISION)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def lora_shrink_kernel(
     x_ptr, a_ptr, s_ptr,
@@ -75,18 +91,16 @@ def lora_shrink_kernel(
     kk = tl.arange(0, BLOCK_K)
     row_ok = rows < M
     r_ok = rr < R
-    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm
-    a_rows = a_ptr + rr[None, :].to(tl.int64) * stride_ar
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
+    a_rows = a_ptr + rr[None, :].to(tl.int64) * stride_ar  # [1, BLOCK_R]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        cols = k0 + kk
-        k_ok = cols < K
-        x = tl.load(x_rows + cols[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(dropout_keep(seed, rows, cols, K, p_drop), x, 0.0)
-        # A^T tile [BLOCK_K, BLOCK_R] loaded straight from A [r, K] via strides.
-        at = tl.load(a_rows + cols[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-        acc = mma(x, at, acc, COMPUTE_DTYPE, INPUT_PRECISION)
+        ks = k0 + kk
+        k_ok = ks < K
+        x = tl.load(x_rows + ks[None, :] * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        acc = shrink_step(acc, x, a_rows, rows, ks, k_ok, r_ok, K, stride_ak, seed, p_drop, HAS_DROPOUT,
+                          COMPUTE_DTYPE, INPUT_PRECISION)  # [BLOCK_M, BLOCK_R]
     acc = acc * (scale * inv_keep if HAS_DROPOUT else scale)
     s_ptrs = s_ptr + rows[:, None].to(tl.int64) * stride_sm + rr[None, :] * stride_sr
     tl.store(s_ptrs, acc, mask=row_ok[:, None] & r_ok[None, :])
@@ -104,21 +118,13 @@ def shrink_block_r(r: int) -> int:
     return min(r_block(r), MAX_BLOCK_R)
 
 
-def default_shrink_config(x: torch.Tensor, a: torch.Tensor, **consts) -> dict:
-    """First config left by the pruning rule: what runs when autotuning is off (interpreter)."""
-    m, k = x.shape
-    r = a.shape[0]
-    args = {"M_BUCKET": m_bucket(m), "K": k, "x_ptr": x, "a_ptr": a}
-    c = prune_shrink_configs(get_shrink_configs(), args, **dict(consts, BLOCK_R=shrink_block_r(r)))[0]
-    return dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
-
-
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0,
                 out: torch.Tensor | None = None, fp32_tf32: bool = False, config: dict | None = None) -> torch.Tensor:
     """S = scale * (D * x) @ a^T, fp32 [M, r].
 
     x: [M, K] fp16/bf16/fp32, any strides. a: [r, K] fp32 or x's dtype, any strides.
     D: dropout multiplier regenerated from (seed, element index of x) when dropout_p > 0.
+    r = 0 (no adapter) gives the empty [M, 0] S without a launch.
     out: optional preallocated fp32 [M, r] (any strides). config: explicit meta-parameters
     (BLOCK_M, BLOCK_K, num_warps, num_stages) to bypass autotuning; used by tests and under
     the interpreter, where autotuning cannot time anything.
@@ -148,12 +154,6 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0, dropout_p:
             float(scale), int(seed), float(dropout_p), 1.0 / (1.0 - dropout_p), m_bucket(m))
     consts = dict(HAS_DROPOUT=dropout_p > 0.0, COMPUTE_DTYPE=tl_dtype(compute_dtype(x.dtype, a.dtype)),
                   INPUT_PRECISION=dot_precision((x.dtype, a.dtype), fp32_tf32), BLOCK_R=br)
-    if config is None and INTERPRETING:
-        config = default_shrink_config(x, a, **consts)
-    if config is not None:
-        grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(r, br))
-        lora_shrink_kernel[grid](*args, **consts, **config)
-    else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, br))  # noqa: E731
-        lora_shrink_kernel_tuned[grid](*args, **consts)
+    launch(lora_shrink_kernel_tuned, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, br)), args, consts,
+           config)
     return out

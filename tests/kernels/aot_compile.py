@@ -84,20 +84,21 @@ def _variants():
                 lora_fwd.get_lora_fused_configs(), None, lora_fwd.prune_lora_fused_configs))
     wg = dict(COMPUTE_DTYPE=tl.float32, INPUT_PRECISION="tf32")
     out.append(("lora_wgrad", "dA_bf16_dropout", lora_bwd.lora_wgrad_kernel,
-                dict(l_ptr=f32, r_ptr=bf, out_ptr=f32),
-                dict(wg, stride_lp=1, stride_rq=1, stride_oq=1, HAS_DROPOUT=True, ATOMIC=False),
+                dict(lhs_ptr=f32, rhs_ptr=bf, out_ptr=f32),
+                dict(wg, stride_lhs_p=1, stride_rhs_q=1, stride_oq=1, HAS_DROPOUT=True, ATOMIC=False),
                 lora_bwd.get_wgrad_configs(), "BLOCK_P", lora_bwd.prune_wgrad_configs))
     out.append(("lora_wgrad", "dB_bf16_atomic", lora_bwd.lora_wgrad_kernel,
-                dict(l_ptr=bf, r_ptr=f32, out_ptr=f32),
-                dict(wg, stride_lp=1, stride_rq=1, stride_oq=1, HAS_DROPOUT=False, ATOMIC=True),
+                dict(lhs_ptr=bf, rhs_ptr=f32, out_ptr=f32),
+                dict(wg, stride_lhs_p=1, stride_rhs_q=1, stride_oq=1, HAS_DROPOUT=False, ATOMIC=True),
                 lora_bwd.get_wgrad_configs(), "BLOCK_P", lora_bwd.prune_wgrad_configs))
     out.append(("lora_wgrad", "dA_fp32_ieee_dropout", lora_bwd.lora_wgrad_kernel,
-                dict(l_ptr=f32, r_ptr=f32, out_ptr=f32),
-                dict(COMPUTE_DTYPE=tl.float32, INPUT_PRECISION="ieee", stride_lp=1, stride_rq=1, stride_oq=1,
+                dict(lhs_ptr=f32, rhs_ptr=f32, out_ptr=f32),
+                dict(COMPUTE_DTYPE=tl.float32, INPUT_PRECISION="ieee", stride_lhs_p=1, stride_rhs_q=1, stride_oq=1,
                      HAS_DROPOUT=True, ATOMIC=False),
                 lora_bwd.get_wgrad_configs(), None, lora_bwd.prune_wgrad_configs))
     # quantized base weight (kernels/lora_quant.py): one kernel, FORMAT / TRANS_W constexprs
     u8, i8, i32 = "u8", "i8", "i32"
+    nf4, int4, int8 = (lora_quant.FORMAT_IDS[f] for f in ("nf4", "int4", "int8"))
     qcfg, qprune = lora_quant.get_lora_quant_configs(), lora_quant.prune_lora_quant_configs
     qfwd = dict(stride_xk=1, stride_sr=1, stride_br=1, stride_yn=1, INDEX_64=False, PACKED=True, TRANS_W=True,
                 OUT_DROPOUT=False, LORA_PRECISION="tf32", BLOCK_R=32)
@@ -109,32 +110,32 @@ def _variants():
                     offset_ptr=f32, gidx_ptr=g, s_ptr=f32, b_ptr=f32, bias_ptr=y, y_ptr=y)
 
     out.append(("lora_quant", "fwd_nf4_dq_bf16_bias", lora_quant.lora_quant_kernel, qptrs(bf, u8, u8, bf),
-                dict(qfwd, FORMAT=0, DOUBLE_QUANT=True, HAS_GIDX=False, HAS_BIAS=True, COMPUTE_DTYPE=tl.bfloat16,
+                dict(qfwd, FORMAT=nf4, DOUBLE_QUANT=True, HAS_GIDX=False, HAS_BIAS=True, COMPUTE_DTYPE=tl.bfloat16,
                      INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
     out.append(("lora_quant", "bwd_dx_int4_gidx_bf16_dropout", lora_quant.lora_quant_kernel,
                 qptrs(bf, u8, "fp16", bf, z=u8),
-                dict(qbwd, stride_sn=1, FORMAT=1, DOUBLE_QUANT=False, HAS_GIDX=True, COMPUTE_DTYPE=tl.bfloat16,
+                dict(qbwd, stride_sn=1, FORMAT=int4, DOUBLE_QUANT=False, HAS_GIDX=True, COMPUTE_DTYPE=tl.bfloat16,
                      INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
     out.append(("lora_quant", "fwd_int8_fp16_decode", lora_quant.lora_quant_kernel, qptrs("fp16", i8, f32, "fp16"),
-                dict(qfwd, FORMAT=2, PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=False,
+                dict(qfwd, FORMAT=int8, PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=False,
                      COMPUTE_DTYPE=tl.float16,
                      INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
     out.append(("lora_quant", "fwd_nf4_bf16_decode", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
-                dict(qfwd, FORMAT=0, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=False, COMPUTE_DTYPE=tl.bfloat16,
+                dict(qfwd, FORMAT=nf4, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=False, COMPUTE_DTYPE=tl.bfloat16,
                      INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
     out.append(("lora_quant", "fwd_int4_fp16", lora_quant.lora_quant_kernel, qptrs("fp16", u8, "fp16", "fp16", z=u8),
-                dict(qfwd, stride_sn=1, FORMAT=1, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=True,
+                dict(qfwd, stride_sn=1, FORMAT=int4, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=True,
                      COMPUTE_DTYPE=tl.float16, INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
     out.append(("lora_quant", "bwd_dx_nf4_dq_bf16_dropout", lora_quant.lora_quant_kernel, qptrs(bf, u8, u8, bf),
-                dict(qbwd, FORMAT=0, DOUBLE_QUANT=True, HAS_GIDX=False, COMPUTE_DTYPE=tl.bfloat16,
+                dict(qbwd, FORMAT=nf4, DOUBLE_QUANT=True, HAS_GIDX=False, COMPUTE_DTYPE=tl.bfloat16,
                      INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
     out.append(("lora_quant", "fwd_int8_fp32_ieee", lora_quant.lora_quant_kernel, qptrs(f32, i8, f32, f32),
-                dict(qfwd, FORMAT=2, PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=True,
+                dict(qfwd, FORMAT=int8, PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=True,
                      COMPUTE_DTYPE=tl.float32,
                      INPUT_PRECISION="ieee", LORA_PRECISION="ieee"), qcfg, None, qprune))
     # nf4 with odd K: rows start mid-byte, each element reads its own byte (no packed tile)
     out.append(("lora_quant", "fwd_nf4_oddk_bf16", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
-                dict(qfwd, FORMAT=0, PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=False,
+                dict(qfwd, FORMAT=nf4, PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=False,
                      COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
     return out
 

@@ -2,8 +2,9 @@
 kernels use wgmma, ptxas -v reports no spills, shared memory fits the chip.
 
 Default: one representative config (the largest dot tile the pruning rule keeps for a big shape)
-of one variant per kernel (4 kernels x 2 archs, ~1 minute on 2 cores). `-m slow`: every config the
-autotuner can run, for every dtype/flag variant listed in aot_compile.py.
+of each variant in aot_compile.DEFAULT_VARIANTS (every kernel, both archs, ~10 s on 2 cores).
+`slow` (--runslow or FASTPEFT_SLOW=1): every config the autotuner can run, for every dtype/flag
+variant listed in aot_compile.py.
 """
 import json
 import os
@@ -11,6 +12,8 @@ import subprocess
 import sys
 
 import pytest
+
+import aot_compile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMEM = {80: 163 * 1024, 90: 227 * 1024}
@@ -44,19 +47,28 @@ def _check(rows):
     by_arch = {(d["kernel"], d["variant"], d["config"]): set() for d in rows}
     for d in rows:
         by_arch[(d["kernel"], d["variant"], d["config"])].add(d["cap"])
-    assert all(caps == {80, 90} for caps in by_arch.values())
+    assert all(caps == {80, 90} for caps in by_arch.values()), {k: v for k, v in by_arch.items() if v != {80, 90}}
 
 
 def test_aot_compile_representative_configs():
     rows = _compile("default")
     assert {d["kernel"] for d in rows} == {"lora_shrink", "lora_matmul", "lora_fused", "lora_wgrad", "lora_quant"}
+    # every default variant compiled: one representative config, once per arch
+    assert sorted(d["variant"] for d in rows) == sorted(2 * list(aot_compile.DEFAULT_VARIANTS))
     # the quant GEMM: a 64+-row prefill tile on wgmma, and the decode variant on 16-row tiles
     assert any(d["wgmma"] for d in rows if d["kernel"] == "lora_quant" and d["cap"] == 90)
-    assert all(d["dot_rows"] == 16 for d in rows if d["variant"].endswith("_decode"))
+    decode = [d for d in rows if d["variant"].endswith("_decode")]
+    assert {d["cap"] for d in decode} == {80, 90}, "no decode variant compiled"
+    assert all(d["dot_rows"] == 16 for d in decode), [(d["variant"], d["dot_rows"]) for d in decode]
     assert any(d["wgmma"] for d in rows if d["cap"] == 90)
     _check(rows)
 
 
 @pytest.mark.slow
 def test_aot_compile_every_config():
-    _check(_compile("all"))
+    rows = _compile("all")
+    # every variant of aot_compile.py compiled at least one config (an empty pruned space compiles nothing)
+    assert {d["variant"] for d in rows} == {v[1] for v in aot_compile._variants()}
+    decode = [d for d in rows if d["variant"].endswith("_decode")]
+    assert decode and all(d["dot_rows"] == 16 for d in decode)
+    _check(rows)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernel_ref import assert_close, mask, randn, ref_backward
+from _support.reference import assert_close, mask, randn, ref_backward
 
 from fastpeft.kernels.lora_bwd import lora_bwd, lora_wgrad
 from fastpeft.kernels.lora_fwd import lora_fwd
@@ -47,6 +47,21 @@ def test_bwd_matches_float64(variant, dtype, m, r, p, no_weight, same_dtype, spl
     assert_close("dX", dx, dxr, dtype)
     assert_close("dA", da, dar, dtype)  # 16-bit x: tf32/bf16 dots on GPU
     assert_close("dB", db, dbr, dtype)
+
+
+@pytest.mark.parametrize("variant,dtype,m,p,explicit", [("split", torch.float32, 1, 0.0, True),
+                                                        ("auto", torch.bfloat16, 37, 0.5, True),
+                                                        ("fused", torch.float16, 3, 0.2, True),
+                                                        ("auto", torch.float32, 1, 0.3, False)])
+def test_bwd_rank0(variant, dtype, m, p, explicit, poison_outputs):
+    """r = 0 (no adapter): dX = dY W (the output dropout multiplies only the LoRA term), dA / dB empty."""
+    torch.manual_seed(m)
+    x, dy, w = randn(m, K, dtype=dtype), randn(m, N, dtype=dtype), randn(N, K, dtype=dtype, scale=0.1)
+    a, b = randn(0, K), randn(N, 0)
+    _, s = lora_fwd(x, w, None, a, b, 0.5, p, 7, config=SMALL["matmul"], shrink_config=SMALL["shrink"])
+    dx, da, db = lora_bwd(dy, x, w, a, b, s, 0.5, p, 7, variant=variant, configs=SMALL if explicit else None)
+    assert dx.dtype == dtype and da.shape == (0, K) and db.shape == (N, 0)
+    assert_close("dX", dx, ref_backward(dy, x, w, a, b, 0.5, mask(7, m, K, p))[0], dtype)
 
 
 def test_bwd_needs_flags_and_strided(poison_outputs):

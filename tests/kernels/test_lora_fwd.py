@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernel_ref import assert_close, mask, randn, ref_forward
+from _support.reference import assert_close, mask, randn, ref_forward
 
 from fastpeft.kernels.lora_fwd import lora_fwd
 
@@ -71,6 +71,29 @@ def test_fwd_r256_split_and_auto(poison_outputs):
         assert_close("Y", y, yr, torch.float32)
     with pytest.raises(ValueError, match="fused variant holds r <= 128"):
         lora_fwd(x, w, None, a, b, 1.0, variant="fused")
+
+
+# (variant, dtype, M, bias, dropout_p, explicit configs)
+RANK0_CASES = [
+    ("split", torch.float32, 1, True, 0.0, True),
+    ("auto", torch.bfloat16, 37, False, 0.3, True),
+    ("fused", torch.float16, 1, True, 0.5, True),
+    ("auto", torch.float32, 3, True, 0.0, False),  # default configs
+]
+
+
+@pytest.mark.parametrize("variant,dtype,m,has_bias,p,explicit", RANK0_CASES)
+def test_fwd_rank0_is_the_base_gemm(variant, dtype, m, has_bias, p, explicit, poison_outputs):
+    """r = 0 (no adapter): Y = x W^T (+ bias) by the split path's GEMM alone, S empty [M, 0]."""
+    torch.manual_seed(m)
+    x, w = randn(m, K, dtype=dtype), randn(N, K, dtype=dtype, scale=0.1)
+    a, b = randn(0, K), randn(N, 0)
+    bias = randn(N, dtype=dtype) if has_bias else None
+    cfg, shrink = (CFG["split"], SHRINK) if explicit else (None, None)
+    for weight in (w, None):  # without W: Y = bias, or 0
+        y, s = lora_fwd(x, weight, bias, a, b, 2.0, p, 3, variant=variant, config=cfg, shrink_config=shrink)
+        assert y.dtype == dtype and y.shape == (m, N) and s.dtype == torch.float32 and s.shape == (m, 0)
+        assert_close("Y", y, ref_forward(x, weight, bias, a, b, 2.0, mask(3, m, K, p))[0], dtype)
 
 
 def test_fwd_dropout_seeds_and_default_config(poison_outputs):

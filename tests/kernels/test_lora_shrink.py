@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kernel_ref import DEVICE, assert_close, mask, randn
+from _support.reference import DEVICE, assert_close, mask, randn
 
 from fastpeft.kernels.lora_shrink import lora_shrink
 
