@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from bench_common import CUDA, DEVICE, run_pedantic
 
-from fastpeft.ops.lora_quant import lora_quant_linear
+from fastpeft.ops import lora_quant_linear
 from fastpeft.quant.formats import dequantize, quantize_weight
 
 FORMATS = ("nf4", "int4", "int8")

@@ -1,18 +1,23 @@
 """fastpeft.ops: the one door to the kernels.
 
-Layers call these functions; the backend (cuda > triton > torch, or FASTPEFT_BACKEND) is picked per
-call in :mod:`fastpeft.ops.dispatch`. Which code runs a LoRA layer's forward and backward:
+Every LoRA computation is one call of :func:`lora` (contract.py: a base, an adapter set, a seed), run
+by the custom ops of lora_op.py on the backend :func:`dispatch.choose` picks per call
+(cuda > triton > torch, or FASTPEFT_BACKEND). Which code runs a LoRA layer's forward and backward:
 
-| call                                   | CUDA, 16/32-bit x                                   | CPU               |
+| call (fastpeft.ops.lora)               | CUDA, 16/32-bit x                                   | CPU               |
 |----------------------------------------|-----------------------------------------------------|-------------------|
-| lora_linear, M <= 4 rows, bf16/fp16,   | csrc/lora_gemv.cu (cuda_backend.py): S kernel, then  | torch_backend.py  |
-|   no dropout (decode)                  |   the fused GEMV                                    |                   |
-| lora_linear, other M                   | kernels/lora_fwd.py: lora_fused_kernel (M <= 64) or | torch_backend.py  |
-|                                        |   kernels/lora_shrink.py + lora_matmul_kernel;      |                   |
-|                                        |   backward kernels/lora_bwd.py (triton_backend.py)  |                   |
-| lora_quant_linear (nf4/int8/int4 base) | kernels/lora_quant.py (lora_quant_kernel)           | lora_quant.py,    |
-|                                        |                                                     |   dequant + torch |
+| dense base, one adapter, M <= 4 rows,  | csrc/lora_gemv.cu (cuda_backend.py): S kernel, then | torch_backend.py  |
+|   bf16/fp16, no dropout (decode)       |   the fused GEMV                                    |                   |
+| dense or no base, other calls          | kernels/lora_fwd.py: lora_fused_kernel (M <= 64, one| torch_backend.py  |
+|                                        |   adapter) or kernels/lora_shrink.py +              |                   |
+|                                        |   lora_matmul_kernel; backward kernels/lora_bwd.py  |                   |
+|                                        |   (triton_backend.py)                               |                   |
+| packed base (nf4/int8/int4), with or   | kernels/lora_quant.py (lora_quant_kernel)           | torch_backend.py, |
+|   without adapters (QuantLinear)       |                                                     |   dequant + GEMM  |
 | lora_embedding, lora_delta_weight      | torch (a lookup and a small matmul: nothing to fuse)| torch             |
+
+This package imports neither transformers nor fastpeft's tuners or models: an inference server can
+use it alone.
 """
 from __future__ import annotations
 
@@ -22,9 +27,10 @@ import torch
 from torch import Tensor
 
 from . import dispatch
+from .contract import Adapter, AdapterSet, Base, LoraCall, adapter_seed
+from .dispatch import register_backend
 from .lora_embedding import lora_delta_weight, lora_embedding
-from .lora_linear import draw_seed, lora_linear
-from .lora_quant import lora_quant_linear, register_quant_backend  # quantized base weights (fastpeft.quant)
+from .lora_op import draw_seed, lora, lora_linear, lora_quant_linear
 from .torch_backend import dropout_mask
 
 
@@ -43,8 +49,10 @@ def current_backend(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[T
     if lora_B is None:
         n = weight.shape[0] if weight is not None else 1
         lora_B = torch.empty(n, lora_A.shape[0], dtype=lora_A.dtype, device=x.device)
-    return dispatch.choose(x2d, weight, bias, lora_A, lora_B, float(dropout_p))
+    adapter = Adapter(lora_A, lora_B, 1.0, float(dropout_p))
+    return dispatch.choose(LoraCall(x2d, Base(weight=weight, bias=bias), (adapter,)))
 
 
-__all__ = ["lora_linear", "lora_embedding", "lora_delta_weight", "current_backend", "dropout_mask",
-           "draw_seed", "dispatch", "lora_quant_linear", "register_quant_backend"]
+__all__ = ["Adapter", "AdapterSet", "Base", "LoraCall", "adapter_seed", "current_backend", "dispatch", "draw_seed",
+           "dropout_mask", "lora", "lora_delta_weight", "lora_embedding", "lora_linear", "lora_quant_linear",
+           "register_backend"]

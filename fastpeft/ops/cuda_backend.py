@@ -6,11 +6,11 @@ capability of the GPU in use (sm_90a on Hopper). The build is cached under $TORC
 set, else ~/.cache/fastpeft/torch_extensions, so it costs about a minute once per machine and torch
 version. Importing this module never builds anything and works on CPU-only machines.
 
-Coverage (supports() returns None only then): CUDA tensors, 1 <= M <= 8 rows (decode), x and weight
-in float16/bfloat16, lora_A/lora_B in float32 or x's dtype, r <= 128, bias in x's dtype, no LoRA
-dropout (dropout_p == 0: dropout is a training feature and this kernel serves inference). Backward
-(lora_bwd) is plain torch math on the saved S: decode is inference, and a training step that does
-reach this backend with M <= 8 is too small for a dedicated backward kernel to matter.
+Coverage (supports() returns None only then): CUDA tensors, 1 <= M <= 8 rows (decode), a dense base
+(or none) with x and weight in float16/bfloat16, exactly one adapter with lora_A/lora_B in float32 or
+x's dtype, r <= 128, bias in x's dtype, no LoRA dropout (dropout is a training feature and this kernel
+serves inference). Backward is the torch backend's on the saved S: decode is inference, and a
+training step that does reach this backend with M <= 8 is too small for a dedicated kernel to matter.
 
 Environment: FASTPEFT_CUDA_JIT=0 forbids the just-in-time build; FASTPEFT_CUDA_PDL=0 turns off
 programmatic dependent launch (Hopper) between the shrink and GEMV kernels; FASTPEFT_CUDA_VERBOSE=1
@@ -32,7 +32,7 @@ MAX_M = 8
 # r in {16, 64}, CUDA graphs; benchmarks/results/h100_lora_gemv.json): M=1 16.2 us vs F.linear 15.7 us,
 # M=4 25 us (peft-style eager 29-39 us), but M=8 37-43 us, slower than the unfused path (29-38 us).
 AUTO_MAX_M = 4
-MAX_R = 128
+GEMV_MAX_R = 128  # kMaxR of csrc/lora_gemv.cu (the Triton kernels go to kernels._common.MAX_R)
 CSRC_FILES = ("binding.cpp", "lora_gemv.cu")  # setup.py lists the same two files
 
 _lock = threading.Lock()
@@ -121,40 +121,40 @@ def load(device: torch.device):
 
 
 def _shape_reason(x2d, weight, bias, A, B) -> Optional[str]:
-    if x2d.dim() != 2:
-        return f"x2d must be 2-D, found shape {tuple(x2d.shape)}"
+    """What the GEMV kernel itself cannot take (shapes were validated by fastpeft.ops already)."""
     M, K = x2d.shape
     if not 1 <= M <= MAX_M:
         return f"the CUDA kernel is a decode GEMV for 1 <= M <= {MAX_M} rows, found M={M}"
     if x2d.dtype not in (torch.float16, torch.bfloat16):
         return f"x must be float16 or bfloat16 for the CUDA kernel, found {x2d.dtype}"
-    if A.dim() != 2 or A.shape[1] != K or B.dim() != 2 or B.shape[1] != A.shape[0]:
-        return f"lora_A [r, K={K}] / lora_B [N, r] expected, found {tuple(A.shape)} / {tuple(B.shape)}"
-    r, N = A.shape[0], B.shape[0]
-    if r > MAX_R:
-        return f"the CUDA kernel supports r <= {MAX_R}, found r={r}"
+    r = A.shape[0]
+    if r > GEMV_MAX_R:
+        return f"the CUDA kernel supports r <= {GEMV_MAX_R}, found r={r}"
     if A.dtype != B.dtype or A.dtype not in (torch.float32, x2d.dtype):
         return f"lora_A/lora_B must share float32 or x's dtype {x2d.dtype}, found {A.dtype}/{B.dtype}"
-    if weight is not None and (weight.dtype != x2d.dtype or tuple(weight.shape) != (N, K)):
-        return f"weight must be [{N}, {K}] in {x2d.dtype}, found {tuple(weight.shape)} {weight.dtype}"
-    if bias is not None and (bias.dtype != x2d.dtype or tuple(bias.shape) != (N,)):
-        return f"bias must be [{N}] in {x2d.dtype}, found {tuple(bias.shape)} {bias.dtype}"
+    if bias is not None and bias.dtype != x2d.dtype:
+        return f"bias must be in {x2d.dtype}, found {bias.dtype}"
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", A), ("lora_B", B)):
         if t is not None and t.device != x2d.device:
             return f"{name} is on {t.device} but x is on {x2d.device}"
     return None
 
 
-def supports(x2d, weight, bias, A, B, dropout_p) -> Optional[str]:
-    """None when lora_fwd can run this call, else the reason it cannot."""
-    if not (x2d.is_cuda and torch.cuda.is_available()):
+def supports(call) -> Optional[str]:
+    """None when forward() can run this call, else the reason it cannot."""
+    if not (call.x.is_cuda and torch.cuda.is_available()):
         return "the CUDA backend needs CUDA tensors"
-    if dropout_p and dropout_p > 0:
+    if call.base.packed is not None:
+        return "the CUDA decode kernel has no quantized base weights yet (the triton backend runs them)"
+    if len(call.adapters) != 1:
+        return f"the CUDA decode kernel takes exactly one adapter per call, found {len(call.adapters)}"
+    a = call.adapters[0]
+    if a.dropout_p > 0:
         return "LoRA dropout (training) is not supported by the CUDA decode kernel"
-    reason = _shape_reason(x2d, weight, bias, A, B)
+    reason = _shape_reason(call.x, call.base.weight, call.base.bias, a.A, a.B)
     if reason is not None:
         return reason
-    mod = load(x2d.device)
+    mod = load(call.x.device)
     return mod if isinstance(mod, str) else None
 
 
@@ -179,25 +179,21 @@ def gemv(x2d, weight, bias, A, B, scale, use_pdl=None, out=None, s_out=None):
     return y, s
 
 
-def lora_fwd(x2d, weight, bias, A, B, scale, dropout_p, seed):
-    """(Y [M, N] in x.dtype, S = x A^T [M, r] fp32) from the fused decode GEMV. `seed` is unused:
-    dropout is refused. The dispatcher has already run supports() for this call, so it is not
-    repeated here; gemv() still raises the binding's own message for a bad argument."""
-    if dropout_p and dropout_p > 0:
-        raise ValueError("fastpeft cuda backend cannot run lora_fwd with LoRA dropout (training)")
-    return gemv(x2d, weight, bias, A, B, scale)
+def forward(call):
+    """(Y [M, N] in x.dtype, S = x A^T [M, r] fp32) from the fused decode GEMV. The dispatcher has run
+    supports() for this call, so it is not repeated; gemv() still raises the binding's own message."""
+    a = call.adapters[0]
+    return gemv(call.x, call.base.weight, call.base.bias, a.A, a.B, a.scale)
 
 
-def lora_bwd(dY, x2d, weight, A, B, S, scale, dropout_p, seed, needs_dx, needs_dA, needs_dB):
-    """The torch backend's backward (no kernel: decode is inference). Dropout never reaches here
-    because supports() refuses it, so the regenerated mask would be all ones anyway."""
-    if dropout_p and dropout_p > 0:
-        raise ValueError("fastpeft cuda backend: lora_bwd with dropout_p > 0 (lora_fwd refuses dropout)")
+def backward(call, dY, S, needs_dx, needs_dA, needs_dB):
+    """The torch backend's backward (no kernel: decode is inference; supports() refuses dropout, so
+    there is no mask to regenerate)."""
     from . import torch_backend
 
-    return torch_backend.lora_bwd(dY, x2d, weight, A, B, S, scale, dropout_p, seed, needs_dx, needs_dA, needs_dB)
+    return torch_backend.backward(call, dY, S, needs_dx, needs_dA, needs_dB)
 
 
-def auto_ok(x2d: torch.Tensor, A: torch.Tensor) -> bool:
+def auto_ok(call) -> bool:
     """Whether automatic dispatch should pick this backend (see AUTO_MAX_M); forcing it still runs M <= 8."""
-    return x2d.shape[0] <= AUTO_MAX_M
+    return call.M <= AUTO_MAX_M

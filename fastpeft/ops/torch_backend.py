@@ -1,19 +1,21 @@
-"""PyTorch backend for the fused LoRA linear: what CPU users run, and the test oracle (in float64).
+"""PyTorch backend of the LoRA op: what CPU users run, and the test oracle (in float64).
 
-Math (design.md, "The math"), x: [M, K], W: [N, K], A: [r, K], B: [N, r], s = scale, D = dropout mask
-(keep prob 1 - p, kept entries scaled by 1 / (1 - p)):
+Math (docs/ops.md), x: [M, K], W: [N, K] (dense, or dequantize(packed) in x's dtype, or absent), and
+per adapter i: A_i [r_i, K], B_i [N, r_i], s_i = scale, D_i = its dropout mask (keep prob 1 - p_i,
+kept entries scaled by 1 / (1 - p_i), drawn from the adapter's seed):
 
-    forward   S  = (D * x) A^T                    [M, r]
-              Y  = x W^T + s * S B^T (+ bias)      [M, N]
-    backward  dS = s * dY B
-              dX = dY W + D * (dS A)
-              dA = dS^T (D * x)
-              dB = s * dY^T S
+    forward   S_i  = (D_i * x) A_i^T                        [M, r_i]
+              Y    = x W^T + sum_i s_i * S_i B_i^T (+ bias)  [M, N]
+    backward  dS_i = s_i * dY B_i
+              dX   = dY W + sum_i D_i * (dS_i A_i)
+              dA_i = dS_i^T (D_i * x)
+              dB_i = s_i * dY^T S_i
 
-Where the work is saved over a plain "base(x) + B(A(dropout(x)))": the LoRA add is folded into the
-GEMM with ``addmm_`` (Y is the only [M, N] tensor written), and D is regenerated from an integer seed
-in backward instead of keeping ``dropout(x)`` alive. The mask comes from a ``torch.Generator`` on x's
-device seeded with the seed, so :func:`dropout_mask` reproduces it exactly (tests use it to build
+Where the work is saved over a plain "base(x) + B(A(dropout(x)))": every LoRA add is folded into the
+GEMM with ``addmm_`` (Y is the only [M, N] tensor written, whatever the number of adapters), and D_i is
+regenerated from an integer seed in backward instead of keeping ``dropout(x)`` alive. A quantized W is
+dequantized fresh in forward and again in backward, never kept alive in between (QLoRA's saving).
+The mask comes from a ``torch.Generator`` on x's device seeded with the seed, so :func:`dropout_mask` reproduces it exactly (tests use it to build
 references with the same mask). Other backends use their own RNG (Triton: Philox), so a forward and
 its backward must run on the same backend; the ops layer makes sure of that.
 """
@@ -25,27 +27,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..quant.formats import dequantize
+from .contract import LoraCall
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-
-def supports(x2d: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], A: Tensor, B: Tensor,
-             dropout_p: float) -> Optional[str]:
-    """None: this backend can run the call. Any device and float dtype torch itself can do."""
-    for name, t in (("x", x2d), ("weight", weight), ("bias", bias), ("lora_A", A), ("lora_B", B)):
+def supports(call: LoraCall) -> Optional[str]:
+    """None: this backend runs every valid call, on any device and float dtype torch itself can do."""
+    for name, t in (("x", call.x), ("weight", call.base.weight), ("bias", call.base.bias)):
         if t is not None and not t.is_floating_point():
             return f"{name} has non-float dtype {t.dtype}"
     return None
-
-
-def compute_dtype(x_dtype: torch.dtype, A: Tensor, B: Tensor) -> torch.dtype:
-    """dtype of the LoRA branch (S, dS, dA, dB): at least fp32, float64 when anything is float64.
-
-    fp16/bf16 x with fp32 adapters (peft's default) gets the adapter math in fp32, like peft does
-    by casting x to lora_A's dtype.
-    """
-    dt = torch.promote_types(torch.promote_types(x_dtype, A.dtype), B.dtype)
-    return torch.promote_types(dt, torch.float32)
 
 
 def _keep01(seed: int, shape, p: float, device) -> Tensor:
@@ -94,75 +85,96 @@ def _masked(x2d: Tensor, dtype: torch.dtype, keep: Optional[Tensor]) -> Tensor:
     return xc * keep  # int16 0/1 promotes to xc's float dtype
 
 
-def lora_fwd(x2d: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], A: Tensor, B: Tensor,
-             scale: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Returns (Y [M, N] in x's dtype, S [M, r] in the compute dtype, fp32 for 16-bit x)."""
-    cdt = compute_dtype(x2d.dtype, A, B)
-    dt = x2d.dtype
-    keep = _keep01(seed, x2d.shape, dropout_p, x2d.device) if dropout_p > 0.0 else None
-    S = torch.mm(_masked(x2d, cdt, keep), A.to(cdt).t())
-    del keep
-    if dropout_p > 0.0:
-        S.mul_(_keep_scale(dropout_p))
-    # The GEMM's operands must share Y's dtype; S and B are small ([M, r], [N, r]) so casting them
-    # down is cheap, while Y itself is never copied to a wider dtype.
-    S_o = S if S.dtype == dt else S.to(dt)
-    Bt = B.to(dt).t()
-    if weight is not None:
-        Y = torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias.to(dt), x2d, weight.t())
-        Y.addmm_(S_o, Bt, alpha=scale)
-    elif bias is not None:
-        Y = torch.addmm(bias.to(dt), S_o, Bt, alpha=scale)
-    else:
-        Y = torch.mm(S_o, Bt)
-        if scale != 1.0:
-            Y.mul_(scale)
-    return Y, S
+def _base_weight(call: LoraCall) -> Optional[Tensor]:
+    """W [N, K] in x's dtype: the dense weight, or the packed one dequantized (a fresh temporary)."""
+    if call.base.packed is not None:
+        return dequantize(call.base.packed, call.x.dtype)
+    w = call.base.weight
+    return w if w is None or w.dtype == call.x.dtype else w.to(call.x.dtype)
 
 
-def lora_bwd(dY: Tensor, x2d: Tensor, weight: Optional[Tensor], A: Tensor, B: Tensor, S: Tensor,
-             scale: float, dropout_p: float, seed: int, needs_dx: bool, needs_dA: bool,
-             needs_dB: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Grads of the LoRA linear w.r.t. x (x's dtype), A (A's dtype) and B (B's dtype)."""
-    cdt = compute_dtype(x2d.dtype, A, B)
-    dt = x2d.dtype
+def forward(call: LoraCall) -> tuple[Tensor, Tensor]:
+    """Returns (Y [M, N] in x's dtype, S [M, sum r_i] in the compute dtype, fp32 for 16-bit x)."""
+    x2d, bias = call.x, call.base.bias
+    cdt, dt = call.compute_dtype(), x2d.dtype
+    W = _base_weight(call)
+    Y = None
+    if W is not None:
+        Y = torch.mm(x2d, W.t()) if bias is None else torch.addmm(bias.to(dt), x2d, W.t())
+    del W
+    S_parts = []
+    for a, seed in zip(call.adapters, call.seeds()):
+        p = a.dropout_p
+        keep = _keep01(seed, x2d.shape, p, x2d.device) if p > 0.0 else None
+        S = torch.mm(_masked(x2d, cdt, keep), a.A.to(cdt).t())
+        del keep
+        if p > 0.0:
+            S.mul_(_keep_scale(p))
+        S_parts.append(S)
+        # The GEMM's operands must share Y's dtype; S and B are small ([M, r], [N, r]) so casting them
+        # down is cheap, while Y itself is never copied to a wider dtype.
+        S_o = S if S.dtype == dt else S.to(dt)
+        Bt = a.B.to(dt).t()
+        if Y is not None:
+            Y.addmm_(S_o, Bt, alpha=a.scale)
+        elif bias is not None:
+            Y = torch.addmm(bias.to(dt), S_o, Bt, alpha=a.scale)
+        else:
+            Y = torch.mm(S_o, Bt)
+            if a.scale != 1.0:
+                Y.mul_(a.scale)
+    if len(S_parts) == 1:
+        return Y, S_parts[0]
+    return Y, (torch.cat(S_parts, dim=1) if S_parts else x2d.new_empty((call.M, 0), dtype=cdt))
+
+
+def backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, needs_dA: list,
+             needs_dB: list) -> tuple[Optional[Tensor], list, list]:
+    """Grads w.r.t. x (x's dtype), each A_i (A_i's dtype) and each B_i (B_i's dtype); None where not needed."""
+    x2d = call.x
+    cdt, dt = call.compute_dtype(), x2d.dtype
     dY = dY.to(dt) if dY.dtype != dt else dY
     # dY in the compute dtype: the dS and dB GEMMs need it; for 16-bit dY this is the one [M, N] upcast.
-    dYc = dY if dY.dtype == cdt else dY.to(cdt)
-    Sc = S if S.dtype == cdt else S.to(cdt)
-    dX = dA = dB = None
-    dS = None
-    # One regeneration of the mask serves both dX and dA.
-    keep = None
-    if dropout_p > 0.0 and (needs_dx or needs_dA):
-        keep = _keep01(seed, x2d.shape, dropout_p, x2d.device)
-    if needs_dx or needs_dA:
-        # dS carries the 1/(1-p) of D too: D * (dS A) = keep * ((dS/(1-p)) A), and likewise for dA.
-        dS = torch.mm(dYc, B.to(cdt))
-        ds_scale = scale * (_keep_scale(dropout_p) if dropout_p > 0.0 else 1.0)
-        if ds_scale != 1.0:
-            dS.mul_(ds_scale)
-    if needs_dx:
-        dS_o = dS.to(dt)
-        A_o = A.to(dt)
-        if keep is not None:
-            # dX = keep * (dS A) + dY W: the masked LoRA term first, then the base GEMM accumulates
-            # into it in place (one [M, K] buffer, no extra add pass).
-            dX = torch.mm(dS_o, A_o)
-            dX.mul_(keep)
-            if weight is not None:
-                dX.addmm_(dY, weight.to(dt))
-        elif weight is not None:
-            dX = torch.mm(dY, weight.to(dt))
-            dX.addmm_(dS_o, A_o)
+    dYc = dY if dY.dtype == cdt or not call.adapters else dY.to(cdt)
+    W = _base_weight(call) if needs_dx else None
+    any_dropout = any(a.dropout_p > 0.0 for a in call.adapters)
+    dX = None
+    if needs_dx and W is not None and not any_dropout:
+        dX = torch.mm(dY, W)  # the LoRA terms then accumulate into it in place
+    dAs, dBs = [], []
+    for a, seed, sl, need_A, need_B in zip(call.adapters, call.seeds(), call.r_slices(), needs_dA, needs_dB):
+        p = a.dropout_p
+        # One regeneration of the mask serves both dX and dA.
+        keep = _keep01(seed, x2d.shape, p, x2d.device) if p > 0.0 and (needs_dx or need_A) else None
+        dS = None
+        if needs_dx or need_A:
+            # dS carries the 1/(1-p) of D too: D * (dS A) = keep * ((dS/(1-p)) A), and likewise for dA.
+            dS = torch.mm(dYc, a.B.to(cdt))
+            ds_scale = a.scale * (_keep_scale(p) if p > 0.0 else 1.0)
+            if ds_scale != 1.0:
+                dS.mul_(ds_scale)
+        if needs_dx:
+            dS_o, A_o = dS.to(dt), a.A.to(dt)
+            if keep is not None:
+                term = torch.mm(dS_o, A_o)
+                term.mul_(keep)
+                dX = term if dX is None else dX.add_(term)
+            elif dX is None:
+                dX = torch.mm(dS_o, A_o)
+            else:
+                dX.addmm_(dS_o, A_o)
+        dAs.append(torch.mm(dS.t(), _masked(x2d, cdt, keep)).to(a.A.dtype) if need_A else None)
+        del keep
+        if need_B:
+            Si = S[:, sl]
+            dB = torch.mm(dYc.t(), Si if Si.dtype == cdt else Si.to(cdt))
+            if a.scale != 1.0:
+                dB.mul_(a.scale)
+            dBs.append(dB.to(a.B.dtype))
         else:
-            dX = torch.mm(dS_o, A_o)
-    if needs_dA:
-        dA = torch.mm(dS.t(), _masked(x2d, cdt, keep)).to(A.dtype)
-    del keep
-    if needs_dB:
-        dB = torch.mm(dYc.t(), Sc)
-        if scale != 1.0:
-            dB.mul_(scale)
-        dB = dB.to(B.dtype)
-    return dX, dA, dB
+            dBs.append(None)
+    if needs_dx and W is not None and any_dropout:
+        # dX = sum_i keep_i * (dS_i A_i) + dY W: the masked LoRA terms first, then the base GEMM
+        # accumulates into them in place (one [M, K] buffer, no extra add pass).
+        dX.addmm_(dY, W)
+    return dX, dAs, dBs

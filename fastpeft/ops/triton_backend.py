@@ -1,10 +1,21 @@
-"""Triton backend of fastpeft.ops: the LoRA linear forward/backward on the kernels in
-`fastpeft.kernels` (repo folder kernels/).
+"""Triton backend of the LoRA op: every call of the contract (contract.py) on the kernels in
+``fastpeft.kernels`` (repository folder kernels/).
 
-Protocol (spec.md): supports() -> None | reason, lora_fwd() -> (Y, S), lora_bwd() -> (dX, dA, dB).
 Runs CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter: slow, for CI).
-The dropout mask comes from Philox in the kernels (seed + element index), so it differs from the
-torch backend's mask for the same seed; forward and backward of this backend always agree.
+The dropout masks come from Philox in the kernels (seed + element index), so they differ from the
+torch backend's masks for the same seed; forward and backward of this backend always agree.
+
+How a call maps onto the kernels (Y and dX are written once in every forward, and in the backward
+unless several adapters use dropout):
+- one adapter: kernels/lora_fwd.py (dense or no base; fused single kernel for small M, else shrink +
+  GEMM) or kernels/lora_quant.py (packed base); backward kernels/lora_bwd.py / lora_quant.py;
+- zero adapters (a QuantLinear no adapter targets): the same kernels at rank 0, so a packed base is
+  dequantized in registers inside the GEMM, never in memory;
+- several adapters: each adapter's shrink writes its columns of one S [M, sum r] (its own dropout
+  seed), and the GEMM takes the adapters stacked, B_cat = [s_1 B_1, s_2 B_2, ...] in fp32, as its
+  LoRA step: one extra K = sum r into the same accumulator. In backward, dX stacks the adapters that
+  share an output dropout mask (all those without dropout) into the base GEMM; each adapter with
+  dropout adds its own masked term.
 """
 from __future__ import annotations
 
@@ -13,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .contract import LoraCall
 from .dispatch import triton_interpreting
 
 try:
@@ -21,16 +33,15 @@ try:
 except Exception as e:  # not installed, or a broken install: the backend reports it in supports()
     _TRITON_ERROR = f"triton is not importable ({type(e).__name__}: {e})"
 
-MAX_R = 256
 _ACT = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _kernels():
     # Imported on first use: importing defines the @triton.jit functions (cheap), and keeps
     # `import fastpeft.ops` working where triton is missing.
-    from fastpeft.kernels import lora_bwd, lora_fwd
+    from fastpeft.kernels import _common, lora_bwd, lora_fwd, lora_quant, lora_shrink
 
-    return lora_fwd, lora_bwd
+    return _common, lora_fwd, lora_bwd, lora_quant, lora_shrink
 
 
 def _fp32_tf32(x: Tensor) -> bool:
@@ -38,107 +49,140 @@ def _fp32_tf32(x: Tensor) -> bool:
     return x.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
 
 
-def supports(x2d: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], A: Tensor, B: Tensor,
-             dropout_p: float) -> Optional[str]:
-    """None when the Triton kernels can run this call, else why not."""
+def supports(call: LoraCall) -> Optional[str]:
+    """None when the Triton kernels can run this (validated) call, else why not."""
     if _TRITON_ERROR is not None:
         return _TRITON_ERROR
-    dev = x2d.device.type
-    if dev == "cpu" and not triton_interpreting():
+    x = call.x
+    if x.device.type == "cpu" and not triton_interpreting():
         return "x is a CPU tensor and TRITON_INTERPRET=1 is not set (Triton kernels need CUDA tensors)"
-    if dev not in ("cuda", "cpu"):
-        return f"x is on {x2d.device}; the triton backend runs on CUDA (or CPU under TRITON_INTERPRET=1)"
-    if x2d.dim() != 2:
-        return f"x must be 2-D [M, K], found shape {tuple(x2d.shape)}"
-    if x2d.dtype not in _ACT:
-        return f"x dtype {x2d.dtype} not supported (fp16, bf16, fp32)"
-    m, k = x2d.shape
-    if A.dim() != 2 or A.shape[1] != k:
-        return f"lora_A must be [r, K={k}], found {tuple(A.shape)}"
-    r = A.shape[0]
-    if not 1 <= r <= MAX_R:
-        return f"r={r} is outside the kernels' range 1..{MAX_R}"
-    if B.dim() != 2 or B.shape[1] != r:
-        return f"lora_B must be [N, r={r}], found {tuple(B.shape)}"
-    n = B.shape[0]
-    for name, t in (("lora_A", A), ("lora_B", B)):
-        if t.dtype not in (torch.float32, x2d.dtype):
-            return f"{name} dtype {t.dtype} not supported with x {x2d.dtype} (fp32 or x's dtype)"
-    if weight is not None:
-        if weight.dim() != 2 or tuple(weight.shape) != (n, k):
-            return f"weight must be [N={n}, K={k}], found {tuple(weight.shape)}"
-        if weight.dtype != x2d.dtype:
-            return f"weight dtype {weight.dtype} differs from x dtype {x2d.dtype}"
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n or bias.dtype not in _ACT):
-        return f"bias must be a float [N={n}] vector, found {bias.dtype} {tuple(bias.shape)}"
-    for name, t in (("weight", weight), ("bias", bias), ("lora_A", A), ("lora_B", B)):
-        if t is not None and t.device != x2d.device:
-            return f"{name} is on {t.device} but x on {x2d.device}"
-    if not 0.0 <= float(dropout_p) < 1.0:
-        return f"dropout_p={dropout_p} outside [0, 1) (p = 1 drops the whole LoRA branch; use torch)"
+    if x.device.type not in ("cuda", "cpu"):
+        return f"x is on {x.device}; the triton backend runs on CUDA (or CPU under TRITON_INTERPRET=1)"
+    if x.dtype not in _ACT:
+        return f"x dtype {x.dtype} not supported (fp16, bf16, fp32)"
+    common = _kernels()[0]
+    for i, a in enumerate(call.adapters):
+        if not 1 <= a.r <= common.MAX_R:
+            return f"r={a.r} is outside the kernels' range 1..{common.MAX_R}"
+        for name, t in (("lora_A", a.A), ("lora_B", a.B)):
+            if t.dtype not in (torch.float32, x.dtype):
+                return f"{name} dtype {t.dtype} not supported with x {x.dtype} (fp32 or x's dtype)"
+        if not 0.0 <= a.dropout_p < 1.0:
+            return f"dropout_p={a.dropout_p} outside [0, 1) (p = 1 drops the whole LoRA branch; use torch)"
+    bias = call.base.bias
+    if bias is not None and bias.dtype not in _ACT:
+        return f"bias dtype {bias.dtype} not supported (fp16, bf16, fp32)"
+    tensors = [("weight", call.base.weight), ("bias", bias)]
+    tensors += [(f"lora_{n}", t) for a in call.adapters for n, t in (("A", a.A), ("B", a.B))]
+    qw = call.base.packed
+    if qw is not None:
+        tensors += [(f"quantized weight field {f}", getattr(qw, f)) for f in
+                    ("qdata", "scales", "zeros", "code", "absmax2", "code2", "offset", "g_idx")]
+    for name, t in tensors:
+        if t is not None and t.device != x.device:
+            return f"{name} is on {t.device} but x on {x.device}"
+    if qw is not None:
+        return _kernels()[3].quant_reason(qw, x.dtype)
     return None
 
 
-def lora_fwd(x2d: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], A: Tensor, B: Tensor,
-             scale: float, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
-    """(Y [M, N] in x's dtype, S [M, r] fp32). Y = x W^T + scale * ((D x) A^T) B^T (+ bias)."""
-    fwd, _ = _kernels()
-    return fwd.lora_fwd(x2d, weight, bias, A, B, float(scale), float(dropout_p), int(seed),
-                        fp32_tf32=_fp32_tf32(x2d))
+def _empty_adapter(call: LoraCall) -> tuple[Tensor, Tensor]:
+    """A rank-0 (A, B) for a call without adapters: the kernels then run the base GEMM alone."""
+    x = call.x
+    return x.new_empty((0, call.K)), x.new_empty((call.N, 0))
 
 
-def lora_bwd(dY: Tensor, x2d: Tensor, weight: Optional[Tensor], A: Tensor, B: Tensor, S: Tensor,
-             scale: float, dropout_p: float, seed: int, needs_dx: bool, needs_dA: bool,
-             needs_dB: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(dX in x's dtype | None, dA in A's dtype | None, dB in B's dtype | None).
-
-    dA/dB reductions over M are deterministic (fixed-order sum of per-split fp32 partials)."""
-    _, bwd = _kernels()
-    if dY.dtype != x2d.dtype:
-        dY = dY.to(x2d.dtype)
-    if S.dtype != torch.float32:
-        S = S.float()
-    return bwd.lora_bwd(dY, x2d, weight, A, B, S, float(scale), float(dropout_p), int(seed),
-                        needs_dx=needs_dx, needs_da=needs_dA, needs_db=needs_dB, deterministic=True,
-                        fp32_tf32=_fp32_tf32(x2d))
+def _stacked_b(call: LoraCall) -> Tensor:
+    """[N, sum r] fp32: s_i B_i side by side, the LoRA step of several adapters as one (scale 1)."""
+    return torch.cat([a.B.float() * a.scale for a in call.adapters], dim=1)
 
 
-# -- quantized base weights (QLoRA): the contract of fastpeft/ops/lora_quant.py --------------------
-def _quant_kernels():
-    from fastpeft.kernels import lora_quant
-
-    return lora_quant
-
-
-def supports_quant(x2d: Tensor, qw, bias: Optional[Tensor], A: Tensor, B: Tensor, dropout_p: float) -> Optional[str]:
-    """None when the quantized-weight kernel can run this call (W = qw dequantized), else why not."""
-    reason = supports(x2d, None, bias, A, B, dropout_p)
-    if reason is not None:
-        return reason
-    if x2d.shape[1] != qw.K or B.shape[0] != qw.N:
-        return f"quantized weight is [N={qw.N}, K={qw.K}] but x is {tuple(x2d.shape)} and lora_B {tuple(B.shape)}"
-    for name in ("qdata", "scales", "zeros", "code", "absmax2", "code2", "offset", "g_idx"):
-        t = getattr(qw, name)
-        if t is not None and t.device != x2d.device:
-            return f"quantized weight field {name} is on {t.device} but x on {x2d.device}"
-    return _quant_kernels().quant_reason(qw, x2d.dtype)
-
-
-def lora_quant_fwd(x2d: Tensor, qw, bias: Optional[Tensor], A: Tensor, B: Tensor, scale: float, dropout_p: float,
-                   seed: int) -> tuple[Tensor, Tensor]:
-    """(Y [M, N] in x's dtype, S [M, r] fp32); W is dequantized in registers inside the GEMM."""
-    return _quant_kernels().lora_quant_fwd(x2d, qw, bias, A, B, float(scale), float(dropout_p), int(seed),
-                                           fp32_tf32=_fp32_tf32(x2d))
+def forward(call: LoraCall) -> tuple[Tensor, Tensor]:
+    """(Y [M, N] in x's dtype, S [M, sum r] fp32). Y = x W^T + sum_i s_i ((D_i x) A_i^T) B_i^T (+ bias)."""
+    common, fwd, _, quant, shrink = _kernels()
+    x, base, tf32 = call.x, call.base, _fp32_tf32(call.x)
+    if len(call.adapters) <= 1:
+        if call.adapters:
+            a = call.adapters[0]
+            A, B, s, p = a.A, a.B, a.scale, a.dropout_p
+        else:
+            (A, B), s, p = _empty_adapter(call), 1.0, 0.0
+        if base.packed is not None:
+            return quant.lora_quant_fwd(x, base.packed, base.bias, A, B, s, p, call.seed, fp32_tf32=tf32)
+        return fwd.lora_fwd(x, base.weight, base.bias, A, B, s, p, call.seed, fp32_tf32=tf32)
+    S = common.empty((call.M, call.r_total), torch.float32, x.device)
+    for a, seed, sl in zip(call.adapters, call.seeds(), call.r_slices()):
+        shrink.lora_shrink(x, a.A, 1.0, a.dropout_p, seed, out=S[:, sl], fp32_tf32=tf32)
+    Y = common.empty((call.M, call.N), x.dtype, x.device)
+    if call.M and call.N:
+        if base.packed is not None:
+            quant.launch_lora_quant(x, base.packed, S, _stacked_b(call), base.bias, Y, 1.0, True, fp32_tf32=tf32)
+        else:
+            fwd.launch_lora_matmul(x, base.weight, S, _stacked_b(call), base.bias, Y, 1.0, fp32_tf32=tf32)
+    return Y, S
 
 
-def lora_quant_bwd(dY: Tensor, x2d: Tensor, qw, A: Tensor, B: Tensor, S: Tensor, scale: float, dropout_p: float,
-                   seed: int, needs_dx: bool, needs_dA: bool,
-                   needs_dB: bool) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """(dX | None, dA | None, dB | None); dX = dY deq(W) + D * (dS A) in one quantized GEMM."""
-    if dY.dtype != x2d.dtype:
-        dY = dY.to(x2d.dtype)
-    if S.dtype != torch.float32:
-        S = S.float()
-    return _quant_kernels().lora_quant_bwd(dY, x2d, qw, A, B, S, float(scale), float(dropout_p), int(seed),
-                                           needs_dx=needs_dx, needs_da=needs_dA, needs_db=needs_dB,
-                                           fp32_tf32=_fp32_tf32(x2d))
+def _dx_term(call: LoraCall, dY: Tensor, dS: Tensor, adapters: list, with_base: bool, out: Tensor, p: float,
+             seed: int, tf32: bool) -> Tensor:
+    """out = dY W (with_base) + D * (dS A_cat): the adapters' A stacked, one output dropout mask (p, seed)."""
+    _, fwd, _, quant, _ = _kernels()
+    at = torch.cat([a.A.float() for a in adapters], dim=0).t()  # [K, sum r]
+    if with_base and call.base.packed is not None:
+        quant.launch_lora_quant(dY, call.base.packed, dS, at, None, out, 1.0, False, out_dropout_p=p, seed=seed,
+                                fp32_tf32=tf32)
+    else:
+        wt = call.base.weight.t() if with_base and call.base.weight is not None else None
+        fwd.launch_lora_matmul(dY, wt, dS, at, None, out, 1.0, out_dropout_p=p, seed=seed, fp32_tf32=tf32)
+    return out
+
+
+def backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, needs_dA: list,
+             needs_dB: list) -> tuple[Optional[Tensor], list, list]:
+    """(dX in x's dtype | None, [dA_i | None], [dB_i | None]). The dA/dB reductions over M are
+    deterministic (fixed-order sum of per-split fp32 partials)."""
+    common, _, bwd, quant, shrink = _kernels()
+    x, base, tf32 = call.x, call.base, _fp32_tf32(call.x)
+    dY = dY if dY.dtype == x.dtype else dY.to(x.dtype)
+    S = S if S.dtype == torch.float32 else S.float()
+    if len(call.adapters) <= 1:
+        if call.adapters:
+            a = call.adapters[0]
+            A, B, s, p, need_A, need_B = a.A, a.B, a.scale, a.dropout_p, needs_dA[0], needs_dB[0]
+        else:
+            (A, B), s, p, need_A, need_B = _empty_adapter(call), 1.0, 0.0, False, False
+        if base.packed is not None:
+            dX, dA, dB = quant.lora_quant_bwd(dY, x, base.packed, A, B, S, s, p, call.seed, needs_dx=needs_dx,
+                                              needs_da=need_A, needs_db=need_B, fp32_tf32=tf32)
+        else:
+            dX, dA, dB = bwd.lora_bwd(dY, x, base.weight, A, B, S, s, p, call.seed, needs_dx=needs_dx,
+                                      needs_da=need_A, needs_db=need_B, deterministic=True, fp32_tf32=tf32)
+        return dX, [dA] if call.adapters else [], [dB] if call.adapters else []
+
+    ads, seeds, slices = call.adapters, call.seeds(), call.r_slices()
+    dS = None
+    if needs_dx or any(needs_dA):
+        dS = common.empty((call.M, call.r_total), torch.float32, x.device)
+        for a, sl in zip(ads, slices):
+            shrink.lora_shrink(dY, a.B.t(), a.scale, out=dS[:, sl], fp32_tf32=tf32)
+    dX = None
+    if needs_dx:
+        dX = common.empty((call.M, call.K), x.dtype, x.device)
+        if call.M and call.K:
+            # The base GEMM takes the adapters without dropout (they share the all-ones mask) or, when
+            # every adapter has dropout, the first one; each other adapter adds its own masked term.
+            first = [i for i, a in enumerate(ads) if a.dropout_p == 0.0] or [0]
+            group_dS = torch.cat([dS[:, slices[i]] for i in first], dim=1)
+            _dx_term(call, dY, group_dS, [ads[i] for i in first], True, dX, ads[first[0]].dropout_p,
+                     seeds[first[0]], tf32)
+            for i in (i for i in range(len(ads)) if i not in first):
+                term = common.empty((call.M, call.K), x.dtype, x.device)
+                dX.add_(_dx_term(call, dY, dS[:, slices[i]], [ads[i]], False, term, ads[i].dropout_p, seeds[i], tf32))
+        else:
+            dX.zero_()
+    dAs, dBs = [], []
+    for a, seed, sl, need_A, need_B in zip(ads, seeds, slices, needs_dA, needs_dB):
+        dAs.append(bwd.lora_wgrad(dS[:, sl], x, 1.0, a.dropout_p, seed, True, fp32_tf32=tf32).to(a.A.dtype)
+                   if need_A else None)
+        dBs.append(bwd.lora_wgrad(dY, S[:, sl], a.scale, 0.0, 0, True, fp32_tf32=tf32).to(a.B.dtype)
+                   if need_B else None)
+    return dX, dAs, dBs

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import ops  # ops imports only quant.formats (a leaf): no cycle
 from . import formats
 from .formats import QuantizedWeight, check_format, expected_shapes
 
@@ -120,14 +121,10 @@ class QuantLinear(nn.Linear):
         return formats.dequantize(self.quantized(), dtype or self.compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Through the quantized op with a rank-0 adapter, so a backend's fused dequant-GEMM kernel also
-        # serves layers LoRA does not target (the torch backend: dequantize + one GEMM; dX flows
-        # through W, no gradient to the packed buffers).
-        from ..ops.lora_quant import lora_quant_linear  # here: fastpeft.ops imports this package
-
-        A = x.new_empty((0, self.in_features), dtype=torch.float32)
-        B = x.new_empty((self.out_features, 0), dtype=torch.float32)
-        return lora_quant_linear(x, self.quantized(), self.bias, A, B, 1.0)
+        # Through the LoRA op with no adapters, so a backend's fused dequant-GEMM kernel also serves the
+        # layers LoRA does not target (triton: W dequantized in registers; torch: dequantize + one GEMM;
+        # dX flows through W, no gradient to the packed buffers).
+        return ops.lora(x, ops.Base.quantized(self.quantized(), self.bias), (), fn=f"{type(self).__name__}.forward")
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) / .half() must not cast the packed statistics (absmax, scales, code

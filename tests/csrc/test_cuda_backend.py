@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from fastpeft.ops import cuda_backend
+from fastpeft.ops import Adapter, Base, LoraCall, cuda_backend
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -124,22 +124,22 @@ def test_lora_only_without_weight_and_backend_entry_points(module):
     y, s = run_poisoned(module, x, None, None, a, b, 1.5, True)
     assert_close_to_ref(y, s, ref_y, ref_s, torch.bfloat16, "weight=None")
 
-    assert cuda_backend.supports(x, w, None, a, b, 0.0) is None
-    y, s = cuda_backend.lora_fwd(x, w, None, a, b, 1.5, 0.0, 0)
+    call = LoraCall(x, Base.dense(w), (Adapter(a, b, 1.5),))
+    assert cuda_backend.supports(call) is None
+    y, s = cuda_backend.forward(call)
     ref_y, ref_s = reference(x, w, None, a, b, 1.5)
     assert y.dtype == torch.bfloat16 and s.dtype == torch.float32 and y.shape == (M, N) and s.shape == (M, r)
-    assert_close_to_ref(y, s, ref_y, ref_s, torch.bfloat16, "lora_fwd")
-    assert "M <= 8" in cuda_backend.supports(torch.zeros(9, K, device="cuda", dtype=torch.bfloat16), w, None, a, b, 0.0)
-    assert "dropout" in cuda_backend.supports(x, w, None, a, b, 0.1)
-    with pytest.raises(ValueError, match="dropout"):
-        cuda_backend.lora_fwd(x, w, None, a, b, 1.5, 0.1, 0)
+    assert_close_to_ref(y, s, ref_y, ref_s, torch.bfloat16, "forward")
+    assert "M <= 8" in cuda_backend.supports(call.replace(x=torch.zeros(9, K, device="cuda", dtype=torch.bfloat16)))
+    assert "dropout" in cuda_backend.supports(call.replace(adapters=(Adapter(a, b, 1.5, 0.1),)))
+    assert "exactly one adapter" in cuda_backend.supports(call.replace(adapters=(Adapter(a, b, 1.5),) * 2))
 
 
 # ---- CPU: no GPU needed -----------------------------------------------------------------------------
 
 def test_supports_rejects_cpu_tensors_and_import_is_cpu_safe():
     x = torch.randn(1, 16, dtype=torch.bfloat16)
-    reason = cuda_backend.supports(x, None, None, torch.randn(2, 16), torch.randn(8, 2), 0.0)
+    reason = cuda_backend.supports(LoraCall(x, Base.none(), (Adapter(torch.randn(2, 16), torch.randn(8, 2), 1.0),)))
     assert isinstance(reason, str) and "CUDA" in reason
 
 
@@ -151,8 +151,7 @@ def test_shape_reasons_name_the_problem():
     assert cuda_backend._shape_reason(x, w, None, a, b) is None
     assert "r <= 128" in cuda_backend._shape_reason(x, w, None, torch.randn(129, K), torch.randn(N, 129))
     assert "float16 or bfloat16" in cuda_backend._shape_reason(x.float(), None, None, a, b)
-    assert "weight must be" in cuda_backend._shape_reason(x, w.float(), None, a, b)
-    assert "bias must be" in cuda_backend._shape_reason(x, w, torch.randn(N + 1, dtype=torch.float16), a, b)
+    assert "bias must be in torch.float16" in cuda_backend._shape_reason(x, w, torch.randn(N), a, b)
     assert "share" in cuda_backend._shape_reason(x, w, None, a, b.half())
 
 
@@ -167,13 +166,12 @@ def test_lora_bwd_matches_autograd():
     y = x @ w.t() + scale * s @ b.t()
     dy = torch.randn(M, N, dtype=torch.float64)
     gx, ga, gb = torch.autograd.grad(y, (x, a, b), dy)
-    dx, da, db = cuda_backend.lora_bwd(dy, x.detach(), w.detach(), a.detach(), b.detach(), s.detach(), scale,
-                                       0.0, 0, True, True, True)
+    call = LoraCall(x.detach(), Base.dense(w.detach()), (Adapter(a.detach(), b.detach(), scale),))
+    dx, (da,), (db,) = cuda_backend.backward(call, dy, s.detach(), True, [True], [True])
     for got, want, name in ((dx, gx, "dX"), (da, ga, "dA"), (db, gb, "dB")):
         assert got.dtype == want.dtype, name
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
-    dx, da, db = cuda_backend.lora_bwd(dy, x.detach(), None, a.detach(), b.detach(), s.detach(), scale,
-                                       0.0, 0, True, False, False)
+    dx, (da,), (db,) = cuda_backend.backward(call.replace(base=Base.none()), dy, s.detach(), True, [False], [False])
     assert da is None and db is None
     torch.testing.assert_close(dx, scale * (dy @ b.detach()) @ a.detach(), rtol=1e-5, atol=1e-5)
 
@@ -191,7 +189,7 @@ def test_dispatch_picks_cuda_for_decode_through_fastpeft_ops(module, monkeypatch
     ref_y, ref_s = reference(x, w, bias, a, b, 0.5)
     assert y.shape == (2, 2, N) and y.dtype == torch.bfloat16
     # the op's own S (what backward uses) as well as Y
-    y2, s = torch.ops.fastpeft.lora_fwd(x, w, bias, a, b, 0.5, 0.0, None)
+    y2, s = torch.ops.fastpeft.lora_fwd(x, w, bias, [], "", [], [a], [b], [0.5], [0.0], [None], None, None)
     torch.testing.assert_close(y2, y.reshape(M, N), rtol=0, atol=0)
     assert_close_to_ref(y2, s, ref_y, ref_s, torch.bfloat16, "fastpeft.ops.lora_linear")
     assert ops.current_backend(torch.zeros(16, K, device="cuda", dtype=torch.bfloat16), w, bias, a, b) != "cuda"

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from kernel_ref import DEVICE, assert_close, mask, randn
+from _support.reference import DEVICE, assert_close, mask, randn, ref_backward, ref_forward
 
 from fastpeft.kernels.lora_quant import (
     get_lora_quant_configs, lora_quant_bwd, lora_quant_fwd, lora_quant_kernel_tuned, prune_lora_quant_configs,
@@ -42,13 +42,13 @@ def _qw(fmt, n=N, k=K, **kw) -> QuantizedWeight:
 
 
 def _ref_fwd(x, qw, bias, a, b, scale, d):
-    w = dequantize(qw, x.dtype).double().cpu()
-    x64 = x.double().cpu()
-    s = (d * x64) @ a.double().cpu().T
-    y = x64 @ w.T + scale * s @ b.double().cpu().T
-    if bias is not None:
-        y = y + bias.double().cpu()
-    return y, s
+    """(Y, S) of the float64 reference with W = the dequantized weight rounded to x's dtype."""
+    return ref_forward(x, dequantize(qw, x.dtype), bias, a, b, scale, d)
+
+
+def _ref_bwd(dy, x, qw, a, b, scale, d):
+    """(dX, dA, dB, dS) of the float64 reference with W = the dequantized weight rounded to x's dtype."""
+    return ref_backward(dy, x, dequantize(qw, x.dtype), a, b, scale, d)
 
 
 # (format, quantize kwargs, N, K, x dtype, M, r, bias, dropout p)
@@ -85,13 +85,39 @@ def test_quant_fwd_bwd_match_float64(fmt, kw, n, k, dtype, m, r, has_bias, p, po
 
     dy = randn(m, n, dtype=dtype)
     dx, da, db = lora_quant_bwd(dy, x, qw, a, b, s, scale, p, seed, configs=CONFIGS)
-    w = dequantize(qw, dtype).double().cpu()
-    dy64, x64, a64, b64 = dy.double().cpu(), x.double().cpu(), a.double().cpu(), b.double().cpu()
-    ds = scale * dy64 @ b64
-    assert_close("dX", dx, dy64 @ w + d * (ds @ a64), dtype)
-    assert_close("dA", da, ds.T @ (d * x64), dtype)
-    assert_close("dB", db, scale * dy64.T @ s.double().cpu(), dtype)
+    dxr, dar, dbr, _ = _ref_bwd(dy, x, qw, a, b, scale, d)
+    assert_close("dX", dx, dxr, dtype)
+    assert_close("dA", da, dar, dtype)
+    assert_close("dB", db, dbr, dtype)
     assert dx.dtype == dtype and da.dtype == a.dtype and db.dtype == b.dtype
+
+
+# (format, quantize kwargs, N, K, x dtype, M, bias, dropout p, explicit configs)
+RANK0_CASES = [
+    ("nf4", dict(blocksize=32, double_quant=True), N, K, torch.bfloat16, 1, True, 0.3, True),  # odd K: per-element
+    ("nf4", dict(blocksize=64), N, 128, torch.float32, 17, False, 0.0, True),                  # packed tile
+    ("int4_gidx", dict(group_size=32), N, K, torch.float16, 3, True, 0.0, False),              # default configs
+    ("int8", {}, N, K, torch.float32, 1, False, 0.5, True),
+]
+
+
+@pytest.mark.parametrize("fmt,kw,n,k,dtype,m,has_bias,p,explicit", RANK0_CASES)
+def test_quant_rank0_is_the_dequant_gemm(fmt, kw, n, k, dtype, m, has_bias, p, explicit, poison_outputs):
+    """r = 0 (a quantized layer without adapter): the same fused dequant GEMM with a LoRA step of
+    no iteration; Y = x deq(W)^T (+ bias), dX = dY deq(W) (dropout touches only the LoRA term),
+    S / dA / dB empty."""
+    qw = _qw(fmt, n, k, **kw)
+    torch.manual_seed(m * 10 + k)
+    x, dy = randn(m, k, dtype=dtype), randn(m, n, dtype=dtype)
+    a, b = randn(0, k), randn(n, 0)
+    bias = randn(n, dtype=dtype) if has_bias else None
+    cfg, shrink, cfgs = (CFG, SHRINK, CONFIGS) if explicit else (None, None, None)
+    y, s = lora_quant_fwd(x, qw, bias, a, b, 2.0, p, 5, config=cfg, shrink_config=shrink)
+    assert y.dtype == dtype and y.shape == (m, n) and s.dtype == torch.float32 and s.shape == (m, 0)
+    assert_close("Y", y, _ref_fwd(x, qw, bias, a, b, 2.0, mask(5, m, k, p))[0], dtype)
+    dx, da, db = lora_quant_bwd(dy, x, qw, a, b, s, 2.0, p, 5, configs=cfgs)
+    assert_close("dX", dx, dy.double().cpu() @ dequantize(qw, dtype).double().cpu(), dtype)
+    assert dx.dtype == dtype and da.shape == (0, k) and db.shape == (n, 0)
 
 
 @pytest.mark.parametrize("fmt,kw,k", [("nf4", dict(blocksize=32), 70), ("nf4", dict(blocksize=32), 71),
@@ -155,23 +181,37 @@ def test_argument_errors():
 
 # -- through fastpeft.ops.lora_quant_linear with FASTPEFT_BACKEND=triton ----------------------------
 def test_supports_quant_reasons():
+    from fastpeft.ops import Adapter, Base, LoraCall
     from fastpeft.ops import triton_backend as tb
 
     qw = _qw("int4", 6, 8, group_size=4)
     x, a, b = randn(4, 8), randn(2, 8), randn(6, 2)
-    assert tb.supports_quant(x, qw, None, a, b, 0.0) is None
-    assert "[N=6, K=9]" in tb.supports_quant(x, qw._replace(K=9), None, a, b, 0.0)
-    assert "int4 g_idx" in tb.supports_quant(x, qw._replace(g_idx=torch.zeros(3, dtype=torch.int32)), None, a, b, 0.0)
-    assert "format 'fp8'" in tb.supports_quant(x, qw._replace(fmt="fp8"), None, a, b, 0.0)
-    assert "r=300" in tb.supports_quant(x, qw, None, randn(300, 8), randn(6, 300), 0.0)
+
+    def why(qw, a=a, b=b):
+        return tb.supports(LoraCall(x, Base.quantized(qw), (Adapter(a, b, 1.0),)))
+
+    assert why(qw) is None
+    assert tb.supports(LoraCall(x, Base.quantized(qw), ())) is None  # rank 0: the dequant GEMM alone
+    assert "int4 g_idx" in why(qw._replace(g_idx=torch.zeros(3, dtype=torch.int32)))
+    assert "format 'fp8'" in why(qw._replace(fmt="fp8"))
+    assert "r=300" in why(qw, randn(300, 8), randn(6, 300))
+
+
+def test_shape_errors_come_from_the_one_validator():
+    from fastpeft.ops import lora_quant_linear
+
+    qw = _qw("int4", 6, 8, group_size=4)
+    with pytest.raises(ValueError, match=r"lora_quant_linear: quantized weight is \[N=6, K=8\] but lora_A is \(2, 9\)"):
+        lora_quant_linear(randn(4, 8), qw, None, randn(2, 9), randn(6, 2), 1.0)
+    with pytest.raises(ValueError, match=r"x.s last dim must be K=8; got x \(4, 9\)"):
+        lora_quant_linear(randn(4, 9), qw, None, randn(2, 8), randn(6, 2), 1.0)
 
 
 @pytest.mark.parametrize("fmt,kw,dtype,p", [("nf4", dict(blocksize=32, double_quant=True), torch.bfloat16, 0.25),
                                             ("int4_gidx", {}, torch.float32, 0.0),
                                             ("int8", {}, torch.float16, 0.1)])
 def test_lora_quant_linear_triton_end_to_end(fmt, kw, dtype, p, monkeypatch, poison_outputs):
-    from fastpeft.ops import lora_quant as lq
-    from fastpeft.ops.lora_linear import draw_seed
+    from fastpeft.ops import Adapter, Base, LoraCall, dispatch, draw_seed, lora_quant_linear
 
     monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
     qw = _qw(fmt, N, K, **kw)
@@ -179,22 +219,21 @@ def test_lora_quant_linear_triton_end_to_end(fmt, kw, dtype, p, monkeypatch, poi
     x = randn(2, 3, K, dtype=dtype).requires_grad_()
     a, b = randn(16, K, scale=0.1).requires_grad_(), randn(N, 16).requires_grad_()
     bias = randn(N, dtype=dtype).requires_grad_()
-    assert lq.choose(x.detach().reshape(-1, K), qw, bias, a, b, p) == "triton"
+    assert dispatch.choose(LoraCall(x.detach().reshape(-1, K), Base.quantized(qw, bias), (Adapter(a, b, 2.0, p),))) \
+        == "triton"
     torch.manual_seed(99)
     seed = int(draw_seed())
     torch.manual_seed(99)
-    y = lq.lora_quant_linear(x, qw, bias, a, b, 2.0, dropout_p=p, training=True)
+    y = lora_quant_linear(x, qw, bias, a, b, 2.0, dropout_p=p, training=True)
     assert y.shape == (2, 3, N) and y.dtype == dtype
     dy = randn(2, 3, N, dtype=dtype)
     y.backward(dy)
     d = mask(seed, 6, K, p)
     x2 = x.detach().reshape(6, K)
-    yr, sr = _ref_fwd(x2, qw, bias.detach(), a.detach(), b.detach(), 2.0, d)
+    yr, _ = _ref_fwd(x2, qw, bias.detach(), a.detach(), b.detach(), 2.0, d)
     assert_close("Y", y.reshape(6, N), yr, dtype)
-    w = dequantize(qw, dtype).double().cpu()
-    dy64 = dy.reshape(6, N).double().cpu()
-    ds = 2.0 * dy64 @ b.detach().double().cpu()
-    assert_close("dX", x.grad.reshape(6, K), dy64 @ w + d * (ds @ a.detach().double().cpu()), dtype)
-    assert_close("dA", a.grad, ds.T @ (d * x2.double().cpu()), dtype)
-    assert_close("dB", b.grad, 2.0 * dy64.T @ sr, dtype)
-    assert_close("dbias", bias.grad, dy64.sum(0), dtype)
+    dxr, dar, dbr, _ = _ref_bwd(dy.reshape(6, N), x2, qw, a.detach(), b.detach(), 2.0, d)
+    assert_close("dX", x.grad.reshape(6, K), dxr, dtype)
+    assert_close("dA", a.grad, dar, dtype)
+    assert_close("dB", b.grad, dbr, dtype)
+    assert_close("dbias", bias.grad, dy.reshape(6, N).double().cpu().sum(0), dtype)

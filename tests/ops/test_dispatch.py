@@ -8,7 +8,7 @@ import torch
 
 from fastpeft.ops import current_backend, dispatch, draw_seed, lora_linear, torch_backend
 
-from ._ref import reference, rel_err
+from _support.reference import reference, rel_err
 
 
 @pytest.fixture
@@ -63,11 +63,11 @@ def test_unimportable_backend_reason_is_reported(clean_env):
 
 def test_backend_missing_protocol_is_unavailable(clean_env):
     fake = types.ModuleType("fastpeft.ops.triton_backend")
-    fake.supports = lambda *a: None  # no lora_fwd / lora_bwd
+    fake.supports = lambda *a: None  # no forward / backward
     clean_env.setitem(__import__("sys").modules, "fastpeft.ops.triton_backend", fake)
     clean_env.setattr(dispatch, "_loaded", {})
     mod, reason = dispatch.load_backend("triton")
-    assert mod is None and "lora_fwd" in reason and "lora_bwd" in reason
+    assert mod is None and reason.endswith("does not define forward, backward")
 
 
 class _Recorder(types.SimpleNamespace):
@@ -80,16 +80,16 @@ class _Recorder(types.SimpleNamespace):
     def __init__(self, unsupported_reason=None):
         super().__init__(calls=[], reason=unsupported_reason)
 
-    def supports(self, x2d, weight, bias, A, B, p):
+    def supports(self, call):
         return self.reason
 
-    def lora_fwd(self, x2d, weight, bias, A, B, scale, p, seed):
+    def forward(self, call):
         self.calls.append("fwd")
-        return torch_backend.lora_fwd(x2d, weight, bias, A, B, scale, p, seed + 1)
+        return torch_backend.forward(call.replace(seed=call.seed + 1))
 
-    def lora_bwd(self, dY, x2d, weight, A, B, S, scale, p, seed, nx, nA, nB):
+    def backward(self, call, dY, S, nx, nA, nB):
         self.calls.append("bwd")
-        return torch_backend.lora_bwd(dY, x2d, weight, A, B, S, scale, p, seed + 1, nx, nA, nB)
+        return torch_backend.backward(call.replace(seed=call.seed + 1), dY, S, nx, nA, nB)
 
 
 def test_forced_triton_with_interpreter_runs_fwd_and_bwd_on_it(clean_env):
@@ -137,14 +137,15 @@ def test_forced_backend_that_declines_names_its_reason(clean_env):
 
 _TRITON_SCRIPT = """
 import sys, torch
-from fastpeft.ops import dispatch, lora_linear
+from fastpeft.ops import Adapter, Base, LoraCall, dispatch, lora_linear
 sys.path.insert(0, {tests!r})
-from ops._ref import run_and_compare
+from _support.reference import run_and_compare
 mod, reason = dispatch.load_backend("triton")
 x, W, A, B = torch.randn(5, 33), torch.randn(17, 33) / 6, torch.randn(4, 33) / 6, torch.randn(17, 4) / 2
 b = torch.randn(17)
-if mod is None or mod.supports(x, W, b, A, B, 0.0) is not None:
-    why = reason if mod is None else mod.supports(x, W, b, A, B, 0.0)
+call = LoraCall(x, Base.dense(W, b), (Adapter(A, B, 1.0),))
+if mod is None or mod.supports(call) is not None:
+    why = reason if mod is None else mod.supports(call)
     try:
         lora_linear(x, W, b, A, B, 1.0)
     except RuntimeError as e:
@@ -155,7 +156,7 @@ if mod is None or mod.supports(x, W, b, A, B, 0.0) is not None:
 for t in (x, A, B):
     t.requires_grad_(True)
 run_and_compare(x, W, b, A, B, 0.5, 0.0, 1e-4)
-assert dispatch.choose(x, W, b, A, B, 0.0) == "triton"
+assert dispatch.choose(call) == "triton"
 print("RAN")
 """
 

@@ -8,9 +8,10 @@ from torch import nn
 
 import fastpeft
 from fastpeft import LoraConfig, get_peft_model
-from fastpeft.ops import lora_linear, lora_quant, lora_quant_linear
+from fastpeft.ops import dispatch, lora_linear, lora_quant_linear, torch_backend
 from fastpeft.quant import QuantLinear, formats, merge_and_unload
 from fastpeft.tuners.lora.quant_linear import QuantLoraLinear
+from _support.models import tiny_model
 
 FORMATS = [("nf4", dict(blocksize=64)), ("nf4", dict(blocksize=64, double_quant=True)), ("int8", {}),
            ("int4", dict(group_size=32)), ("int4", dict(group_size=48))]  # 48 does not divide K=80
@@ -83,22 +84,22 @@ def test_op_bad_input():
 
 
 class _Recorder:
-    """A quant backend that records calls and delegates to the torch reference (tests the plug-in hook)."""
+    """A backend that records calls and delegates to the torch reference (tests the plug-in hook)."""
 
     def __init__(self):
         self.calls = []
 
-    def supports_quant(self, x2d, qw, bias, A, B, dropout_p):
+    def supports(self, call):
         return None
 
-    def lora_quant_fwd(self, x2d, qw, bias, A, B, scale, dropout_p, seed):
-        self.calls.append(("fwd", qw.fmt, tuple(qw.qdata.shape)))
-        return lora_quant._TorchQuant.lora_quant_fwd(x2d, qw, bias, A, B, scale, dropout_p, seed)
+    def forward(self, call):
+        q = call.base.packed
+        self.calls.append(("fwd", q.fmt, tuple(q.qdata.shape)))
+        return torch_backend.forward(call)
 
-    def lora_quant_bwd(self, dY, x2d, qw, A, B, S, scale, dropout_p, seed, needs_dx, needs_dA, needs_dB):
+    def backward(self, call, dY, S, needs_dx, needs_dA, needs_dB):
         self.calls.append(("bwd", needs_dx, needs_dA, needs_dB))
-        return lora_quant._TorchQuant.lora_quant_bwd(dY, x2d, qw, A, B, S, scale, dropout_p, seed, needs_dx,
-                                                     needs_dA, needs_dB)
+        return torch_backend.backward(call, dY, S, needs_dx, needs_dA, needs_dB)
 
 
 def test_backend_hook_and_forced_backend(monkeypatch):
@@ -106,17 +107,17 @@ def test_backend_hook_and_forced_backend(monkeypatch):
     x = torch.randn(3, 80, requires_grad=True)
     A, B = torch.randn(4, 80, requires_grad=True), torch.randn(24, 4, requires_grad=True)
     rec = _Recorder()
-    lora_quant.register_quant_backend("triton", rec)
+    dispatch.register_backend("triton", rec)
     try:
         monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         lora_quant_linear(x, qw, None, A, B, 1.0).sum().backward()
-        assert rec.calls == [("fwd", "int4", (24, 40)), ("bwd", True, True, True)]
+        assert rec.calls == [("fwd", "int4", (24, 40)), ("bwd", True, [True], [True])]
     finally:
-        lora_quant.register_quant_backend("triton", None)
+        dispatch.register_backend("triton", None)
     monkeypatch.setenv("FASTPEFT_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match=r"FASTPEFT_BACKEND=cuda forces the cuda backend, which cannot run this "
-                                           r"lora_quant_linear call \(int4 weight \[24, 80\]"):
+                                           r"lora call \(int4 weight \[24, 80\]"):
         lora_quant_linear(x, qw, None, A, B, 1.0)
 
 
@@ -137,12 +138,9 @@ def test_op_compiles_without_graph_breaks():
 
 
 def _tiny_llama(seed=0):
-    import transformers as T
-    T.logging.set_verbosity_error()
-    torch.manual_seed(seed)
-    cfg = T.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return T.LlamaForCausalLM(cfg)
+    # hidden 64: whole quantization blocks / groups in every projection
+    return tiny_model("llama", seed, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2, attention_bias=False)
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int4"])

@@ -90,7 +90,7 @@ def _why_not(module: nn.Module, peft_linear: type) -> Optional[str]:
 
 def autocast_inputs(x: torch.Tensor, weight: torch.Tensor, bias):
     """x, weight and bias cast the way torch.autocast casts nn.Linear's inputs (to decide below whether
-    the fused op can take the call; fastpeft.ops.lora_linear applies the same casts itself)."""
+    the fused op can take the call; fastpeft.ops.lora applies the same casts itself)."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
@@ -116,16 +116,13 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if (not active or x.dtype != weight.dtype
             or any(self.lora_A[a].weight.device != x.device for a in active)):
         return slow(self, x, *args, **kwargs)
-    out = None
+    adapters = []
     for name in active:
         drop = self.lora_dropout[name]
         p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
-        A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-        if out is None:
-            out = ops.lora_linear(x, weight, bias, A, B, s, p, self.training)
-        else:
-            out = out + ops.lora_linear(x, None, None, A, B, s, p, self.training)
-    return out
+        adapters.append(ops.Adapter(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p))
+    # one op for the base GEMM and every active adapter, as fastpeft's own layers do
+    return ops.lora(x, ops.Base.dense(weight, bias), adapters, self.training, fn="accelerated peft lora.Linear")
 
 
 def accelerate(peft_model: nn.Module) -> AccelerateReport:

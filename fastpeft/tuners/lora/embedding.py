@@ -47,10 +47,12 @@ class Embedding(nn.Module, LoraLayer):
             nn.init.zeros_(self.lora_embedding_A[adapter_name])
             nn.init.normal_(self.lora_embedding_B[adapter_name])
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        # lora_delta_weight gives B @ A = [D, V]; the embedding table is [V, D]
-        return ops.lora_delta_weight(self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name],
-                                     self.scaling[adapter_name]).t()
+    def _adapter_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # (A [r, V], B [D, r]): the table maps V ids ("in") to D features ("out")
+        return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+
+    def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.t()  # deltas are [D, V]; the embedding table is [V, D]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = self._adapters_for_forward(args, kwargs)
@@ -61,9 +63,9 @@ class Embedding(nn.Module, LoraLayer):
                     scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
         out = None
         for name in names:
-            A, B, s = self.lora_embedding_A[name], self.lora_embedding_B[name], self.scaling[name]
+            a = self.lora_variant[name].op_adapter(self, name)
             if out is None:
-                out = ops.lora_embedding(x, base.weight, A, B, s, **opts)
+                out = ops.lora_embedding(x, base.weight, a.A, a.B, a.scale, **opts)
             else:
-                out = out + ops.lora_embedding(x, None, A, B, s, **opts).to(out.dtype)
+                out = out + ops.lora_embedding(x, None, a.A, a.B, a.scale, **opts).to(out.dtype)
         return out

@@ -2,8 +2,10 @@
 
 The attribute names (base_layer, lora_A, lora_B, lora_embedding_A/B, lora_dropout, r, lora_alpha,
 scaling, merged_adapters) are part of the file format: they become the state_dict keys, so they
-must equal peft's. Subclasses (linear.py, conv1d.py, embedding.py) create the adapter weights,
-define get_delta_weight and forward; all math goes through fastpeft.ops.
+must equal peft's. Subclasses (linear.py, conv1d.py, embedding.py, quant_linear.py) create the adapter
+weights, say how they are laid out (``_adapter_weights``, ``_to_weight_layout``) and run forward; what
+each adapter computes, in forward and when merged, is its variant's (``lora_variant[name]``, see
+variants/base.py). All math goes through fastpeft.ops.
 """
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ import torch
 from torch import nn
 
 from ..tuners_utils import BaseTunerLayer, adapters_to_merge
+from .variants import LoraVariant, variant_for
 
 
 class LoraLayer(BaseTunerLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_bias", "use_rslora", "use_dora",
+                         "lora_variant")
 
     def _init_lora_state(self, base_layer: nn.Module) -> None:
         self._init_tuner_state()
@@ -35,6 +39,7 @@ class LoraLayer(BaseTunerLayer):
         self.use_rslora: dict[str, bool] = {}
         self.use_dora: dict[str, bool] = {}  # always False: DoRA is refused by LoraConfig.unsupported_fields
         self.lora_magnitude_vector = nn.ModuleDict()  # empty; kept so code probing peft layers works
+        self.lora_variant: dict[str, LoraVariant] = {}  # per adapter: what it computes (variants/)
 
     # -- hooks for subclasses --------------------------------------------------------------
     def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
@@ -43,9 +48,17 @@ class LoraLayer(BaseTunerLayer):
     def _init_adapter_weights(self, adapter_name: str, init_lora_weights) -> None:
         raise NotImplementedError
 
+    def _adapter_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], B [out, r]) of ``adapter_name``: the tensors the variants compute with."""
+        raise NotImplementedError
+
+    def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """A [out, in] delta in the base weight's own layout (e.g. transposed for Conv1D)."""
+        raise NotImplementedError
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The change ``adapter_name`` makes to the base weight, in the base weight's layout."""
-        raise NotImplementedError
+        return self._to_weight_layout(self.lora_variant[adapter_name].delta_weight(self, adapter_name))
 
     # -- adapter management ----------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
@@ -60,6 +73,7 @@ class LoraLayer(BaseTunerLayer):
         self.lora_bias[adapter_name] = bool(lora_bias)
         self.use_rslora[adapter_name] = bool(use_rslora)
         self.use_dora[adapter_name] = False
+        self.lora_variant[adapter_name] = variant_for(use_dora=unused.get("use_dora", False))
         self._create_adapter_weights(adapter_name, r, bool(lora_bias))
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self._init_adapter_weights(adapter_name, init_lora_weights)
@@ -115,24 +129,26 @@ class LoraLayer(BaseTunerLayer):
             if not self._has_adapter(name):
                 continue
             with torch.no_grad():
-                delta = self.get_delta_weight(name).to(base.weight.dtype)
+                new_w = self.lora_variant[name].merged_weight(self, name, base.weight.data)
                 bias_delta = self._lora_bias_delta(name)
                 if bias_delta is not None and base.bias is None:
                     raise ValueError(f"Cannot merge adapter {name!r}: it has a LoRA bias (lora_bias=True) "
                                      f"but the base layer {type(base).__name__} has no bias to merge into.")
+                new_b = base.bias.data + bias_delta.to(base.bias.dtype) if bias_delta is not None else None
+                if safe_merge and (not torch.isfinite(new_w).all()
+                                   or (new_b is not None and not torch.isfinite(new_b).all())):
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to "
+                                     f"be broken")
+                # Unsafe merges write in place, as before (a weight tied elsewhere sees the merge too);
+                # safe merges swap in the checked copy.
                 if safe_merge:
-                    new_w = base.weight.data + delta
-                    new_b = base.bias.data + bias_delta.to(base.bias.dtype) if bias_delta is not None else None
-                    if not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all()):
-                        raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to "
-                                         f"be broken")
                     base.weight.data = new_w
                     if new_b is not None:
                         base.bias.data = new_b
                 else:
-                    base.weight.data += delta
-                    if bias_delta is not None:
-                        base.bias.data += bias_delta.to(base.bias.dtype)
+                    base.weight.data.copy_(new_w)
+                    if new_b is not None:
+                        base.bias.data.copy_(new_b)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -143,7 +159,7 @@ class LoraLayer(BaseTunerLayer):
             if not self._has_adapter(name):
                 continue
             with torch.no_grad():
-                base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
+                base.weight.data.copy_(self.lora_variant[name].unmerged_weight(self, name, base.weight.data))
                 bias_delta = self._lora_bias_delta(name)
                 if bias_delta is not None:
                     base.bias.data -= bias_delta.to(base.bias.dtype)

@@ -63,35 +63,29 @@ class Linear(nn.Module, LoraLayer):
         init_lora_pair(self.lora_A[adapter_name], self.lora_B[adapter_name], self.r[adapter_name],
                        init_lora_weights)
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        delta = ops.lora_delta_weight(self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight,
-                                      self.scaling[adapter_name])
+    def _adapter_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+
+    def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t() if self.fan_in_fan_out else delta
 
-    def _base_and_first(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, p: float) -> torch.Tensor:
-        """The base GEMM and the first adapter's update as one fused op (subclasses swap the base op).
+    def _op_base(self) -> ops.Base:
+        """The base of the fused op (subclasses swap it: QuantLoraLinear passes the packed weight).
 
         The base weight goes in as [N, K], a transposed view when stored [in, out] (Conv1D). Under
         torch.autocast fastpeft.ops casts x, weight and bias as autocast casts nn.Linear's inputs.
         """
         base = self.get_base_layer()
-        weight = base.weight.t() if self.fan_in_fan_out else base.weight
-        return ops.lora_linear(x, weight, base.bias, A, B, s, p, self.training)
+        return ops.Base.dense(base.weight.t() if self.fan_in_fan_out else base.weight, base.bias)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = self._adapters_for_forward(args, kwargs)
         if not names:
             return self.base_layer(x)
-        out = None
+        # one op: the base GEMM and every active adapter's term (each adapter's entry from its variant)
+        adapters = [self.lora_variant[name].op_adapter(self, name) for name in names]
+        out = ops.lora(x, self._op_base(), adapters, self.training, fn=f"lora.{type(self).__name__}.forward")
         for name in names:
-            A = self.lora_A[name].weight
-            B = self.lora_B[name].weight
-            s = self.scaling[name]
-            p = self._dropout_p(name)
-            if out is None:
-                out = self._base_and_first(x, A, B, s, p)
-            else:  # further adapters: the LoRA term only
-                out = out + ops.lora_linear(x, None, None, A, B, s, p, self.training)
             if self.lora_bias.get(name):
-                out = out + (self.lora_B[name].bias * s).to(out.dtype)
+                out = out + (self.lora_B[name].bias * self.scaling[name]).to(out.dtype)
         return out

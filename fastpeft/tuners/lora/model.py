@@ -29,6 +29,12 @@ def create_lora_module(target: nn.Module, adapter_name: str, config, r: int, lor
     kwargs = dict(r=r, lora_alpha=lora_alpha, lora_dropout=config.lora_dropout,
                   init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
                   lora_bias=getattr(config, "lora_bias", False))
+    # peft's dynamic dispatch: LoraConfig._register_custom_module({base class: LoRA layer class}) comes
+    # first, so a user can take over a layer type fastpeft knows, or add one it does not. Like peft, the
+    # class also gets the config.
+    for base_cls, lora_cls in (getattr(config, "_custom_modules", None) or {}).items():
+        if isinstance(target, base_cls):
+            return lora_cls(target, adapter_name, config=config, **kwargs)
     if isinstance(target, nn.Embedding):
         return Embedding(target, adapter_name, **kwargs)
     if isinstance(target, QuantLinear):  # fastpeft.quant hook: before nn.Linear, which QuantLinear subclasses
@@ -46,7 +52,9 @@ def create_lora_module(target: nn.Module, adapter_name: str, config, r: int, lor
             config.fan_in_fan_out = True
         return Conv1D(target, adapter_name, **kwargs)
     raise ValueError(f"Target module {type(target).__name__} is not supported by fastpeft LoRA. Supported "
-                     f"base layers: torch.nn.Linear, torch.nn.Embedding, transformers.pytorch_utils.Conv1D.")
+                     f"base layers: torch.nn.Linear, torch.nn.Embedding, transformers.pytorch_utils.Conv1D, "
+                     f"fastpeft.quant.QuantLinear; other types can be mapped to a LoRA layer class with "
+                     f"LoraConfig._register_custom_module.")
 
 
 class LoraModel(nn.Module):

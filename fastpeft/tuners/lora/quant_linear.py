@@ -1,6 +1,6 @@
 """LoRA over a QuantLinear base (QLoRA): the base stays packed, the adapters train.
 
-Forward runs fastpeft.ops.lora_quant_linear (dequantize + GEMM + LoRA as one op; dX flows through the
+Forward runs fastpeft.ops.lora over the packed base (dequantize + GEMM + LoRA as one op; dX flows through the
 dequantized W, the packed weight gets no gradient). state_dict keys are the ones peft gives over a
 bitsandbytes layer: ``<name>.base_layer.<packed buffers>``, ``<name>.lora_A.<adapter>.weight``, ...
 
@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...ops.lora_quant import lora_quant_linear
+from ... import ops
 from ...quant.linear import QuantLinear
 from ..tuners_utils import adapters_to_merge
 from .linear import Linear
@@ -37,12 +37,11 @@ class QuantLoraLinear(Linear):
         # that a merged layer's state_dict holds only the float base, as after a merge in peft.
         object.__setattr__(self, "_quant_base", None)
 
-    def _base_and_first(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float, p: float) -> torch.Tensor:
+    def _op_base(self):
         base = self.get_base_layer()
         if not isinstance(base, QuantLinear):  # merged with requantize=False and then re-activated
-            return super()._base_and_first(x, A, B, s, p)
-        # base GEMM on the packed weight and the first adapter in one op
-        return lora_quant_linear(x, base.quantized(), base.bias, A, B, s, p, self.training)
+            return super()._op_base()
+        return ops.Base.quantized(base.quantized(), base.bias)  # the GEMM runs on the packed weight
 
     # -- merge ---------------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -56,7 +55,7 @@ class QuantLoraLinear(Linear):
             w = base.dequantize(torch.float32)  # fresh from the packed buffers
             b = base.bias.detach().float() if base.bias is not None else None
             for name in names:
-                w = w + self.get_delta_weight(name).float()
+                w = self.lora_variant[name].merged_weight(self, name, w)
                 bd = self._lora_bias_delta(name)
                 if bd is not None:
                     if b is None:

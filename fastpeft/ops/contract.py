@@ -1,0 +1,267 @@
+"""The one op contract: what a LoRA call is, how its inputs are prepared, and the one validator.
+
+Every LoRA computation in fastpeft is one call of this shape (design: docs/ops.md):
+
+    y = base(x) + sum_i s_i * (D_i * x) A_i^T B_i^T              (+ bias, inside base)
+
+- the base (:class:`Base`): a dense weight W [N, K], a packed quantized weight (``fastpeft.quant``
+  formats: nf4 / int8 / int4), or none (the LoRA terms alone); an optional bias [N] in every case;
+- the adapters (:class:`AdapterSet`): zero or more :class:`Adapter` entries (A [r_i, K], B [N, r_i],
+  scale s_i, dropout p_i). Zero entries is a plain (quantized) linear layer through the same kernels.
+  Two optional fields are the seams for the next capabilities, refused until they are filled in:
+  the set's ``row_index`` [M] (int, per row: which adapter, -1 = base only; many adapters per batch)
+  and an adapter's ``magnitude`` [N] (DoRA: that adapter's output column scale g = m / ||W + s B A||_row,
+  y = g * (x W^T + s S B^T) + bias for one adapter; the kernels apply it in their shared epilogue);
+- the dropout seed: one int per call; adapter i draws its mask from ``adapter_seed(seed, i)``, so
+  adapter 0 uses the seed itself and every adapter gets an independent mask (peft: one nn.Dropout
+  per adapter).
+
+A backend (fastpeft.ops.<name>_backend, or any object given to dispatch.register_backend) implements
+
+    supports(call) -> None | str             None: it can run this call; else why not (for errors)
+    forward(call) -> (Y [M, N] in x's dtype, S [M, sum r_i] in compute_dtype)   S: the adapters' S_i side by side
+    backward(call, dY, S, needs_dx, needs_dA, needs_dB) -> (dX | None, [dA_i | None], [dB_i | None])
+    auto_ok(call) -> bool                    optional: automatic dispatch only picks it where it wins
+
+and sees only validated calls (:func:`validate` ran once, in :func:`fastpeft.ops.lora`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..quant.formats import QuantizedWeight, check_format
+
+# Seeds stay in int31 so every backend can feed them to its RNG (Triton's tl.rand takes 32-bit seeds).
+SEED_HIGH = 2**31 - 1
+# Odd 31-bit step between the seeds of consecutive adapters of one call (a Weyl sequence: distinct
+# for the first 2**31 - 1 adapters, and far apart, so Philox and torch Generators see unrelated keys).
+_SEED_STEP = 0x5851F42D
+
+
+def adapter_seed(seed: int, i: int) -> int:
+    """Dropout seed of adapter ``i`` of a call drawn with ``seed`` (adapter 0: the seed itself)."""
+    return (int(seed) + i * _SEED_STEP) % SEED_HIGH
+
+
+def compute_dtype(x_dtype: torch.dtype, *adapter_dtypes: torch.dtype) -> torch.dtype:
+    """dtype of the LoRA branch (S, dS, dA, dB): at least fp32, float64 when anything is float64.
+
+    fp16/bf16 x with fp32 adapters (peft's default) gets the adapter math in fp32, like peft does
+    by casting x to lora_A's dtype.
+    """
+    dt = torch.float32
+    for d in (x_dtype, *adapter_dtypes):
+        dt = torch.promote_types(dt, d)
+    return dt
+
+
+@dataclass(frozen=True)
+class Base:
+    """The base layer of a call. Build with :meth:`dense`, :meth:`quantized` or :meth:`none`."""
+
+    weight: Optional[Tensor] = None             # dense [N, K] (any strides: Conv1D passes W^T as a view)
+    packed: Optional[QuantizedWeight] = None    # quantized [N, K]; never materialized by a fused kernel
+    bias: Optional[Tensor] = None               # [N]
+
+    @staticmethod
+    def dense(weight: Tensor, bias: Optional[Tensor] = None) -> "Base":
+        return Base(weight=weight, bias=bias)
+
+    @staticmethod
+    def quantized(packed: QuantizedWeight, bias: Optional[Tensor] = None) -> "Base":
+        return Base(packed=packed, bias=bias)
+
+    @staticmethod
+    def none(bias: Optional[Tensor] = None) -> "Base":
+        return Base(bias=bias)
+
+    @property
+    def kind(self) -> str:
+        """One of "dense", "quant" or "none"."""
+        return "dense" if self.weight is not None else "quant" if self.packed is not None else "none"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One LoRA adapter of a call: A [r, K], B [N, r], scale s, dropout probability p on its input."""
+
+    A: Tensor
+    B: Tensor
+    scale: float
+    dropout_p: float = 0.0
+    magnitude: Optional[Tensor] = None   # [N]: DoRA's magnitude m (the column scale g = m / ||W + s B A||_row)
+
+    @property
+    def r(self) -> int:
+        return self.A.shape[0]
+
+
+@dataclass(frozen=True)
+class AdapterSet:
+    """The adapters of a call, applied together (their terms add up in one output write)."""
+
+    adapters: tuple = ()
+    row_index: Optional[Tensor] = None   # [M] int: adapter per row, -1 = base only (many adapters per batch)
+
+    def __post_init__(self):
+        object.__setattr__(self, "adapters", tuple(self.adapters))
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+
+@dataclass(frozen=True)
+class LoraCall:
+    """A validated, prepared call as the backends see it: x is 2-D [M, K]."""
+
+    x: Tensor
+    base: Base
+    adapters: tuple
+    seed: int = 0
+    row_index: Optional[Tensor] = None
+
+    @property
+    def M(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def K(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def N(self) -> int:
+        return out_features(self.base, self.adapters)
+
+    @property
+    def r_total(self) -> int:
+        return sum(a.r for a in self.adapters)
+
+    def seeds(self) -> list:
+        return [adapter_seed(self.seed, i) for i in range(len(self.adapters))]
+
+    def r_slices(self) -> list:
+        """Column slice of S (and dS) that belongs to each adapter."""
+        out, start = [], 0
+        for a in self.adapters:
+            out.append(slice(start, start + a.r))
+            start += a.r
+        return out
+
+    def compute_dtype(self) -> torch.dtype:
+        return compute_dtype(self.x.dtype, *(t.dtype for a in self.adapters for t in (a.A, a.B)))
+
+    def describe(self) -> str:
+        """Names the call for error messages, e.g. "lora call (int4 weight [24, 80], x (3, 80) ...)"."""
+        kind = self.base.kind
+        base = ("no base weight" if kind == "none" else
+                f"{'dense' if kind == 'dense' else self.base.packed.fmt} weight [{self.N}, {self.K}]")
+        ranks = ", ".join(str(a.r) for a in self.adapters) or "none"
+        ps = sorted({a.dropout_p for a in self.adapters}) or [0.0]
+        return (f"lora call ({base}, x {tuple(self.x.shape)} {self.x.dtype} on {self.x.device}, adapter ranks "
+                f"{ranks}, dropout_p {', '.join(map(str, ps))})")
+
+    def replace(self, **changes) -> "LoraCall":
+        return dataclasses.replace(self, **changes)
+
+
+def out_features(base: Base, adapters: Sequence[Adapter]) -> int:
+    if base.weight is not None:
+        return base.weight.shape[0]
+    if base.packed is not None:
+        return base.packed.N
+    if adapters:
+        return adapters[0].B.shape[0]
+    return base.bias.shape[0] if base.bias is not None else 0
+
+
+# -- input preparation: the one place where inputs are cast ------------------------------------------
+def prepare(x: Tensor, base: Base) -> tuple:
+    """(x, base) as the op computes them.
+
+    Under torch.autocast: x, the dense weight and the bias in the autocast dtype, as autocast casts
+    an nn.Linear's inputs (custom ops get no autocast casts of their own). Adapters keep their dtype:
+    the LoRA branch runs in fp32 from fp32 adapters, at least as precise as peft's autocast bf16.
+    A quantized base is dequantized into x's dtype, so its bias follows x's dtype too.
+    (DTensor inputs under FSDP2 will be turned into local tensors here as well.)
+    """
+    dev = x.device.type
+    weight, bias = base.weight, base.bias
+    if torch.is_autocast_enabled(dev):
+        adt = torch.get_autocast_dtype(dev)
+        x, weight, bias = (t if t is None or not t.is_floating_point() or t.dtype == adt else t.to(adt)
+                           for t in (x, weight, bias))
+    if base.packed is not None and bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if weight is not base.weight or bias is not base.bias:
+        base = Base(weight=weight, packed=base.packed, bias=bias)
+    return x, base
+
+
+# -- the one validator ------------------------------------------------------------------------------
+def _shape(t: Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def _which(ads, i: int) -> str:
+    return "" if len(ads) == 1 else f" (adapter {i})"
+
+
+def validate(fn: str, x: Tensor, base: Base, adapters: AdapterSet) -> None:
+    """ValueError naming the tensor and the shape or dtype expected and found (``fn``: the caller)."""
+    if adapters.row_index is not None:
+        raise NotImplementedError(f"{fn}: a per-row adapter index (many adapters per batch) is not implemented "
+                                  f"yet; pass row_index=None")
+    if any(a.magnitude is not None for a in adapters.adapters):
+        raise NotImplementedError(f"{fn}: an adapter magnitude (DoRA's per-output-column scale) is not "
+                                  f"implemented yet; pass magnitude=None")
+    if base.weight is not None and base.packed is not None:
+        raise ValueError(f"{fn}: a base has a dense weight or a packed weight, not both")
+    if x.dim() < 1:
+        raise ValueError(f"{fn}: x must have a feature dimension [..., K]; got a 0-d tensor")
+    if not x.is_floating_point():
+        raise ValueError(f"{fn}: x must be a float tensor; got {x.dtype}")
+    if base.kind == "none" and not adapters.adapters:
+        raise ValueError(f"{fn}: nothing to compute: no base weight and no adapters")
+    ads = adapters.adapters
+    for i, a in enumerate(ads):
+        if a.A.dim() != 2 or a.B.dim() != 2:
+            raise ValueError(f"{fn}: lora_A must be [r, K] and lora_B [N, r]{_which(ads, i)}; got lora_A "
+                             f"{_shape(a.A)}, lora_B {_shape(a.B)}")
+    # N and K: the packed weight's, else the first adapter's (so a wrong dense weight is the one named)
+    if base.packed is not None:
+        check_format(base.packed.fmt)
+        N, K, src = base.packed.N, base.packed.K, f"quantized weight is [N={base.packed.N}, K={base.packed.K}]"
+    elif ads:
+        N, K, src = ads[0].B.shape[0], ads[0].A.shape[1], f"lora_A is {_shape(ads[0].A)}"
+    else:
+        if base.weight.dim() != 2:
+            raise ValueError(f"{fn}: weight must be 2-D [N, K]; got {_shape(base.weight)}")
+        (N, K), src = base.weight.shape, f"weight is {_shape(base.weight)}"
+    if x.shape[-1] != K:
+        raise ValueError(f"{fn}: x's last dim must be K={K}; got x {_shape(x)} ({src})")
+    for i, a in enumerate(ads):
+        which, r = _which(ads, i), a.A.shape[0]
+        if a.B.shape[1] != r:
+            raise ValueError(f"{fn}: lora_B must be [N, r={r}] to match lora_A {_shape(a.A)}{which}; got "
+                             f"{_shape(a.B)}")
+        if _shape(a.A) != (r, K) or a.B.shape[0] != N:
+            raise ValueError(f"{fn}: {src} but lora_A is {_shape(a.A)} and lora_B {_shape(a.B)}{which}; "
+                             f"expected lora_A [r, K={K}] and lora_B [N={N}, r]")
+        if not (a.A.is_floating_point() and a.B.is_floating_point()):
+            raise ValueError(f"{fn}: lora_A and lora_B must be float tensors{which}; got {a.A.dtype}, {a.B.dtype}")
+        if not 0.0 <= float(a.dropout_p) <= 1.0:
+            raise ValueError(f"{fn}: dropout_p must be in [0, 1]{which}; got {a.dropout_p}")
+    if base.weight is not None:
+        if _shape(base.weight) != (N, K):
+            raise ValueError(f"{fn}: weight must be [N={N}, K={K}] (from lora_B {_shape(ads[0].B)}, lora_A "
+                             f"{_shape(ads[0].A)}); got {_shape(base.weight)}")
+        if base.weight.dtype != x.dtype:
+            raise ValueError(f"{fn}: x ({x.dtype}) and weight ({base.weight.dtype}) must have the same dtype, "
+                             f"as for nn.Linear; cast one of them")
+    if base.bias is not None and _shape(base.bias) != (N,):
+        raise ValueError(f"{fn}: bias must be [N={N}]; got {_shape(base.bias)}")
