@@ -54,6 +54,7 @@ def get_lora_quant_configs():
         (128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (64, 64, 64, 8, 3), (64, 64, 32, 4, 3),
         (32, 64, 32, 4, 3), (32, 128, 32, 8, 3),
         (16, 32, 64, 4, 3), (16, 64, 64, 4, 3), (16, 64, 32, 4, 3), (16, 128, 32, 4, 3), (16, 32, 128, 4, 2),
+        (16, 32, 32, 4, 3),  # exact fp32 ("ieee") decode with N or K <= 32: the only tile its rule allows
     ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_P": bp, "BLOCK_Q": bq, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bp, bq, w, s in shapes]

@@ -6,7 +6,7 @@
 Every op/kernel test compares against this: the reference is plain torch autograd on float64 copies
 (grads follow from the forward formula, not from hand-written backward formulas that could share a
 kernel's mistake), and ``rel_err`` is the relative Frobenius error. Tolerances are by the dtype of
-the inputs (design.md, "Testing without a GPU"): fp32 < 1e-5 relative, 16-bit dots < 1e-2 relative
+the inputs (the project rule, docs/ops.md): fp32 < 1e-5 relative, 16-bit dots < 1e-2 relative
 norm error, NaN/inf never passes.
 
 fastpeft is imported inside the functions only: the kernel tests set TRITON_INTERPRET before

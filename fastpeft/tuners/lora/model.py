@@ -1,7 +1,7 @@
 """LoraModel: puts LoRA layers into a model (transformers or plain nn.Module) and manages them.
 
-PeftModel.base_model is a LoraModel and LoraModel.model is the user's model; the API is the one in
-the team spec (mirrors peft's LoraModel). Injection rules (target matching, per-architecture
+PeftModel.base_model is a LoraModel and LoraModel.model is the user's model; the API mirrors peft's
+LoraModel. Injection rules (target matching, per-architecture
 defaults, "all-linear", exclusions, layer selection, rank/alpha patterns, modules_to_save,
 fan_in_fan_out fixing) reproduce peft 0.21's observable behaviour.
 """
