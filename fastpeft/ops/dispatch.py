@@ -123,7 +123,10 @@ def choose(call: LoraCall) -> str:
             raise RuntimeError(f"{ENV_VAR}={forced} forces the {forced} backend, which cannot run this "
                                f"{call.describe()}: {reason}")
         return forced
+    on_cuda = call.x.device.type == "cuda"
     for name in BACKENDS:
+        if name != "torch" and not on_cuda:
+            continue  # the device rule of why_not, without building its message on every CPU call
         if why_not(name, call) is None and _wins(name, call):
             return name
     # torch runs every valid call; reaching here means a backend-independent problem.

@@ -2,8 +2,8 @@
 (dense, quantized, none) and every adapter set (see contract.py for the contract).
 
 The ops are opaque to torch.compile (fake impls give shapes), so ``torch.compile(fullgraph=True)``
-traces a LoRA model without graph breaks, and the autograd formula is registered on the op
-(register_autograd), not in a Python autograd.Function that dynamo would have to inline.
+traces a LoRA model without graph breaks; their autograd is :class:`_LoraFunction` (see there why it
+is not register_autograd).
 
 Custom ops take tensors, lists of tensors, numbers and strings, so a call travels flattened:
 
@@ -11,8 +11,8 @@ Custom ops take tensors, lists of tensors, numbers and strings, so a call travel
                        lora_As: Tensor[], lora_Bs: Tensor[], scales: float[], dropout_ps: float[],
                        magnitudes: Tensor?[], seed?, row_index?)
                        -> (Y [..., N] in x's dtype, S [M, sum r] in the compute dtype)
-    fastpeft::lora_bwd(dY, x, <same base and adapters>, S, backend, needs_dx, needs_dA: bool[],
-                       needs_dB: bool[]) -> [dX, dA_0.., dB_0..]   (empty tensors for grads not needed)
+    fastpeft::lora_bwd(dY, x, <same base and adapters>, S, needs_dx, needs_dA: bool[], needs_dB: bool[])
+                       -> [dX, dA_0.., dB_0..]   (empty tensors for grads not needed)
 
 packed: the QuantizedWeight fields in PACKED_FIELDS order ([] for a dense base, fmt ""), qmeta: its
 [N, K, blocksize, blocksize2]. Saved for backward: x (a reference to the caller's tensor, so q/k/v
@@ -106,14 +106,18 @@ def _(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps,
 def lora_bwd_op(dY: Tensor, x: Tensor, weight: Optional[Tensor], packed: Sequence[Optional[Tensor]], fmt: str,
                 qmeta: Sequence[int], lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor], S: Tensor,
                 scales: Sequence[float], dropout_ps: Sequence[float], magnitudes: Sequence[Optional[Tensor]],
-                seed: Optional[Tensor], row_index: Optional[Tensor], backend: str, needs_dx: bool,
-                needs_dA: Sequence[bool], needs_dB: Sequence[bool]) -> list[Tensor]:
+                seed: Optional[Tensor], row_index: Optional[Tensor], needs_dx: bool, needs_dA: Sequence[bool],
+                needs_dB: Sequence[bool]) -> list[Tensor]:
     """[dX, dA_0, .., dB_0, ..]; a grad that is not needed comes back as an empty tensor (custom ops
-    cannot return None), each its own (outputs of a custom op must not alias each other)."""
+    cannot return None), each its own (outputs of a custom op must not alias each other).
+
+    The backward must run on the backend that made the masks (torch and Triton RNGs differ). The
+    choice is a pure function of the call's tensors (shapes, dtypes, devices) and the environment, so
+    it is made again here, from the same tensors, rather than carried over from the forward."""
     call = _call(x, weight, None, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, seed,
                  row_index)
-    dX, dAs, dBs = dispatch.get(backend).backward(call, dY.reshape(-1, dY.shape[-1]), S, needs_dx,
-                                                  list(needs_dA), list(needs_dB))
+    dX, dAs, dBs = dispatch.get(dispatch.choose(call)).backward(call, dY.reshape(-1, dY.shape[-1]), S, needs_dx,
+                                                                list(needs_dA), list(needs_dB))
     out = [dX.to(x.dtype).reshape(x.shape) if needs_dx else x.new_empty(0)]
     out += [g.to(A.dtype) if need else A.new_empty(0) for g, A, need in zip(dAs, lora_As, needs_dA)]
     out += [g.to(B.dtype) if need else B.new_empty(0) for g, B, need in zip(dBs, lora_Bs, needs_dB)]
@@ -122,67 +126,62 @@ def lora_bwd_op(dY: Tensor, x: Tensor, weight: Optional[Tensor], packed: Sequenc
 
 @lora_bwd_op.register_fake
 def _(dY, x, weight, packed, fmt, qmeta, lora_As, lora_Bs, S, scales, dropout_ps, magnitudes, seed, row_index,
-      backend, needs_dx, needs_dA, needs_dB):
+      needs_dx, needs_dA, needs_dB):
     out = [torch.empty_like(x) if needs_dx else x.new_empty(0)]
     out += [torch.empty_like(A) if need else A.new_empty(0) for A, need in zip(lora_As, needs_dA)]
     out += [torch.empty_like(B) if need else B.new_empty(0) for B, need in zip(lora_Bs, needs_dB)]
     return out
 
 
-def _grad_structure(v) -> Optional[int]:
-    """How autograd expects the grad of one custom-op input: a list of this length for a list of tensors
-    (empty lists included), else one value (torch/_library/autograd.py flattens only such lists)."""
-    if isinstance(v, (list, tuple)) and all(isinstance(e, Tensor) for e in v):
-        return len(v)
-    return None
+class _LoraFunction(torch.autograd.Function):
+    """Autograd of the op: forward is fastpeft::lora_fwd, backward fastpeft::lora_bwd.
 
+    A plain autograd.Function with the tensors as varargs (x, weight, bias, seed, row_index, then every
+    A, B, magnitude and packed field), rather than register_autograd on the custom op: an op with list
+    inputs gets torch's tensor-list autograd wrapper, whose pytree flattening of every call cost
+    ~100 us per layer on CPU. dynamo traces this Function (both ops have fake impls), so
+    torch.compile(fullgraph=True) still sees no graph break."""
 
-def _setup_context(ctx, inputs, output):
-    (x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, seed,
-     row_index) = inputs
-    _, S = output
-    ctx.mark_non_differentiable(S)
-    # The backward must run on the backend that made the masks (torch and Triton RNGs differ); the
-    # choice is a pure function of these inputs and the environment, so it is redone here. (Without the
-    # seed's value: no backend choice depends on it, and reading it would stop torch.compile's trace.)
-    call = _call(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, None,
-                 row_index)
-    ctx.backend = dispatch.choose(call)
-    ctx.meta = (fmt, list(qmeta), list(scales), list(dropout_ps))
-    ctx.n_adapters = len(lora_As)
-    ctx.n_packed = len(packed)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.structure = [_grad_structure(v) for v in inputs]
-    ctx.save_for_backward(x, weight, S, seed, row_index, *lora_As, *lora_Bs, *magnitudes, *packed)
+    @staticmethod
+    def forward(ctx, meta, x, weight, bias, seed, row_index, *tensors):
+        fmt, qmeta, scales, dropout_ps = meta
+        n = len(scales)
+        lora_As, lora_Bs, magnitudes, packed = (list(tensors[:n]), list(tensors[n:2 * n]),
+                                                list(tensors[2 * n:3 * n]), list(tensors[3 * n:]))
+        Y, S = torch.ops.fastpeft.lora_fwd(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales,
+                                           dropout_ps, magnitudes, seed, row_index)
+        ctx.meta = meta
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        # x by reference (q/k/v projections of one input share it), S [M, sum r], the seed; never a mask
+        ctx.save_for_backward(x, weight, S, seed, row_index, *tensors)
+        return Y
 
-
-def _backward(ctx, dY, _dS):
-    x, weight, S, seed, row_index, *rest = ctx.saved_tensors
-    n, fmt, qmeta, scales, dropout_ps = ctx.n_adapters, *ctx.meta
-    lora_As, lora_Bs, magnitudes, packed = list(rest[:n]), list(rest[n:2 * n]), list(rest[2 * n:3 * n]), \
-        list(rest[3 * n:])
-    need = ctx.needs_input_grad
-    need_x, need_w, need_b = bool(need[0]), bool(need[1]), bool(need[2])
-    need_A = [bool(v) for v in need[6]] if isinstance(need[6], (list, tuple)) else [bool(need[6])] * n
-    need_B = [bool(v) for v in need[7]] if isinstance(need[7], (list, tuple)) else [bool(need[7])] * n
-    grads = [None if s is None else [None] * s for s in ctx.structure]
-    if need_x or any(need_A) or any(need_B):
-        out = torch.ops.fastpeft.lora_bwd(dY, x, weight, packed, fmt, qmeta, lora_As, lora_Bs, S, scales,
-                                          dropout_ps, magnitudes, seed, row_index, ctx.backend, need_x, need_A,
-                                          need_B)
-        grads[0] = out[0] if need_x else None
-        grads[6] = [g if nd else None for g, nd in zip(out[1:1 + n], need_A)]
-        grads[7] = [g if nd else None for g, nd in zip(out[1 + n:], need_B)]
-    if need_w or need_b:  # a trainable dense base (rare: LoRA freezes it); packed weights never get grads
-        dY2 = dY.reshape(-1, dY.shape[-1])
-        if need_w:
-            grads[1] = torch.mm(dY2.t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
-        if need_b:
-            grads[2] = dY2.sum(0).to(ctx.bias_dtype)
-    return tuple(grads)
-
-
-lora_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, dY):
+        fmt, qmeta, scales, dropout_ps = ctx.meta
+        n = len(scales)
+        x, weight, S, seed, row_index, *tensors = ctx.saved_tensors
+        lora_As, lora_Bs, magnitudes, packed = (tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n],
+                                                tensors[3 * n:])
+        need = ctx.needs_input_grad
+        need_x, need_w, need_b = need[1], need[2], need[3]
+        need_A, need_B = list(need[6:6 + n]), list(need[6 + n:6 + 2 * n])
+        dX = dW = db = None
+        dAs, dBs = [None] * n, [None] * n
+        if need_x or any(need_A) or any(need_B):
+            out = torch.ops.fastpeft.lora_bwd(dY, x, weight, list(packed), fmt, qmeta, list(lora_As), list(lora_Bs),
+                                              S, scales, dropout_ps, list(magnitudes), seed, row_index, need_x,
+                                              need_A, need_B)
+            dX = out[0] if need_x else None
+            dAs = [g if nd else None for g, nd in zip(out[1:1 + n], need_A)]
+            dBs = [g if nd else None for g, nd in zip(out[1 + n:], need_B)]
+        if need_w or need_b:  # a trainable dense base (rare: LoRA freezes it); packed weights never get grads
+            dY2 = dY.reshape(-1, dY.shape[-1])
+            if need_w:
+                dW = torch.mm(dY2.t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
+            if need_b:
+                db = dY2.sum(0).to(ctx.bias_dtype)
+        return (None, dX, dW, db, None, None, *dAs, *dBs, *([None] * (len(tensors) - 2 * n)))
 
 
 # -- the public entry points ---------------------------------------------------------------------------
@@ -205,10 +204,9 @@ def lora(x: Tensor, base: Base, adapters: Union[AdapterSet, Sequence[Adapter]] =
     else:
         seed, ps = None, [0.0] * len(ads)
     weight, bias, packed, fmt, qmeta = _flatten_base(base)
-    Y, _ = torch.ops.fastpeft.lora_fwd(x, weight, bias, packed, fmt, qmeta, [a.A for a in ads], [a.B for a in ads],
-                                       [float(a.scale) for a in ads], ps, [a.magnitude for a in ads], seed,
-                                       aset.row_index)
-    return Y
+    meta = (fmt, tuple(qmeta), tuple(float(a.scale) for a in ads), tuple(ps))
+    return _LoraFunction.apply(meta, x, weight, bias, seed, aset.row_index, *(a.A for a in ads), *(a.B for a in ads),
+                               *(a.magnitude for a in ads), *packed)
 
 
 def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,

@@ -133,3 +133,36 @@ def test_compile_fastpeft_lora_llama_fullgraph():
     ids = tiny_inputs("llama")["input_ids"]
     _compile_peft_model(tiny_model("llama"), lambda m: m(input_ids=ids).logits, lora_dropout=0.1,
                         target_modules="all-linear")
+
+
+def test_compile_several_adapters_and_a_packed_base_in_one_call():
+    """ops.lora with two adapters (each its own dropout) over a dense and over an nf4 base: fullgraph
+    traces the one call, and forward + grads equal eager's (aot_eager replays the same seeds)."""
+    from fastpeft import ops
+    from fastpeft.quant.formats import quantize_weight
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(12, 16, generator=g) / 4
+    qw = quantize_weight(W, "nf4", blocksize=64)
+    leaves = [torch.randn(4, 16, generator=g).requires_grad_(), torch.randn(12, 4, generator=g).requires_grad_(),
+              torch.randn(2, 16, generator=g).requires_grad_(), torch.randn(12, 2, generator=g).requires_grad_()]
+
+    def f(x):
+        adapters = [ops.Adapter(leaves[0], leaves[1], 0.5, 0.2), ops.Adapter(leaves[2], leaves[3], 2.0, 0.1)]
+        y = ops.lora(x, ops.Base.dense(W), adapters, training=True)
+        return ops.lora(torch.tanh(y).repeat(1, 1, 2)[..., :16], ops.Base.quantized(qw), adapters, training=True)
+
+    def step(fn):
+        for t in leaves:
+            t.grad = None
+        x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        torch.manual_seed(0)
+        y = fn(x)
+        y.square().sum().backward()
+        return [y.detach(), x.grad] + [t.grad.clone() for t in leaves]
+
+    torch._dynamo.reset()
+    eager = step(f)
+    compiled = step(torch.compile(f, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
