@@ -47,7 +47,8 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft==0.21.2", "transformers==5.24.0", "bitsandbytes", "accelerate", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "peft==0.21.2", "transformers==5.24.0", "bitsandbytes", "accelerate==1.15.0",
+                 "matplotlib", "trl==1.16.0", "deepspeed==0.19.8"],
     },
     entry_points={"console_scripts": ["fastpeft=fastpeft.cli:main"]},
     ext_modules=ext_modules,

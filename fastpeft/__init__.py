@@ -57,8 +57,8 @@ __all__ = list(_EXPORTS)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-# transformers' Trainer saves fastpeft models as adapters, like peft models (see integrations/trainer.py).
-# Registering only installs an import hook (stdlib only); the patch runs when transformers.trainer loads.
-from .integrations import trainer as _trainer_integration  # noqa: E402
+# transformers' Trainer, accelerate and TRL treat fastpeft models as peft models (see integrations/ecosystem.py).
+# Registering only installs an import hook (stdlib only); the patches run when those libraries' modules load.
+from .integrations import ecosystem as _ecosystem  # noqa: E402
 
-_trainer_integration.register()
+_ecosystem.register()
