@@ -86,10 +86,13 @@ def cmd_bench(args) -> int:
         raise CliError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.repeats is not None and args.repeats < 1:
         raise CliError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.fsdp2_nproc < 1:
+        raise CliError(f"--fsdp2-nproc must be >= 1, got {args.fsdp2_nproc}")
     opts = BenchOptions(device=args.device, dtype=args.dtype, ranks=_parse_ranks(args.rank), dropout=args.dropout,
                         repeats=args.repeats, warmup=args.warmup, quick=args.quick,
                         layer_shapes=_parse_shapes(args.layer_shapes), only=args.only, seed=args.seed,
-                        json_path=args.json, progress=not args.no_progress)
+                        json_path=args.json, progress=not args.no_progress, fsdp2=args.fsdp2,
+                        fsdp2_nproc=args.fsdp2_nproc)
     try:
         result = run(opts)
     except BenchSetupError as e:
@@ -356,7 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=None, help="untimed runs before timing")
     b.add_argument("--quick", action="store_true", help="tiny shapes and 3 repeats (a few seconds; for tests)")
     b.add_argument("--layer-shapes", default=None, help="layer shapes MxKxN[,MxKxN...] instead of the defaults")
-    b.add_argument("--only", choices=("layer", "decoder"), default=None, help="run only one of the two benches")
+    b.add_argument("--only", choices=("layer", "decoder", "fsdp2"), default=None,
+                   help="run only one of the benches (fsdp2: only the FSDP2 row)")
+    b.add_argument("--fsdp2", action="store_true",
+                   help="add an FSDP2 row: per-rank step time and peak memory, fastpeft vs peft, each under its own "
+                        "torchrun launch (CPU: gloo; CUDA: one GPU per rank); not in the default run")
+    b.add_argument("--fsdp2-nproc", type=int, default=2, help="ranks of the FSDP2 row (default 2)")
     b.add_argument("--backend", choices=("torch", "triton", "cuda"), default=None,
                    help="force a fastpeft.ops backend (sets FASTPEFT_BACKEND)")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads)")

@@ -448,13 +448,23 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
 
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
                         selected_adapters: Optional[list[str]] = None, save_embedding_layers: Union[str, bool] = "auto",
-                        is_main_process: bool = True, path_initial_model_for_weight_conversion: Optional[str] = None,
-                        **kwargs: Any) -> None:
+                        is_main_process: Optional[bool] = None,
+                        path_initial_model_for_weight_conversion: Optional[str] = None, **kwargs: Any) -> None:
         """Write each selected adapter: "default" into ``save_directory``, others into ``save_directory/<name>``.
 
         Files: adapter_config.json, adapter_model.safetensors (or adapter_model.bin with
         safe_serialization=False), and README.md in ``save_directory``. All files are written into a
         temporary folder first and moved into place at the end, so an error leaves the old files intact.
+
+        ``state_dict=`` (as in peft): take the adapter tensors from this state dict instead of the
+        model's (keys as the model's state_dict, with or without a ``module.`` wrapper prefix).
+        ``state_dict=None`` given explicitly on a process that does not write returns at once (what
+        accelerate's ``get_state_dict`` gives ranks other than 0 under ZeRO-3).
+
+        Distributed training (DDP, FSDP1, FSDP2, DeepSpeed ZeRO-3): call this on every rank. Sharded
+        adapter tensors are gathered here (collectives every rank takes part in); only the main
+        process writes. ``is_main_process`` defaults to "rank 0 of torch.distributed" when a process
+        group is initialized (else True); pass it to choose the writer yourself (e.g. one per node).
         """
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
@@ -471,6 +481,18 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
                                  f"{list(self.peft_config)}")
         for name in selected_adapters:
             validate_adapter_name(name)  # names become folder names
+        from fastpeft.utils.save_and_load import adapter_state_dicts, distributed_rank
+
+        if is_main_process is None:
+            is_main_process = distributed_rank() == 0
+        given = "state_dict" in kwargs
+        state_dict = kwargs.pop("state_dict", None)
+        if given and state_dict is None and not is_main_process:
+            # accelerate's get_state_dict under ZeRO-3 returns None off rank 0: the main process was given
+            # full tensors and gathers nothing, so this rank must not enter a gather either
+            return
+        # Every rank gathers (FSDP2 / ZeRO-3 / FSDP1 gathers are collectives); only the main process writes.
+        adapters = adapter_state_dicts(self, selected_adapters, state_dict, save_embedding_layers).items()
         if not is_main_process:
             return
 
@@ -479,14 +501,11 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
         stale: list[str] = []  # weights in the other format, removed once the new ones are in place
         # Every file is written into a staging folder first and moved into place only once all were written.
         with staged_folder(save_directory) as staging:
-            state_dict = self.state_dict()
             saved = []
-            for name in selected_adapters:
+            for name, weights in adapters:
                 rel = "" if name == "default" else name
                 stage_dir = os.path.join(staging, rel)
                 os.makedirs(stage_dir, exist_ok=True)
-                weights = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name,
-                                                    save_embedding_layers=save_embedding_layers)
                 write_weights(weights, os.path.join(stage_dir, weights_name), safe_serialization=safe_serialization)
                 cfg, auto_mapping = self._config_to_save(name)
                 cfg.save_pretrained(stage_dir, auto_mapping_dict=auto_mapping)

@@ -237,3 +237,63 @@ def test_save_with_tied_embedding_weights(tiny, tmp_path):
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert {"base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"} <= set(saved)
     torch.testing.assert_close(saved["base_model.model.lm_head.weight"], model.lm_head.weight.detach())
+
+
+# -- wrapped models and the state_dict argument (the 2-rank engine runs are in tests/distributed) --------
+class _Wrapper(torch.nn.Module):
+    """Holds the model as ``module`` (DDP, DeepSpeedEngine and accelerate do the same)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_state_dict_argument_is_what_gets_saved(tiny, tmp_path):
+    """save_pretrained(state_dict=...) saves that dict's tensors (as peft does), under DDP's "module."
+    prefix too; the model's own tensors are not read."""
+    from fastpeft.utils.save_and_load import get_peft_model_state_dict
+
+    pm = get_peft_model(tiny.model("llama"), _lora(target_modules=["q_proj", "v_proj"]))
+    own = get_peft_model_state_dict(pm)
+    sd = {k: v + 1.0 if "lora_" in k else v for k, v in pm.state_dict().items()}
+    for prefix in ("", "module."):
+        folder = tmp_path / (prefix or "plain")
+        pm.save_pretrained(str(folder), state_dict={prefix + k: v for k, v in sd.items()})
+        saved = load_file(str(folder / "adapter_model.safetensors"))
+        assert sorted(saved) == sorted(own)
+        for k in own:
+            torch.testing.assert_close(saved[k], own[k] + 1.0, rtol=0, atol=0)
+    # a partial state dict saves what it has (peft: no error, the missing tensors are just absent)
+    part = {k: v for k, v in sd.items() if "layers.0." in k}
+    pm.save_pretrained(str(tmp_path / "part"), state_dict=part)
+    saved = load_file(str(tmp_path / "part" / "adapter_model.safetensors"))
+    assert saved and all("layers.0." in k for k in saved)
+
+
+def test_wrappers_are_looked_through(tiny):
+    from fastpeft.utils.save_and_load import canonical_key, get_peft_model_state_dict, unwrap_model
+
+    pm = get_peft_model(tiny.model("llama"), _lora(target_modules=["q_proj"]))
+    want = get_peft_model_state_dict(pm)
+    compiled = torch.compile(pm)  # an OptimizedModule: "_orig_mod." in its state_dict keys; nothing compiles here
+    for wrapped in (_Wrapper(pm), _Wrapper(_Wrapper(pm)), compiled, _Wrapper(compiled)):
+        assert unwrap_model(wrapped) is pm
+        got = get_peft_model_state_dict(wrapped)
+        assert sorted(got) == sorted(want)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert get_peft_model_state_dict(pm, unwrap_compiled=True).keys() == want.keys()
+    assert canonical_key("module.base_model.model.layers.0._fsdp_wrapped_module.q_proj.lora_A.default.weight") == \
+        "base_model.model.layers.0.q_proj.lora_A.default.weight"
+    assert canonical_key("_orig_mod.base_model.x._checkpoint_wrapped_module.y") == "base_model.x.y"
+
+
+def test_is_main_process(tiny, tmp_path):
+    """Only the main process writes; a non-main process given state_dict=None explicitly (accelerate's
+    get_state_dict off rank 0 under ZeRO-3) returns without reading the model."""
+    pm = get_peft_model(tiny.model("llama"), _lora(target_modules=["q_proj"]))
+    pm.save_pretrained(str(tmp_path / "no"), is_main_process=False)
+    assert not (tmp_path / "no").exists()
+    pm.save_pretrained(str(tmp_path / "none"), is_main_process=False, state_dict=None)
+    assert not (tmp_path / "none").exists()
+    pm.save_pretrained(str(tmp_path / "yes"))  # no process group: this process is the main one
+    assert (tmp_path / "yes" / "adapter_model.safetensors").is_file()

@@ -37,12 +37,15 @@ class BenchOptions:
     warmup: Optional[int] = None
     quick: bool = False
     layer_shapes: Optional[List[tuple]] = None  # [(M, K, N)]
-    only: Optional[str] = None            # "layer" | "decoder" | None (both)
+    only: Optional[str] = None            # "layer" | "decoder" | "fsdp2" | None (layer and decoder)
+    fsdp2: bool = False                   # add the FSDP2 row (per-rank step time and peak memory; own launches)
+    fsdp2_nproc: int = 2
     seed: int = 0
     json_path: Optional[str] = None
     progress: bool = True
     cases_layer: List[LayerCase] = field(default_factory=list)
     cases_decoder: List[DecoderCase] = field(default_factory=list)
+    cases_fsdp2: List[DecoderCase] = field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,6 +85,9 @@ def plan(opts: BenchOptions, device: torch.device) -> None:
         opts.cases_layer = [LayerCase(M, K, N, r, dtype, opts.dropout) for r in ranks for (M, K, N) in shapes]
     if opts.only in (None, "decoder"):
         opts.cases_decoder = [DecoderCase(r=ranks[0], dtype=dtype, dropout=opts.dropout, **dec)]
+    if opts.fsdp2 or opts.only == "fsdp2":
+        opts.fsdp2 = True
+        opts.cases_fsdp2 = [DecoderCase(r=ranks[0], dtype=dtype, dropout=opts.dropout, **dec)]
 
 
 class Progress:
@@ -158,7 +164,7 @@ def _measure(bench, device, opts, prog, label, tokens: Optional[int] = None) -> 
 def run(opts: BenchOptions) -> dict:
     device = resolve_device(opts.device)
     plan(opts, device)
-    steps = 2 * len(IMPLS) * (len(opts.cases_layer) + len(opts.cases_decoder))
+    steps = 2 * len(IMPLS) * (len(opts.cases_layer) + len(opts.cases_decoder)) + len(opts.cases_fsdp2)
     prog = Progress(steps, enabled=opts.progress)
     t_start = time.perf_counter()
     result = {"schema": SCHEMA, "env": environment(device),
@@ -166,7 +172,7 @@ def run(opts: BenchOptions) -> dict:
                            "quick": opts.quick, "seed": opts.seed, "saved_bytes_note": SAVED_NOTE,
                            "decoder_repeats": _decoder_counts(opts)[0], "decoder_warmup": _decoder_counts(opts)[1],
                            "decoder_step": "forward + causal-LM loss + backward (no optimizer step)"},
-              "layer": [], "decoder": []}
+              "layer": [], "decoder": [], "fsdp2": []}
     try:
         from fastpeft import ops as _ops  # noqa: F401  (report the backend fastpeft would pick)
         probe = torch.empty(1, 8, device=device, dtype=torch.float32)
@@ -190,6 +196,13 @@ def run(opts: BenchOptions) -> dict:
             result["decoder"].append({"case": case.to_dict(), "label": case.label(), "rows": rows,
                                       "ratios": _ratios(rows, metrics), **info})
             del benches
+        for case in opts.cases_fsdp2:
+            from .distributed import run_fsdp2
+
+            prog.step(f"FSDP2 x{opts.fsdp2_nproc}: {case.label()} (fastpeft and peft launches)")
+            repeats, warmup = _decoder_counts(opts)
+            result["fsdp2"].append(run_fsdp2(case, device, nproc=opts.fsdp2_nproc, repeats=repeats,
+                                             warmup=max(1, warmup), seed=opts.seed))
     finally:
         prog.close()
     result["wall_s"] = time.perf_counter() - t_start
@@ -272,6 +285,14 @@ def format_table(result: dict) -> str:
             if cuda:
                 line += f"  peak mem {_fmt_x(rt['peak_mem_bytes']['peft/fastpeft'])}"
             lines.append(line)
+            lines.append("")
+    if result.get("fsdp2"):
+        from .distributed import format_fsdp2
+
+        lines.append("FSDP2 training step = forward + loss + backward + AdamW, fully_shard per decoder layer and "
+                     "root; every rank its own batch")
+        for entry in result["fsdp2"]:
+            lines.extend(format_fsdp2(entry))
             lines.append("")
     spread = _worst_spread(result)
     if spread is not None and spread > 0.25:

@@ -180,26 +180,119 @@ def out_features(base: Base, adapters: Sequence[Adapter]) -> int:
 
 
 # -- input preparation: the one place where inputs are cast ------------------------------------------
-def prepare(x: Tensor, base: Base) -> tuple:
-    """(x, base) as the op computes them.
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _dtensor_type():
+    """torch.distributed.tensor.DTensor, imported on first need (None where torch.distributed is absent)."""
+    global _DTENSOR
+    if _DTENSOR is False:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # pragma: no cover - torch built without distributed
+            DTensor = None
+        _DTENSOR = DTensor
+    return _DTENSOR
+
+
+_DTENSOR = False
+
+
+def _is_dtensor(t) -> bool:
+    # the common case (plain tensors and parameters) answers without importing torch.distributed
+    if t is None or type(t) in _PLAIN_TYPES:
+        return False
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def _local(t: Tensor, name: str) -> Tensor:
+    """A DTensor input as the plain tensor the op computes with, where that is correct; else a clear error.
+
+    - every placement Replicate: the local tensor (``to_local``: same values; its gradient comes back as
+      a Replicate DTensor, as DTensor autograd defines);
+    - sharded / partial and no gradient needed (a frozen base weight, a packed quantized field, or
+      grad mode off): the full tensor (``full_tensor``: an all-gather, so every rank runs this call);
+    - sharded / partial and a gradient needed: refused. The gathered tensor's gradient would come
+      back as this rank's chunk of this rank's gradient, never reduced across ranks, and data-parallel
+      training would silently diverge.
+    """
+    from torch.distributed.tensor import Replicate
+
+    placements = tuple(t.placements)
+    if all(isinstance(p, Replicate) for p in placements):
+        return t.to_local()
+    needs_grad = t.requires_grad and torch.is_grad_enabled()
+    if not needs_grad:
+        return t.full_tensor()
+    raise ValueError(
+        f"fastpeft.ops.lora: {name} is a DTensor with placements {placements} over a device mesh of "
+        f"{t.device_mesh.size()} ranks, and it needs a gradient. FSDP2 (fully_shard) gathers a module's "
+        f"parameters in that module's forward pre-hook, and a LoRA layer reads lora_A / lora_B (and its base "
+        f"weight) in its own forward without calling their modules. Apply fully_shard to the LoRA layer or a "
+        f"module that contains it (e.g. each transformer block, then the root model), not to lora_A, lora_B or "
+        f"base_layer alone."
+    )
+
+
+def _local_packed(packed: QuantizedWeight) -> QuantizedWeight:
+    fields = {f: getattr(packed, f) for f in ("qdata", "scales", "zeros", "code", "absmax2", "code2", "offset",
+                                              "g_idx")}
+    changed = {f: _local(t, f"the packed weight's {f}") for f, t in fields.items() if _is_dtensor(t)}
+    return packed._replace(**changed) if changed else packed
+
+
+def prepare(x: Tensor, base: Base, adapters: "AdapterSet" = None) -> tuple:
+    """(x, base, adapters) as the op computes them (``adapters`` None: an empty set).
+
+    DTensors (FSDP2 / tensor-parallel inputs) become the plain tensors the kernels take where that is
+    correct, see :func:`_local`: a Replicate DTensor its local tensor, a sharded one that needs no
+    gradient its full tensor; a sharded one that needs a gradient is refused with a ValueError naming
+    it. Under FSDP2 applied to the blocks that contain the LoRA layers, every input is already a plain
+    tensor here (the block's pre-forward hook unsharded them). x itself is refused as a DTensor: a
+    DTensor activation means tensor / sequence parallelism, whose output layout the op cannot produce.
 
     Under torch.autocast: x, the dense weight and the bias in the autocast dtype, as autocast casts
     an nn.Linear's inputs (custom ops get no autocast casts of their own). Adapters keep their dtype:
     the LoRA branch runs in fp32 from fp32 adapters, at least as precise as peft's autocast bf16.
     A quantized base is dequantized into x's dtype, so its bias follows x's dtype too.
-    (DTensor inputs under FSDP2 will be turned into local tensors here as well.)
     """
+    if adapters is None:
+        adapters = AdapterSet()
+    if _is_dtensor(x):
+        raise ValueError(
+            f"fastpeft.ops.lora: x is a DTensor with placements {tuple(x.placements)}: DTensor activations "
+            f"(tensor or sequence parallelism) are not supported. Data-parallel engines (DDP, FSDP1, FSDP2, "
+            f"DeepSpeed ZeRO) pass plain activations; call the op with x.to_local() or x.full_tensor()."
+        )
+    weight, bias, packed = base.weight, base.bias, base.packed
+    if _is_dtensor(weight):
+        weight = _local(weight, "the base weight")
+    if _is_dtensor(bias):
+        bias = _local(bias, "the bias")
+    if packed is not None:
+        packed = _local_packed(packed)
+    ads = adapters.adapters
+    if any(_is_dtensor(t) for a in ads for t in (a.A, a.B, a.magnitude)):
+        which = (lambda i: "") if len(ads) == 1 else (lambda i: f" (adapter {i})")
+        ads = tuple(dataclasses.replace(
+            a, A=_local(a.A, f"lora_A{which(i)}") if _is_dtensor(a.A) else a.A,
+            B=_local(a.B, f"lora_B{which(i)}") if _is_dtensor(a.B) else a.B,
+            magnitude=_local(a.magnitude, f"magnitude{which(i)}") if _is_dtensor(a.magnitude) else a.magnitude)
+            for i, a in enumerate(ads))
+        adapters = AdapterSet(ads, adapters.row_index)
+    if _is_dtensor(adapters.row_index):
+        adapters = AdapterSet(adapters.adapters, _local(adapters.row_index, "row_index"))
     dev = x.device.type
-    weight, bias = base.weight, base.bias
     if torch.is_autocast_enabled(dev):
         adt = torch.get_autocast_dtype(dev)
         x, weight, bias = (t if t is None or not t.is_floating_point() or t.dtype == adt else t.to(adt)
                            for t in (x, weight, bias))
-    if base.packed is not None and bias is not None and bias.dtype != x.dtype:
+    if packed is not None and bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if weight is not base.weight or bias is not base.bias:
-        base = Base(weight=weight, packed=base.packed, bias=bias)
-    return x, base
+    if weight is not base.weight or bias is not base.bias or packed is not base.packed:
+        base = Base(weight=weight, packed=packed, bias=bias)
+    return x, base, adapters
 
 
 # -- the one validator ------------------------------------------------------------------------------

@@ -133,6 +133,14 @@ def _(dY, x, weight, packed, fmt, qmeta, lora_As, lora_Bs, S, scales, dropout_ps
     return out
 
 
+def _param_layout(g: Tensor, p: Tensor) -> Tensor:
+    """``g`` with ``p``'s strides (contiguous for a contiguous parameter): DDP buckets, FSDP2's
+    reduce-scatter and ZeRO's partitioning read gradients as flat views of the parameter's layout."""
+    if g.stride() == p.stride() or g.numel() <= 1:
+        return g
+    return torch.empty_like(p, dtype=g.dtype).copy_(g)
+
+
 class _LoraFunction(torch.autograd.Function):
     """Autograd of the op: forward is fastpeft::lora_fwd, backward fastpeft::lora_bwd.
 
@@ -173,8 +181,8 @@ class _LoraFunction(torch.autograd.Function):
                                               S, scales, dropout_ps, list(magnitudes), seed, row_index, need_x,
                                               need_A, need_B)
             dX = out[0] if need_x else None
-            dAs = [g if nd else None for g, nd in zip(out[1:1 + n], need_A)]
-            dBs = [g if nd else None for g, nd in zip(out[1 + n:], need_B)]
+            dAs = [_param_layout(g, A) if nd else None for g, A, nd in zip(out[1:1 + n], lora_As, need_A)]
+            dBs = [_param_layout(g, B) if nd else None for g, B, nd in zip(out[1 + n:], lora_Bs, need_B)]
         if need_w or need_b:  # a trainable dense base (rare: LoRA freezes it); packed weights never get grads
             dY2 = dY.reshape(-1, dY.shape[-1])
             if need_w:
@@ -195,7 +203,7 @@ def lora(x: Tensor, base: Base, adapters: Union[AdapterSet, Sequence[Adapter]] =
     ``training``. ``fn`` names the caller in error messages.
     """
     aset = adapters if isinstance(adapters, AdapterSet) else AdapterSet(tuple(adapters))
-    x, base = prepare(x, base)
+    x, base, aset = prepare(x, base, aset)
     validate(fn, x, base, aset)
     ads = aset.adapters
     if training and any(a.dropout_p > 0.0 for a in ads):

@@ -23,6 +23,7 @@ _EXPORTS = {
     "from_bnb": "importers",
     "from_gptq": "importers",
     "import_bnb": "importers",
+    "packed_as_parameters": "sharding",
 }
 
 __all__ = sorted(_EXPORTS)

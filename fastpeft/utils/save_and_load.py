@@ -16,6 +16,13 @@ File format (peft 0.21's, learned by saving with peft and reading the files back
 Loading maps a file key back by looking at the model's structure (which modules are LoRA layers,
 which are ModulesToSaveWrappers) rather than by string heuristics, and checks every shape before
 anything is written into the model, so a bad file never leaves a half-loaded adapter.
+
+Distributed engines: keys are read through wrappers (DDP / DeepSpeedEngine ``module.``, FSDP1
+``_fsdp_wrapped_module.``, checkpoint_wrapper, torch.compile ``_orig_mod.``) and sharded values are
+gathered before saving (FSDP2 DTensors: ``full_tensor``; ZeRO-3 partitions: ``GatheredParameters``),
+which are collectives: under those engines every rank saves (only the main process writes). Loading
+copies into FSDP2 DTensors shard by shard and into ZeRO-3 partitions through GatheredParameters
+(every rank loads); FSDP1's flat shards are refused (load before wrapping).
 """
 from __future__ import annotations
 
@@ -38,7 +45,10 @@ __all__ = [
     "is_lora_layer",
     "is_modules_to_save_wrapper",
     "get_peft_model_state_dict",
+    "adapter_state_dicts",
     "set_peft_model_state_dict",
+    "unwrap_model",
+    "canonical_key",
     "load_peft_weights",
     "find_weights_file",
     "load_weights_file",
@@ -96,13 +106,19 @@ def is_modules_to_save_wrapper(module: nn.Module) -> bool:
     return isinstance(getattr(module, "modules_to_save", None), nn.ModuleDict) and hasattr(module, "original_module")
 
 
+def _named_modules(root: nn.Module):
+    """named_modules() with engine wrappers left out of the names (see :func:`canonical_key`)."""
+    for name, mod in root.named_modules():
+        yield canonical_key(name), mod
+
+
 def _adapter_slots(root: nn.Module, prefix: str):
     """Yield (slot_key, container) for every per-adapter container of every LoRA layer.
 
     slot_key is ``<prefix><module path>.<attr>`` (e.g. "base_model.model.x.q_proj.lora_A"); container is
     the ModuleDict / ParameterDict keyed by adapter name.
     """
-    for name, mod in root.named_modules():
+    for name, mod in _named_modules(root):
         if not is_lora_layer(mod):
             continue
         for attr in mod.adapter_layer_names:
@@ -112,13 +128,13 @@ def _adapter_slots(root: nn.Module, prefix: str):
 
 
 def _wrappers(root: nn.Module, prefix: str):
-    for name, mod in root.named_modules():
+    for name, mod in _named_modules(root):
         if is_modules_to_save_wrapper(mod):
             yield f"{prefix}{name}", mod
 
 
 def _lora_layer_names(root: nn.Module, prefix: str) -> list[str]:
-    return [f"{prefix}{n}" for n, m in root.named_modules() if is_lora_layer(m) and n]
+    return [f"{prefix}{n}" for n, m in _named_modules(root) if is_lora_layer(m) and n]
 
 
 def _split_slot_key(key: str, slots: dict) -> Optional[tuple[str, str]]:
@@ -129,6 +145,119 @@ def _split_slot_key(key: str, slots: dict) -> Optional[tuple[str, str]]:
         if head in slots:
             return head, ".".join(parts[i:])
     return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# models wrapped by a distributed engine (DDP, FSDP1, FSDP2, DeepSpeed ZeRO-3) or torch.compile
+# ----------------------------------------------------------------------------------------------------
+# Attributes under which wrappers hold the module they wrap: DDP / DeepSpeedEngine / accelerate
+# ("module"), FSDP1 ("_fsdp_wrapped_module"), torch.compile ("_orig_mod"), checkpoint_wrapper
+# ("_checkpoint_wrapped_module"). A PeftModel itself never has a child under one of these names.
+_WRAPPER_ATTRS = ("module", "_fsdp_wrapped_module", "_orig_mod", "_checkpoint_wrapped_module")
+# path components that wrappers put inside module / state_dict names (FSDP1 and checkpoint_wrapper
+# remove them from state_dict keys themselves; named_modules() keeps them; torch.compile keeps them)
+_WRAPPER_PARTS = frozenset(("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / FSDP1 / DeepSpeedEngine / torch.compile / checkpoint wrappers (FSDP2 and
+    ZeRO-3 partitioning change a model in place and need no unwrapping)."""
+    while True:
+        children = model._modules
+        inner = next((children[a] for a in _WRAPPER_ATTRS if children.get(a) is not None), None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def canonical_key(key: str) -> str:
+    """A state_dict key or module name as the unwrapped PeftModel has it: wrapper components dropped,
+    leading ``module.`` prefixes (DDP, DeepSpeedEngine) removed."""
+    parts = key.split(".")
+    start = 0
+    while start < len(parts) - 1 and parts[start] == "module":
+        start += 1
+    return ".".join(p for p in parts[start:] if p not in _WRAPPER_PARTS)
+
+
+def _is_dtensor(value) -> bool:
+    if type(value) in (torch.Tensor, nn.Parameter) or not isinstance(value, torch.Tensor):
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(value, DTensor)
+
+
+def _is_fsdp1(module: nn.Module) -> bool:
+    return type(module).__name__ == "FullyShardedDataParallel" and hasattr(module, "_fsdp_wrapped_module")
+
+
+def _fsdp1_outer_shards(model: nn.Module) -> set:
+    """Canonical names of the FSDP1-flattened parameters of ``model`` that no FSDP1 unit inside
+    ``model`` owns: an FSDP1 unit around ``model`` owns them, and ``model.state_dict()`` holds only this
+    rank's flat shard of them (FSDP1 gathers a unit's parameters in that unit's state_dict hook)."""
+    flattened = [(n, p) for n, p in model.named_parameters() if getattr(p, "_fsdp_flattened", False)]
+    if not flattened:
+        return set()
+    owned = {id(p) for m in model.modules() if _is_fsdp1(m) for p in m.parameters()}
+    return {canonical_key(n) for n, p in flattened if id(p) not in owned}
+
+
+def distributed_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+def _full_tensors(model: nn.Module, tensors: dict, outer_shards: set = frozenset()) -> dict:
+    """``tensors`` (canonical key -> tensor) with every sharded value replaced by the full tensor.
+
+    FSDP2 DTensors are all-gathered (``full_tensor``); DeepSpeed ZeRO-3 partitioned parameters (an empty
+    placeholder in state_dict) are gathered with ``deepspeed.zero.GatheredParameters``. Both are
+    collectives: every rank must call this with the same keys, in the same order (the keys come from
+    the model's structure, which is the same on every rank). Values that are already full are kept.
+    """
+    ds_params = None
+    pending = []  # (key, ZeRO-3 parameter)
+    out = {}
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            out[key] = value
+            continue
+        if _is_dtensor(value):
+            out[key] = value.full_tensor().detach()
+            continue
+        if key in outer_shards:
+            raise RuntimeError(
+                f"Cannot save {key!r}: it belongs to a FullyShardedDataParallel (FSDP1) unit that wraps this "
+                f"model from outside, so this model only sees this rank's flat shard of it (shape "
+                f"{tuple(value.shape)}). Pass the FSDP module to get_peft_model_state_dict, or gather a full state "
+                f"dict on every rank and pass it on: `with FSDP.state_dict_type(fsdp_model, "
+                f"StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)): "
+                f"sd = fsdp_model.state_dict()`, then `model.save_pretrained(path, state_dict=sd)`."
+            )
+        if type(value).__name__ == "ShardedTensor":
+            raise RuntimeError(
+                f"Cannot save {key!r}: it is a ShardedTensor (FSDP1 SHARDED_STATE_DICT). Save adapters from a "
+                f"FULL_STATE_DICT (the default state_dict type), or pass state_dict= with full tensors."
+            )
+        if ds_params is None:
+            ds_params = {canonical_key(n): p for n, p in model.named_parameters() if hasattr(p, "ds_id")}
+        param = ds_params.get(key)
+        if param is not None and value.numel() != param.ds_numel:
+            pending.append((key, param))
+            out[key] = None  # keeps the order
+            continue
+        out[key] = value.detach()
+    if pending:
+        import deepspeed  # a ZeRO-3 model was built with it
+
+        with deepspeed.zero.GatheredParameters([p for _, p in pending], modifier_rank=None):
+            for key, param in pending:
+                out[key] = param.data.detach().clone()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -154,15 +283,52 @@ def get_peft_model_state_dict(
     model: nn.Module,
     state_dict: Optional[dict] = None,
     adapter_name: str = "default",
+    unwrap_compiled: bool = False,
     save_embedding_layers="auto",
 ) -> dict:
     """The tensors of adapter ``adapter_name`` under the keys they have in adapter_model.safetensors.
 
-    ``model`` is a PeftModel (keys start with "base_model.model.").
+    ``model`` is a PeftModel (keys start with "base_model."), or a PeftModel wrapped by DDP, FSDP1,
+    DeepSpeed or torch.compile (``unwrap_compiled`` is accepted for peft compatibility: wrappers are
+    always looked through). ``state_dict`` (default: ``model.state_dict()``) is read under the
+    unwrapped model's keys (``module.`` and ``_fsdp_wrapped_module.``-style components removed).
+
+    Values are full tensors: FSDP2 DTensors and DeepSpeed ZeRO-3 partitioned parameters are gathered
+    here, which is a collective, so under those engines call this on every rank (as
+    ``save_pretrained`` does). A ``state_dict`` that already holds full tensors (e.g. from
+    ``accelerator.get_state_dict``, which is empty on ranks other than 0) needs no collective.
     """
-    config = model.peft_config[adapter_name]
+    return adapter_state_dicts(model, [adapter_name], state_dict, save_embedding_layers)[adapter_name]
+
+
+def adapter_state_dicts(model: nn.Module, adapter_names: list, state_dict: Optional[dict] = None,
+                        save_embedding_layers="auto") -> dict:
+    """{adapter name: get_peft_model_state_dict(model, state_dict, name, ...)} from one model.state_dict()
+    call (under FSDP1 that call gathers the whole model)."""
+    outer = model
+    model = unwrap_model(model)
+    outer_shards: set = set()
     if state_dict is None:
-        state_dict = model.state_dict()
+        # a wrapper's own state_dict gathers what it shards (FSDP1 FULL_STATE_DICT)
+        state_dict = outer.state_dict()
+        if not _is_fsdp1(outer):
+            outer_shards = _fsdp1_outer_shards(model)
+    state_dict = {canonical_key(k): v for k, v in state_dict.items()}
+    out = {}
+    for name in adapter_names:
+        config = model.peft_config[name]
+        # select by key first (file key -> state_dict key), then gather only the selected tensors
+        chosen = _peft_model_state_dict(model, {k: k for k in state_dict}, name, config, save_embedding_layers)
+        sources = {src: state_dict[src] for src in chosen.values() if isinstance(src, str)}
+        full = _full_tensors(model, sources, outer_shards)
+        extra = _full_tensors(model, {k: v for k, v in chosen.items() if not isinstance(v, str)})
+        out[name] = {k: full[v] if isinstance(v, str) else extra[k] for k, v in chosen.items()}
+    return out
+
+
+def _peft_model_state_dict(model: nn.Module, state_dict: dict, adapter_name: str, config,
+                           save_embedding_layers) -> dict:
+    """The selection and renaming of get_peft_model_state_dict (values as found in ``state_dict``)."""
     slots = dict(_adapter_slots(model, ""))
     out: dict = {}
     if getattr(config, "is_prompt_learning", False):
@@ -270,9 +436,16 @@ def set_peft_model_state_dict(
     ``low_cpu_mem_usage`` is accepted for peft signature compatibility (tensors are copied in place
     either way).
     """
+    model = unwrap_model(model)
+    if any(getattr(p, "_fsdp_flattened", False) for p in model.parameters()):
+        raise NotImplementedError(
+            "Loading adapter weights into a model wrapped by FullyShardedDataParallel (FSDP1) is not supported: "
+            "FSDP1 holds flattened shards that a state dict cannot be copied into. Load the adapter before "
+            "wrapping (PeftModel.from_pretrained / load_adapter), then wrap; or use FSDP2 (fully_shard)."
+        )
     slots = dict(_adapter_slots(model, ""))
     wrapper_names = sorted((k for k, _ in _wrappers(model, "")), key=len, reverse=True)
-    targets = dict(model.state_dict(keep_vars=True))
+    targets = {canonical_key(k): v for k, v in model.state_dict(keep_vars=True).items()}
     where = f" in {source}" if source else ""
     config = getattr(model, "peft_config", {}).get(adapter_name)
     prompt = bool(getattr(config, "is_prompt_learning", False))
@@ -300,8 +473,8 @@ def set_peft_model_state_dict(
         target = targets[model_key]
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"Adapter weight {file_key!r}{where} is a {type(value).__name__}, not a tensor")
-        if tuple(target.shape) != tuple(value.shape):
-            mismatched.append((file_key, model_key, tuple(target.shape), tuple(value.shape)))
+        if _logical_shape(target) != tuple(value.shape):
+            mismatched.append((file_key, model_key, _logical_shape(target), tuple(value.shape)))
             continue
         plan.append((target, value))
 
@@ -316,9 +489,7 @@ def set_peft_model_state_dict(
     for fk, mk, exp, found in mismatched:
         warnings.warn(f"Skipping {fk}{where}: expected shape {list(exp)}, found {list(found)}")
 
-    with torch.no_grad():
-        for target, value in plan:
-            target.copy_(value.to(device=target.device))
+    _copy_into(plan)
 
     expected = set()
     for slot_key, container in slots.items():
@@ -345,6 +516,37 @@ def set_peft_model_state_dict(
             f"{unexpected[:5]}"
         )
     return AdapterLoadResult(missing, unexpected)
+
+
+def _logical_shape(target: torch.Tensor) -> tuple:
+    """A parameter's shape as the model means it (a ZeRO-3 partitioned parameter holds a placeholder)."""
+    ds_shape = getattr(target, "ds_shape", None)
+    return tuple(ds_shape) if ds_shape is not None else tuple(target.shape)
+
+
+def _copy_into(plan: list) -> None:
+    """Copy each full ``value`` into its ``target``: a plain tensor in place, an FSDP2 DTensor shard by
+    shard (every rank holds the whole file, so no communication), a ZeRO-3 partitioned parameter through
+    ``deepspeed.zero.GatheredParameters`` (a collective: every rank loads)."""
+    zero3 = [(t, v) for t, v in plan if hasattr(t, "ds_id")]
+    with torch.no_grad():
+        for target, value in plan:
+            if hasattr(target, "ds_id"):
+                continue
+            if _is_dtensor(target):
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(device=target.device, dtype=target.dtype), target.device_mesh,
+                                          target.placements, src_data_rank=None)
+                target.copy_(value)
+            else:
+                target.copy_(value.to(device=target.device))
+        if zero3:
+            import deepspeed  # a ZeRO-3 model was built with it
+
+            with deepspeed.zero.GatheredParameters([t for t, _ in zero3], modifier_rank=0):
+                for target, value in zero3:
+                    target.data.copy_(value.to(device=target.device))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -413,6 +615,9 @@ def _untie(state_dict: dict) -> dict:
     seen = set()
     out = {}
     for key, value in state_dict.items():
+        if _is_dtensor(value):
+            raise ValueError(f"Adapter weight {key!r} is a sharded DTensor; gather it first (get_peft_model_state_dict "
+                             f"returns full tensors)")
         value = value.detach()
         ptr = (value.untyped_storage().data_ptr(), value.device) if value.numel() else None
         if ptr is not None and ptr in seen:
