@@ -1,6 +1,7 @@
 """fastpeft under the existing distributed engines, 2 CPU ranks over gloo, launched as users launch them.
 
-Each launch (torchrun --standalone --nproc_per_node 2, two torchrun "nodes", accelerate launch) runs a
+Each launch (torchrun --standalone --nproc_per_node 2, two torchrun "nodes", accelerate launch, and
+transformers' Trainer under torchrun) runs a
 worker script from this folder that batches many checks into one process group (each launch costs
 ~10 s of imports); the workers write one JSON result per rank and these tests assert on them, one
 test per (engine, check). What each check compares is in worker.py's docstring; in short, against one
@@ -13,7 +14,7 @@ Engine bugs are kept out of the library's results by a canary (a plain nn.Linear
 engine, see _common.py): a gradient SUM (FSDP2 over gloo in some torch versions) is divided out in
 the test only, and the factor seen is part of the results.
 
-The default run is 5 launches plus the 2 of the `fastpeft bench --only fsdp2` row (about 70 s on 2 cores);
+The default run is 6 launches plus the 2 of the `fastpeft bench --only fsdp2` row (about 70 s on 2 cores);
 ``--runslow`` adds one launch with the rest of the engine x feature matrix (about 30 s).
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ LAUNCHES = {
     "zero3": ("torchrun", ["zero3"], None, [("zero3", c) for c in ZERO3]),
     "two_node_ddp": ("two_nodes", ["ddp"], ["canary", "fp32"], [("ddp", "canary"), ("ddp", "fp32")]),
     "accelerate": ("accelerate", [], None, [("accelerate", "fp32")]),
+    "trainer": ("trainer", [], None, [("trainer", "fp32")]),
 }
 # --runslow: the rest of the engine x feature matrix
 SLOW = {
@@ -88,6 +90,9 @@ def _commands(kind: str, engines: list, checks, out: str) -> list:
         return [[py, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
                  "1", "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(HERE, "worker_accelerate.py"),
                  out]]
+    if kind == "trainer":
+        return [[py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 os.path.join(HERE, "worker_trainer.py"), out]]
     raise ValueError(kind)
 
 
