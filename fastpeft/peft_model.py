@@ -30,7 +30,7 @@ from fastpeft.utils.atomic import staged_folder
 from fastpeft.utils.model_card import model_card_text_for
 from fastpeft.utils.peft_types import PeftType, TaskType
 from fastpeft.utils.save_and_load import (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, find_weights_file,
-                                          get_peft_model_state_dict, is_lora_layer, is_modules_to_save_wrapper,
+                                          is_lora_layer, is_modules_to_save_wrapper,
                                           load_weights_file, set_peft_model_state_dict, validate_adapter_name,
                                           write_weights)
 

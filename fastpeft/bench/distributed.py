@@ -125,21 +125,13 @@ class _PeakRSS:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-def _draw_lora(model, seed: int) -> None:
-    """The same LoRA values in both libraries' models (parameter names are shared), B non-zero."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if "lora_" in name:
-                p.copy_((torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5).to(p.dtype))
-
-
 def worker_main(argv: Optional[list] = None) -> int:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from .models import DecoderCase, _lora_config_kwargs, _make_llama, fastpeft_api, parse_dtype, peft_api
+    from .models import (DecoderCase, _lora_config_kwargs, _make_llama, draw_lora_weights, fastpeft_api, parse_dtype,
+                         peft_api)
 
     ap = argparse.ArgumentParser(prog="fastpeft.bench.distributed")
     ap.add_argument("--impl", choices=IMPLS_FSDP2, required=True)
@@ -166,7 +158,7 @@ def worker_main(argv: Optional[list] = None) -> int:
     get_peft_model, LoraConfig = fastpeft_api() if args.impl == "fastpeft" else peft_api()
     model = get_peft_model(base, LoraConfig(**_lora_config_kwargs(case.r, case.lora_alpha, case.dropout,
                                                                  list(case.targets), "CAUSAL_LM")))
-    _draw_lora(model, args.seed + 1)
+    draw_lora_weights(model, args.seed + 1)
     mesh = init_device_mesh(device.type, (world,))
     for layer in model.get_base_model().model.layers:
         fully_shard(layer, mesh=mesh)

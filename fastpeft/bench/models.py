@@ -69,18 +69,25 @@ def _lora_config_kwargs(r: int, alpha: float, dropout: float, targets: List[str]
     return kw
 
 
-def _sync_lora_weights(src: nn.Module, dst: nn.Module, seed: int) -> None:
-    """Draw fresh LoRA weights in `src` (B non-zero) and copy every lora_ parameter into `dst` by name."""
+def draw_lora_weights(model: nn.Module, seed: int) -> None:
+    """Fresh LoRA weights (B non-zero) from ``seed``, drawn per ``lora_`` parameter in name order, so two
+    models with the same parameter names (fastpeft's and peft's) get the same values."""
     gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_" in name:
+                p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float32) / p.shape[-1] ** 0.5).to(p.dtype))
+
+
+def _sync_lora_weights(src: nn.Module, dst: nn.Module, seed: int) -> None:
+    """Draw fresh LoRA weights in `src` and copy every lora_ parameter into `dst` by name."""
+    draw_lora_weights(src, seed)
     dst_params = dict(dst.named_parameters())
     copied = 0
     with torch.no_grad():
         for name, p in src.named_parameters():
             if "lora_" not in name:
                 continue
-            fan_in = p.shape[-1]
-            vals = torch.randn(p.shape, generator=gen, dtype=torch.float32) / fan_in ** 0.5
-            p.copy_(vals.to(p.dtype))
             if name not in dst_params:
                 raise KeyError(f"fastpeft model has no parameter {name!r} (peft has it); fastpeft lora_ "
                                f"parameters: {[n for n in dst_params if 'lora_' in n][:10]}")

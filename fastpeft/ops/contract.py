@@ -36,6 +36,9 @@ from torch import Tensor
 
 from ..quant.formats import QuantizedWeight, check_format
 
+# The tensor fields of a QuantizedWeight, in the order the custom ops carry them.
+PACKED_FIELDS = ("qdata", "scales", "zeros", "code", "absmax2", "code2", "offset", "g_idx")
+
 # Seeds stay in int31 so every backend can feed them to its RNG (Triton's tl.rand takes 32-bit seeds).
 SEED_HIGH = 2**31 - 1
 # Odd 31-bit step between the seeds of consecutive adapters of one call (a Weyl sequence: distinct
@@ -110,9 +113,6 @@ class AdapterSet:
 
     def __post_init__(self):
         object.__setattr__(self, "adapters", tuple(self.adapters))
-
-    def __len__(self) -> int:
-        return len(self.adapters)
 
 
 @dataclass(frozen=True)
@@ -198,8 +198,9 @@ def _dtensor_type():
 _DTENSOR = False
 
 
-def _is_dtensor(t) -> bool:
-    # the common case (plain tensors and parameters) answers without importing torch.distributed
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor. The common case (plain tensors and parameters, None) answers without
+    importing torch.distributed."""
     if t is None or type(t) in _PLAIN_TYPES:
         return False
     cls = _dtensor_type()
@@ -236,9 +237,8 @@ def _local(t: Tensor, name: str) -> Tensor:
 
 
 def _local_packed(packed: QuantizedWeight) -> QuantizedWeight:
-    fields = {f: getattr(packed, f) for f in ("qdata", "scales", "zeros", "code", "absmax2", "code2", "offset",
-                                              "g_idx")}
-    changed = {f: _local(t, f"the packed weight's {f}") for f, t in fields.items() if _is_dtensor(t)}
+    changed = {f: _local(getattr(packed, f), f"the packed weight's {f}") for f in PACKED_FIELDS
+               if is_dtensor(getattr(packed, f))}
     return packed._replace(**changed) if changed else packed
 
 
@@ -259,29 +259,28 @@ def prepare(x: Tensor, base: Base, adapters: "AdapterSet" = None) -> tuple:
     """
     if adapters is None:
         adapters = AdapterSet()
-    if _is_dtensor(x):
+    if is_dtensor(x):
         raise ValueError(
             f"fastpeft.ops.lora: x is a DTensor with placements {tuple(x.placements)}: DTensor activations "
             f"(tensor or sequence parallelism) are not supported. Data-parallel engines (DDP, FSDP1, FSDP2, "
             f"DeepSpeed ZeRO) pass plain activations; call the op with x.to_local() or x.full_tensor()."
         )
     weight, bias, packed = base.weight, base.bias, base.packed
-    if _is_dtensor(weight):
+    if is_dtensor(weight):
         weight = _local(weight, "the base weight")
-    if _is_dtensor(bias):
+    if is_dtensor(bias):
         bias = _local(bias, "the bias")
     if packed is not None:
         packed = _local_packed(packed)
     ads = adapters.adapters
-    if any(_is_dtensor(t) for a in ads for t in (a.A, a.B, a.magnitude)):
-        which = (lambda i: "") if len(ads) == 1 else (lambda i: f" (adapter {i})")
+    if any(is_dtensor(t) for a in ads for t in (a.A, a.B, a.magnitude)):
         ads = tuple(dataclasses.replace(
-            a, A=_local(a.A, f"lora_A{which(i)}") if _is_dtensor(a.A) else a.A,
-            B=_local(a.B, f"lora_B{which(i)}") if _is_dtensor(a.B) else a.B,
-            magnitude=_local(a.magnitude, f"magnitude{which(i)}") if _is_dtensor(a.magnitude) else a.magnitude)
+            a, A=_local(a.A, f"lora_A{_which(ads, i)}") if is_dtensor(a.A) else a.A,
+            B=_local(a.B, f"lora_B{_which(ads, i)}") if is_dtensor(a.B) else a.B,
+            magnitude=_local(a.magnitude, f"magnitude{_which(ads, i)}") if is_dtensor(a.magnitude) else a.magnitude)
             for i, a in enumerate(ads))
         adapters = AdapterSet(ads, adapters.row_index)
-    if _is_dtensor(adapters.row_index):
+    if is_dtensor(adapters.row_index):
         adapters = AdapterSet(adapters.adapters, _local(adapters.row_index, "row_index"))
     dev = x.device.type
     if torch.is_autocast_enabled(dev):

@@ -31,9 +31,8 @@ from torch import Tensor
 
 from ..quant.formats import QuantizedWeight
 from . import dispatch
-from .contract import SEED_HIGH, Adapter, AdapterSet, Base, LoraCall, compute_dtype, prepare, validate
-
-PACKED_FIELDS = ("qdata", "scales", "zeros", "code", "absmax2", "code2", "offset", "g_idx")
+from .contract import (PACKED_FIELDS, SEED_HIGH, Adapter, AdapterSet, Base, LoraCall, compute_dtype, out_features,
+                       prepare, validate)
 
 
 def draw_seed() -> Tensor:
@@ -68,14 +67,6 @@ def _call(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout
                     0 if seed is None else int(seed.item()), row_index)
 
 
-def _out_features(weight, bias, qmeta, lora_Bs) -> int:
-    if weight is not None:
-        return weight.shape[0]
-    if qmeta:
-        return qmeta[0]
-    return lora_Bs[0].shape[0] if lora_Bs else bias.shape[0]
-
-
 # -- forward ------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastpeft::lora_fwd", mutates_args=())
 def lora_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], packed: Sequence[Optional[Tensor]],
@@ -95,7 +86,7 @@ def lora_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pac
 @lora_fwd_op.register_fake
 def _(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, seed, row_index):
     M = math.prod(x.shape[:-1])
-    N = _out_features(weight, bias, qmeta, lora_Bs)
+    N = out_features(_base(weight, bias, packed, fmt, qmeta), [Adapter(A, B, 1.0) for A, B in zip(lora_As, lora_Bs)])
     R = sum(A.shape[0] for A in lora_As)
     cdt = compute_dtype(x.dtype, *(t.dtype for t in (*lora_As, *lora_Bs)))
     return x.new_empty((*x.shape[:-1], N)), x.new_empty((M, R), dtype=cdt)

@@ -15,9 +15,10 @@ Where the work is saved over a plain "base(x) + B(A(dropout(x)))": every LoRA ad
 GEMM with ``addmm_`` (Y is the only [M, N] tensor written, whatever the number of adapters), and D_i is
 regenerated from an integer seed in backward instead of keeping ``dropout(x)`` alive. A quantized W is
 dequantized fresh in forward and again in backward, never kept alive in between (QLoRA's saving).
-The mask comes from a ``torch.Generator`` on x's device seeded with the seed, so :func:`dropout_mask` reproduces it exactly (tests use it to build
-references with the same mask). Other backends use their own RNG (Triton: Philox), so a forward and
-its backward must run on the same backend; the ops layer makes sure of that.
+The mask comes from a ``torch.Generator`` on x's device seeded with the seed, so :func:`dropout_mask`
+reproduces it exactly (tests use it to build references with the same mask). Other backends use
+their own RNG (Triton: Philox), so a forward and its backward must run on the same backend; the ops
+layer makes sure of that.
 """
 from __future__ import annotations
 
@@ -89,8 +90,7 @@ def _base_weight(call: LoraCall) -> Optional[Tensor]:
     """W [N, K] in x's dtype: the dense weight, or the packed one dequantized (a fresh temporary)."""
     if call.base.packed is not None:
         return dequantize(call.base.packed, call.x.dtype)
-    w = call.base.weight
-    return w if w is None or w.dtype == call.x.dtype else w.to(call.x.dtype)
+    return call.base.weight  # validated: x's dtype
 
 
 def forward(call: LoraCall) -> tuple[Tensor, Tensor]:

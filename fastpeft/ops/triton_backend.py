@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .contract import LoraCall
+from .contract import PACKED_FIELDS, LoraCall
 from .dispatch import triton_interpreting
 
 try:
@@ -76,8 +76,7 @@ def supports(call: LoraCall) -> Optional[str]:
     tensors += [(f"lora_{n}", t) for a in call.adapters for n, t in (("A", a.A), ("B", a.B))]
     qw = call.base.packed
     if qw is not None:
-        tensors += [(f"quantized weight field {f}", getattr(qw, f)) for f in
-                    ("qdata", "scales", "zeros", "code", "absmax2", "code2", "offset", "g_idx")]
+        tensors += [(f"quantized weight field {f}", getattr(qw, f)) for f in PACKED_FIELDS]
     for name, t in tensors:
         if t is not None and t.device != x.device:
             return f"{name} is on {t.device} but x on {x.device}"

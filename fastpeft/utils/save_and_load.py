@@ -36,6 +36,8 @@ from torch import nn
 import safetensors
 import safetensors.torch
 
+from ..ops.contract import is_dtensor
+
 __all__ = [
     "SAFETENSORS_WEIGHTS_NAME",
     "WEIGHTS_NAME",
@@ -180,16 +182,6 @@ def canonical_key(key: str) -> str:
     return ".".join(p for p in parts[start:] if p not in _WRAPPER_PARTS)
 
 
-def _is_dtensor(value) -> bool:
-    if type(value) in (torch.Tensor, nn.Parameter) or not isinstance(value, torch.Tensor):
-        return False
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(value, DTensor)
-
-
 def _is_fsdp1(module: nn.Module) -> bool:
     return type(module).__name__ == "FullyShardedDataParallel" and hasattr(module, "_fsdp_wrapped_module")
 
@@ -226,7 +218,7 @@ def _full_tensors(model: nn.Module, tensors: dict, outer_shards: set = frozenset
         if not isinstance(value, torch.Tensor):
             out[key] = value
             continue
-        if _is_dtensor(value):
+        if is_dtensor(value):
             out[key] = value.full_tensor().detach()
             continue
         if key in outer_shards:
@@ -533,7 +525,7 @@ def _copy_into(plan: list) -> None:
         for target, value in plan:
             if hasattr(target, "ds_id"):
                 continue
-            if _is_dtensor(target):
+            if is_dtensor(target):
                 from torch.distributed.tensor import distribute_tensor
 
                 value = distribute_tensor(value.to(device=target.device, dtype=target.dtype), target.device_mesh,
@@ -615,7 +607,7 @@ def _untie(state_dict: dict) -> dict:
     seen = set()
     out = {}
     for key, value in state_dict.items():
-        if _is_dtensor(value):
+        if is_dtensor(value):
             raise ValueError(f"Adapter weight {key!r} is a sharded DTensor; gather it first (get_peft_model_state_dict "
                              f"returns full tensors)")
         value = value.detach()

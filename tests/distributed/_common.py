@@ -488,7 +488,21 @@ def train_and_compare(make_run, build_kw=None, autocast=None, cast=None, tol=FP3
     run = make_run(build(**build_kw))
     run.grad_factor = grad_factor
     base0 = {n: p for n, p in run.full_params(only_trainable=False).items() if n not in ref["params"]}
-    batch = local_batch(rank, world)
+    info, params = train_steps(run, local_batch(rank, world), ref, tol=tol, autocast=autocast, param_tol=param_tol)
+    ranks_agree("trained parameters", params)
+    base1 = {n: p for n, p in run.full_params(only_trainable=False).items() if n not in ref["params"]}
+    for n, p in base1.items():
+        if not torch.equal(p, base0[n]):
+            raise AssertionError(f"base weight {n} changed during training")
+    ranks_agree("base weights", base1)
+    return {"info": info, "run": run, "ref": ref}
+
+
+def train_steps(run: Run, batch: dict, ref: dict, what: str = "", tol=FP32, autocast=None, param_tol=None):
+    """STEPS steps of ``run`` on this rank's ``batch``, compared with the single-process ``ref``: the
+    gradients after the first backward, the global loss of every step, the parameters at the end.
+    Returns (info, the full trained parameters)."""
+    what = f"{what} " if what else ""
     losses, info = [], {}
     for step in range(STEPS):
         loss = run.forward(batch, autocast=autocast)
@@ -496,20 +510,28 @@ def train_and_compare(make_run, build_kw=None, autocast=None, cast=None, tol=FP3
         run.fix_grads()
         losses.append(global_loss(loss))
         if step == 0:
-            info["grad_max_diff"] = close_dicts("gradient after step 1", run.full_grads(), ref["grads0"], **tol)
+            info["grad_max_diff"] = close_dicts(f"{what}gradient after step 1", run.full_grads(), ref["grads0"], **tol)
         run.step()
-    info["loss_max_diff"] = close("loss per step", losses, ref["losses"], **tol)
+    info["loss_max_diff"] = close(f"{what}loss per step", losses, ref["losses"], **tol)
     params = run.full_params()
-    info["param_max_diff"] = close_dicts(f"parameters after {STEPS} AdamW steps", params, ref["params"],
+    info["param_max_diff"] = close_dicts(f"{what}parameters after {STEPS} AdamW steps", params, ref["params"],
                                          **(param_tol or tol))
-    ranks_agree("trained parameters", params)
-    base1 = {n: p for n, p in run.full_params(only_trainable=False).items() if n not in ref["params"]}
-    for n, p in base1.items():
-        if not torch.equal(p, base0[n]):
-            raise AssertionError(f"base weight {n} changed during training")
-    ranks_agree("base weights", base1)
     info["losses"] = losses
-    return {"info": info, "run": run, "ref": ref}
+    return info, params
+
+
+def expect_error(fn, exc_types, *words) -> str:
+    """Call ``fn()``: it must raise one of ``exc_types`` whose message holds every one of ``words``
+    (a clear error, not any error). Returns the message."""
+    try:
+        fn()
+    except exc_types as exc:
+        msg = str(exc)
+        missing = [w for w in words if w not in msg]
+        if missing:
+            raise AssertionError(f"unclear error (does not mention {missing}): {msg}")
+        return msg
+    raise AssertionError(f"expected {exc_types} mentioning {words}; nothing was raised")
 
 
 def check_saved_adapter(run: Run, folder: str, ref_model=None, build_kw=None, state_dict_folder: str = None) -> dict:

@@ -50,17 +50,7 @@ def train_and_save(accelerator, out: str) -> dict:
     run = AccelerateRun(accelerator, model, opt, peft)
     info = {"distributed_type": str(accelerator.distributed_type),
             "sharded": type(next(iter(C.trainable(peft).values()))).__name__}
-    batch = C.local_batch(rank, world)
-    losses = []
-    for step in range(C.STEPS):
-        loss = run.forward(batch)
-        run.backward(loss)
-        losses.append(C.global_loss(loss))
-        if step == 0:
-            info["grad_max_diff"] = C.close_dicts("gradients", run.full_grads(), ref["grads0"], **C.FP32)
-        run.step()
-    info["loss_max_diff"] = C.close("loss per step", losses, ref["losses"], **C.FP32)
-    info["param_max_diff"] = C.close_dicts("parameters", run.full_params(), ref["params"], **C.FP32)
+    info.update(C.train_steps(run, C.local_batch(rank, world), ref)[0])
     folder = os.path.join(out, "accelerate")
     sd_folder = folder + "_state_dict"
     peft.save_pretrained(folder)

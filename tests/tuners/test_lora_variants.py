@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-import fastpeft
 from fastpeft import LoraConfig, get_peft_model, ops
 from fastpeft.tuners.lora import Linear as LoraLinear
 from fastpeft.tuners.lora import LoraLayer
@@ -172,6 +171,13 @@ def test_unknown_layer_type_error_names_the_way_out():
         get_peft_model(_Net(), LoraConfig(target_modules=["s"], r=2))
 
 
-def test_fastpeft_import_keeps_variants_reachable():
-    assert fastpeft.tuners.lora.variants.variant_for().__class__ is PlainLora
-    copy.deepcopy(_model())  # variant objects deep-copy with their layer
+def test_deepcopy_gives_each_copy_its_own_variants():
+    m = _model().eval()
+    twin = copy.deepcopy(m)
+    up, up2 = m.base_model.model.up, twin.base_model.model.up
+    assert up2.lora_variant is not up.lora_variant and isinstance(up2.lora_variant["default"], PlainLora)
+    up2.lora_variant["default"] = _HalfScale()  # changing the copy leaves the original alone
+    x = torch.randn(2, 12)
+    with torch.no_grad():
+        assert isinstance(up.lora_variant["default"], PlainLora)
+        assert (m(x) - twin(x)).abs().max() > 1e-3
