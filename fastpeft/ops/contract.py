@@ -8,10 +8,16 @@ Every LoRA computation in fastpeft is one call of this shape (design: docs/ops.m
   formats: nf4 / int8 / int4), or none (the LoRA terms alone); an optional bias [N] in every case;
 - the adapters (:class:`AdapterSet`): zero or more :class:`Adapter` entries (A [r_i, K], B [N, r_i],
   scale s_i, dropout p_i). Zero entries is a plain (quantized) linear layer through the same kernels.
-  Two optional fields are the seams for the next capabilities, refused until they are filled in:
-  the set's ``row_index`` [M] (int, per row: which adapter, -1 = base only; many adapters per batch)
-  and an adapter's ``magnitude`` [N] (DoRA: that adapter's output column scale g = m / ||W + s B A||_row,
-  y = g * (x W^T + s S B^T) + bias for one adapter; the kernels apply it in their shared epilogue);
+  An adapter may carry a ``magnitude`` m [N] (DoRA, see ops/dora.py): its output column scale is
+  g = m / max(n, EPS), n = ||W + s B A||_row (``weight_norm``, detached; computed by the op when not
+  given), and
+
+      dropout off:  y = g * (x W^T + s S B^T) + bias                         (g in the GEMM epilogue)
+      dropout on:   y = x W^T + (g - 1) * ((D x) W^T) + g * s S B^T + bias  (peft's second base GEMM)
+
+  A call with a DoRA adapter holds that adapter only (a layer chains several, see the DoRA variant).
+  The set's ``row_index`` [M] (int, per row: which adapter, -1 = base only; many adapters per batch)
+  is the seam for the next capability, refused until it is filled in;
 - the dropout seed: one int per call; adapter i draws its mask from ``adapter_seed(seed, i)``, so
   adapter 0 uses the seed itself and every adapter gets an independent mask (peft: one nn.Dropout
   per adapter).
@@ -38,6 +44,11 @@ from ..quant.formats import QuantizedWeight, check_format
 
 # The tensor fields of a QuantizedWeight, in the order the custom ops carry them.
 PACKED_FIELDS = ("qdata", "scales", "zeros", "code", "absmax2", "code2", "offset", "g_idx")
+
+# Floor of DoRA's weight norm n in g = m / max(n, EPS): a row of W + s B A that is all zero (Llama-3.1-8B's
+# o_proj has 511 zero rows of W, and B starts at zero) gives g = m / EPS, not NaN; there m is 0 as well
+# (its init is n), so g = 0 and the row's output is its bias, as the zero row itself gives.
+DORA_EPS = 1e-12
 
 # Seeds stay in int31 so every backend can feed them to its RNG (Triton's tl.rand takes 32-bit seeds).
 SEED_HIGH = 2**31 - 1
@@ -97,7 +108,8 @@ class Adapter:
     B: Tensor
     scale: float
     dropout_p: float = 0.0
-    magnitude: Optional[Tensor] = None   # [N]: DoRA's magnitude m (the column scale g = m / ||W + s B A||_row)
+    magnitude: Optional[Tensor] = None    # [N]: DoRA's magnitude m (the column scale g = m / ||W + s B A||_row)
+    weight_norm: Optional[Tensor] = None  # [N] fp32: DoRA's n = ||W + s B A||_row, detached (None: the op computes it)
 
     @property
     def r(self) -> int:
@@ -154,6 +166,19 @@ class LoraCall:
 
     def compute_dtype(self) -> torch.dtype:
         return compute_dtype(self.x.dtype, *(t.dtype for a in self.adapters for t in (a.A, a.B)))
+
+    @property
+    def is_dora(self) -> bool:
+        """A DoRA call: one adapter, with a magnitude (validate() allows no other shape)."""
+        return len(self.adapters) == 1 and self.adapters[0].magnitude is not None
+
+    def col_scale(self) -> Optional[Tensor]:
+        """DoRA's output column scale g = m / max(n, EPS) [N] fp32 (float64 for float64 inputs), or None for a plain LoRA call."""
+        if not self.is_dora:
+            return None
+        a = self.adapters[0]
+        acc = torch.promote_types(torch.float32, torch.promote_types(a.magnitude.dtype, a.weight_norm.dtype))
+        return a.magnitude.detach().to(acc) / a.weight_norm.to(acc).clamp_min(DORA_EPS)
 
     def describe(self) -> str:
         """Names the call for error messages, e.g. "lora call (int4 weight [24, 80], x (3, 80) ...)"."""
@@ -273,11 +298,13 @@ def prepare(x: Tensor, base: Base, adapters: "AdapterSet" = None) -> tuple:
     if packed is not None:
         packed = _local_packed(packed)
     ads = adapters.adapters
-    if any(is_dtensor(t) for a in ads for t in (a.A, a.B, a.magnitude)):
+    if any(is_dtensor(t) for a in ads for t in (a.A, a.B, a.magnitude, a.weight_norm)):
         ads = tuple(dataclasses.replace(
             a, A=_local(a.A, f"lora_A{_which(ads, i)}") if is_dtensor(a.A) else a.A,
             B=_local(a.B, f"lora_B{_which(ads, i)}") if is_dtensor(a.B) else a.B,
-            magnitude=_local(a.magnitude, f"magnitude{_which(ads, i)}") if is_dtensor(a.magnitude) else a.magnitude)
+            magnitude=_local(a.magnitude, f"magnitude{_which(ads, i)}") if is_dtensor(a.magnitude) else a.magnitude,
+            weight_norm=_local(a.weight_norm, f"weight_norm{_which(ads, i)}") if is_dtensor(a.weight_norm)
+            else a.weight_norm)
             for i, a in enumerate(ads))
         adapters = AdapterSet(ads, adapters.row_index)
     if is_dtensor(adapters.row_index):
@@ -308,9 +335,6 @@ def validate(fn: str, x: Tensor, base: Base, adapters: AdapterSet) -> None:
     if adapters.row_index is not None:
         raise NotImplementedError(f"{fn}: a per-row adapter index (many adapters per batch) is not implemented "
                                   f"yet; pass row_index=None")
-    if any(a.magnitude is not None for a in adapters.adapters):
-        raise NotImplementedError(f"{fn}: an adapter magnitude (DoRA's per-output-column scale) is not "
-                                  f"implemented yet; pass magnitude=None")
     if base.weight is not None and base.packed is not None:
         raise ValueError(f"{fn}: a base has a dense weight or a packed weight, not both")
     if x.dim() < 1:
@@ -348,6 +372,20 @@ def validate(fn: str, x: Tensor, base: Base, adapters: AdapterSet) -> None:
             raise ValueError(f"{fn}: lora_A and lora_B must be float tensors{which}; got {a.A.dtype}, {a.B.dtype}")
         if not 0.0 <= float(a.dropout_p) <= 1.0:
             raise ValueError(f"{fn}: dropout_p must be in [0, 1]{which}; got {a.dropout_p}")
+    dora = [i for i, a in enumerate(ads) if a.magnitude is not None]
+    if dora:
+        if len(ads) > 1:
+            raise ValueError(f"{fn}: a call with a DoRA adapter (a magnitude, adapter {dora[0]}) holds that adapter "
+                             f"only; got {len(ads)} adapters. Chain the calls (peft applies DoRA adapters one after "
+                             f"the other; see fastpeft.tuners.lora.variants.dora)")
+        if base.kind == "none":
+            raise ValueError(f"{fn}: a DoRA adapter (magnitude given) needs the base weight for its norm "
+                             f"||W + s B A||; got no base weight")
+        m, n = ads[0].magnitude, ads[0].weight_norm
+        if _shape(m) != (N,) or not m.is_floating_point():
+            raise ValueError(f"{fn}: the DoRA magnitude must be a float [N={N}]; got {_shape(m)} {m.dtype}")
+        if n is not None and (_shape(n) != (N,) or not n.is_floating_point()):
+            raise ValueError(f"{fn}: the DoRA weight_norm must be a float [N={N}]; got {_shape(n)} {n.dtype}")
     if base.weight is not None:
         if _shape(base.weight) != (N, K):
             raise ValueError(f"{fn}: weight must be [N={N}, K={K}] (from lora_B {_shape(ads[0].B)}, lora_A "

@@ -149,6 +149,8 @@ def supports(call) -> Optional[str]:
     if len(call.adapters) != 1:
         return f"the CUDA decode kernel takes exactly one adapter per call, found {len(call.adapters)}"
     a = call.adapters[0]
+    if a.magnitude is not None:
+        return "DoRA's column scale is not in the CUDA decode kernel yet (the triton and torch backends run it)"
     if a.dropout_p > 0:
         return "LoRA dropout (training) is not supported by the CUDA decode kernel"
     reason = _shape_reason(call.x, call.base.weight, call.base.bias, a.A, a.B)

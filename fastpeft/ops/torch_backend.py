@@ -11,6 +11,14 @@ kept entries scaled by 1 / (1 - p_i), drawn from the adapter's seed):
               dA_i = dS_i^T (D_i * x)
               dB_i = s_i * dY^T S_i
 
+DoRA (one adapter with a magnitude; g = m / max(n, EPS) [N], see dora.py):
+
+    dropout off  Y    = g * (x W^T + s S B^T) + bias       backward: the LoRA backward on g * dY
+    dropout on   Z_d  = (D x) W^T + s S B^T                 (returned: the magnitude gradient needs it)
+                 Y    = x W^T - (D x) W^T + g * Z_d + bias  (= peft's x W^T + (g-1)(D x) W^T + g s S B^T)
+                 dS   = s (g * dY) B
+                 dX   = dY W + D * (((g - 1) * dY) W + dS A)
+
 Where the work is saved over a plain "base(x) + B(A(dropout(x)))": every LoRA add is folded into the
 GEMM with ``addmm_`` (Y is the only [M, N] tensor written, whatever the number of adapters), and D_i is
 regenerated from an integer seed in backward instead of keeping ``dropout(x)`` alive. A quantized W is
@@ -22,6 +30,7 @@ layer makes sure of that.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -93,8 +102,11 @@ def _base_weight(call: LoraCall) -> Optional[Tensor]:
     return call.base.weight  # validated: x's dtype
 
 
-def forward(call: LoraCall) -> tuple[Tensor, Tensor]:
-    """Returns (Y [M, N] in x's dtype, S [M, sum r_i] in the compute dtype, fp32 for 16-bit x)."""
+def forward(call: LoraCall) -> tuple:
+    """Returns (Y [M, N] in x's dtype, S [M, sum r_i] in the compute dtype, fp32 for 16-bit x); a DoRA
+    call with dropout returns Z_d [M, N] as a third element."""
+    if call.is_dora:
+        return _dora_forward(call)
     x2d, bias = call.x, call.base.bias
     cdt, dt = call.compute_dtype(), x2d.dtype
     W = _base_weight(call)
@@ -130,7 +142,10 @@ def forward(call: LoraCall) -> tuple[Tensor, Tensor]:
 
 def backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, needs_dA: list,
              needs_dB: list) -> tuple[Optional[Tensor], list, list]:
-    """Grads w.r.t. x (x's dtype), each A_i (A_i's dtype) and each B_i (B_i's dtype); None where not needed."""
+    """Grads w.r.t. x (x's dtype), each A_i (A_i's dtype) and each B_i (B_i's dtype); None where not needed.
+    (A DoRA call's magnitude gradient is dora.magnitude_grad's, outside the backends.)"""
+    if call.is_dora:
+        return _dora_backward(call, dY, S, needs_dx, needs_dA[0], needs_dB[0])
     x2d = call.x
     cdt, dt = call.compute_dtype(), x2d.dtype
     dY = dY.to(dt) if dY.dtype != dt else dY
@@ -178,3 +193,66 @@ def backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, needs_dA: li
         # accumulates into them in place (one [M, K] buffer, no extra add pass).
         dX.addmm_(dY, W)
     return dX, dAs, dBs
+
+
+# -- DoRA (header: the two forms, with and without dropout) -------------------------------------------
+def _shrink(call: LoraCall, keep: Optional[Tensor]) -> Tensor:
+    """S = (D x) A^T [M, r] in the compute dtype, the 1/(1-p) of D applied to the small factor."""
+    a = call.adapters[0]
+    S = torch.mm(_masked(call.x, call.compute_dtype(), keep), a.A.to(call.compute_dtype()).t())
+    if keep is not None:
+        S.mul_(_keep_scale(a.dropout_p))
+    return S
+
+
+def _dora_forward(call: LoraCall) -> tuple:
+    x2d, bias, a = call.x, call.base.bias, call.adapters[0]
+    dt, p = x2d.dtype, a.dropout_p
+    g = call.col_scale().to(dt)
+    W = _base_weight(call)
+    keep = _keep01(call.seed, x2d.shape, p, x2d.device) if p > 0.0 else None
+    S = _shrink(call, keep)
+    sBt = a.B.to(dt).t()
+    if keep is None:
+        Y = torch.mm(x2d, W.t())
+        Y.addmm_(S.to(dt), sBt, alpha=a.scale)
+        Y.mul_(g)
+        if bias is not None:
+            Y.add_(bias.to(dt))
+        return Y, S
+    Y = torch.mm(x2d, W.t()) if bias is None else torch.addmm(bias.to(dt), x2d, W.t())
+    Zd = torch.mm(x2d * keep, W.t())                   # (D x) W^T, its 1/(1-p) applied on [M, N] below
+    del W, keep
+    Zd.mul_(_keep_scale(p))
+    Y.sub_(Zd)
+    Zd.addmm_(S.to(dt), sBt, alpha=a.scale)            # Z_d = (D x) W^T + s S B^T
+    Y.addcmul_(Zd, g)
+    return Y, S, Zd
+
+
+def _dora_backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, need_A: bool,
+                   need_B: bool) -> tuple[Optional[Tensor], list, list]:
+    x2d, a = call.x, call.adapters[0]
+    cdt, dt, p = call.compute_dtype(), x2d.dtype, a.dropout_p
+    g = call.col_scale()
+    dY = dY.to(dt) if dY.dtype != dt else dY
+    dYg = dY * g.to(dt)                                # the LoRA backward runs on g * dY
+    if p == 0.0:
+        plain = dataclasses.replace(a, magnitude=None, weight_norm=None)
+        return backward(call.replace(adapters=(plain,)), dYg, S, needs_dx, [need_A], [need_B])
+    keep = _keep01(call.seed, x2d.shape, p, x2d.device) if needs_dx or need_A else None
+    dYgc = dYg.to(cdt)
+    dS = None
+    if needs_dx or need_A:
+        dS = torch.mm(dYgc, a.B.to(cdt)).mul_(a.scale * _keep_scale(p))   # with the 1/(1-p) of D
+    dX = None
+    if needs_dx:
+        W = _base_weight(call)
+        # D * (((g-1) dY) W + dS A) + dY W: the masked terms first, then the base GEMM adds in place
+        term = torch.mm(dY * ((g - 1.0) * _keep_scale(p)).to(dt), W)
+        term.addmm_(dS.to(dt), a.A.to(dt))
+        term.mul_(keep)
+        dX = term.addmm_(dY, W)
+    dA = torch.mm(dS.t(), _masked(x2d, cdt, keep)).to(a.A.dtype) if need_A else None
+    dB = torch.mm(dYgc.t(), S.to(cdt)).mul_(a.scale).to(a.B.dtype) if need_B else None
+    return dX, [dA], [dB]

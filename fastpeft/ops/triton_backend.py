@@ -60,6 +60,8 @@ def supports(call: LoraCall) -> Optional[str]:
         return f"x is on {x.device}; the triton backend runs on CUDA (or CPU under TRITON_INTERPRET=1)"
     if x.dtype not in _ACT:
         return f"x dtype {x.dtype} not supported (fp16, bf16, fp32)"
+    if call.is_dora:
+        return "DoRA's column scale is not in the Triton kernels yet (the torch backend runs it)"
     common = _kernels()[0]
     for i, a in enumerate(call.adapters):
         if not 1 <= a.r <= common.MAX_R:
