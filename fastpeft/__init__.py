@@ -36,6 +36,7 @@ _EXPORTS = {
     "PeftModelForSequenceClassification": "peft_model",
     "PeftModelForTokenClassification": "peft_model",
     "LoraConfig": "tuners.lora",
+    "LoraRuntimeConfig": "tuners.lora",
     "LoraModel": "tuners.lora",
     "accelerate": "tuners.lora.accelerate",
     "PrefixTuningConfig": "tuners.prompt",

@@ -451,7 +451,7 @@ def test_from_dict_and_from_peft_type():
 # ---------------------------------------------------------------------------- unsupported_fields
 @pytest.mark.parametrize(
     "name",
-    ["use_dora", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config", "megatron_config",
+    ["loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config", "megatron_config",
      "layer_replication", "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "use_qalora",
      "use_bdlora", "arrow_config", "kasa_config", "monteclora_config", "ensure_weight_tying"],
 )
@@ -475,4 +475,5 @@ def test_supported_configs_report_nothing():
     for n in supported:
         kw.update(NON_DEFAULT[n])
     assert LoraConfig(**kw).unsupported_fields() == []
+    assert LoraConfig(**NON_DEFAULT["use_dora"]).unsupported_fields() == []  # (DoRA refuses lora_bias, as peft)
     assert LoraConfig(init_lora_weights=1).unsupported_fields() == ["init_lora_weights"]

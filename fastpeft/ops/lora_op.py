@@ -137,6 +137,23 @@ def _(dY, x, weight, packed, fmt, qmeta, lora_As, lora_Bs, S, scales, dropout_ps
     return out
 
 
+@torch.library.custom_op("fastpeft::dora_magnitude_grad", mutates_args=())
+def dora_magnitude_grad_op(dY: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                           packed: Sequence[Optional[Tensor]], fmt: str, qmeta: Sequence[int], lora_A: Tensor,
+                           lora_B: Tensor, S: Tensor, saved: Tensor, scale: float, dropout_p: float, magnitude: Tensor,
+                           weight_norm: Tensor) -> Tensor:
+    """dL/dm of a DoRA call (dora.magnitude_grad). An op of its own so that torch.compile does not trace its
+    data-dependent branch (the columns where m = 0)."""
+    call = _call(x, weight, bias, packed, fmt, qmeta, [lora_A], [lora_B], [scale], [dropout_p], [magnitude],
+                 [weight_norm], None, None)
+    return dora.magnitude_grad(call, dY, saved, S)
+
+
+@dora_magnitude_grad_op.register_fake
+def _(dY, x, weight, bias, packed, fmt, qmeta, lora_A, lora_B, S, saved, scale, dropout_p, magnitude, weight_norm):
+    return torch.empty_like(magnitude)
+
+
 def _param_layout(g: Tensor, p: Tensor) -> Tensor:
     """``g`` with ``p``'s strides (contiguous for a contiguous parameter): DDP buckets, FSDP2's
     reduce-scatter and ZeRO's partitioning read gradients as flat views of the parameter's layout."""
@@ -187,10 +204,10 @@ class _LoraFunction(torch.autograd.Function):
             dX = out[0] if need_x else None
             dAs = [_param_layout(g, A) if nd else None for g, A, nd in zip(out[1:1 + n], lora_As, need_A)]
             dBs = [_param_layout(g, B) if nd else None for g, B, nd in zip(out[1 + n:], lora_Bs, need_B)]
-        if any(need_m):
-            call = _call(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, norms,
-                         seed, row_index)
-            dms = [dora.magnitude_grad(call, dY, keep, S)] if need_m[0] else [None]
+        if any(need_m):  # one DoRA adapter per call (contract.validate)
+            dms = [torch.ops.fastpeft.dora_magnitude_grad(dY, x, weight, bias, packed, fmt, qmeta, lora_As[0],
+                                                          lora_Bs[0], S, keep, scales[0], dropout_ps[0],
+                                                          magnitudes[0], norms[0])]
         if need_w or need_b:  # a trainable dense base (rare: LoRA freezes it); packed weights never get grads
             dY2 = dY.reshape(-1, dY.shape[-1])
             if need_w:

@@ -3,7 +3,9 @@
 File format (peft 0.21's, learned by saving with peft and reading the files back):
 - keys are the PeftModel's state_dict keys (``base_model.model.`` + the user model's module path)
   with the adapter name removed: ``...q_proj.lora_A.default.weight`` -> ``...q_proj.lora_A.weight``,
-  ``...embed_tokens.lora_embedding_A.default`` -> ``...embed_tokens.lora_embedding_A``;
+  ``...embed_tokens.lora_embedding_A.default`` -> ``...embed_tokens.lora_embedding_A``; a DoRA
+  magnitude loses its ``.weight`` too: ``...q_proj.lora_magnitude_vector.default.weight`` ->
+  ``...q_proj.lora_magnitude_vector``;
 - a modules_to_save copy is stored under the wrapped module's own name:
   ``classifier.modules_to_save.default.dense.weight`` -> ``classifier.dense.weight``;
 - ``bias="all"`` adds every state_dict entry whose key contains "bias", unchanged;
@@ -63,6 +65,7 @@ WEIGHTS_NAME = "adapter_model.bin"
 # changes usually go together with training them); the names are part of peft's save behaviour.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 PROMPT_EMBEDDINGS_KEY = "prompt_embeddings"
+MAGNITUDE_SLOT = ".lora_magnitude_vector"  # DoRA's per-adapter magnitude module; saved without ".weight"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,6 +338,8 @@ def _peft_model_state_dict(model: nn.Module, state_dict: dict, adapter_name: str
             slot_key, rest = hit
             adapter, _, tail = rest.partition(".")
             if adapter == adapter_name:
+                if slot_key.endswith(MAGNITUDE_SLOT) and tail == "weight":
+                    tail = ""  # peft stores the magnitude under the slot's own name
                 out[slot_key + (f".{tail}" if tail else "")] = value
 
     # 2. biases (keys unchanged); LoRA tensors of other adapters never leak into this file
@@ -402,6 +407,8 @@ def _model_key_for(file_key: str, adapter_name: str, slots: dict, wrapper_names:
     hit = _split_slot_key(file_key, slots)
     if hit is not None:
         slot_key, rest = hit
+        if slot_key.endswith(MAGNITUDE_SLOT) and not rest:
+            rest = "weight"
         return f"{slot_key}.{adapter_name}" + (f".{rest}" if rest else "")
     for wrapper_key in wrapper_names:
         if file_key.startswith(wrapper_key + "."):

@@ -271,6 +271,11 @@ def test_sft_trainer_trains_a_fastpeft_model_and_peft_loads_the_checkpoint(tmp_p
     h.sft(str(tmp_path), mode)
 
 
+def test_sft_trainer_trains_dora_with_dropout_and_peft_loads_it(tmp_path):
+    trainer = h.sft(str(tmp_path), "peft_config", use_dora=True, lora_dropout=0.1)
+    assert any("lora_magnitude_vector" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
+
+
 def test_sft_trainer_refuses_lora_on_lm_head_like_for_peft(tmp_path):
     h.sft_refuses_lora_on_lm_head(str(tmp_path))
 
@@ -289,8 +294,8 @@ def test_sft_trainer_with_an_unimplemented_lora_option_names_it(tmp_path):
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    with pytest.raises(NotImplementedError, match="use_dora"):
-        SFTTrainer(model=h.tiny_model("llama"), peft_config=h.lora_config(use_dora=True),
+    with pytest.raises(NotImplementedError, match="use_qalora"):
+        SFTTrainer(model=h.tiny_model("llama"), peft_config=h.lora_config(use_qalora=True),
                    args=SFTConfig(output_dir=str(tmp_path), **h.COMMON),
                    train_dataset=datasets.Dataset.from_dict(h.sft_rows()), processing_class=h.word_tokenizer())
 

@@ -112,17 +112,18 @@ def count_disable_adapter():
 # -------------------------------------------------------------------------------------------------
 # scenarios
 # -------------------------------------------------------------------------------------------------
-def sft(out_dir: str, mode: str):
-    """SFTTrainer on a fastpeft model (mode "model") or on a plain model with a fastpeft peft_config."""
+def sft(out_dir: str, mode: str, **lora_kw):
+    """SFTTrainer on a fastpeft model (mode "model") or on a plain model with a fastpeft peft_config
+    (LoraConfig fields overridden by ``lora_kw``)."""
     import datasets
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(output_dir=out_dir, max_steps=3, save_steps=3, gradient_checkpointing=True,
                      gradient_checkpointing_kwargs={"use_reentrant": True}, **COMMON)
     if mode == "model":
-        model, extra = get_peft_model(tiny_model("llama"), lora_config()), {}
+        model, extra = get_peft_model(tiny_model("llama"), lora_config(**lora_kw)), {}
     else:
-        model, extra = tiny_model("llama"), {"peft_config": lora_config()}
+        model, extra = tiny_model("llama"), {"peft_config": lora_config(**lora_kw)}
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(sft_rows()),
                          processing_class=word_tokenizer(), **extra)
     peft_model = trainer.model

@@ -139,8 +139,8 @@ def test_left_alone_with_reasons():
         pm.add_adapter("lb", peft.LoraConfig(target_modules=["a"], lora_bias=True))
     report = accelerate(pm)
     reasons = dict(report.skipped)
-    assert report.swapped == 0, report
-    assert "DoRA" in reasons["base_model.model.b"]
+    assert report.swapped == 1, report  # b: its only adapter is DoRA, which the op runs
+    assert "base_model.model.b" not in reasons
     assert "lora_bias" in reasons["base_model.model.a"]
     assert "MyLinear" in reasons["base_model.model.c"]
     assert "left alone" in str(report)
@@ -164,3 +164,26 @@ def test_accelerate_says_why_when_there_is_nothing_to_do():
 
     report = accelerate(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     assert report.swapped == 0 and "no HF peft LoRA layer found" in str(report)
+
+
+def test_dora_layers_run_on_ops_with_peft_outputs_and_gradients(counted):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(base, peft.LoraConfig(target_modules=["0", "2"], use_dora=True,
+                                                       init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "magnitude" in n:
+                p.mul_(torch.linspace(0.5, 1.5, p.numel()))
+    x = torch.randn(5, 8)
+    y_ref = pm(x)
+    g_ref = torch.autograd.grad(y_ref.square().sum(), [p for p in pm.parameters() if p.requires_grad])
+    assert accelerate(pm).swapped == 2
+    y = pm(x)
+    g = torch.autograd.grad(y.square().sum(), [p for p in pm.parameters() if p.requires_grad])
+    assert len(counted) == 2
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -142,9 +142,9 @@ def test_no_match_error_names_targets_and_lists_modules():
 
 
 def test_unsupported_fields_raise_not_implemented():
-    cfg = LoraConfig(target_modules=["q_proj"], use_dora=True)
-    assert "use_dora" in cfg.unsupported_fields()
-    with pytest.raises(NotImplementedError, match="use_dora"):
+    cfg = LoraConfig(target_modules=["q_proj"], use_qalora=True)
+    assert "use_qalora" in cfg.unsupported_fields()
+    with pytest.raises(NotImplementedError, match="use_qalora"):
         LoraModel(tiny_model("llama"), cfg, "default")
 
 

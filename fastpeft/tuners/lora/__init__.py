@@ -6,6 +6,6 @@ from .layer import LoraLayer
 from .linear import Linear
 from .model import LoraModel
 
-from .config import LoraConfig
+from .config import LoraConfig, LoraRuntimeConfig
 
-__all__ = ["LoraConfig", "LoraModel", "LoraLayer", "Linear", "Conv1D", "Embedding"]
+__all__ = ["LoraConfig", "LoraRuntimeConfig", "LoraModel", "LoraLayer", "Linear", "Conv1D", "Embedding"]

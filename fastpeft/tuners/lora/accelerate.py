@@ -6,11 +6,12 @@ through fastpeft.ops. So state_dict keys, isinstance checks, peft's save/load, m
 set_adapter and disable_adapter all keep working; ``restore(peft_model)`` undoes it.
 
 Eligible: a float (fp16/bf16/fp32) nn.Linear or transformers Conv1D base layer, plain nn.Dropout /
-nn.Identity LoRA dropout, any number of adapters. Everything else is left alone and listed with the
-reason in the returned report (DoRA, LoRA variants, lora_bias, quantized or unknown base layers,
-embeddings, convolutions, ...). At call time the fast forward hands back to peft's own forward for
-what it does not cover (extra forward arguments such as ``adapter_names``, x/weight dtype mismatch
-outside autocast, adapters on another device).
+nn.Identity LoRA dropout, any number of adapters, DoRA adapters included (the op computes the norm).
+Everything else is left alone and listed with the reason in the returned report (LoRA variants,
+lora_bias, quantized or unknown base layers, embeddings, convolutions, ...). At call time the fast
+forward hands back to peft's own forward for what it does not cover (extra forward arguments such as
+``adapter_names``, x/weight dtype mismatch outside autocast, adapters on another device, several
+active adapters with DoRA among them).
 """
 from __future__ import annotations
 
@@ -64,10 +65,11 @@ def _why_not(module: nn.Module, peft_linear: type) -> Optional[str]:
         if "Conv" in kind:
             return f"convolution LoRA ({kind}) is not supported"
         return f"LoRA layer type {type(module).__module__}.{kind} (quantized or unknown) is not supported"
-    if any(getattr(module, "use_dora", {}).values()):
-        return "DoRA adapter"
-    if getattr(module, "lora_variant", None):
-        return f"LoRA variant {sorted(module.lora_variant)} ({type(next(iter(module.lora_variant.values()))).__name__})"
+    # peft keeps a variant object per adapter that is not plain LoRA; DoRA's is the one the op runs
+    variants = {n: v for n, v in (getattr(module, "lora_variant", None) or {}).items()
+                if not (getattr(module, "use_dora", {}).get(n) and type(v).__name__ == "DoraLinearVariant")}
+    if variants:
+        return f"LoRA variant {sorted(variants)} ({type(next(iter(variants.values()))).__name__})"
     if any(getattr(module, "lora_bias", {}).values()):
         return "lora_bias=True adapter"
     base = module.get_base_layer()
@@ -113,14 +115,18 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if self.fan_in_fan_out:
         weight = weight.t()  # Conv1D stores [in, out]; ops wants [out, in] (a view, no copy)
     x, weight, bias = autocast_inputs(x, weight, base.bias)
-    if (not active or x.dtype != weight.dtype
+    dora = [a for a in active if self.use_dora.get(a)]
+    if (not active or x.dtype != weight.dtype or (dora and len(active) > 1)
             or any(self.lora_A[a].weight.device != x.device for a in active)):
+        # (several active adapters with DoRA among them: peft chains them; its own forward does that)
         return slow(self, x, *args, **kwargs)
     adapters = []
     for name in active:
         drop = self.lora_dropout[name]
         p = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
-        adapters.append(ops.Adapter(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p))
+        m = self.lora_magnitude_vector[name].weight if name in dora else None  # DoRA: the op computes the norm
+        adapters.append(ops.Adapter(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p,
+                                    magnitude=m))
     # one op for the base GEMM and every active adapter, as fastpeft's own layers do
     return ops.lora(x, ops.Base.dense(weight, bias), adapters, self.training, fn="accelerated peft lora.Linear")
 

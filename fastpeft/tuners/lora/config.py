@@ -40,7 +40,6 @@ UNSUPPORTED_LORA_FIELDS = (
     "eva_config",
     "corda_config",
     "lora_ga_config",
-    "use_dora",
     "velora_config",
     "alora_invocation_tokens",
     "use_qalora",
@@ -285,7 +284,7 @@ class LoraConfig(PeftConfig):
                     f"`lora_bias=True` needs init_lora_weights True or False, got {self.init_lora_weights!r}."
                 )
             if self.use_dora:
-                raise ValueError("`lora_bias=True` cannot be used with `use_dora=True`.")
+                raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
 
         if self.alora_invocation_tokens is not None and self.task_type != "CAUSAL_LM":
             warnings.warn("`alora_invocation_tokens` (activated LoRA) only works with task_type='CAUSAL_LM'.")

@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from ... import ops
+from ...ops.dora import column_scale as dora_column_scale
 from .layer import LoraLayer
 
 
 class Embedding(nn.Module, LoraLayer):
+    _is_embedding = True
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, init_lora_weights: Union[bool, str] = True,
                  use_rslora: bool = False, lora_bias: bool = False, **kwargs) -> None:
@@ -28,7 +30,8 @@ class Embedding(nn.Module, LoraLayer):
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          init_lora_weights=init_lora_weights, use_rslora=use_rslora, lora_bias=False)
+                          init_lora_weights=init_lora_weights, use_rslora=use_rslora, lora_bias=False,
+                          **kwargs)
 
     def _create_adapter_weights(self, adapter_name: str, r: int, lora_bias: bool) -> None:
         # random normal start; _init_adapter_weights overwrites it unless init_lora_weights=False
@@ -54,6 +57,11 @@ class Embedding(nn.Module, LoraLayer):
     def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t()  # deltas are [D, V]; the embedding table is [V, D]
 
+    def _op_base(self) -> ops.Base:
+        """The table as the [D, V] weight of the (out = D, in = V) map the adapters use (DoRA's norm is
+        taken over its rows: one magnitude per embedding feature, as peft has it)."""
+        return ops.Base.dense(self.get_base_layer().weight.t())
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = self._adapters_for_forward(args, kwargs)
         if not names:
@@ -61,6 +69,8 @@ class Embedding(nn.Module, LoraLayer):
         base = self.get_base_layer()
         opts = dict(padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
                     scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+        # Adapters apply in order, as in peft: plain LoRA adds its rows; DoRA scales all so far and its own
+        # rows by g, y <- g * (y + s A^T[ids] B^T) (g = m / ||W^T + s B A||, one per feature).
         out = None
         for name in names:
             a = self.lora_variant[name].op_adapter(self, name)
@@ -68,4 +78,6 @@ class Embedding(nn.Module, LoraLayer):
                 out = ops.lora_embedding(x, base.weight, a.A, a.B, a.scale, **opts)
             else:
                 out = out + ops.lora_embedding(x, None, a.A, a.B, a.scale, **opts).to(out.dtype)
+            if a.magnitude is not None:
+                out = (dora_column_scale(a.magnitude, a.weight_norm) * out).to(out.dtype)
         return out

@@ -20,7 +20,9 @@ from .variants import LoraVariant, variant_for
 
 
 class LoraLayer(BaseTunerLayer):
-    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    _is_embedding = False  # an nn.Embedding base (its DoRA magnitude is peft's DoraEmbeddingLayer)
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_bias", "use_rslora", "use_dora",
                          "lora_variant")
 
@@ -37,8 +39,8 @@ class LoraLayer(BaseTunerLayer):
         self.lora_embedding_B = nn.ParameterDict({})
         self.lora_bias: dict[str, bool] = {}
         self.use_rslora: dict[str, bool] = {}
-        self.use_dora: dict[str, bool] = {}  # always False: DoRA is refused by LoraConfig.unsupported_fields
-        self.lora_magnitude_vector = nn.ModuleDict()  # empty; kept so code probing peft layers works
+        self.use_dora: dict[str, bool] = {}
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters' magnitudes (variants/dora.py)
         self.lora_variant: dict[str, LoraVariant] = {}  # per adapter: what it computes (variants/)
 
     # -- hooks for subclasses --------------------------------------------------------------
@@ -63,7 +65,8 @@ class LoraLayer(BaseTunerLayer):
     # -- adapter management ----------------------------------------------------------------
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      init_lora_weights: Union[bool, str] = True, use_rslora: bool = False,
-                     lora_bias: bool = False, **unused) -> None:
+                     lora_bias: bool = False, use_dora: bool = False, ephemeral_gpu_offload: bool = False,
+                     **unused) -> None:
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r!r} "
                              f"(adapter {adapter_name!r} on {type(self.get_base_layer()).__name__})")
@@ -72,12 +75,16 @@ class LoraLayer(BaseTunerLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self.lora_bias[adapter_name] = bool(lora_bias)
         self.use_rslora[adapter_name] = bool(use_rslora)
-        self.use_dora[adapter_name] = False
-        self.lora_variant[adapter_name] = variant_for(use_dora=unused.get("use_dora", False))
+        if use_dora and lora_bias:
+            raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+        self.use_dora[adapter_name] = bool(use_dora)
+        self.lora_variant[adapter_name] = variant_for(use_dora=use_dora)
         self._create_adapter_weights(adapter_name, r, bool(lora_bias))
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self._init_adapter_weights(adapter_name, init_lora_weights)
         self._move_adapter_to_base(adapter_name)
+        if use_dora:  # m = ||W + s B A|| for the adapter as initialised (peft's init)
+            self.lora_variant[adapter_name].init_magnitude(self, adapter_name, ephemeral_gpu_offload)
         # new adapters are trainable only when active (peft behaves the same way)
         self.set_adapter(self.active_adapters)
 

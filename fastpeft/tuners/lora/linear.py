@@ -12,6 +12,7 @@ from torch import nn
 
 from ... import ops
 from .layer import LoraLayer
+from .variants.dora import chained_forward
 
 
 def init_lora_pair(lora_A: nn.Linear, lora_B: nn.Linear, r: int, init_lora_weights: Union[bool, str]) -> None:
@@ -49,7 +50,8 @@ class Linear(nn.Module, LoraLayer):
         self.in_features, self.out_features = self._base_features(base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          init_lora_weights=init_lora_weights, use_rslora=use_rslora, lora_bias=lora_bias)
+                          init_lora_weights=init_lora_weights, use_rslora=use_rslora, lora_bias=lora_bias,
+                          **kwargs)
 
     @staticmethod
     def _base_features(base_layer: nn.Module) -> tuple[int, int]:
@@ -83,8 +85,11 @@ class Linear(nn.Module, LoraLayer):
         if not names:
             return self.base_layer(x)
         # one op: the base GEMM and every active adapter's term (each adapter's entry from its variant)
-        adapters = [self.lora_variant[name].op_adapter(self, name) for name in names]
-        out = ops.lora(x, self._op_base(), adapters, self.training, fn=f"lora.{type(self).__name__}.forward")
+        if len(names) > 1 and any(self.use_dora.get(n) for n in names):
+            out = chained_forward(self, x, names)  # several adapters with DoRA among them: peft's order
+        else:
+            adapters = [self.lora_variant[name].op_adapter(self, name) for name in names]
+            out = ops.lora(x, self._op_base(), adapters, self.training, fn=f"lora.{type(self).__name__}.forward")
         for name in names:
             if self.lora_bias.get(name):
                 out = out + (self.lora_B[name].bias * self.scaling[name]).to(out.dtype)

@@ -24,11 +24,18 @@ from .linear import Linear
 from .quant_linear import QuantLinear, QuantLoraLinear  # fastpeft.quant hook (QLoRA)
 
 
+def _variant_options(config) -> dict:
+    """The config's per-adapter variant options, as update_layer takes them (DoRA and its runtime option)."""
+    runtime = getattr(config, "runtime_config", None)
+    return dict(use_dora=bool(getattr(config, "use_dora", False)),
+                ephemeral_gpu_offload=bool(getattr(runtime, "ephemeral_gpu_offload", False)))
+
+
 def create_lora_module(target: nn.Module, adapter_name: str, config, r: int, lora_alpha: float) -> nn.Module:
     """A new LoRA layer around ``target``; fixes a wrong fan_in_fan_out flag with a warning like peft."""
     kwargs = dict(r=r, lora_alpha=lora_alpha, lora_dropout=config.lora_dropout,
                   init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
-                  lora_bias=getattr(config, "lora_bias", False))
+                  lora_bias=getattr(config, "lora_bias", False), **_variant_options(config))
     # peft's dynamic dispatch: LoraConfig._register_custom_module({base class: LoRA layer class}) comes
     # first, so a user can take over a layer type fastpeft knows, or add one it does not. Like peft, the
     # class also gets the config.
@@ -189,7 +196,7 @@ class LoraModel(nn.Module):
             if isinstance(target, LoraLayer):
                 target.update_layer(adapter_name, r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                                     init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
-                                    lora_bias=getattr(config, "lora_bias", False))
+                                    lora_bias=getattr(config, "lora_bias", False), **_variant_options(config))
             else:
                 new = create_lora_module(target, adapter_name, config, r, alpha)
                 if adapter_name not in self.active_adapters:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .base import LoraVariant
+from .dora import Dora
 from .plain import PlainLora
 
 
@@ -12,8 +13,8 @@ def variant_for(**options) -> LoraVariant:
     applied (LoraConfig.unsupported_fields); here they would be a programming error.
     """
     if options.get("use_dora"):
-        raise NotImplementedError("DoRA (use_dora=True) is not implemented by fastpeft yet")
+        return Dora()
     return PlainLora()
 
 
-__all__ = ["LoraVariant", "PlainLora", "variant_for"]
+__all__ = ["Dora", "LoraVariant", "PlainLora", "variant_for"]
