@@ -13,9 +13,9 @@
 #include <tuple>
 
 extern "C" int fastpeft_lora_gemv(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* bias,
-                                  const void* a, int64_t lda, const void* b, int64_t ldb, float* s, int64_t lds,
-                                  void* y, int64_t ldy, int M, int N, int K, int r, float scale, int x_dtype,
-                                  int ab_dtype, int use_pdl, cudaStream_t stream);
+                                  const float* col_scale, const void* a, int64_t lda, const void* b,
+                                  int64_t ldb, float* s, int64_t lds, void* y, int64_t ldy, int M, int N, int K,
+                                  int r, float scale, int x_dtype, int ab_dtype, int use_pdl, cudaStream_t stream);
 
 namespace {
 
@@ -72,11 +72,12 @@ at::Tensor unit_inner(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.co
   } while (0)
 
 // (Y [M, N] in x.dtype, S [M, r] fp32, "") or (None, None, error message), where
-// Y = x W^T + scale * S B^T (+ bias) and S = x A^T.
+// Y = g * (x W^T + scale * S B^T) (+ bias) and S = x A^T; g = col_scale (float32 [N], DoRA's output column
+// scale) when given, else 1.
 Result lora_gemv(const at::Tensor& x_in, const std::optional<at::Tensor>& w_in,
                  const std::optional<at::Tensor>& bias_in, const at::Tensor& a_in, const at::Tensor& b_in,
                  double scale, bool use_pdl, const std::optional<at::Tensor>& y_out,
-                 const std::optional<at::Tensor>& s_out) {
+                 const std::optional<at::Tensor>& s_out, const std::optional<at::Tensor>& col_scale_in) {
   FP_CHECK(x_in.dim() == 2, "x must be 2-D [M, K], found shape ", x_in.sizes());
   FP_CHECK(x_in.is_cuda(), "x must be a CUDA tensor, found device ", x_in.device());
   const int64_t M = x_in.size(0), K = x_in.size(1);
@@ -116,6 +117,14 @@ Result lora_gemv(const at::Tensor& x_in, const std::optional<at::Tensor>& w_in,
     FP_CHECK(bias.scalar_type() == x.scalar_type(), "bias dtype ", bias.scalar_type(),
              " must equal x dtype ", x.scalar_type());
   }
+  at::Tensor col_scale;
+  if (col_scale_in.has_value()) {
+    col_scale = col_scale_in->contiguous();
+    FP_CHECK_DEVICE(col_scale, "col_scale");
+    FP_CHECK(col_scale.dim() == 1 && col_scale.size(0) == N, "col_scale must be [N=", N, "], found ",
+             col_scale.sizes());
+    FP_CHECK(col_scale.scalar_type() == at::kFloat, "col_scale must be float32, found ", col_scale.scalar_type());
+  }
 
   const c10::cuda::CUDAGuard guard(x.device());
   // Optional preallocated outputs (serving loops, CUDA graphs, and the tests, which poison them).
@@ -151,7 +160,8 @@ Result lora_gemv(const at::Tensor& x_in, const std::optional<at::Tensor>& w_in,
   const int64_t lda = r == 1 ? 0 : a.stride(0);
   const int err = fastpeft_lora_gemv(
       x.data_ptr(), ldx, w.defined() ? w.data_ptr() : nullptr, w.defined() ? w.stride(0) : 0,
-      bias.defined() ? bias.data_ptr() : nullptr, a.data_ptr(), lda, b.data_ptr(), b.stride(0),
+      bias.defined() ? bias.data_ptr() : nullptr, col_scale.defined() ? col_scale.data_ptr<float>() : nullptr,
+      a.data_ptr(), lda, b.data_ptr(), b.stride(0),
       s.data_ptr<float>(), s.stride(0), y.data_ptr(), y.stride(0), (int)M, (int)N, (int)K, (int)r, (float)scale, xd,
       ad, use_pdl ? 1 : 0, c10::cuda::getCurrentCUDAStream().stream());
   FP_CHECK(err == 0, "CUDA launch failed: ", cudaGetErrorString((cudaError_t)err));
@@ -162,8 +172,14 @@ Result lora_gemv(const at::Tensor& x_in, const std::optional<at::Tensor>& w_in,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastpeft CUDA C++ kernels (csrc/)";
-  m.def("lora_gemv", &lora_gemv, "Fused LoRA decode GEMV: returns (Y [M,N] x.dtype, S [M,r] fp32, \"\") or (None, None, error)",
+  m.def("lora_gemv", &lora_gemv,
+        "Fused LoRA decode GEMV, Y = col_scale * (x W^T + scale * (x A^T) B^T) + bias: returns (Y [M,N] x.dtype, "
+        "S [M,r] fp32, \"\") or (None, None, error)",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("lora_A"),
         pybind11::arg("lora_B"), pybind11::arg("scale"), pybind11::arg("use_pdl"),
-        pybind11::arg("out") = pybind11::none(), pybind11::arg("s_out") = pybind11::none());
+        pybind11::arg("out") = pybind11::none(), pybind11::arg("s_out") = pybind11::none(),
+        pybind11::arg("col_scale") = pybind11::none());
+  // What this build of the binding can do: cuda_backend checks it, so a stale ahead-of-time fastpeft._C
+  // (built before a feature) refuses the calls that need the feature instead of failing inside them.
+  m.attr("FEATURES") = pybind11::make_tuple("col_scale");
 }

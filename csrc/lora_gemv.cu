@@ -1,6 +1,8 @@
 // Fused LoRA GEMV for decode (M <= 8 rows):
 //     S[m, :]  = x[m, :] A^T                                   (fp32, also returned: autograd saves it)
-//     Y[m, n]  = x[m, :] . W[n, :] + s * sum_j S[m, j] B[n, j] (+ bias[n])
+//     Y[m, n]  = g[n] * (x[m, :] . W[n, :] + s * sum_j S[m, j] B[n, j]) (+ bias[n])
+// where g is an optional fp32 output column scale (DoRA's g = m / max(||W + s B A||_row, EPS), computed by
+// fastpeft.ops; nullptr = no scale, plain LoRA).
 //
 // Pure CUDA (runtime headers only); the torch binding lives in binding.cpp.
 //
@@ -24,7 +26,8 @@
 // M = 8, so fastpeft.ops.cuda_backend enables it for M = 1 only.
 //
 // The LoRA term is folded into the same fp32 per-lane accumulators as x W^T before the single warp
-// reduction, so Y is written exactly once and no [M, N] temporary exists.
+// reduction, so Y is written exactly once and no [M, N] temporary exists. The column scale g and the bias
+// are applied to the reduced fp32 value in the epilogue, just before that one store.
 
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -57,6 +60,7 @@ struct Params {
   bool vec_x;                     // x rows are 16-byte aligned: uint4 loads
   bool vec_w;                     // W rows are 16-byte aligned
   bool vec_shrink;                // x and A rows are 16-byte aligned
+  // No col_scale here on purpose: it is a separate argument of lora_gemv_kernel (see there).
 };
 
 // ---- scalar / vector loads converted to fp32 -------------------------------------------------------
@@ -266,8 +270,12 @@ __device__ __forceinline__ void gemv_range(float (&acc)[MT][R], const T* __restr
   }
 }
 
+// col_scale: DoRA's g [N] fp32, or nullptr. A separate kernel parameter rather than a Params field: growing
+// Params from 128 to 136 bytes changed ptxas' register allocation in BOTH kernels (nvcc 13.0: the shrink
+// kernel went from 48 to 62 registers at M = 4 with fp32 A, the sm_80 GEMV at M = 8 from 73 to 92, and the
+// sm_80 bf16 GEMV at M = 2 spilled 4 bytes), while as its own parameter the counts stay as they were.
 template <typename T, typename TB, int MT>
-__global__ void __launch_bounds__(kGemvThreads) lora_gemv_kernel(const Params p) {
+__global__ void __launch_bounds__(kGemvThreads) lora_gemv_kernel(const Params p, const float* __restrict__ col_scale) {
   constexpr int R = kRowsPerWarp;
   constexpr bool kStageX = MT > 1;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -348,6 +356,13 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_kernel(const Params p)
       float v = warp_sum(acc[m][i]);
       const int n = n0 + i;
       if (lane == m * R + i && m < p.M && n < p.N) {
+        // DoRA: Y = g * (x W^T + s S B^T) + bias, on the fp32 sum, before the bias and the one store.
+        // A runtime nullptr test, not a template flag: it runs once per stored element, after the K
+        // loop, on a kernel-uniform condition, so it adds no register to the main loop (ptxas -v: no
+        // instantiation uses more registers than before) and no measurable time, while a template flag
+        // would double the GEMV instantiations (16 -> 32), and with them the binary and the just-in-time
+        // build time.
+        if (col_scale != nullptr) v *= __ldg(col_scale + n);
         if (bias != nullptr) v += ld1(bias + n);
         y[(int64_t)m * p.ldy + n] = from_f32<T>(v);
       }
@@ -361,7 +376,7 @@ bool rows_aligned(const void* ptr, int64_t ld, int elem_bytes) {
 }
 
 template <typename T, typename TA, int MT>
-cudaError_t launch_typed(const Params& p, bool use_pdl, cudaStream_t stream) {
+cudaError_t launch_typed(const Params& p, const float* col_scale, bool use_pdl, cudaStream_t stream) {
   lora_shrink_kernel<T, TA, MT><<<p.r, kShrinkThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -376,34 +391,35 @@ cudaError_t launch_typed(const Params& p, bool use_pdl, cudaStream_t stream) {
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = use_pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, lora_gemv_kernel<T, TA, MT>, p);
+  return cudaLaunchKernelEx(&cfg, lora_gemv_kernel<T, TA, MT>, p, col_scale);
 }
 
 template <typename T, typename TA>
-cudaError_t launch_m(const Params& p, bool use_pdl, cudaStream_t stream) {
+cudaError_t launch_m(const Params& p, const float* col_scale, bool use_pdl, cudaStream_t stream) {
   // M is rounded up to a compile-time bound (1, 2, 4, 8) so accumulators stay in registers; rows
   // m >= M are skipped by warp-uniform branches.
-  if (p.M <= 1) return launch_typed<T, TA, 1>(p, use_pdl, stream);
-  if (p.M <= 2) return launch_typed<T, TA, 2>(p, use_pdl, stream);
-  if (p.M <= 4) return launch_typed<T, TA, 4>(p, use_pdl, stream);
-  return launch_typed<T, TA, 8>(p, use_pdl, stream);
+  if (p.M <= 1) return launch_typed<T, TA, 1>(p, col_scale, use_pdl, stream);
+  if (p.M <= 2) return launch_typed<T, TA, 2>(p, col_scale, use_pdl, stream);
+  if (p.M <= 4) return launch_typed<T, TA, 4>(p, col_scale, use_pdl, stream);
+  return launch_typed<T, TA, 8>(p, col_scale, use_pdl, stream);
 }
 
 template <typename T>
-cudaError_t launch_ab(const Params& p, int ab_dtype, bool use_pdl, cudaStream_t stream) {
-  if (ab_dtype == kDtypeF32) return launch_m<T, float>(p, use_pdl, stream);
-  return launch_m<T, T>(p, use_pdl, stream);
+cudaError_t launch_ab(const Params& p, const float* col_scale, int ab_dtype, bool use_pdl, cudaStream_t stream) {
+  if (ab_dtype == kDtypeF32) return launch_m<T, float>(p, col_scale, use_pdl, stream);
+  return launch_m<T, T>(p, col_scale, use_pdl, stream);
 }
 
 }  // namespace
 
 // Returns a cudaError_t value (0 = success). x, w, y, bias share x_dtype (1 = fp16, 2 = bf16); A and B
 // share ab_dtype (0 = fp32, or x_dtype). All inner strides are 1; ld* are row strides in elements.
-// w and bias may be null. S (fp32, [M, r], row stride lds) is written as a by-product.
+// w, bias and col_scale may be null; col_scale is fp32 [N] (contiguous), multiplied into x W^T + s S B^T
+// before the bias is added. S (fp32, [M, r], row stride lds) is written as a by-product.
 extern "C" int fastpeft_lora_gemv(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* bias,
-                                  const void* a, int64_t lda, const void* b, int64_t ldb, float* s, int64_t lds,
-                                  void* y, int64_t ldy, int M, int N, int K, int r, float scale, int x_dtype,
-                                  int ab_dtype, int use_pdl, cudaStream_t stream) {
+                                  const float* col_scale, const void* a, int64_t lda, const void* b,
+                                  int64_t ldb, float* s, int64_t lds, void* y, int64_t ldy, int M, int N, int K,
+                                  int r, float scale, int x_dtype, int ab_dtype, int use_pdl, cudaStream_t stream) {
   if (M < 0 || M > kMaxM || N < 0 || K < 0 || r < 1 || r > kMaxR) return (int)cudaErrorInvalidValue;
   if (x_dtype != kDtypeF16 && x_dtype != kDtypeBF16) return (int)cudaErrorInvalidValue;
   if (ab_dtype != kDtypeF32 && ab_dtype != x_dtype) return (int)cudaErrorInvalidValue;
@@ -419,6 +435,6 @@ extern "C" int fastpeft_lora_gemv(const void* x, int64_t ldx, const void* w, int
   p.vec_w = rows_aligned(w, ldw, 2);
   p.vec_shrink = rows_aligned(x, ldx, 2) && rows_aligned(a, lda, ab_bytes);
 
-  if (x_dtype == kDtypeBF16) return (int)launch_ab<__nv_bfloat16>(p, ab_dtype, use_pdl != 0, stream);
-  return (int)launch_ab<__half>(p, ab_dtype, use_pdl != 0, stream);
+  if (x_dtype == kDtypeBF16) return (int)launch_ab<__nv_bfloat16>(p, col_scale, ab_dtype, use_pdl != 0, stream);
+  return (int)launch_ab<__half>(p, col_scale, ab_dtype, use_pdl != 0, stream);
 }

@@ -9,8 +9,11 @@ version. Importing this module never builds anything and works on CPU-only machi
 Coverage (supports() returns None only then): CUDA tensors, 1 <= M <= 8 rows (decode), a dense base
 (or none) with x and weight in float16/bfloat16, exactly one adapter with lora_A/lora_B in float32 or
 x's dtype, r <= 128, bias in x's dtype, no LoRA dropout (dropout is a training feature and this kernel
-serves inference). Backward is the torch backend's on the saved S: decode is inference, and a
-training step that does reach this backend with M <= 8 is too small for a dedicated kernel to matter.
+serves inference). The adapter may be DoRA (a magnitude): without dropout its output column scale
+g = call.col_scale() (fp32 [N]) is applied to the kernel's fp32 accumulator in the epilogue, before the
+bias, so Y = g * (x W^T + s S B^T) + bias is still written once. Backward is the torch backend's on the
+saved S (for DoRA its _dora_backward: the LoRA backward on g * dY): decode is inference, and a training
+step that does reach this backend with M <= 8 is too small for a dedicated kernel to matter.
 
 Environment: FASTPEFT_CUDA_JIT=0 forbids the just-in-time build; FASTPEFT_CUDA_PDL=0 turns off
 programmatic dependent launch (Hopper) between the shrink and GEMV kernels; FASTPEFT_CUDA_VERBOSE=1
@@ -140,24 +143,50 @@ def _shape_reason(x2d, weight, bias, A, B) -> Optional[str]:
     return None
 
 
-def supports(call) -> Optional[str]:
-    """None when forward() can run this call, else the reason it cannot."""
-    if not (call.x.is_cuda and torch.cuda.is_available()):
-        return "the CUDA backend needs CUDA tensors"
+def _call_reason(call) -> Optional[str]:
+    """What the decode kernel cannot take about the call's base and adapter set (no GPU needed to ask)."""
     if call.base.packed is not None:
         return "the CUDA decode kernel has no quantized base weights yet (the triton backend runs them)"
     if len(call.adapters) != 1:
         return f"the CUDA decode kernel takes exactly one adapter per call, found {len(call.adapters)}"
     a = call.adapters[0]
-    if a.magnitude is not None:
-        return "DoRA's column scale is not in the CUDA decode kernel yet (the triton and torch backends run it)"
     if a.dropout_p > 0:
+        if a.magnitude is not None:
+            return ("DoRA with dropout (training: peft's extra base GEMM on the dropped-out input) is not "
+                    "supported by the CUDA decode kernel (the other backends run it)")
         return "LoRA dropout (training) is not supported by the CUDA decode kernel"
+    if a.magnitude is not None:
+        if a.weight_norm is None:
+            return "a DoRA call needs its weight_norm here (fastpeft.ops.lora computes it); found none"
+        for name, t in (("magnitude", a.magnitude), ("weight_norm", a.weight_norm)):
+            if t.device != call.x.device:
+                return f"DoRA's {name} is on {t.device} but x is on {call.x.device}"
+    return None
+
+
+def _module_reason(mod, call) -> Optional[str]:
+    """Why the loaded module cannot run this call: it failed to load (mod is the reason), or it is an
+    ahead-of-time fastpeft._C built before a feature the call needs (csrc/binding.cpp's FEATURES)."""
+    if isinstance(mod, str):
+        return mod
+    if call.is_dora and "col_scale" not in getattr(mod, "FEATURES", ()):
+        return ("the loaded fastpeft._C predates DoRA's column scale in the CUDA decode kernel (its FEATURES "
+                "lack 'col_scale'); rebuild it (FASTPEFT_BUILD_CUDA=1) or remove it to use the just-in-time build")
+    return None
+
+
+def supports(call) -> Optional[str]:
+    """None when forward() can run this call, else the reason it cannot."""
+    if not (call.x.is_cuda and torch.cuda.is_available()):
+        return "the CUDA backend needs CUDA tensors"
+    reason = _call_reason(call)
+    if reason is not None:
+        return reason
+    a = call.adapters[0]
     reason = _shape_reason(call.x, call.base.weight, call.base.bias, a.A, a.B)
     if reason is not None:
         return reason
-    mod = load(call.x.device)
-    return mod if isinstance(mod, str) else None
+    return _module_reason(load(call.x.device), call)
 
 
 def _use_pdl(device: torch.device, M: int) -> bool:
@@ -166,31 +195,46 @@ def _use_pdl(device: torch.device, M: int) -> bool:
     return M == 1 and _PDL_ENABLED and _capability(_device_index(device))[0] >= 9
 
 
-def gemv(x2d, weight, bias, A, B, scale, use_pdl=None, out=None, s_out=None):
+def gemv(x2d, weight, bias, A, B, scale, use_pdl=None, out=None, s_out=None, col_scale=None):
     """Run the compiled kernel: (Y [M, N] in x.dtype, S [M, r] fp32); `out`/`s_out` optionally
-    preallocated. The binding reports bad arguments as a returned message (C++ exceptions crashed
+    preallocated; `col_scale` (float32 [N] on x's device, or None) multiplies x W^T + s S B^T before the
+    bias (DoRA). The binding reports bad arguments as a returned message (C++ exceptions crashed
     the test machine, see csrc/binding.cpp); raise it here."""
     mod = load(x2d.device)
     if isinstance(mod, str):
         raise RuntimeError(f"fastpeft cuda backend is unavailable: {mod}")
     if use_pdl is None:
         use_pdl = _use_pdl(x2d.device, x2d.shape[0])
-    y, s, err = mod.lora_gemv(x2d, weight, bias, A, B, float(scale), bool(use_pdl), out=out, s_out=s_out)
+    # col_scale only when given: a plain call still runs on an older fastpeft._C without that argument
+    extra = {} if col_scale is None else {"col_scale": col_scale}
+    y, s, err = mod.lora_gemv(x2d, weight, bias, A, B, float(scale), bool(use_pdl), out=out, s_out=s_out, **extra)
     if err:
         raise RuntimeError(f"fastpeft lora_gemv: {err}")
     return y, s
 
 
+def col_scale_arg(call) -> Optional[torch.Tensor]:
+    """The kernel's col_scale for this call: DoRA's g = call.col_scale() as contiguous float32 [N] on x's
+    device (a float64 g, from float64 magnitudes, is rounded to the kernel's fp32), or None for plain LoRA."""
+    g = call.col_scale()
+    if g is None:
+        return None
+    return g.to(device=call.x.device, dtype=torch.float32).contiguous()
+
+
 def forward(call):
-    """(Y [M, N] in x.dtype, S = x A^T [M, r] fp32) from the fused decode GEMV. The dispatcher has run
-    supports() for this call, so it is not repeated; gemv() still raises the binding's own message."""
+    """(Y [M, N] in x.dtype, S = x A^T [M, r] fp32) from the fused decode GEMV; a DoRA call's Y is
+    g * (x W^T + s S B^T) + bias (no dropout: supports() refuses it, so there is no Z_d to return). The
+    dispatcher has run supports() for this call, so it is not repeated; gemv() still raises the
+    binding's own message."""
     a = call.adapters[0]
-    return gemv(call.x, call.base.weight, call.base.bias, a.A, a.B, a.scale)
+    return gemv(call.x, call.base.weight, call.base.bias, a.A, a.B, a.scale, col_scale=col_scale_arg(call))
 
 
 def backward(call, dY, S, needs_dx, needs_dA, needs_dB):
     """The torch backend's backward (no kernel: decode is inference; supports() refuses dropout, so
-    there is no mask to regenerate)."""
+    there is no mask to regenerate). A DoRA call goes to torch_backend._dora_backward through it: the
+    LoRA backward on g * dY (the magnitude gradient is dora.magnitude_grad's, outside the backends)."""
     from . import torch_backend
 
     return torch_backend.backward(call, dY, S, needs_dx, needs_dA, needs_dB)

@@ -1,15 +1,17 @@
 """The `cuda` backend (csrc fused LoRA decode GEMV) against a float64 reference.
 
 CUDA tests build csrc just in time (about a minute, cached) and run on a GPU machine via
-benchmarks/device_check.sh; the CPU tests check the parts that need no GPU: supports() reasons and
-the torch-math backward.
+benchmarks/device_check.sh; the CPU tests check the parts that need no GPU: supports() reasons, the
+arguments forward() hands the kernel, and the torch-math backward (plain LoRA and DoRA).
 """
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from fastpeft.ops import Adapter, Base, LoraCall, cuda_backend
+from fastpeft.ops import Adapter, Base, LoraCall, cuda_backend, dora, torch_backend
+from fastpeft.ops.contract import DORA_EPS
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -65,11 +67,11 @@ def module():
     return mod
 
 
-def run_poisoned(mod, x, w, bias, a, b, scale, use_pdl):
+def run_poisoned(mod, x, w, bias, a, b, scale, use_pdl, col_scale=None):
     M, N, r = x.shape[0], b.shape[0], a.shape[0]
     y = torch.full((M, N), float("nan"), device=x.device, dtype=x.dtype)
     s = torch.full((M, r), float("nan"), device=x.device, dtype=torch.float32)
-    y2, s2 = cuda_backend.gemv(x, w, bias, a, b, scale, use_pdl, out=y, s_out=s)
+    y2, s2 = cuda_backend.gemv(x, w, bias, a, b, scale, use_pdl, out=y, s_out=s, col_scale=col_scale)
     assert y2.data_ptr() == y.data_ptr() and s2.data_ptr() == s.data_ptr()
     return y, s
 
@@ -207,3 +209,234 @@ def test_binding_rejects_bad_inputs_by_name(module):
         cuda_backend.gemv(x, w, None, a.cpu(), b, 1.0)
     with pytest.raises(RuntimeError, match="out must be"):
         cuda_backend.gemv(x, w, None, a, b, 1.0, out=torch.empty(2, 31, device="cuda", dtype=torch.float16))
+    with pytest.raises(RuntimeError, match=r"col_scale must be \[N=32\]"):
+        cuda_backend.gemv(x, w, None, a, b, 1.0, col_scale=torch.ones(31, device="cuda"))
+    with pytest.raises(RuntimeError, match="col_scale must be float32"):
+        cuda_backend.gemv(x, w, None, a, b, 1.0, col_scale=torch.ones(32, device="cuda", dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="col_scale must be a CUDA tensor"):
+        cuda_backend.gemv(x, w, None, a, b, 1.0, col_scale=torch.ones(32))
+
+
+# ---- DoRA: the output column scale g in the GEMV epilogue --------------------------------------------
+
+def dora_call(x, w, bias, a, b, scale, seed=0):
+    """A DoRA call as fastpeft.ops.lora hands it to a backend: n = ||W + s B A||_row from dora.weight_norm,
+    and a magnitude m = n * U(0.5, 1.5) (fp32, as peft keeps it), so g = m / n spans [0.5, 1.5]."""
+    n = dora.weight_norm(Base.dense(w), a, b, scale)
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    m = n * (0.5 + torch.rand(n.shape, generator=g, device=x.device))
+    return LoraCall(x, Base.dense(w, bias), (Adapter(a, b, scale, 0.0, m, n),))
+
+
+def with_magnitude(call, m):
+    return call.replace(adapters=(dataclasses.replace(call.adapters[0], magnitude=m),))
+
+
+def dora_reference(call):
+    """float64 (Y, S): the torch backend (the oracle) on a float64 copy of the call."""
+    a = call.adapters[0]
+
+    def d(t):
+        return None if t is None else t.double()
+
+    call64 = LoraCall(d(call.x), Base.dense(d(call.base.weight), d(call.base.bias)),
+                      (Adapter(d(a.A), d(a.B), a.scale, 0.0, d(a.magnitude), d(a.weight_norm)),))
+    y, s = torch_backend.forward(call64)
+    assert y.dtype == torch.float64 and s.dtype == torch.float64
+    return y, s
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("K,N", [(4096, 4096), (4099, 4101)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ab_fp32", [True, False])
+def test_dora_decode_matches_float64_reference(module, K, N, dtype, ab_fp32):
+    ab_dtype = torch.float32 if ab_fp32 else dtype
+    for M in (1, 3):
+        for r in (1, 16, 128):
+            for with_bias in (False, True):
+                x, w, bias, a, b = make_inputs(M, K, N, r, dtype, ab_dtype, with_bias, seed=M * 1000 + r + 7)
+                call = dora_call(x, w, bias, a, b, 0.75, seed=M + r)
+                assert cuda_backend.supports(call) is None, cuda_backend.supports(call)
+                ref_y, ref_s = dora_reference(call)
+                g = cuda_backend.col_scale_arg(call)
+                assert g.dtype == torch.float32 and g.is_contiguous() and g.shape == (N,) and g.device == x.device
+                what = f"DoRA M={M} K={K} N={N} r={r} {dtype} ab={ab_dtype} bias={with_bias}"
+                for use_pdl in (True, False):
+                    y, s = run_poisoned(module, x, w, bias, a, b, 0.75, use_pdl, col_scale=g)
+                    assert_close_to_ref(y, s, ref_y, ref_s, dtype, f"{what} pdl={use_pdl}")
+                y, s = cuda_backend.forward(call)  # the backend entry point passes call.col_scale() itself
+                assert y.dtype == dtype and s.dtype == torch.float32 and y.shape == (M, N) and s.shape == (M, r)
+                assert_close_to_ref(y, s, ref_y, ref_s, dtype, f"{what} forward()")
+                # g really is applied: the same call without the magnitude is plain LoRA and differs
+                y_plain, _ = cuda_backend.gemv(x, w, bias, a, b, 0.75)
+                assert not torch.equal(y_plain, y), what
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dora_zero_rows_with_zero_magnitude_give_the_bias_not_nan(module, dtype, with_bias):
+    """Rows where W and B are zero (peft's init for B; Llama's o_proj has all-zero rows of W) have n = 0 and
+    m = 0: g = 0 / max(0, EPS) = 0, so the kernel must write the bias (or 0) there, never NaN."""
+    K, N, r = 1024, 96, 8
+    zero = torch.tensor([0, 17, N - 1], device="cuda")
+    for M in (1, 3):
+        x, w, bias, a, b = make_inputs(M, K, N, r, dtype, torch.float32, with_bias, seed=50 + M)
+        w[zero] = 0
+        b[zero] = 0
+        call = dora_call(x, w, bias, a, b, 2.0, seed=M)
+        assert (call.adapters[0].weight_norm[zero] == 0).all()
+        m = call.adapters[0].magnitude.clone()
+        m[zero] = 0
+        call = with_magnitude(call, m)
+        g = cuda_backend.col_scale_arg(call)
+        assert torch.isfinite(g).all() and (g[zero] == 0).all()
+        assert cuda_backend.supports(call) is None
+        ref_y, ref_s = dora_reference(call)
+        want = (bias[zero] if with_bias else torch.zeros(len(zero), device="cuda", dtype=dtype)).expand(M, -1)
+        for use_pdl in (True, False):
+            y, s = run_poisoned(module, x, w, bias, a, b, 2.0, use_pdl, col_scale=g)
+            assert_close_to_ref(y, s, ref_y, ref_s, dtype, f"zero rows M={M} bias={with_bias} pdl={use_pdl}")
+            assert torch.equal(y[:, zero], want), f"zero rows M={M}: {y[:, zero]} != {want}"
+        y, s = cuda_backend.forward(call)
+        assert torch.isfinite(y).all() and torch.equal(y[:, zero], want)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dora_decode_through_fastpeft_ops_runs_cuda_forward_and_matching_grads(module, monkeypatch, dtype):
+    """fastpeft.ops.lora with a magnitude at M = 3 dispatches forward and backward to the cuda backend;
+    Y and the grads of x, A, B, m match peft's formula in float64 (the backward is the torch backend's
+    _dora_backward, run from the cuda backend's backward on the kernel's S and Y)."""
+    from fastpeft import ops
+    from fastpeft.ops import dispatch
+
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    M, K, N, r, scale = 3, 512, 384, 16, 0.5
+    x, w, bias, a, b = make_inputs(M, K, N, r, dtype, torch.float32, True, seed=13)
+    n = dora.weight_norm(Base.dense(w), a, b, scale)
+    m = n * 1.3
+    m[5] = 0.0  # a zero magnitude: dora.magnitude_grad takes Z from W's rows there
+    call = LoraCall(x, Base.dense(w, bias), (Adapter(a, b, scale, 0.0, m, n),))
+    assert dispatch.choose(call) == "cuda"
+
+    ran = []
+    for name in ("forward", "backward"):
+        real = getattr(cuda_backend, name)
+        monkeypatch.setattr(cuda_backend, name, lambda *args, _real=real, _name=name: ran.append(_name) or _real(*args))
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, a, b, m)]
+    y = ops.lora(leaves[0].view(1, M, K), Base.dense(w, bias), [Adapter(leaves[1], leaves[2], scale, 0.0, leaves[3])])
+    dy = torch.randn(1, M, N, device="cuda", dtype=dtype)
+    grads = torch.autograd.grad(y, leaves, dy)
+    assert ran == ["forward", "backward"], ran
+
+    refs = [t.detach().double().requires_grad_(True) for t in (x, a, b, m)]
+    xr, ar, br, mr = refs
+    g = mr / n.double().clamp_min(DORA_EPS)  # n detached, peft's semantics
+    y_ref = g * (xr @ w.double().t() + scale * (xr @ ar.t()) @ br.t()) + bias.double()
+    grads_ref = torch.autograd.grad(y_ref, refs, dy.reshape(M, N).double())
+    tol = {torch.bfloat16: 1e-2, torch.float16: 5e-3}[dtype]
+
+    def rel(got, want):
+        assert torch.isfinite(got).all()
+        return ((got.double() - want).norm() / want.norm()).item()
+
+    assert y.shape == (1, M, N) and y.dtype == dtype
+    assert rel(y.reshape(M, N), y_ref) < tol
+    for name, got, want in zip(("x", "lora_A", "lora_B", "magnitude"), grads, grads_ref):
+        assert got.dtype == (dtype if name == "x" else torch.float32), (name, got.dtype)  # each leaf's dtype
+        assert rel(got, want) < tol, f"grad {name}: relative error {rel(got, want)}"
+
+
+# ---- CPU: supports() reasons and forward()'s kernel arguments for DoRA ----------------------------------
+
+def _cpu_dora_call(M=2, K=16, N=8, r=4, p=0.0, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    a, b = torch.randn(r, K, generator=g), torch.randn(N, r, generator=g)
+    n = dora.weight_norm(Base.dense(w), a, b, 0.5)
+    return LoraCall(x, Base.dense(w, torch.randn(N, generator=g).to(dtype)), (Adapter(a, b, 0.5, p, n * 1.1, n),))
+
+
+def test_dora_call_reasons_without_a_gpu():
+    call = _cpu_dora_call()
+    assert cuda_backend._call_reason(call) is None  # DoRA without dropout: the kernel runs it
+    assert "CUDA" in cuda_backend.supports(call)  # on CPU tensors the device rule comes first
+    reason = cuda_backend._call_reason(_cpu_dora_call(p=0.1))
+    assert "DoRA" in reason and "dropout" in reason
+    a = call.adapters[0]
+    plain = dataclasses.replace(a, magnitude=None, weight_norm=None)
+    assert "exactly one adapter" in cuda_backend._call_reason(call.replace(adapters=(plain, plain)))
+    assert "dropout" in cuda_backend._call_reason(call.replace(adapters=(dataclasses.replace(plain, dropout_p=0.2),)))
+    assert "weight_norm" in cuda_backend._call_reason(call.replace(adapters=(dataclasses.replace(a, weight_norm=None),)))
+    meta = dataclasses.replace(a, magnitude=a.magnitude.to("meta"))
+    assert "magnitude is on meta" in cuda_backend._call_reason(call.replace(adapters=(meta,)))
+
+
+def test_stale_module_without_col_scale_refuses_dora_only():
+    call = _cpu_dora_call()
+    plain = call.replace(adapters=(dataclasses.replace(call.adapters[0], magnitude=None, weight_norm=None),))
+
+    class Old:  # an ahead-of-time fastpeft._C built before the column scale: no FEATURES
+        pass
+
+    class New:
+        FEATURES = ("col_scale",)
+
+    assert "col_scale" in cuda_backend._module_reason(Old(), call)
+    assert cuda_backend._module_reason(Old(), plain) is None
+    assert cuda_backend._module_reason(New(), call) is None
+    assert cuda_backend._module_reason("no nvcc", call) == "no nvcc"
+
+
+def test_forward_passes_dora_col_scale_to_the_kernel(monkeypatch):
+    seen = {}
+
+    def fake_gemv(x2d, weight, bias, A, B, scale, use_pdl=None, out=None, s_out=None, col_scale=None):
+        seen.update(x=x2d, weight=weight, bias=bias, A=A, B=B, scale=scale, col_scale=col_scale)
+        return "Y", "S"
+
+    monkeypatch.setattr(cuda_backend, "gemv", fake_gemv)
+    call = _cpu_dora_call()
+    assert cuda_backend.forward(call) == ("Y", "S")
+    g = seen["col_scale"]
+    assert g.dtype == torch.float32 and g.is_contiguous() and g.device == call.x.device
+    torch.testing.assert_close(g, call.col_scale(), rtol=0, atol=0)
+    assert seen["x"] is call.x and seen["weight"] is call.base.weight and seen["bias"] is call.base.bias
+    a = call.adapters[0]
+    # float64 magnitudes: g rounded to the kernel's fp32
+    cuda_backend.forward(call.replace(adapters=(dataclasses.replace(a, magnitude=a.magnitude.double()),)))
+    assert seen["col_scale"].dtype == torch.float32
+    # plain LoRA: no column scale argument at all
+    cuda_backend.forward(call.replace(adapters=(dataclasses.replace(a, magnitude=None, weight_norm=None),)))
+    assert seen["col_scale"] is None
+
+
+def test_dora_backward_is_the_torch_backends():
+    """The cuda backend's backward of a DoRA decode call is torch_backend's (_dora_backward: the LoRA
+    backward on g * dY) and matches autograd of g * (x W^T + s x A^T B^T) in float64."""
+    torch.manual_seed(1)
+    M, K, N, r, scale = 3, 24, 10, 4, 0.5
+    x = torch.randn(M, K, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(N, K, dtype=torch.float64)
+    a = torch.randn(r, K, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(N, r, dtype=torch.float64, requires_grad=True)
+    n = dora.weight_norm(Base.dense(w), a, b, scale)
+    m = n * torch.rand(N, dtype=torch.float64)
+    m[2] = 0.0
+    s = x @ a.t()
+    y = (m / n.clamp_min(DORA_EPS)) * (x @ w.t() + scale * s @ b.t())
+    dy = torch.randn(M, N, dtype=torch.float64)
+    gx, ga, gb = torch.autograd.grad(y, (x, a, b), dy)
+    call = LoraCall(x.detach(), Base.dense(w), (Adapter(a.detach(), b.detach(), scale, 0.0, m, n),))
+    dx, (da,), (db,) = cuda_backend.backward(call, dy, s.detach(), True, [True], [True])
+    for got, want, name in ((dx, gx, "dX"), (da, ga, "dA"), (db, gb, "dB")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=name)
+    want = torch_backend.backward(call, dy, s.detach(), True, [True], [True])
+    got = cuda_backend.backward(call, dy, s.detach(), True, [True], [True])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1][0], want[1][0]) and torch.equal(got[2][0], want[2][0])

@@ -2,6 +2,11 @@
 
 The GPU-less development machines have nvcc (no cuBLAS headers), so this is how every change to the
 CUDA kernels is checked before a GPU is at hand. Both targets compile in parallel to stay fast.
+The GEMV kernel's optional DoRA column scale (col_scale) is compiled into every instantiation (a
+runtime nullptr test, not a template flag), so the counts below cover it; the PTX test checks that it
+stays a separate kernel parameter, out of the 128-byte Params (growing Params changed register
+allocation and spilled, see csrc/lora_gemv.cu), and the extern "C" launcher that binding.cpp declares
+must match its definition word for word (C linkage: a mismatch would link and then corrupt arguments).
 """
 import os
 import re
@@ -18,8 +23,10 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 KERNEL_FILES = ["lora_gemv.cu"]
 # the flags of the just-in-time build (cuda_backend.nvcc_flags), so the test checks what users compile
 TARGETS = {"sm_80": nvcc_flags("80"), "sm_90a": nvcc_flags("90a")}
-# Instantiations: x dtype {bf16, fp16} x A/B dtype {fp32, x's} x M bound {1, 2, 4, 8}, for each kernel.
+# Instantiations: x dtype {bf16, fp16} x A/B dtype {fp32, x's} x M bound {1, 2, 4, 8}, for each kernel
+# (col_scale / no col_scale is a runtime branch of the same lora_gemv_kernel, not more instantiations).
 EXPECTED_KERNELS = {"lora_shrink_kernel": 16, "lora_gemv_kernel": 16}
+PARAMS_BYTES = 128  # sizeof(Params) in csrc/lora_gemv.cu
 
 ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for '(?P<arch>sm_\w+)'")
 STACK = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<st>\d+) bytes spill stores, (?P<ld>\d+) bytes spill loads")
@@ -100,3 +107,41 @@ def test_compiles_without_spills(src_name, tmp_path):
             assert info["stack"] == 0, f"{name} ({arch}) uses a stack frame (local memory): {info}"
             # __launch_bounds__(256) caps registers at 255; more than 128 would halve occupancy
             assert info["regs"] <= 128, f"{name} ({arch}) uses {info['regs']} registers"
+
+
+def launcher_signature(text):
+    """The parameter list of `extern "C" int fastpeft_lora_gemv(...)` as a list of normalized parameters."""
+    m = re.search(r'extern "C" int fastpeft_lora_gemv\((?P<params>[^)]*)\)', text)
+    assert m, "no extern \"C\" fastpeft_lora_gemv declaration found"
+    return [" ".join(p.split()) for p in m.group("params").split(",")]
+
+
+def test_binding_declares_the_launcher_as_defined():
+    # extern "C" names carry no parameter types, so a stale declaration in binding.cpp would still link.
+    defined = launcher_signature((CSRC / "lora_gemv.cu").read_text())
+    declared = launcher_signature((CSRC / "binding.cpp").read_text())
+    assert declared == defined, f"binding.cpp declares\n  {declared}\nbut lora_gemv.cu defines\n  {defined}"
+    assert "const float* col_scale" in defined, defined
+
+
+ENTRY_PTX = re.compile(r"\.entry (?P<name>\w+)\((?P<params>[^)]*)\)")
+PARAM_PTX = re.compile(r"\.param \.(?:align \d+ \.b8 \w+\[(?P<bytes>\d+)\]|(?P<type>u64|b64) \w+)")
+
+
+def test_gemv_kernel_takes_col_scale_beside_params(tmp_path):
+    nvcc = find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set NVCC or put it on PATH)")
+    ptx = tmp_path / "lora_gemv.ptx"
+    flags = [f.replace("code=sm_90a", "code=compute_90a") for f in nvcc_flags("90a")]
+    cmd = [nvcc, "--ptx", *flags, str(CSRC / "lora_gemv.cu"), "-o", str(ptx)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}{proc.stderr}"
+    entries = {m.group("name"): PARAM_PTX.findall(m.group("params")) for m in ENTRY_PTX.finditer(ptx.read_text())}
+    for base, count in EXPECTED_KERNELS.items():
+        found = {k: v for k, v in entries.items() if base in k}
+        assert len(found) == count, f"expected {count} PTX entries of {base}, found {len(found)}"
+        # (bytes, type) per parameter: Params by value, then (GEMV only) the col_scale pointer
+        want = [(str(PARAMS_BYTES), "")] + ([("", "u64")] if base == "lora_gemv_kernel" else [])
+        for name, params in found.items():
+            assert params == want, f"{name}: parameters {params}, expected {want}"
