@@ -93,8 +93,8 @@ def weight_norm(base: Base, A: Tensor, B: Tensor, scale: float, w_sq: Optional[T
         wdt = weight_dtype(base, A, B)
         acc = _acc(wdt)
         Ac, Bc = A.detach().to(acc), B.detach().to(acc)
-        cross = (_w_at(base, Ac).to(acc) * Bc).sum(1)
-        quad = ((Bc @ (Ac @ Ac.t())) * Bc).sum(1)
+        cross = torch.linalg.vecdot(_w_at(base, Ac).to(acc), Bc, dim=1)
+        quad = torch.linalg.vecdot(Bc @ (Ac @ Ac.t()), Bc, dim=1)
         n = (w_sq.to(acc) + (2.0 * scale) * cross + (scale * scale) * quad).clamp_min_(0.0).sqrt_()
         return n.to(wdt).to(acc)
 
@@ -116,11 +116,14 @@ def magnitude_grad(call: LoraCall, dY: Tensor, saved: Tensor, S: Tensor) -> Tens
     dY = dY.reshape(-1, dY.shape[-1]).to(acc)
     saved = saved.reshape(-1, saved.shape[-1]).to(acc)
     if a.dropout_p > 0.0:
-        return ((dY * saved).sum(0) / nt).to(m.dtype)
+        return (torch.linalg.vecdot(dY, saved, dim=0) / nt).to(m.dtype)
     bias = call.base.bias
-    Z = saved if bias is None else saved - bias.to(acc)
     m32 = m.detach().to(acc)
-    dm = (dY * Z).sum(0) / torch.where(m32 == 0, 1.0, m32)
+    # sum_i dY_ij (Y_ij - bias_j) as column dot products: no [M, N] temporary
+    dm = torch.linalg.vecdot(dY, saved, dim=0)
+    if bias is not None:
+        dm -= bias.to(acc) * dY.sum(0)
+    dm /= torch.where(m32 == 0, 1.0, m32)
     zero = (m32 == 0).nonzero().flatten()
     if zero.numel():
         # g_j = 0: Y holds only the bias in these columns. Their Z from W's rows: x W_J^T + s S B_J^T.

@@ -216,9 +216,10 @@ def _dora_forward(call: LoraCall) -> tuple:
     if keep is None:
         Y = torch.mm(x2d, W.t())
         Y.addmm_(S.to(dt), sBt, alpha=a.scale)
-        Y.mul_(g)
-        if bias is not None:
-            Y.add_(bias.to(dt))
+        if bias is None:
+            Y.mul_(g)
+        else:
+            torch.addcmul(bias.to(dt), Y, g, out=Y)  # g * Y + bias in one pass over Y
         return Y, S
     Y = torch.mm(x2d, W.t()) if bias is None else torch.addmm(bias.to(dt), x2d, W.t())
     Zd = torch.mm(x2d * keep, W.t())                   # (D x) W^T, its 1/(1-p) applied on [M, N] below

@@ -37,10 +37,10 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="gloo launches o
 
 # launch name -> (command builder key, engines, checks (None: the worker's default set), [(engine, check)] expected)
 FSDP2 = ["canary", "fp32", "bf16", "mp_bf16", "ckpt_reentrant", "ckpt_non_reentrant", "ckpt_wrapper",
-         "dropout_replay", "dtensor", "load", "qlora", "qlora_sharded"]
+         "dropout_replay", "dtensor", "load", "qlora", "qlora_sharded", "dora"]
 DDP = ["canary", "fp32", "bf16", "ckpt_reentrant", "ckpt_non_reentrant", "dropout_replay"]
 FSDP1 = ["canary", "fp32", "outer_shard", "load"]
-ZERO3 = ["canary", "fp32", "load"]
+ZERO3 = ["canary", "fp32", "load", "dora"]
 LAUNCHES = {
     "fsdp2": ("torchrun", ["fsdp2"], None, [("fsdp2", c) for c in FSDP2]),
     "ddp_fsdp1": ("torchrun", ["ddp", "fsdp1"], None, [("ddp", c) for c in DDP] + [("fsdp1", c) for c in FSDP1]),
@@ -51,8 +51,8 @@ LAUNCHES = {
 }
 # --runslow: the rest of the engine x feature matrix
 SLOW = {
-    "ddp": ["qlora", "qlora_sharded", "load"],
-    "fsdp1": ["bf16", "ckpt_reentrant", "ckpt_non_reentrant", "dropout_replay", "qlora", "qlora_sharded"],
+    "ddp": ["qlora", "qlora_sharded", "load", "dora"],
+    "fsdp1": ["bf16", "ckpt_reentrant", "ckpt_non_reentrant", "dropout_replay", "qlora", "qlora_sharded", "dora"],
     "zero3": ["bf16", "ckpt_reentrant", "ckpt_non_reentrant", "dropout_replay", "qlora", "qlora_sharded"],
 }
 LAUNCHES["matrix_slow"] = ("torchrun", list(SLOW), ",".join(sorted({c for cs in SLOW.values() for c in cs})), None)

@@ -19,6 +19,8 @@ test_engines.py launches this and asserts on the results. Checks (default: the C
   dtensor       fully_shard on lora_A / lora_B alone: a clear error naming lora_A; on base_layer alone: gathered
   load          load a saved adapter into the wrapped model (FSDP2 DTensors, ZeRO-3 partitions): equal logits;
                 FSDP1: the clear refusal
+  dora          DoRA adapters (use_dora=True: the magnitude trains too) = one process; the adapter saves like
+                peft's (its lora_magnitude_vector keys) and loads in fastpeft and HF peft with equal logits
   qlora         nf4 QuantLinear base (QLoRA) under the engine = one process; the adapter saves like peft's
   qlora_sharded the same with the packed codes as parameters (fastpeft.quant.packed_as_parameters): FSDP2 and
                 ZeRO-3 shard them (checked), FSDP1 refuses (uniform dtype) and that is what is checked
@@ -39,9 +41,9 @@ import torch.distributed as dist  # noqa: E402
 DEFAULT = {
     "ddp": ["canary", "fp32", "bf16", "ckpt_reentrant", "ckpt_non_reentrant", "dropout_replay"],
     "fsdp2": ["canary", "fp32", "bf16", "mp_bf16", "ckpt_reentrant", "ckpt_non_reentrant", "ckpt_wrapper",
-              "dropout_replay", "dtensor", "load", "qlora", "qlora_sharded"],
+              "dropout_replay", "dtensor", "load", "qlora", "qlora_sharded", "dora"],
     "fsdp1": ["canary", "fp32", "outer_shard", "load"],
-    "zero3": ["canary", "fp32", "load"],
+    "zero3": ["canary", "fp32", "load", "dora"],
 }
 FACTOR: dict = {}
 
@@ -110,6 +112,15 @@ def check_fp32(engine):
         ours = fastpeft.get_peft_model_state_dict(got["run"].peft)
         for k in ours:
             C.close(f"get_peft_model_state_dict(FSDP root) {k}", sd[k], ours[k], 0, 0)
+    return got["info"]
+
+
+def check_dora(engine):
+    build_kw = {"use_dora": True}
+    got = C.train_and_compare(make(engine), build_kw=build_kw, grad_factor=FACTOR.get(engine, 1.0))
+    if not any("lora_magnitude_vector" in n for n in got["ref"]["params"]):
+        raise AssertionError("no DoRA magnitude among the trained parameters")
+    got["info"].update(save_and_check(got["run"], got["ref"], "dora", build_kw=build_kw))
     return got["info"]
 
 
@@ -337,7 +348,7 @@ CHECKS = {
     "ckpt_wrapper": lambda e: check_ckpt(e, "wrapper"),
     "dropout_replay": check_dropout_replay, "dtensor": check_dtensor, "load": check_load, "qlora": check_qlora,
     "qlora_sharded": lambda e: check_qlora(e, sharded=True),
-    "outer_shard": check_outer_shard,
+    "outer_shard": check_outer_shard, "dora": check_dora,
 }
 
 

@@ -76,7 +76,7 @@ def test_init_keys_outputs_and_gradients_equal_peft(use_rslora):
     _perturb_magnitudes(ours, theirs)
     ours.train(), theirs.train()
     y_o, y_t = ours(IDS), theirs(IDS)
-    assert max_abs_diff(y_o, y_t) < 1e-5
+    assert max_abs_diff(y_o, y_t) < 1e-6 * y_t.abs().max().item()
     assert max_abs_diff(y_o, _Net()(IDS)) > 1e-2  # the adapters act
     y_o.square().sum().backward()
     y_t.square().sum().backward()
