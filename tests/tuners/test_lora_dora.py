@@ -281,3 +281,21 @@ def test_dora_model_under_torch_compile_fullgraph_trains_like_eager():
     torch.testing.assert_close(y_comp, y_eager)
     for a, b in zip(g_comp, g_eager):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("combination", ["linear", "cat", "svd"])
+def test_weighted_adapter_of_dora_adapters_equals_peft(combination):
+    """add_weighted_adapter on DoRA adapters: the new adapter is DoRA too, with peft's A, B and magnitude."""
+    extra = [("b", _cfg(r=4, lora_alpha=4))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours, theirs = peft_model_twins(_Net(), _cfg(target_modules=["lin", "c1"]), extra=[
+            (n, dict(c, target_modules=["lin", "c1"])) for n, c in extra])
+        for model in (ours, theirs):
+            torch.manual_seed(1)
+            model.add_weighted_adapter(["default", "b"], [0.5, 0.7], "mix", combination_type=combination)
+    sd_o = {k: v for k, v in ours.state_dict().items() if ".mix" in k}
+    sd_t = {k: v for k, v in theirs.state_dict().items() if ".mix" in k}
+    assert sorted(sd_o) == sorted(sd_t) and any("lora_magnitude_vector" in k for k in sd_t)
+    for k in sd_t:
+        assert max_abs_diff(sd_o[k], sd_t[k]) < 1e-5 * max(1.0, sd_t[k].abs().max().item()), k
