@@ -199,7 +199,7 @@ def dropout_keep(seed, rows, cols, n_cols, p_drop):
 # lora_matmul_kernel, lora_fused_kernel (kernels/lora_fwd.py) and lora_quant_kernel
 # (kernels/lora_quant.py) each compute one [BLOCK_M, BLOCK_N] tile of
 #     y = x W^T + scale * D_out * (S B^T) (+ bias)
-# in one fp32 accumulator. What makes the tile a *LoRA* tile, rather than a GEMM tile, lives in two
+# in one fp32 accumulator. What makes the tile a *LoRA* tile, rather than a GEMM tile, lives in
 # shared functions, so that it is written once for all three kernels:
 #   lora_b_step  the first step (matmul / quant kernels): the LoRA term scale * D_out * (S B^T),
 #                before the base GEMM's main loop joins the same accumulator. It goes first so that
@@ -207,7 +207,86 @@ def dropout_keep(seed, rows, cols, n_cols, p_drop):
 #                second [BLOCK_M, BLOCK_N] fp32 accumulator is live next to the main loop's
 #                (register pressure: the AOT test checks ptxas spills). The fused kernel computes S
 #                in its main loop and adds its LoRA term after it instead.
-#   finish_tile  the last step (all three): bias, cast, masked store.
+#   base_step    one K tile of the base GEMM (matmul / quant kernels), with DoRA's variants of it
+#                (below); the fused kernel, whose loop also runs the shrink, scales its x tile inline
+#                (X_SCALE) and takes no DUAL.
+#   finish_tile  the last step (all three): DoRA's column scale, bias, cast, masked store.
+#
+# DoRA (a per-output-column scale g = m / ||W + s B A||_row, fastpeft/ops/dora.py) changes these
+# ends through constexprs, never through a copy of a kernel:
+#   HAS_COL_SCALE  forward, no dropout: y = g * (x W^T + s S B^T) + bias; finish_tile multiplies the
+#                  fp32 accumulator by g[cols] before the bias, so y is still written once.
+#   X_SCALE        dX, no dropout: dX = (g * dY) W + dS A; the dY tile is multiplied by g[k] as it is
+#                  loaded (k: the columns of dY, the GEMM's inner axis; dS = s (g dY) B comes from
+#                  the caller, from g folded into B).
+#   DUAL           DoRA with dropout (peft's semantics: a second, masked base product). Two fp32
+#                  accumulators share every load of W (and of x):
+#     DUAL_FWD     forward. acc += x W^T and acc2 += (D01 * x) W^T, where D01 is the keep mask the
+#                  shrink drew for S: `dropout_keep(seed, rows, ks, K, p)` of element (row, k) of x,
+#                  the same seed, the same element index (the invariant of `dropout_keep`), so the
+#                  base product and the adapter see one mask. Both start from the LoRA term L =
+#                  s S B^T (acc2 from (1 - p) L), so after the loop, with the 1/(1-p) of D:
+#                      Z_d = acc2 / (1 - p)  = (D x) W^T + L
+#                      acc - Z_d             = x W^T - (D x) W^T
+#                      y   = g * Z_d + (acc - Z_d) + bias      (finish_tile, written once)
+#                  and Z_d, which backward's magnitude gradient needs, is a second [M, N] output.
+#                  Starting both from L keeps two [BLOCK_M, BLOCK_N] accumulators live, not three.
+#     DUAL_DX      dX. acc += dY W and acc2 += ((g - 1) * dY) W (the column scale, here g - 1, on
+#                  the dY tile as it is loaded); acc2 starts with dS A (lora_b_step without its
+#                  output dropout), so dX = acc + D_out * acc2 = dY W + D * (((g-1) dY) W + dS A).
+#                  The kernels take OUT_DROPOUT False here: D_out multiplies all of acc2 at the end.
+DUAL_NONE = tl.constexpr(0)
+DUAL_FWD = tl.constexpr(1)
+DUAL_DX = tl.constexpr(2)
+
+
+def dual_tile_ok(rows: int, cols: int, mask_cols: int, num_warps: int) -> bool:
+    """Pruning rule for DoRA with dropout (DUAL): the two fp32 [rows, cols] accumulators plus, in the
+    forward, the keep mask of the [rows, mask_cols] x tile (dX: mask_cols = 0; its mask is drawn after
+    the loop), at most 80 values per thread. Measured with ptxas -v on sm_80 / sm_90 (bf16, dense W):
+    64x64 tiles with BLOCK_K = 64 on 4 warps (96 per thread) spilled, 64x64x32 and 32x128x64 did not;
+    128x128 tiles spill even on 8 warps (160), so DoRA's dropout forward runs on smaller tiles than the
+    plain GEMM: it does twice the dot work per W tile it loads."""
+    return 2 * rows * cols + rows * mask_cols <= 80 * 32 * num_warps
+
+
+def dora_args(fn, col_scale, x_col_scale, in_dropout_p, out_dropout_p, z, n_out, n_in, device):
+    """The DoRA constexprs and column-scale vector of one launch of the matmul / quant kernels.
+
+    col_scale: g [n_out] (forward: y = g * (...) + bias); with in_dropout_p > 0, DoRA's forward with
+    dropout (DUAL_FWD: z, the [M, n_out] Z_d output, is required). x_col_scale: g [n_in] of the
+    input's columns (dX: y = x w + D_out * (((g - 1) x) w + S b^T), which is (g x) w + S b^T without
+    dropout: X_SCALE; with out_dropout_p > 0: DUAL_DX, the kernel reads g - 1).
+    Returns (cs fp32 contiguous or None, p_drop, consts: HAS_COL_SCALE, X_SCALE, DUAL, OUT_DROPOUT).
+    """
+    if col_scale is not None and x_col_scale is not None:
+        raise ValueError(f"{fn}: col_scale (forward) and x_col_scale (dX) exclude each other")
+    if (in_dropout_p > 0.0) != (z is not None) or (in_dropout_p > 0.0 and col_scale is None):
+        raise ValueError(f"{fn}: in_dropout_p > 0 is DoRA's forward with dropout: it needs col_scale and z (Z_d), "
+                         f"and z only goes with it")
+    if in_dropout_p > 0.0 and out_dropout_p > 0.0:
+        raise ValueError(f"{fn}: dropout on the input and the output at once is not a LoRA op")
+    if col_scale is not None and out_dropout_p > 0.0:
+        raise ValueError(f"{fn}: col_scale is DoRA's forward scale; the output dropout (dX) takes x_col_scale")
+    consts = dict(HAS_COL_SCALE=col_scale is not None, X_SCALE=False, DUAL=DUAL_NONE.value,
+                  OUT_DROPOUT=out_dropout_p > 0.0)
+    cs, n, p = col_scale, n_out, out_dropout_p
+    if x_col_scale is not None:
+        cs, n = x_col_scale, n_in
+    if cs is not None:
+        if cs.dim() != 1 or cs.shape[0] != n or not cs.is_floating_point() or cs.device != device:
+            raise ValueError(f"{fn}: the column scale must be a float [{n}] vector on {device}, found "
+                             f"{cs.dtype} {tuple(cs.shape)} on {cs.device}")
+        cs = cs.detach().to(torch.float32).contiguous()
+    if in_dropout_p > 0.0:
+        consts["DUAL"], p = DUAL_FWD.value, in_dropout_p
+    elif x_col_scale is not None and out_dropout_p > 0.0:
+        # D_out multiplies all of the second accumulator at the end (DUAL_DX), not the LoRA term alone
+        consts.update(DUAL=DUAL_DX.value, OUT_DROPOUT=False)
+        cs = cs - 1.0
+    elif x_col_scale is not None:
+        consts["X_SCALE"] = True
+    return cs, p, consts
 
 
 @triton.jit
@@ -249,22 +328,82 @@ def lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_s
 
 
 @triton.jit
-def finish_tile(acc, y_ptr, bias_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn, HAS_BIAS: tl.constexpr):
-    """The last step of an output tile of the LoRA GEMMs: y[rows, cols] = acc (+ bias[cols]).
+def dual_start(acc, p_drop, DUAL: tl.constexpr):
+    """(acc, acc2) at the start of the main loop, from the LoRA term in acc (see DUAL above):
+    DUAL_FWD (acc, (1 - p) acc); DUAL_DX (0, acc); no DUAL: (acc, acc), acc2 then unused."""
+    if DUAL == DUAL_FWD:
+        acc2 = acc * (1.0 - p_drop)
+    elif DUAL == DUAL_DX:
+        acc2 = acc
+        acc = tl.zeros_like(acc)
+    else:
+        acc2 = acc
+    return acc, acc2
 
-    acc: the fp32 [BLOCK_M, BLOCK_N] accumulator holding x W^T + scale * D_out * (S B^T). The bias
-    (any float dtype) is added in fp32, the sum is cast to y's dtype once and stored, masked to the
-    matrix. This is the one place where per-output scaling of the whole tile is to be added, once
-    for the three kernels that call it:
-    - DoRA, y = g * (x W^T + s S B^T) + bias with a per-output-column magnitude scale g [N]: the
-      multiply acc * g[cols] goes here, before the bias (not implemented yet);
-    - a per-row adapter gather (several adapters in one batch, an adapter index per row): its
-      per-row selection of g goes here, and of B in `lora_b_step` (not implemented yet).
+
+@triton.jit
+def base_step(acc, acc2, x, w, rows, ks, k_ok, n_k, cs_ptr, seed, p_drop, X_SCALE: tl.constexpr,
+              DUAL: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One K tile of the base GEMM: acc + x w, and the DoRA variants (X_SCALE, DUAL; see above).
+
+    x: the [BLOCK_M, BLOCK_K] tile of the input at rows x ks (ks < n_k: k_ok), w: the [BLOCK_K,
+    BLOCK_N] tile of the weight, loaded (or dequantized) once for both products. cs_ptr: the input's
+    column scale [n_k] fp32 (X_SCALE: g; DUAL_DX: g - 1). Returns (acc, acc2).
     """
+    if X_SCALE:
+        x = x * tl.load(cs_ptr + ks, mask=k_ok, other=0.0)[None, :]
+    acc = mma(x, w, acc, COMPUTE_DTYPE, INPUT_PRECISION)
+    if DUAL == DUAL_FWD:
+        # the same mask as the shrink's for S: element (row, k) of x, this call's seed
+        acc2 = mma(tl.where(dropout_keep(seed, rows, ks, n_k, p_drop), x, 0.0), w, acc2, COMPUTE_DTYPE,
+                   INPUT_PRECISION)
+    elif DUAL == DUAL_DX:
+        acc2 = mma(x * tl.load(cs_ptr + ks, mask=k_ok, other=0.0)[None, :], w, acc2, COMPUTE_DTYPE,
+                   INPUT_PRECISION)
+    return acc, acc2
+
+
+@triton.jit
+def finish_tile(acc, rest, y_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn,
+                HAS_BIAS: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_REST: tl.constexpr):
+    """The last step of an output tile of the LoRA GEMMs: y[rows, cols] = g * acc (+ rest) (+ bias).
+
+    acc: the fp32 [BLOCK_M, BLOCK_N] accumulator holding x W^T + scale * D_out * (S B^T) (or DoRA's
+    Z_d). HAS_COL_SCALE: DoRA's column scale, acc * g[cols] (cs_ptr: g [N] fp32), before the bias;
+    HAS_REST: a further fp32 tile added unscaled (DoRA with dropout: x W^T - (D x) W^T; else rest
+    is unused, pass anything). The bias (any float dtype) is added in fp32, the sum is cast to y's
+    dtype once and stored, masked to the matrix. This is the one place where per-output scaling of
+    the whole tile happens, for the three kernels that call it (a per-row adapter gather, several
+    adapters in one batch, would select its per-row g here, and its B in `lora_b_step`).
+    """
+    if HAS_COL_SCALE:
+        acc = acc * tl.load(cs_ptr + cols, mask=col_ok, other=0.0)[None, :]  # [1, BLOCK_N] fp32
+    if HAS_REST:
+        acc += rest
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_N]
     y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols.to(tl.int64)[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def finish_lora_tile(acc, acc2, y_ptr, z_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, n_cols, stride_ym,
+                     stride_yn, stride_zm, stride_zn, seed, p_drop, inv_keep, HAS_BIAS: tl.constexpr,
+                     HAS_COL_SCALE: tl.constexpr, DUAL: tl.constexpr):
+    """The end of a tile of the matmul / quant kernels after their main loop (see DUAL above):
+    DUAL_FWD writes Z_d to z and y = g Z_d + (acc - Z_d) + bias; DUAL_DX y = acc + D_out acc2;
+    otherwise y = (g *) acc (+ bias)."""
+    if DUAL == DUAL_FWD:
+        z = acc2 * inv_keep  # Z_d = (D x) W^T + s S B^T
+        finish_tile(z, z, z_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, stride_zm, stride_zn,
+                    False, False, False)
+        finish_tile(z, acc - z, y_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn,
+                    HAS_BIAS, True, True)
+    else:
+        if DUAL == DUAL_DX:
+            acc += out_dropout_scale(acc2, rows, cols, n_cols, 1.0, seed, p_drop, inv_keep, True)
+        finish_tile(acc, acc, y_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn,
+                    HAS_BIAS, HAS_COL_SCALE, False)
 
 
 @triton.jit

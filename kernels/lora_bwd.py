@@ -10,6 +10,17 @@
 D is regenerated from the forward's seed and the element index of x (kernels/_common.py), so the
 masks of forward and backward are identical without ever being stored.
 
+DoRA (column scale g [N], ``col_scale``): the LoRA backward runs on g * dY, and with dropout the base
+term keeps peft's extra masked product:
+
+    dS = s * (g dY) B = s * dY (g B)   g folded into B on the host ([N, r], the shrink reads it)
+    dX = dY W + D * (((g - 1) dY) W + dS A)     one dX GEMM: without dropout (D = 1) this is
+                                                (g dY) W + dS A, dY's tile scaled by g as it is loaded
+                                                (X_SCALE); with dropout two accumulators share each
+                                                W tile (DUAL_DX, kernels/_common.py)
+    dA = dS^T (D * x)                           as without DoRA
+    dB = s * (g dY)^T S = g[:, None] * (s dY^T S)   the [N, r] result scaled on the host
+
 dA and dB are reductions over M, which is long in training (tokens) while the outputs are small:
 the M range is split over several programs (grid axis 1) so the GPU fills up. Each split writes an
 fp32 partial [split, P, Q]; the partials are then summed in a fixed order (deterministic: the same
@@ -167,8 +178,13 @@ def lora_wgrad(lhs, rhs, scale=1.0, dropout_p=0.0, seed=0, deterministic=True, s
     return out[0] if out.shape[0] == 1 else out.sum(0)
 
 
+def dora_b(b, col_scale):
+    """g[:, None] * B [N, r] in fp32: dS = s (g dY) B = s dY (g B) from the plain shrink."""
+    return b.float() * col_scale.detach().float()[:, None]
+
+
 def lora_bwd(dy, x, weight, a, b, s, scale, dropout_p=0.0, seed=0, needs_dx=True, needs_da=True, needs_db=True,
-             deterministic=True, variant="auto", fp32_tf32=False, configs=None):
+             deterministic=True, variant="auto", fp32_tf32=False, configs=None, col_scale=None):
     """Gradients of Y = x W^T + scale * ((D x) A^T) B^T. Returns (dX | None, dA | None, dB | None).
 
     dy: [M, N] (dtype of x); x: [M, K]; weight: [N, K] or None; a: [r, K]; b: [N, r];
@@ -179,6 +195,7 @@ def lora_bwd(dy, x, weight, a, b, s, scale, dropout_p=0.0, seed=0, needs_dx=True
     "fused", "wgrad" (tests use small blocks; otherwise autotuned).
     r = 0 (no adapter): dX = dY W by the split path's GEMM alone, whatever the variant; dA [0, K]
     and dB [N, 0] are empty.
+    col_scale: DoRA's g [N] (module docstring); with dropout dX runs on the split path.
     """
     m, k, n, r = check_lora_args("lora_bwd", x, weight, None, a, b, scale, dropout_p)
     if tuple(dy.shape) != (m, n) or dy.dtype != x.dtype:
@@ -189,12 +206,18 @@ def lora_bwd(dy, x, weight, a, b, s, scale, dropout_p=0.0, seed=0, needs_dx=True
         raise ValueError(f"lora_bwd: dY on {dy.device}, S on {s.device}, x on {x.device}: must match")
     if variant not in ("auto", "fused", "split"):
         raise ValueError(f"lora_bwd: variant must be 'auto', 'fused' or 'split', found {variant!r}")
+    dora = col_scale is not None
+    if dora and (col_scale.dim() != 1 or col_scale.shape[0] != n):
+        raise ValueError(f"lora_bwd: col_scale must be [N={n}], found {tuple(col_scale.shape)}")
+    if dora and dropout_p > 0.0 and variant == "fused":
+        raise ValueError("lora_bwd: DoRA with dropout runs dX on the split path (two accumulators), not 'fused'")
     cfg = configs or {}
     dx = da = db = None
     ds = None
+    bt = (dora_b(b, col_scale) if dora else b).t()  # the shrink's A := B^T (DoRA: (g B)^T)
     if needs_dx:
         dx = empty((m, k), x.dtype, x.device)
-        fused = use_fused(variant, m, r, (x.dtype, a.dtype, b.dtype), fp32_tf32)
+        fused = use_fused(variant, m, r, (x.dtype, a.dtype, b.dtype), fp32_tf32) and not (dora and dropout_p > 0.0)
         if m and k and (n == 0):
             dx.zero_()
             ds = torch.zeros((m, r), dtype=torch.float32, device=x.device)
@@ -204,18 +227,19 @@ def lora_bwd(dy, x, weight, a, b, s, scale, dropout_p=0.0, seed=0, needs_dx=True
                 if r > FUSED_MAX_R:
                     raise ValueError(f"lora_bwd: the fused variant holds r <= {FUSED_MAX_R}, found r={r}")
                 ds = empty((m, r), torch.float32, x.device)
+                # DoRA: dY's tile times g feeds both dS and dX, so B stays unscaled here
                 launch_lora_fused(dy, wt, b.t(), a.t(), None, dx, ds, scale, 1.0, out_dropout_p=dropout_p,
-                                  seed=seed, fp32_tf32=fp32_tf32, config=cfg.get("fused"))
+                                  seed=seed, fp32_tf32=fp32_tf32, config=cfg.get("fused"), x_col_scale=col_scale)
             else:
-                ds = lora_shrink(dy, b.t(), scale, fp32_tf32=fp32_tf32, config=cfg.get("shrink"))
+                ds = lora_shrink(dy, bt, scale, fp32_tf32=fp32_tf32, config=cfg.get("shrink"))
                 launch_lora_matmul(dy, wt, ds, a.t(), None, dx, 1.0, out_dropout_p=dropout_p, seed=seed,
-                                   fp32_tf32=fp32_tf32, config=cfg.get("matmul"))
+                                   fp32_tf32=fp32_tf32, config=cfg.get("matmul"), x_col_scale=col_scale)
     if needs_da:
         if ds is None:
-            ds = lora_shrink(dy, b.t(), scale, fp32_tf32=fp32_tf32, config=cfg.get("shrink"))
+            ds = lora_shrink(dy, bt, scale, fp32_tf32=fp32_tf32, config=cfg.get("shrink"))
         da = lora_wgrad(ds, x, 1.0, dropout_p, seed, deterministic, cfg.get("split_m"), fp32_tf32,
                         cfg.get("wgrad")).to(a.dtype)
     if needs_db:
-        db = lora_wgrad(dy, s, scale, 0.0, 0, deterministic, cfg.get("split_m"), fp32_tf32,
-                        cfg.get("wgrad")).to(b.dtype)
+        db = lora_wgrad(dy, s, scale, 0.0, 0, deterministic, cfg.get("split_m"), fp32_tf32, cfg.get("wgrad"))
+        db = (db * col_scale.detach().float()[:, None] if dora else db).to(b.dtype)
     return dx, da, db

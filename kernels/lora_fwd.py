@@ -9,14 +9,22 @@ Two kernels, one launcher (`lora_fwd`):
   inside the main K loop from the x tile it already loaded (cheap when M is small: the extra
   work is r/BLOCK_N of the main GEMM and A stays in L2), and the programs of column 0 write S.
 Both kernels serve fp16/bf16/fp32 via constexpr dtypes; A/B may be fp32 next to 16-bit x.
+
+DoRA (a column scale g [N], see kernels/_common.py above `dual_start` for the constexprs): without
+dropout both kernels apply g in their shared epilogue (`finish_tile`) and the dX variant scales dY's
+tile by g as it is loaded. With dropout the forward is the matmul kernel's DUAL_FWD (two accumulators
+sharing each W tile, Y and Z_d written once each) and dX its DUAL_DX; the fused kernel does not take
+them (it would hold a third [BLOCK_M, *] accumulator, S's, next to the two): `lora_fwd` routes DoRA
+with dropout through the shrink + matmul path.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    ACT_DTYPES, MAX_R, SMEM_LIMIT, check_2d, compute_dtype, dot_precision, dropout_tile_ok, empty, finish_tile,
-    grouped_grid, grouped_tile, ieee_tile_ok, launch, lora_b_step, m_bucket, mma, out_dropout_scale, r_block, tl_dtype,
+    ACT_DTYPES, DUAL_DX, DUAL_FWD, MAX_R, SMEM_LIMIT, base_step, check_2d, compute_dtype, dora_args, dot_precision,
+    dropout_tile_ok, dual_start, dual_tile_ok, empty, finish_lora_tile, finish_tile, grouped_grid, grouped_tile,
+    ieee_tile_ok, launch, lora_b_step, m_bucket, mma, out_dropout_scale, r_block, tl_dtype,
 )
 from .lora_shrink import lora_shrink, shrink_step
 
@@ -41,15 +49,22 @@ def get_lora_matmul_configs():
             for bm, bn, bk, w, s in shapes]
 
 
-def _matmul_config_ok(c, mb, n, k, elt, out_dropout=False, precision="tf32"):
+def _matmul_config_ok(c, mb, n, k, elt, out_dropout=False, precision="tf32", dual=0, x_scale=False):
     bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
     if bm > mb or bn > max(16, triton.next_power_of_2(n)) or bk > max(32, triton.next_power_of_2(k)):
         return False
     if elt == 4 and bm * bn > 64 * 64:  # fp32 x: FMA/tf32 tiles this big spill registers (ptxas -v)
         return False
-    if out_dropout and not dropout_tile_ok(bm, bn, c.num_warps):
+    if (out_dropout or dual == DUAL_DX) and not dropout_tile_ok(bm, bn, c.num_warps):
         return False
-    if not ieee_tile_ok(bm, bn, bk, precision):
+    # DoRA with dropout: two accumulators (and, forward, the keep mask of the x tile, as the shrink's)
+    if dual and not dual_tile_ok(bm, bn, bk if dual == DUAL_FWD else 0, c.num_warps):
+        return False
+    # DoRA's dX without dropout: g of the dY tile is one more pipelined load per K step; 128x128 tiles on
+    # 4 warps sit at 255 registers without it and spilled with it (ptxas -v, sm_80)
+    if x_scale and bm * bn > 64 * 32 * c.num_warps:
+        return False
+    if not ieee_tile_ok(bm, 2 * bn if dual else bn, bk, precision):  # exact fp32: both accumulators count
         return False
     main = c.num_stages * (bm + bn) * bk * elt
     lora = (bm + bn) * MATMUL_BLOCK_R * 4 * 2  # fp32 S and B chunks, double-buffered
@@ -61,29 +76,36 @@ def prune_lora_matmul_configs(configs, named_args, **kwargs):
     of two, pipelined tiles within shared memory; at least the smallest config survives."""
     elt = named_args["x_ptr"].element_size()
     kept = [c for c in configs if _matmul_config_ok(c, named_args["M_BUCKET"], named_args["N"], named_args["K"], elt,
-                                                    bool(kwargs.get("OUT_DROPOUT")), kwargs.get("INPUT_PRECISION"))]
+                                                    bool(kwargs.get("OUT_DROPOUT")), kwargs.get("INPUT_PRECISION"),
+                                                    int(kwargs.get("DUAL", 0)), bool(kwargs.get("X_SCALE")))]
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
 
 
 @triton.jit(do_not_specialize=["seed"])
 def lora_matmul_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, cs_ptr, z_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
+    stride_zm, stride_zn,
     scale, seed, p_drop, inv_keep,
     M_BUCKET,  # autotune key only
     HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DROPOUT: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr, X_SCALE: tl.constexpr, DUAL: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Y[M, N] = x[M, K] W[N, K]^T + scale * D_out * (S[M, R] B[N, R]^T) (+ bias[N])."""
+    """Y[M, N] = x[M, K] W[N, K]^T + scale * D_out * (S[M, R] B[N, R]^T) (+ bias[N]).
+
+    DoRA (kernels/_common.py): HAS_COL_SCALE Y = g * (...) + bias (cs_ptr: g [N]); X_SCALE the x tile
+    times cs[k] (dX: cs = g [K]); DUAL_FWD also writes Z_d to z_ptr; DUAL_DX (cs = g - 1 [K])."""
     _, rows, cols, row_ok, col_ok = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)  # [BLOCK_M], [BLOCK_N]
 
     # The LoRA step first (see lora_b_step), then the base GEMM joins the same accumulator.
     acc = lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bn,
                       scale, seed, p_drop, inv_keep, N, OUT_DROPOUT, LORA_DTYPE, LORA_PRECISION,
                       BLOCK_M, BLOCK_N, BLOCK_R)  # [BLOCK_M, BLOCK_N] fp32
+    acc, acc2 = dual_start(acc, p_drop, DUAL)  # DoRA with dropout: the second accumulator
 
     if HAS_W:
         kk = tl.arange(0, BLOCK_K)
@@ -96,17 +118,19 @@ def lora_matmul_kernel(
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
             wt = tl.load(w_cols + ks[:, None] * stride_wk,
                          mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
-            acc = mma(x, wt, acc, COMPUTE_DTYPE, INPUT_PRECISION)
+            acc, acc2 = base_step(acc, acc2, x, wt, rows, ks, k_ok, K, cs_ptr, seed, p_drop, X_SCALE, DUAL,
+                                  COMPUTE_DTYPE, INPUT_PRECISION)
 
-    finish_tile(acc, y_ptr, bias_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn, HAS_BIAS)
+    finish_lora_tile(acc, acc2, y_ptr, z_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, N, stride_ym, stride_yn,
+                     stride_zm, stride_zn, seed, p_drop, inv_keep, HAS_BIAS, HAS_COL_SCALE, DUAL)
 
 
 lora_matmul_kernel_tuned = triton.autotune(
     configs=get_lora_matmul_configs(),
     # Flags and W's K-stride are in the key too: forward (W) and backward dX (W^T, output dropout) of a
     # square layer share M/N/K/R but want (and may only use, see the pruning) different configs.
-    key=["M_BUCKET", "N", "K", "R", "stride_wk", "HAS_W", "HAS_BIAS", "OUT_DROPOUT", "INPUT_PRECISION",
-         "LORA_PRECISION"],
+    key=["M_BUCKET", "N", "K", "R", "stride_wk", "HAS_W", "HAS_BIAS", "OUT_DROPOUT", "HAS_COL_SCALE", "X_SCALE",
+         "DUAL", "INPUT_PRECISION", "LORA_PRECISION"],
     prune_configs_by={"early_config_prune": prune_lora_matmul_configs},
 )(lora_matmul_kernel)
 
@@ -128,6 +152,8 @@ def _fused_config_ok(c, mb, n, k, br, elt, elt_a, in_dropout=False, out_dropout=
         return False
     if br * bn > 128 * 64 or br * bk > 128 * 64:  # B^T / A^T tiles: register-resident operands
         return False
+    if br >= 64 and bn >= 128 and c.num_stages >= 4 and not in_dropout:
+        return False  # 16x128x64 at r = 64, 4 stages, no dropout: 4 B spilled on sm_90 (ptxas -v; 255 regs with it)
     if elt == 4 and bm * bn > 32 * 64:  # fp32 x: bigger tiles spill registers (ptxas -v)
         return False
     # fp32 values live per thread: Y accumulator, S accumulator, the [r_pad, BLOCK_N] B tile. More
@@ -158,14 +184,14 @@ def prune_lora_fused_configs(configs, named_args, **kwargs):
 
 @triton.jit(do_not_specialize=["seed"])
 def lora_fused_kernel(
-    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, s_ptr,
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, s_ptr, cs_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_ym, stride_yn, stride_sm, stride_sr,
     s_scale, out_scale, seed, p_drop, inv_keep,
     M_BUCKET,  # autotune key only
     HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, IN_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
-    WRITE_S: tl.constexpr,
+    WRITE_S: tl.constexpr, HAS_COL_SCALE: tl.constexpr, X_SCALE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     SHRINK_DTYPE: tl.constexpr, SHRINK_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -175,6 +201,9 @@ def lora_fused_kernel(
 
     Forward: s_scale = 1, out_scale = s, IN_DROPOUT. Backward dX (x := dY, W := W^T, A := B^T,
     B := A^T): s_scale = s, out_scale = 1, OUT_DROPOUT, and S is dS.
+    DoRA without dropout (kernels/_common.py): HAS_COL_SCALE Y = g * (...) + bias (forward, cs = g [N]);
+    X_SCALE the x tile times cs[k] as it is loaded (dX, cs = g [K]), so dS = s (g dY) B and
+    dX = (g dY) W + dS A both come from the scaled tile.
     """
     # Grouped program order (see grouped_pid): with small M there is usually one row group and
     # this is plain column order.
@@ -195,6 +224,8 @@ def lora_fused_kernel(
         k_ok = ks < K
         x = tl.load(x_rows + ks[None, :] * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        if X_SCALE:
+            x = x * tl.load(cs_ptr + ks, mask=k_ok, other=0.0)[None, :]  # fp32, for both products
         if HAS_W:
             wt = tl.load(w_cols + ks[:, None] * stride_wk,
                          mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
@@ -212,31 +243,41 @@ def lora_fused_kernel(
                  mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
     lora = mma(s_acc, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), tl.float32, LORA_PRECISION)
     acc += out_dropout_scale(lora, rows, cols, N, out_scale, seed, p_drop, inv_keep, OUT_DROPOUT)
-    finish_tile(acc, y_ptr, bias_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn, HAS_BIAS)
+    finish_tile(acc, acc, y_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn, HAS_BIAS,
+                HAS_COL_SCALE, False)
 
 
 lora_fused_kernel_tuned = triton.autotune(
     configs=get_lora_fused_configs(),
-    key=["M_BUCKET", "N", "K", "R", "stride_wk", "HAS_W", "HAS_BIAS", "IN_DROPOUT", "OUT_DROPOUT", "INPUT_PRECISION",
-         "SHRINK_PRECISION", "LORA_PRECISION"],
+    key=["M_BUCKET", "N", "K", "R", "stride_wk", "HAS_W", "HAS_BIAS", "IN_DROPOUT", "OUT_DROPOUT", "HAS_COL_SCALE",
+         "X_SCALE", "INPUT_PRECISION", "SHRINK_PRECISION", "LORA_PRECISION"],
     prune_configs_by={"early_config_prune": prune_lora_fused_configs},
 )(lora_fused_kernel)
 
 
-def launch_lora_matmul(x, w, s, b, bias, y, scale, out_dropout_p=0.0, seed=0, fp32_tf32=False, config=None):
+def launch_lora_matmul(x, w, s, b, bias, y, scale, out_dropout_p=0.0, seed=0, fp32_tf32=False, config=None,
+                       col_scale=None, x_col_scale=None, in_dropout_p=0.0, z=None):
     """y = x w^T + scale * D_out * (s b^T) (+ bias). Shapes: x [M, K], w [N, K] or None, s [M, R] fp32,
-    b [N, R], y [M, N] (all may be strided views); R = 0: y = x w^T (+ bias). No argument checks:
-    callers check."""
+    b [N, R], y [M, N] (all may be strided views); R = 0: y = x w^T (+ bias).
+
+    DoRA (see `_common.dora_args`): col_scale g [N] gives y = g * (x w^T + scale s b^T) + bias; with
+    in_dropout_p > 0 (the mask of the shrink that made s, same seed) z = (D x) w^T + scale s b^T and
+    y = x w^T - (D x) w^T + g z + bias. x_col_scale g [K] (dX): y = x w^T + D_out * (((g - 1) x) w^T +
+    scale s b^T). Shape checks are the callers'."""
     m, k = x.shape
     n, r = b.shape
     has_w, has_bias = w is not None, bias is not None
+    cs, p, dora = dora_args("launch_lora_matmul", col_scale, x_col_scale, in_dropout_p, out_dropout_p, z, n, k,
+                            x.device)
     s_arg, b_arg = (s, b) if r else (x, x)  # R = 0: S and B are never read; pass live pointers anyway
-    args = (x, w if has_w else x, s_arg, b_arg, bias if has_bias else b_arg, y, m, n, k, r,
+    args = (x, w if has_w else x, s_arg, b_arg, bias if has_bias else b_arg, y, cs if cs is not None else y,
+            z if z is not None else y, m, n, k, r,
             x.stride(0), x.stride(1), w.stride(0) if has_w else 0, w.stride(1) if has_w else 0,
             s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
-            float(scale), int(seed), float(out_dropout_p), 1.0 / (1.0 - out_dropout_p), m_bucket(m))
+            z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
+            float(scale), int(seed), float(p), 1.0 / (1.0 - p), m_bucket(m))
     main_dtypes = (x.dtype, w.dtype) if has_w else (x.dtype,)
-    consts = dict(HAS_W=has_w, HAS_BIAS=has_bias, OUT_DROPOUT=out_dropout_p > 0.0,
+    consts = dict(dora, HAS_W=has_w, HAS_BIAS=has_bias,
                   COMPUTE_DTYPE=tl_dtype(compute_dtype(*main_dtypes)),
                   INPUT_PRECISION=dot_precision(main_dtypes, fp32_tf32),
                   LORA_DTYPE=tl.float32, LORA_PRECISION=dot_precision((x.dtype, b.dtype), fp32_tf32),
@@ -246,16 +287,23 @@ def launch_lora_matmul(x, w, s, b, bias, y, scale, out_dropout_p=0.0, seed=0, fp
 
 
 def launch_lora_fused(x, w, a, b, bias, y, s_out, s_scale, out_scale, in_dropout_p=0.0, out_dropout_p=0.0, seed=0,
-                      fp32_tf32=False, config=None):
+                      fp32_tf32=False, config=None, col_scale=None, x_col_scale=None):
     """s_out = s_scale * (D_in x) a^T;  y = x w^T + out_scale * D_out * (s_out b^T) (+ bias).
-    x [M, K], w [N, K] or None, a [R, K], b [N, R], y [M, N], s_out [M, R] fp32. Callers check."""
+    x [M, K], w [N, K] or None, a [R, K], b [N, R], y [M, N], s_out [M, R] fp32. Callers check.
+
+    DoRA without dropout only (with dropout: launch_lora_matmul's DUAL modes): col_scale g [N] gives
+    y = g * (...) + bias; x_col_scale g [K] (dX) scales x's columns before both products, so
+    s_out = s_scale * (g x) a^T and y = (g x) w^T + out_scale * (s_out b^T)."""
     m, k = x.shape
     n, r = b.shape
     has_w, has_bias = w is not None, bias is not None
     if in_dropout_p > 0.0 and out_dropout_p > 0.0:
         raise ValueError("launch_lora_fused: dropout on the input and the output at once is not a LoRA op")
+    if (col_scale is not None or x_col_scale is not None) and (in_dropout_p > 0.0 or out_dropout_p > 0.0):
+        raise ValueError("launch_lora_fused: DoRA with dropout needs two accumulators: use launch_lora_matmul")
+    cs, _, dora = dora_args("launch_lora_fused", col_scale, x_col_scale, 0.0, 0.0, None, n, k, x.device)
     p = max(in_dropout_p, out_dropout_p)
-    args = (x, w if has_w else x, a, b, bias if has_bias else b, y, s_out, m, n, k, r,
+    args = (x, w if has_w else x, a, b, bias if has_bias else b, y, s_out, cs if cs is not None else y, m, n, k, r,
             x.stride(0), x.stride(1), w.stride(0) if has_w else 0, w.stride(1) if has_w else 0,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
             s_out.stride(0), s_out.stride(1),
@@ -263,7 +311,8 @@ def launch_lora_fused(x, w, a, b, bias, y, s_out, s_scale, out_scale, in_dropout
     main_dtypes = (x.dtype, w.dtype) if has_w else (x.dtype,)
     br = r_block(r)
     consts = dict(HAS_W=has_w, HAS_BIAS=has_bias, IN_DROPOUT=in_dropout_p > 0.0, OUT_DROPOUT=out_dropout_p > 0.0,
-                  WRITE_S=True, COMPUTE_DTYPE=tl_dtype(compute_dtype(*main_dtypes)),
+                  HAS_COL_SCALE=dora["HAS_COL_SCALE"], X_SCALE=dora["X_SCALE"], WRITE_S=True,
+                  COMPUTE_DTYPE=tl_dtype(compute_dtype(*main_dtypes)),
                   INPUT_PRECISION=dot_precision(main_dtypes, fp32_tf32),
                   SHRINK_DTYPE=tl_dtype(compute_dtype(x.dtype, a.dtype)),
                   SHRINK_PRECISION=dot_precision((x.dtype, a.dtype), fp32_tf32),
@@ -312,7 +361,7 @@ def check_lora_args(fn, x, weight, bias, a, b, scale=1.0, dropout_p=0.0):
 
 
 def lora_fwd(x, weight, bias, a, b, scale, dropout_p=0.0, seed=0, variant="auto", fp32_tf32=False,
-             config=None, shrink_config=None, out=None, s_out=None):
+             config=None, shrink_config=None, out=None, s_out=None, col_scale=None, zd_out=None):
     """Y = x weight^T + scale * ((D x) a^T) b^T (+ bias), returns (Y [M, N] in x.dtype, S [M, r] fp32).
 
     x: [M, K] fp16/bf16/fp32, any strides; weight: [N, K] in x.dtype or None (LoRA term only);
@@ -323,8 +372,19 @@ def lora_fwd(x, weight, bias, a, b, scale, dropout_p=0.0, seed=0, variant="auto"
     out / s_out: optional preallocated outputs (tests poison them to prove every element is written).
     r = 0 (a: [0, K], b: [N, 0], no adapter): Y = x weight^T (+ bias) by the split path's GEMM
     alone, whatever the variant; S is the empty [M, 0].
+
+    col_scale: DoRA's column scale g [N] (fp32; kernels/_common.py). Without dropout
+    Y = g * (x W^T + scale S b^T) + bias, on either variant. With dropout (peft's semantics)
+        Z_d = (D x) W^T + scale S b^T,   Y = x W^T - (D x) W^T + g * Z_d + bias,
+    D the same mask as S's, on the split path (variant "fused" is refused); then the return is
+    (Y, S, Z_d [M, N] in x.dtype), zd_out an optional preallocated Z_d.
     """
     m, k, n, r = check_lora_args("lora_fwd", x, weight, bias, a, b, scale, dropout_p)
+    dual = col_scale is not None and dropout_p > 0.0
+    if dual and variant == "fused":
+        raise ValueError("lora_fwd: DoRA with dropout runs on the split path (two accumulators), not 'fused'")
+    if zd_out is not None and not dual:
+        raise ValueError("lora_fwd: zd_out is DoRA's Z_d with dropout: it needs col_scale and dropout_p > 0")
     if variant not in ("auto", "fused", "split"):
         raise ValueError(f"lora_fwd: variant must be 'auto', 'fused' or 'split', found {variant!r}")
     if r > MAX_R:
@@ -337,18 +397,27 @@ def lora_fwd(x, weight, bias, a, b, scale, dropout_p=0.0, seed=0, variant="auto"
         raise ValueError(f"lora_fwd: out must be {x.dtype} [{m}, {n}], found {y.dtype} {tuple(y.shape)}")
     if tuple(s.shape) != (m, r) or s.dtype != torch.float32:
         raise ValueError(f"lora_fwd: s_out must be fp32 [{m}, {r}], found {s.dtype} {tuple(s.shape)}")
+    zd = None
+    if dual:
+        zd = zd_out if zd_out is not None else empty((m, n), x.dtype, x.device)
+        if tuple(zd.shape) != (m, n) or zd.dtype != x.dtype:
+            raise ValueError(f"lora_fwd: zd_out must be {x.dtype} [{m}, {n}], found {zd.dtype} {tuple(zd.shape)}")
+    done = (y, s) if zd is None else (y, s, zd)
     if m == 0 or n == 0:
         if m:
             lora_shrink(x, a, 1.0, dropout_p, seed, out=s, fp32_tf32=fp32_tf32, config=shrink_config)
-        return y, s
-    if k == 0:  # empty reduction: x W^T = 0 and S = 0
+        return done
+    if k == 0:  # empty reduction: x W^T = 0 and S = 0 (and Z_d = 0, so DoRA's Y is the bias too)
         s.zero_()
         y.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(y))
-        return y, s
-    if use_fused(variant, m, r, (x.dtype, a.dtype, b.dtype), fp32_tf32):
+        if zd is not None:
+            zd.zero_()
+        return done
+    if not dual and use_fused(variant, m, r, (x.dtype, a.dtype, b.dtype), fp32_tf32):
         launch_lora_fused(x, weight, a, b, bias, y, s, 1.0, scale, in_dropout_p=dropout_p, seed=seed,
-                          fp32_tf32=fp32_tf32, config=config)
+                          fp32_tf32=fp32_tf32, config=config, col_scale=col_scale)
     else:
         lora_shrink(x, a, 1.0, dropout_p, seed, out=s, fp32_tf32=fp32_tf32, config=shrink_config)  # r = 0: no launch
-        launch_lora_matmul(x, weight, s, b, bias, y, scale, seed=seed, fp32_tf32=fp32_tf32, config=config)
-    return y, s
+        launch_lora_matmul(x, weight, s, b, bias, y, scale, seed=seed, fp32_tf32=fp32_tf32, config=config,
+                           col_scale=col_scale, in_dropout_p=dropout_p if dual else 0.0, z=zd)
+    return done

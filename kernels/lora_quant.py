@@ -25,14 +25,20 @@ which is what the torch reference does with dequantize(qw, x.dtype).
 
 Decode (M <= 16): the launcher restricts the configs to BLOCK_M = 16 with narrow N tiles so a
 single row still spreads over many programs; the weight stream dominates and is read once.
+
+DoRA (column scale g [N]; the constexprs HAS_COL_SCALE, X_SCALE, DUAL of kernels/_common.py): the
+same kernel, the same shared loop step (`base_step`) and epilogue (`finish_lora_tile`) as the dense
+GEMM. With dropout, the forward's x W^T and (D x) W^T (and dX's dY W and ((g-1) dY) W) share each
+dequantized W tile: W is unpacked once per tile for both accumulators.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    MAX_R, SMEM_LIMIT, dot_precision, dropout_tile_ok, empty, finish_tile, grouped_grid, grouped_tile, ieee_tile_ok,
-    launch, lora_b_step, m_bucket, mma, mul_rn, r_block, tl_dtype,
+    DUAL_DX, DUAL_FWD, MAX_R, SMEM_LIMIT, base_step, dora_args, dot_precision, dropout_tile_ok, dual_start,
+    dual_tile_ok, empty, finish_lora_tile, grouped_grid, grouped_tile, ieee_tile_ok, launch, lora_b_step, m_bucket,
+    mul_rn, r_block, tl_dtype,
 )
 from .lora_shrink import lora_shrink
 
@@ -60,8 +66,9 @@ def get_lora_quant_configs():
             for bm, bp, bq, w, s in shapes]
 
 
-def _quant_config_ok(c, mb, p, q, elt, out_dropout=False, precision="tf32"):
+def _quant_config_ok(c, mb, p, q, elt, out_dropout=False, precision="tf32", dual=0):
     bm, bp, bq = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]
+    out_dropout = out_dropout or dual == DUAL_DX  # DUAL_DX draws dX's mask at the end
     if mb <= DECODE_MAX_M and bm != 16:
         return False  # decode: only 16-row tiles (no work on padding rows, many programs along P)
     if bm > mb or bp > max(32, triton.next_power_of_2(p)) or bq > max(32, triton.next_power_of_2(q)):
@@ -74,12 +81,22 @@ def _quant_config_ok(c, mb, p, q, elt, out_dropout=False, precision="tf32"):
     # mask) ptxas -v spilled on sm_80 or sm_90.
     if bm * bp + bp * bq > (48 if out_dropout else 80) * 32 * c.num_warps:
         return False
+    # DoRA with dropout: a second [BLOCK_M, BLOCK_P] accumulator (the dense GEMM's rule, `dual_tile_ok`)
+    # next to the register-built W tile. The second form of the x tile (forward: its keep mask, Philox
+    # state per element; dX: (g - 1) dY in fp32) and the W tile (index math per element) are live
+    # together: more than 24 of them per thread spilled (nf4, ptxas -v: 64x64x64 on 8 warps in both
+    # directions, 64x64x32 on 4 in the forward) unless the accumulators are decode sized (at most 16
+    # values per thread).
+    if dual and not dual_tile_ok(bm, bp, bq if dual == DUAL_FWD else 0, c.num_warps):
+        return False
+    if dual and (bm * bq + bp * bq > 24 * 32 * c.num_warps and 2 * bm * bp > 16 * 32 * c.num_warps):
+        return False
     if elt == 4 and bm * bp > 64 * 64:  # fp32 x: bigger tiles spill registers (ptxas -v)
         return False
     if out_dropout and not dropout_tile_ok(bm, bp, c.num_warps):
         return False
-    if not ieee_tile_ok(bm, bp, bq, precision) or (precision == "ieee" and bm * bp > 16 * 64):
-        return False  # exact fp32 FMA dots next to the W tile: 32x64 / 16x128 spilled (ptxas -v)
+    if not ieee_tile_ok(bm, bp, bq, precision) or (precision == "ieee" and bm * bp * (2 if dual else 1) > 16 * 64):
+        return False  # exact fp32 FMA dots next to the W tile: 32x64 / 16x128 spilled (ptxas -v); DUAL: two
     main = c.num_stages * (bm * bq * elt + bq * bp * max(elt, 2))
     lora = (bm + bp) * QUANT_BLOCK_R * 4 * 2
     return max(main, lora) <= SMEM_LIMIT
@@ -91,7 +108,8 @@ def prune_lora_quant_configs(configs, named_args, **kwargs):
     most 32 elements per thread; tiles within shared memory. At least one config survives."""
     elt = named_args["x_ptr"].element_size()
     kept = [c for c in configs if _quant_config_ok(c, named_args["M_BUCKET"], named_args["P"], named_args["Q"], elt,
-                                                   bool(kwargs.get("OUT_DROPOUT")), kwargs.get("INPUT_PRECISION"))]
+                                                   bool(kwargs.get("OUT_DROPOUT")), kwargs.get("INPUT_PRECISION"),
+                                                   int(kwargs.get("DUAL", 0)))]
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]))]
 
 
@@ -187,14 +205,15 @@ def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr
 @triton.jit(do_not_specialize=["seed"])
 def lora_quant_kernel(
     x_ptr, qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
-    s_ptr, b_ptr, bias_ptr, y_ptr,
+    s_ptr, b_ptr, bias_ptr, y_ptr, cs_ptr, zd_ptr,
     M, P, Q, R, K, blocksize, bs_shift, bs2_shift,
     stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_sm, stride_sr, stride_bp, stride_br,
-    stride_ym, stride_yn,
+    stride_ym, stride_yn, stride_zdm, stride_zdn,
     scale, seed, p_drop, inv_keep,
     M_BUCKET,  # autotune key only
     FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_GIDX: tl.constexpr, INDEX_64: tl.constexpr,
     PACKED: tl.constexpr, TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DROPOUT: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr, X_SCALE: tl.constexpr, DUAL: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -202,13 +221,15 @@ def lora_quant_kernel(
     """y[M, P] = x[M, Q] Wop[Q, P] + scale * D_out * (S[M, R] Bt[R, P]) (+ bias[P]); Bt[r, p] = b[p, r].
 
     TRANS_W: Wop = deq(W)^T (forward, W [P, Q]); else Wop = deq(W) (dX, W [Q, P]). K is W's column
-    count (the nf4 flat index n * K + k)."""
+    count (the nf4 flat index n * K + k). DoRA: HAS_COL_SCALE / X_SCALE / DUAL (kernels/_common.py),
+    cs_ptr the column scale, zd_ptr DUAL_FWD's Z_d output."""
     pid_p, rows, cols, row_ok, col_ok = grouped_tile(M, P, BLOCK_M, BLOCK_P, GROUP_M)  # [BLOCK_M], [BLOCK_P]
 
     # LoRA step first (see lora_b_step), then the dequantized base GEMM joins the accumulator.
     acc = lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bp,
                       scale, seed, p_drop, inv_keep, P, OUT_DROPOUT, tl.float32, LORA_PRECISION,
                       BLOCK_M, BLOCK_P, BLOCK_R)  # [BLOCK_M, BLOCK_P] fp32
+    acc, acc2 = dual_start(acc, p_drop, DUAL)  # DoRA with dropout: the second accumulator
 
     qq = tl.arange(0, BLOCK_Q)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
@@ -230,16 +251,18 @@ def lora_quant_kernel(
         w = dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
                       wn, wk, wmask, nib, K, stride_qn, stride_sn, stride_zn, blocksize, bs_shift, bs2_shift,
                       FORMAT, DOUBLE_QUANT, HAS_GIDX, INDEX_64, PACKED)  # [BLOCK_Q, BLOCK_P] fp32
-        # Round W to x's dtype first (the reference's dequantize(qw, x.dtype)), then the dot.
-        acc = mma(x, w.to(x_ptr.dtype.element_ty), acc, COMPUTE_DTYPE, INPUT_PRECISION)
+        # Round W to x's dtype first (the reference's dequantize(qw, x.dtype)), then the dot(s).
+        acc, acc2 = base_step(acc, acc2, x, w.to(x_ptr.dtype.element_ty), rows, qs, q_ok, Q, cs_ptr, seed, p_drop,
+                              X_SCALE, DUAL, COMPUTE_DTYPE, INPUT_PRECISION)
 
-    finish_tile(acc, y_ptr, bias_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn, HAS_BIAS)
+    finish_lora_tile(acc, acc2, y_ptr, zd_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, P, stride_ym, stride_yn,
+                     stride_zdm, stride_zdn, seed, p_drop, inv_keep, HAS_BIAS, HAS_COL_SCALE, DUAL)
 
 
 lora_quant_kernel_tuned = triton.autotune(
     configs=get_lora_quant_configs(),
     key=["M_BUCKET", "P", "Q", "R", "FORMAT", "DOUBLE_QUANT", "HAS_GIDX", "PACKED", "TRANS_W", "HAS_BIAS",
-         "OUT_DROPOUT", "INPUT_PRECISION", "LORA_PRECISION"],
+         "OUT_DROPOUT", "HAS_COL_SCALE", "X_SCALE", "DUAL", "INPUT_PRECISION", "LORA_PRECISION"],
     prune_configs_by={"early_config_prune": prune_lora_quant_configs},
 )(lora_quant_kernel)
 
@@ -301,24 +324,28 @@ def _packed_args(qw, dummy):
 
 
 def launch_lora_quant(x, qw, s, b, bias, y, scale, trans_w, out_dropout_p=0.0, seed=0, fp32_tf32=False,
-                      config=None):
+                      config=None, col_scale=None, x_col_scale=None, in_dropout_p=0.0, z=None):
     """y = x Wop + scale * D_out * (s b^T) (+ bias) with Wop = deq(W)^T (trans_w) or deq(W).
     x [M, Q], s [M, R] fp32, b [P, R], y [M, P] (strided views allowed); R = 0: y = x Wop (+ bias).
-    Callers check."""
+    DoRA: col_scale / x_col_scale / in_dropout_p / z as for kernels.lora_fwd.launch_lora_matmul
+    (`_common.dora_args`). Callers check."""
     m, q = x.shape
     p, r = b.shape
+    cs, pd, dora = dora_args("launch_lora_quant", col_scale, x_col_scale, in_dropout_p, out_dropout_p, z, p, q,
+                             x.device)
     s_arg, b_arg = (s, b) if r else (x, x)  # R = 0: S and B are never read; pass live pointers anyway
     ptrs, sqn, ssn, szn = _packed_args(qw, s_arg)
-    args = (x, *ptrs, s_arg, b_arg, bias if bias is not None else b_arg, y,
+    args = (x, *ptrs, s_arg, b_arg, bias if bias is not None else b_arg, y, cs if cs is not None else y,
+            z if z is not None else y,
             m, p, q, r, qw.K, max(1, qw.blocksize), _log2(qw.blocksize), _log2(qw.blocksize2),
             x.stride(0), x.stride(1), sqn, ssn, szn, s.stride(0), s.stride(1), b.stride(0), b.stride(1),
-            y.stride(0), y.stride(1),
-            float(scale), int(seed), float(out_dropout_p), 1.0 / (1.0 - out_dropout_p), m_bucket(m))
-    consts = dict(FORMAT=FORMAT_IDS[qw.fmt], DOUBLE_QUANT=qw.fmt == "nf4" and qw.double_quant,
+            y.stride(0), y.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
+            float(scale), int(seed), float(pd), 1.0 / (1.0 - pd), m_bucket(m))
+    consts = dict(dora, FORMAT=FORMAT_IDS[qw.fmt], DOUBLE_QUANT=qw.fmt == "nf4" and qw.double_quant,
                   HAS_GIDX=qw.fmt == "int4" and qw.g_idx is not None,
                   INDEX_64=qw.N * qw.K + qw.blocksize >= 2 ** 31,
                   PACKED=qw.fmt == "int4" or (qw.fmt == "nf4" and qw.K % 2 == 0), TRANS_W=bool(trans_w),
-                  HAS_BIAS=bias is not None, OUT_DROPOUT=out_dropout_p > 0.0,
+                  HAS_BIAS=bias is not None,
                   COMPUTE_DTYPE=tl_dtype(x.dtype), INPUT_PRECISION=dot_precision((x.dtype,), fp32_tf32),
                   LORA_PRECISION=dot_precision((x.dtype, b.dtype), fp32_tf32),
                   BLOCK_R=min(r_block(r), QUANT_BLOCK_R))
@@ -343,33 +370,42 @@ def _check(fn, x, qw, a, b, dropout_p):
 
 
 def lora_quant_fwd(x, qw, bias, a, b, scale, dropout_p=0.0, seed=0, fp32_tf32=False, config=None,
-                   shrink_config=None):
+                   shrink_config=None, col_scale=None):
     """(Y [M, N] in x.dtype, S [M, r] fp32): Y = x deq(W)^T + scale * ((D x) a^T) b^T (+ bias).
 
     qw: fastpeft.quant.formats.QuantizedWeight (nf4 / int4 / int8). config / shrink_config: explicit
     meta-parameters instead of autotuning (tests; the interpreter uses the first pruned config).
     r = 0 (a: [0, K], b: [N, 0], a quantized layer without adapter): Y = x deq(W)^T (+ bias) by the
-    same fused dequant GEMM, whose LoRA step runs no iteration; S is the empty fp32 [M, 0]."""
+    same fused dequant GEMM, whose LoRA step runs no iteration; S is the empty fp32 [M, 0].
+    col_scale: DoRA's g [N], as for kernels.lora_fwd.lora_fwd: with dropout_p > 0 the return is
+    (Y, S, Z_d), Z_d = (D x) deq(W)^T + scale S b^T, Y = x deq(W)^T - (D x) deq(W)^T + g Z_d + bias."""
     _check("lora_quant_fwd", x, qw, a, b, dropout_p)
     m, n = x.shape[0], qw.N
+    dual = col_scale is not None and dropout_p > 0.0
     s = lora_shrink(x, a, 1.0, dropout_p, seed, fp32_tf32=fp32_tf32, config=shrink_config)
     y = empty((m, n), x.dtype, x.device)
+    zd = empty((m, n), x.dtype, x.device) if dual else None
     if m and n:
-        if qw.K == 0:
+        if qw.K == 0:  # x W^T = 0 and S = 0: Y is the bias, Z_d zero
             y.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(y))
+            if zd is not None:
+                zd.zero_()
         else:
-            launch_lora_quant(x, qw, s, b, bias, y, scale, True, fp32_tf32=fp32_tf32, config=config)
-    return y, s
+            launch_lora_quant(x, qw, s, b, bias, y, scale, True, fp32_tf32=fp32_tf32, config=config,
+                              col_scale=col_scale, in_dropout_p=dropout_p if dual else 0.0, seed=seed, z=zd)
+    return (y, s) if zd is None else (y, s, zd)
 
 
 def lora_quant_bwd(dy, x, qw, a, b, s, scale, dropout_p=0.0, seed=0, needs_dx=True, needs_da=True, needs_db=True,
-                   fp32_tf32=False, configs=None):
+                   fp32_tf32=False, configs=None, col_scale=None):
     """(dX | None, dA | None, dB | None) of Y = x deq(W)^T + scale * ((D x) a^T) b^T.
 
     dX = dY deq(W) + D * (dS a) in one quant GEMM (W dequantized in registers, dX written once);
     dA / dB by the 16-bit reduction kernel. configs: optional {"shrink", "quant", "wgrad", "split_m"}.
-    r = 0: dX = dY deq(W) by the same GEMM; dA [0, K] and dB [N, 0] are empty."""
-    from .lora_bwd import lora_wgrad
+    r = 0: dX = dY deq(W) by the same GEMM; dA [0, K] and dB [N, 0] are empty.
+    col_scale: DoRA's g [N], as for kernels.lora_bwd.lora_bwd (dX = dY W + D (((g-1) dY) W + dS A) in the
+    same quant GEMM, dS = s dY (g B), dB = g s dY^T S)."""
+    from .lora_bwd import dora_b, lora_wgrad
 
     _check("lora_quant_bwd", x, qw, a, b, dropout_p)
     m, k, n, r = x.shape[0], qw.K, qw.N, a.shape[0]
@@ -377,11 +413,14 @@ def lora_quant_bwd(dy, x, qw, a, b, s, scale, dropout_p=0.0, seed=0, needs_dx=Tr
         raise ValueError(f"lora_quant_bwd: dY must be {x.dtype} [{m}, {n}], found {dy.dtype} {tuple(dy.shape)}")
     if tuple(s.shape) != (m, r) or s.dtype != torch.float32:
         raise ValueError(f"lora_quant_bwd: S must be fp32 [{m}, {r}], found {s.dtype} {tuple(s.shape)}")
+    if col_scale is not None and (col_scale.dim() != 1 or col_scale.shape[0] != n):
+        raise ValueError(f"lora_quant_bwd: col_scale must be [N={n}], found {tuple(col_scale.shape)}")
     cfg = configs or {}
     dx = da = db = None
     ds = None
     if needs_dx or needs_da:
-        ds = lora_shrink(dy, b.t(), scale, fp32_tf32=fp32_tf32, config=cfg.get("shrink"))
+        bt = (dora_b(b, col_scale) if col_scale is not None else b).t()
+        ds = lora_shrink(dy, bt, scale, fp32_tf32=fp32_tf32, config=cfg.get("shrink"))
     if needs_dx:
         dx = empty((m, k), x.dtype, x.device)
         if m and k:
@@ -389,9 +428,10 @@ def lora_quant_bwd(dy, x, qw, a, b, s, scale, dropout_p=0.0, seed=0, needs_dx=Tr
                 dx.zero_()  # ds is 0 as well
             else:
                 launch_lora_quant(dy, qw, ds, a.t(), None, dx, 1.0, False, out_dropout_p=dropout_p, seed=seed,
-                                  fp32_tf32=fp32_tf32, config=cfg.get("quant"))
+                                  fp32_tf32=fp32_tf32, config=cfg.get("quant"), x_col_scale=col_scale)
     if needs_da:
         da = lora_wgrad(ds, x, 1.0, dropout_p, seed, True, cfg.get("split_m"), fp32_tf32, cfg.get("wgrad")).to(a.dtype)
     if needs_db:
-        db = lora_wgrad(dy, s, scale, 0.0, 0, True, cfg.get("split_m"), fp32_tf32, cfg.get("wgrad")).to(b.dtype)
+        db = lora_wgrad(dy, s, scale, 0.0, 0, True, cfg.get("split_m"), fp32_tf32, cfg.get("wgrad"))
+        db = (db * col_scale.detach().float()[:, None] if col_scale is not None else db).to(b.dtype)
     return dx, da, db

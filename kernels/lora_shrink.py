@@ -66,6 +66,9 @@ def shrink_step(s_acc, x, a_rows, rows, ks, k_ok, r_ok, K, stride_ak, seed, p_dr
     x: the [BLOCK_M, BLOCK_K] tile of x at rows x ks (left undropped for the caller: the fused
     kernel multiplies it by W too); a_rows: A's row pointers [1, BLOCK_R]. The shrink kernel and
     the fused forward/dX kernel (kernels/lora_fwd.py) share it, so both make S the same way.
+    DoRA's forward with dropout multiplies W by the masked x too (`base_step`, DUAL_FWD, in
+    kernels/_common.py) and draws its mask with this same call, dropout_keep(seed, rows, ks, K, p):
+    the two must stay identical, as peft applies one dropout to both.
     """
     # A^T tile loaded straight from A [r, K] via strides.
     at = tl.load(a_rows + ks[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_R]

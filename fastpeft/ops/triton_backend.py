@@ -15,7 +15,13 @@ unless several adapters use dropout):
   seed), and the GEMM takes the adapters stacked, B_cat = [s_1 B_1, s_2 B_2, ...] in fp32, as its
   LoRA step: one extra K = sum r into the same accumulator. In backward, dX stacks the adapters that
   share an output dropout mask (all those without dropout) into the base GEMM; each adapter with
-  dropout adds its own masked term.
+  dropout adds its own masked term;
+- DoRA (one adapter with a magnitude; g = call.col_scale() [N] fp32): the one-adapter kernels with
+  their column-scale constexprs (kernels/_common.py). Without dropout g is applied in the GEMM
+  epilogue (Y written once) and dX's GEMM scales dY's tile by g as it loads it; with dropout the
+  forward GEMM keeps two accumulators over one read of W (x W^T and (D x) W^T, D the shrink's mask)
+  and writes Y and Z_d once each, and dX's GEMM two (dY W and ((g-1) dY) W). dS and dB take g on the
+  host ([N, r] work: g B for dS, g * (s dY^T S) for dB).
 """
 from __future__ import annotations
 
@@ -60,8 +66,8 @@ def supports(call: LoraCall) -> Optional[str]:
         return f"x is on {x.device}; the triton backend runs on CUDA (or CPU under TRITON_INTERPRET=1)"
     if x.dtype not in _ACT:
         return f"x dtype {x.dtype} not supported (fp16, bf16, fp32)"
-    if call.is_dora:
-        return "DoRA's column scale is not in the Triton kernels yet (the torch backend runs it)"
+    if call.plan is not None:
+        return "a mixed batch (row_index: one adapter per row) has no Triton kernel yet (the torch backend runs it)"
     common = _kernels()[0]
     for i, a in enumerate(call.adapters):
         if not 1 <= a.r <= common.MAX_R:
@@ -76,12 +82,16 @@ def supports(call: LoraCall) -> Optional[str]:
         return f"bias dtype {bias.dtype} not supported (fp16, bf16, fp32)"
     tensors = [("weight", call.base.weight), ("bias", bias)]
     tensors += [(f"lora_{n}", t) for a in call.adapters for n, t in (("A", a.A), ("B", a.B))]
+    tensors += [(f"DoRA {n}", t) for a in call.adapters for n, t in (("magnitude", a.magnitude),
+                                                                      ("weight_norm", a.weight_norm))]
     qw = call.base.packed
     if qw is not None:
         tensors += [(f"quantized weight field {f}", getattr(qw, f)) for f in PACKED_FIELDS]
     for name, t in tensors:
         if t is not None and t.device != x.device:
             return f"{name} is on {t.device} but x on {x.device}"
+    if call.is_dora and call.adapters[0].weight_norm is None:
+        return "DoRA adapter without its weight_norm (fastpeft.ops.lora computes it)"
     if qw is not None:
         return _kernels()[3].quant_reason(qw, x.dtype)
     return None
@@ -98,10 +108,24 @@ def _stacked_b(call: LoraCall) -> Tensor:
     return torch.cat([a.B.float() * a.scale for a in call.adapters], dim=1)
 
 
-def forward(call: LoraCall) -> tuple[Tensor, Tensor]:
-    """(Y [M, N] in x's dtype, S [M, sum r] fp32). Y = x W^T + sum_i s_i ((D_i x) A_i^T) B_i^T (+ bias)."""
+def _col_scale(call: LoraCall) -> Optional[Tensor]:
+    """DoRA's g [N] as the kernels read it (fp32, contiguous), or None for a plain LoRA call."""
+    g = call.col_scale()
+    return None if g is None else g.to(torch.float32).contiguous()
+
+
+def forward(call: LoraCall) -> tuple:
+    """(Y [M, N] in x's dtype, S [M, sum r] fp32). Y = x W^T + sum_i s_i ((D_i x) A_i^T) B_i^T (+ bias).
+    A DoRA call with dropout returns (Y, S, Z_d [M, N] in x's dtype), as the torch backend does."""
     common, fwd, _, quant, shrink = _kernels()
     x, base, tf32 = call.x, call.base, _fp32_tf32(call.x)
+    if call.is_dora:
+        a, g = call.adapters[0], _col_scale(call)
+        if base.packed is not None:
+            return quant.lora_quant_fwd(x, base.packed, base.bias, a.A, a.B, a.scale, a.dropout_p, call.seed,
+                                        fp32_tf32=tf32, col_scale=g)
+        return fwd.lora_fwd(x, base.weight, base.bias, a.A, a.B, a.scale, a.dropout_p, call.seed, fp32_tf32=tf32,
+                            col_scale=g)
     if len(call.adapters) <= 1:
         if call.adapters:
             a = call.adapters[0]
@@ -145,6 +169,15 @@ def backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, needs_dA: li
     x, base, tf32 = call.x, call.base, _fp32_tf32(call.x)
     dY = dY if dY.dtype == x.dtype else dY.to(x.dtype)
     S = S if S.dtype == torch.float32 else S.float()
+    if call.is_dora:  # the one-adapter kernels, g in dX's GEMM and on the [N, r] factors of dS and dB
+        a, g = call.adapters[0], _col_scale(call)
+        kw = dict(needs_dx=needs_dx, needs_da=needs_dA[0], needs_db=needs_dB[0], fp32_tf32=tf32, col_scale=g)
+        if base.packed is not None:
+            dX, dA, dB = quant.lora_quant_bwd(dY, x, base.packed, a.A, a.B, S, a.scale, a.dropout_p, call.seed, **kw)
+        else:
+            dX, dA, dB = bwd.lora_bwd(dY, x, base.weight, a.A, a.B, S, a.scale, a.dropout_p, call.seed,
+                                      deterministic=True, **kw)
+        return dX, [dA], [dB]
     if len(call.adapters) <= 1:
         if call.adapters:
             a = call.adapters[0]

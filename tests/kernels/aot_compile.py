@@ -39,45 +39,49 @@ def _variants():
                 dict(stride_xk=1, stride_ak=1, stride_sr=1, HAS_DROPOUT=True, COMPUTE_DTYPE=tl.float32,
                      INPUT_PRECISION="ieee", BLOCK_R=128),
                 lora_shrink.get_shrink_configs(), None, lora_shrink.prune_shrink_configs))
-    mm = dict(LORA_DTYPE=tl.float32, LORA_PRECISION="tf32", BLOCK_R=32)
+    # DoRA's constexprs off (kernels/_common.py); the DoRA variants below turn them on
+    off = dict(HAS_COL_SCALE=False, X_SCALE=False, DUAL=0)
+    mm = dict(off, LORA_DTYPE=tl.float32, LORA_PRECISION="tf32", BLOCK_R=32)
     out.append(("lora_matmul", "fwd_bf16_bias", lora_fwd.lora_matmul_kernel,
-                dict(x_ptr=bf, w_ptr=bf, s_ptr=f32, b_ptr=f32, bias_ptr=bf, y_ptr=bf),
+                dict(x_ptr=bf, w_ptr=bf, s_ptr=f32, b_ptr=f32, bias_ptr=bf, y_ptr=bf, cs_ptr=f32, z_ptr=bf),
                 dict(mm, stride_xk=1, stride_wk=1, stride_sr=1, stride_br=1, stride_yn=1, HAS_W=True, HAS_BIAS=True,
                      OUT_DROPOUT=False, COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32"),
                 lora_fwd.get_lora_matmul_configs(), "BLOCK_M", lora_fwd.prune_lora_matmul_configs))
     out.append(("lora_matmul", "bwd_dx_bf16_dropout", lora_fwd.lora_matmul_kernel,
-                dict(x_ptr=bf, w_ptr=bf, s_ptr=f32, b_ptr=f32, bias_ptr=f32, y_ptr=bf),
+                dict(x_ptr=bf, w_ptr=bf, s_ptr=f32, b_ptr=f32, bias_ptr=f32, y_ptr=bf, cs_ptr=f32, z_ptr=bf),
                 dict(mm, stride_xk=1, stride_wn=1, stride_sr=1, stride_bn=1, stride_yn=1, HAS_W=True, HAS_BIAS=False,
                      OUT_DROPOUT=True, COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32"),
                 lora_fwd.get_lora_matmul_configs(), "BLOCK_M", lora_fwd.prune_lora_matmul_configs))
     out.append(("lora_matmul", "fwd_fp32_ieee", lora_fwd.lora_matmul_kernel,
-                dict(x_ptr=f32, w_ptr=f32, s_ptr=f32, b_ptr=f32, bias_ptr=f32, y_ptr=f32),
-                dict(stride_xk=1, stride_wk=1, stride_sr=1, stride_br=1, stride_yn=1, HAS_W=True, HAS_BIAS=True,
+                dict(x_ptr=f32, w_ptr=f32, s_ptr=f32, b_ptr=f32, bias_ptr=f32, y_ptr=f32, cs_ptr=f32, z_ptr=f32),
+                dict(off, stride_xk=1, stride_wk=1, stride_sr=1, stride_br=1, stride_yn=1, HAS_W=True, HAS_BIAS=True,
                      OUT_DROPOUT=False, COMPUTE_DTYPE=tl.float32, INPUT_PRECISION="ieee", LORA_DTYPE=tl.float32,
                      LORA_PRECISION="ieee", BLOCK_R=32),
                 lora_fwd.get_lora_matmul_configs(), None, lora_fwd.prune_lora_matmul_configs))
-    fz = dict(WRITE_S=True, COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", LORA_PRECISION="tf32")
+    fz = dict(WRITE_S=True, HAS_COL_SCALE=False, X_SCALE=False, COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32",
+              LORA_PRECISION="tf32")
     out.append(("lora_fused", "fwd_bf16_dropout_r64", lora_fwd.lora_fused_kernel,
-                dict(x_ptr=bf, w_ptr=bf, a_ptr=f32, b_ptr=f32, bias_ptr=bf, y_ptr=bf, s_ptr=f32),
+                dict(x_ptr=bf, w_ptr=bf, a_ptr=f32, b_ptr=f32, bias_ptr=bf, y_ptr=bf, s_ptr=f32, cs_ptr=f32),
                 dict(fz, stride_xk=1, stride_wk=1, stride_ak=1, stride_br=1, stride_yn=1, stride_sr=1, HAS_W=True,
                      HAS_BIAS=True, IN_DROPOUT=True, OUT_DROPOUT=False, SHRINK_DTYPE=tl.float32,
                      SHRINK_PRECISION="tf32", BLOCK_R=64),
                 lora_fwd.get_lora_fused_configs(), "BLOCK_M", lora_fwd.prune_lora_fused_configs))
     out.append(("lora_fused", "bwd_dx_bf16_dropout_r16", lora_fwd.lora_fused_kernel,
-                dict(x_ptr=bf, w_ptr=bf, a_ptr=f32, b_ptr=f32, bias_ptr=f32, y_ptr=bf, s_ptr=f32),
+                dict(x_ptr=bf, w_ptr=bf, a_ptr=f32, b_ptr=f32, bias_ptr=f32, y_ptr=bf, s_ptr=f32, cs_ptr=f32),
                 dict(fz, stride_xk=1, stride_wn=1, stride_ar=1, stride_bn=1, stride_yn=1, stride_sr=1, HAS_W=True,
                      HAS_BIAS=False, IN_DROPOUT=False, OUT_DROPOUT=True, SHRINK_DTYPE=tl.float32,
                      SHRINK_PRECISION="tf32", BLOCK_R=16),
                 lora_fwd.get_lora_fused_configs(), "BLOCK_M", lora_fwd.prune_lora_fused_configs))
     out.append(("lora_fused", "fwd_bf16_adapters_r128", lora_fwd.lora_fused_kernel,
-                dict(x_ptr=bf, w_ptr=bf, a_ptr=bf, b_ptr=bf, bias_ptr=bf, y_ptr=bf, s_ptr=f32),
+                dict(x_ptr=bf, w_ptr=bf, a_ptr=bf, b_ptr=bf, bias_ptr=bf, y_ptr=bf, s_ptr=f32, cs_ptr=f32),
                 dict(fz, stride_xk=1, stride_wk=1, stride_ak=1, stride_br=1, stride_yn=1, stride_sr=1, HAS_W=True,
                      HAS_BIAS=False, IN_DROPOUT=False, OUT_DROPOUT=False, SHRINK_DTYPE=tl.bfloat16,
                      SHRINK_PRECISION="tf32", BLOCK_R=128),
                 lora_fwd.get_lora_fused_configs(), "BLOCK_M", lora_fwd.prune_lora_fused_configs))
     out.append(("lora_fused", "fwd_fp32_ieee_r64", lora_fwd.lora_fused_kernel,
-                dict(x_ptr=f32, w_ptr=f32, a_ptr=f32, b_ptr=f32, bias_ptr=f32, y_ptr=f32, s_ptr=f32),
-                dict(WRITE_S=True, COMPUTE_DTYPE=tl.float32, INPUT_PRECISION="ieee", LORA_PRECISION="ieee",
+                dict(x_ptr=f32, w_ptr=f32, a_ptr=f32, b_ptr=f32, bias_ptr=f32, y_ptr=f32, s_ptr=f32, cs_ptr=f32),
+                dict(WRITE_S=True, HAS_COL_SCALE=False, X_SCALE=False, COMPUTE_DTYPE=tl.float32, INPUT_PRECISION="ieee",
+                     LORA_PRECISION="ieee",
                      stride_xk=1, stride_wk=1, stride_ak=1, stride_br=1, stride_yn=1, stride_sr=1, HAS_W=True,
                      HAS_BIAS=True, IN_DROPOUT=True, OUT_DROPOUT=False, SHRINK_DTYPE=tl.float32,
                      SHRINK_PRECISION="ieee", BLOCK_R=64),  # auto runs r > 64 exact fp32 split
@@ -100,14 +104,14 @@ def _variants():
     u8, i8, i32 = "u8", "i8", "i32"
     nf4, int4, int8 = (lora_quant.FORMAT_IDS[f] for f in ("nf4", "int4", "int8"))
     qcfg, qprune = lora_quant.get_lora_quant_configs(), lora_quant.prune_lora_quant_configs
-    qfwd = dict(stride_xk=1, stride_sr=1, stride_br=1, stride_yn=1, INDEX_64=False, PACKED=True, TRANS_W=True,
+    qfwd = dict(off, stride_xk=1, stride_sr=1, stride_br=1, stride_yn=1, INDEX_64=False, PACKED=True, TRANS_W=True,
                 OUT_DROPOUT=False, LORA_PRECISION="tf32", BLOCK_R=32)
-    qbwd = dict(stride_xk=1, stride_sr=1, stride_bp=1, stride_yn=1, INDEX_64=False, PACKED=True, TRANS_W=False,
+    qbwd = dict(off, stride_xk=1, stride_sr=1, stride_bp=1, stride_yn=1, INDEX_64=False, PACKED=True, TRANS_W=False,
                 HAS_BIAS=False, OUT_DROPOUT=True, LORA_PRECISION="tf32", BLOCK_R=32)
 
     def qptrs(x, q, sc, y, z=f32, g=i32):
         return dict(x_ptr=x, qdata_ptr=q, scales_ptr=sc, zeros_ptr=z, code_ptr=f32, absmax2_ptr=f32, code2_ptr=f32,
-                    offset_ptr=f32, gidx_ptr=g, s_ptr=f32, b_ptr=f32, bias_ptr=y, y_ptr=y)
+                    offset_ptr=f32, gidx_ptr=g, s_ptr=f32, b_ptr=f32, bias_ptr=y, y_ptr=y, cs_ptr=f32, zd_ptr=y)
 
     out.append(("lora_quant", "fwd_nf4_dq_bf16_bias", lora_quant.lora_quant_kernel, qptrs(bf, u8, u8, bf),
                 dict(qfwd, FORMAT=nf4, DOUBLE_QUANT=True, HAS_GIDX=False, HAS_BIAS=True, COMPUTE_DTYPE=tl.bfloat16,
@@ -137,6 +141,64 @@ def _variants():
     out.append(("lora_quant", "fwd_nf4_oddk_bf16", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
                 dict(qfwd, FORMAT=nf4, PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=False,
                      COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
+    # DoRA (kernels/_common.py): the column scale in the epilogue (HAS_COL_SCALE), on dY's tile (X_SCALE),
+    # and with dropout the two accumulators sharing each W tile (DUAL 1: forward, writes Y and Z_d; 2: dX)
+    mmp = dict(x_ptr=bf, w_ptr=bf, s_ptr=f32, b_ptr=f32, bias_ptr=bf, y_ptr=bf, cs_ptr=f32, z_ptr=bf)
+    mmf = dict(mm, stride_xk=1, stride_wk=1, stride_sr=1, stride_br=1, stride_yn=1, stride_zn=1, HAS_W=True,
+               HAS_BIAS=True, OUT_DROPOUT=False, COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32")
+    mmb = dict(mm, stride_xk=1, stride_wn=1, stride_sr=1, stride_bn=1, stride_yn=1, stride_zn=1, HAS_W=True,
+               HAS_BIAS=False, OUT_DROPOUT=False, COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32")
+    mcfg, mprune = lora_fwd.get_lora_matmul_configs(), lora_fwd.prune_lora_matmul_configs
+    out.append(("lora_matmul", "fwd_dora_bf16_dropout", lora_fwd.lora_matmul_kernel, mmp,
+                dict(mmf, HAS_COL_SCALE=True, DUAL=1), mcfg, "BLOCK_M", mprune))
+    out.append(("lora_matmul", "fwd_dora_bf16", lora_fwd.lora_matmul_kernel, mmp,
+                dict(mmf, HAS_COL_SCALE=True), mcfg, "BLOCK_M", mprune))
+    out.append(("lora_matmul", "bwd_dx_dora_bf16_dropout", lora_fwd.lora_matmul_kernel, mmp,
+                dict(mmb, DUAL=2), mcfg, "BLOCK_M", mprune))
+    out.append(("lora_matmul", "bwd_dx_dora_bf16", lora_fwd.lora_matmul_kernel, mmp,
+                dict(mmb, X_SCALE=True), mcfg, "BLOCK_M", mprune))
+    out.append(("lora_matmul", "fwd_dora_fp32_ieee_dropout", lora_fwd.lora_matmul_kernel,
+                {k: f32 for k in mmp},
+                dict(mmf, HAS_COL_SCALE=True, DUAL=1, COMPUTE_DTYPE=tl.float32, INPUT_PRECISION="ieee",
+                     LORA_PRECISION="ieee"), mcfg, None, mprune))
+    out.append(("lora_matmul", "bwd_dx_dora_fp16_dropout", lora_fwd.lora_matmul_kernel,
+                dict(mmp, x_ptr="fp16", w_ptr="fp16", bias_ptr="fp16", y_ptr="fp16", z_ptr="fp16"),
+                dict(mmb, DUAL=2, COMPUTE_DTYPE=tl.float16), mcfg, "BLOCK_M", mprune))
+    fzp = dict(x_ptr=bf, w_ptr=bf, a_ptr=f32, b_ptr=f32, bias_ptr=bf, y_ptr=bf, s_ptr=f32, cs_ptr=f32)
+    out.append(("lora_fused", "fwd_dora_bf16_r64", lora_fwd.lora_fused_kernel, fzp,
+                dict(fz, stride_xk=1, stride_wk=1, stride_ak=1, stride_br=1, stride_yn=1, stride_sr=1, HAS_W=True,
+                     HAS_BIAS=True, IN_DROPOUT=False, OUT_DROPOUT=False, SHRINK_DTYPE=tl.float32,
+                     SHRINK_PRECISION="tf32", BLOCK_R=64, HAS_COL_SCALE=True),
+                lora_fwd.get_lora_fused_configs(), "BLOCK_M", lora_fwd.prune_lora_fused_configs))
+    out.append(("lora_fused", "bwd_dx_dora_bf16_r64", lora_fwd.lora_fused_kernel, fzp,
+                dict(fz, stride_xk=1, stride_wn=1, stride_ar=1, stride_bn=1, stride_yn=1, stride_sr=1, HAS_W=True,
+                     HAS_BIAS=False, IN_DROPOUT=False, OUT_DROPOUT=False, SHRINK_DTYPE=tl.float32,
+                     SHRINK_PRECISION="tf32", BLOCK_R=64, X_SCALE=True),
+                lora_fwd.get_lora_fused_configs(), "BLOCK_M", lora_fwd.prune_lora_fused_configs))
+    out.append(("lora_quant", "fwd_dora_nf4_dq_bf16_dropout", lora_quant.lora_quant_kernel, qptrs(bf, u8, u8, bf),
+                dict(qfwd, stride_zdn=1, FORMAT=nf4, DOUBLE_QUANT=True, HAS_GIDX=False, HAS_BIAS=True,
+                     HAS_COL_SCALE=True, DUAL=1, COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32"),
+                qcfg, "BLOCK_M", qprune))
+    out.append(("lora_quant", "fwd_dora_int4_fp16", lora_quant.lora_quant_kernel,
+                qptrs("fp16", u8, "fp16", "fp16", z=u8),
+                dict(qfwd, stride_sn=1, FORMAT=int4, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=True,
+                     HAS_COL_SCALE=True, COMPUTE_DTYPE=tl.float16, INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
+    out.append(("lora_quant", "fwd_dora_int8_bf16_dropout_decode", lora_quant.lora_quant_kernel,
+                qptrs(bf, i8, f32, bf),
+                dict(qfwd, stride_zdn=1, FORMAT=int8, PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=False,
+                     HAS_COL_SCALE=True, DUAL=1, COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32"),
+                qcfg, "BLOCK_M", qprune))
+    out.append(("lora_quant", "fwd_dora_int8_fp32_ieee_dropout", lora_quant.lora_quant_kernel, qptrs(f32, i8, f32, f32),
+                dict(qfwd, stride_zdn=1, FORMAT=int8, PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=True,
+                     HAS_COL_SCALE=True, DUAL=1, COMPUTE_DTYPE=tl.float32, INPUT_PRECISION="ieee",
+                     LORA_PRECISION="ieee"), qcfg, None, qprune))
+    out.append(("lora_quant", "bwd_dx_dora_nf4_bf16_dropout", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
+                dict(qbwd, stride_zdn=1, OUT_DROPOUT=False, DUAL=2, FORMAT=nf4, DOUBLE_QUANT=False, HAS_GIDX=False,
+                     COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
+    out.append(("lora_quant", "bwd_dx_dora_int4_gidx_bf16", lora_quant.lora_quant_kernel,
+                qptrs(bf, u8, "fp16", bf, z=u8),
+                dict(qbwd, stride_sn=1, OUT_DROPOUT=False, X_SCALE=True, FORMAT=int4, DOUBLE_QUANT=False,
+                     HAS_GIDX=True, COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
     return out
 
 
@@ -185,7 +247,9 @@ def compile_one(fn, ptrs, consts, cfg, cap):
 
 # Default subset (CI time budget): one variant per kernel, forward + backward-side flags mixed.
 DEFAULT_VARIANTS = ("fwd_bf16_dropout", "bwd_dx_bf16_dropout", "fwd_bf16_dropout_r64", "dA_bf16_dropout",
-                    "fwd_nf4_dq_bf16_bias", "bwd_dx_int4_gidx_bf16_dropout", "fwd_int8_fp16_decode")
+                    "fwd_nf4_dq_bf16_bias", "bwd_dx_int4_gidx_bf16_dropout", "fwd_int8_fp16_decode",
+                    # DoRA with dropout: the two-accumulator forward (dense, packed) and dX GEMMs
+                    "fwd_dora_bf16_dropout", "fwd_dora_nf4_dq_bf16_dropout", "bwd_dx_dora_bf16_dropout")
 
 
 TORCH = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "u8": "uint8", "i8": "int8", "i32": "int32"}

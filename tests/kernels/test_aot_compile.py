@@ -2,7 +2,8 @@
 kernels use wgmma, ptxas -v reports no spills, shared memory fits the chip.
 
 Default: one representative config (the largest dot tile the pruning rule keeps for a big shape)
-of each variant in aot_compile.DEFAULT_VARIANTS (every kernel, both archs, ~10 s on 2 cores).
+of each variant in aot_compile.DEFAULT_VARIANTS (every kernel, DoRA's two-accumulator variants too,
+both archs, ~30 s on 2 cores).
 `slow` (--runslow or FASTPEFT_SLOW=1): every config the autotuner can run, for every dtype/flag
 variant listed in aot_compile.py.
 """
@@ -61,6 +62,12 @@ def test_aot_compile_representative_configs():
     assert {d["cap"] for d in decode} == {80, 90}, "no decode variant compiled"
     assert all(d["dot_rows"] == 16 for d in decode), [(d["variant"], d["dot_rows"]) for d in decode]
     assert any(d["wgmma"] for d in rows if d["cap"] == 90)
+    # DoRA with dropout (two accumulators sharing each W tile): dense forward, packed forward, dense dX,
+    # each still on a 64+-row wgmma tile on sm_90
+    dora = [d for d in rows if "_dora_" in d["variant"]]
+    assert {(d["kernel"], d["variant"].split("_dora_")[0]) for d in dora} == {
+        ("lora_matmul", "fwd"), ("lora_quant", "fwd"), ("lora_matmul", "bwd_dx")}
+    assert all(d["wgmma"] and d["dot_rows"] >= 64 for d in dora if d["cap"] == 90), dora
     _check(rows)
 
 
