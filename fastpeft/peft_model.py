@@ -25,6 +25,7 @@ from torch import nn
 
 from fastpeft.integrations.hub import PushToHubMixin
 from fastpeft.config import PeftConfig
+from fastpeft.tuners.mixed_batch import adapter_names_context
 from fastpeft.tuners.prompt.model import PromptLearningMixin
 from fastpeft.utils.atomic import staged_folder
 from fastpeft.utils.model_card import model_card_text_for
@@ -271,12 +272,14 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
     # forward
     # ---------------------------------------------------------------------------------------------
     def _model_kwargs(self, kwargs: dict) -> dict:
-        if kwargs.get("adapter_names") is not None:
-            raise NotImplementedError(
-                "adapter_names=... (a different adapter per batch row) is not implemented in fastpeft's PeftModel "
-                "yet; call set_adapter() and run each adapter's rows separately."
-            )
         return {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+
+    def _adapter_names(self, args: tuple, kwargs: dict):
+        """The context a call runs in: adapter_names=[...] (one adapter per sample, "__base__" for none)
+        checked as peft checks it and made the current mixed batch (tuners/mixed_batch.py)."""
+        if kwargs.get("adapter_names") is not None and self._is_prompt_learning:
+            raise ValueError("adapter_names=[...] applies to LoRA adapters, not to prompt-learning adapters")
+        return adapter_names_context(self, args, kwargs, list(self.peft_config))
 
     # the TaskType value a task class stands for (prompt learning handles labels/inputs per task)
     _prompt_task: Optional[str] = None
@@ -289,7 +292,8 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
                 kwargs["input_ids"] = args[0]
             return self._forward_named({k: kwargs.pop(k, None) for k in
                                         ("input_ids", "attention_mask", "inputs_embeds", "labels")}, kwargs)
-        return self.get_base_model()(*args, **self._model_kwargs(kwargs))
+        with self._adapter_names(args, kwargs):
+            return self.get_base_model()(*args, **self._model_kwargs(kwargs))
 
     def _forward_named(self, named: dict, kwargs: dict):
         if self._is_prompt_learning:
@@ -306,11 +310,20 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
         # None means "the model's default" for every transformers forward argument; leaving them out
         # also lets models without some of these arguments work
         named = {k: v for k, v in named.items() if v is not None}
-        return self.base_model(**named, **self._model_kwargs(kwargs))
+        with self._adapter_names((), dict(named, **kwargs)):  # (a copy: _model_kwargs drops adapter_names)
+            return self.base_model(**named, **self._model_kwargs(kwargs))
+
+    def generate(self, *args, **kwargs):
+        """The base model's generate (task classes override this); takes adapter_names=[...] like forward."""
+        if self._is_prompt_learning:
+            return self.get_base_model().generate(*args, **kwargs)
+        with self._adapter_names(args, kwargs):
+            return self.get_base_model().generate(*args, **self._model_kwargs(kwargs))
 
     def _generate(self, seq2seq: bool, args: tuple, kwargs: dict):
         if not self._is_prompt_learning:
-            return self.get_base_model().generate(*args, **self._model_kwargs(kwargs))
+            with self._adapter_names(args, kwargs):
+                return self.get_base_model().generate(*args, **self._model_kwargs(kwargs))
         if args:
             if len(args) > 1 or "input_ids" in kwargs:
                 raise TypeError("generate(): pass at most one positional argument (input_ids)")

@@ -258,9 +258,9 @@ def test_plain_module_and_inject_adapter_in_model():
 def test_not_implemented_paths_are_clear(tiny):
     with pytest.raises(NotImplementedError, match="mixed"):
         get_peft_model(tiny.model("llama"), _lora(), mixed=True)
-    pm = get_peft_model(tiny.model("llama"), _lora())
-    with pytest.raises(NotImplementedError, match="adapter_names"):
-        pm(**tiny.inputs("llama"), adapter_names=["default", "default"])
+    pm = get_peft_model(tiny.model("llama"), _lora())  # adapter_names works (tests/tuners/test_mixed_batch.py);
+    with pytest.raises(ValueError, match="training mode"):  # in training mode it is refused as in peft
+        pm.train()(**tiny.inputs("llama"), adapter_names=["default", "default"])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny):

@@ -14,6 +14,10 @@ by the custom ops of lora_op.py on the backend :func:`dispatch.choose` picks per
 |                                        |   (triton_backend.py)                               |                   |
 | packed base (nf4/int8/int4), with or   | kernels/lora_quant.py (lora_quant_kernel)           | torch_backend.py, |
 |   without adapters (QuantLinear)       |                                                     |   dequant + GEMM  |
+| DoRA (one adapter with a magnitude),   | decode as above (csrc, g in its epilogue); else the | torch_backend.py  |
+|   dense or packed base                 |   kernels above with g in their shared epilogue;    |   (_dora_forward, |
+|                                        |   with dropout lora_matmul_kernel or                |   _dora_backward) |
+|                                        |   lora_quant_kernel, two accumulators per W tile    |                   |
 | lora_embedding, lora_delta_weight      | torch (a lookup and a small matmul: nothing to fuse)| torch             |
 
 This package imports neither transformers nor fastpeft's tuners or models: an inference server can
@@ -31,6 +35,7 @@ from .contract import Adapter, AdapterSet, Base, LoraCall, adapter_seed
 from .dispatch import register_backend
 from .lora_embedding import lora_delta_weight, lora_embedding
 from .lora_op import draw_seed, lora, lora_linear, lora_quant_linear
+from .plan import RowPlan
 from .torch_backend import dropout_mask
 
 
@@ -55,4 +60,4 @@ def current_backend(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[T
 
 __all__ = ["Adapter", "AdapterSet", "Base", "LoraCall", "adapter_seed", "current_backend", "dispatch", "draw_seed",
            "dropout_mask", "lora", "lora_delta_weight", "lora_embedding", "lora_linear", "lora_quant_linear",
-           "register_backend"]
+           "register_backend", "RowPlan"]

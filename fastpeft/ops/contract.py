@@ -16,8 +16,13 @@ Every LoRA computation in fastpeft is one call of this shape (design: docs/ops.m
       dropout on:   y = x W^T + (g - 1) * ((D x) W^T) + g * s S B^T + bias  (peft's second base GEMM)
 
   A call with a DoRA adapter holds that adapter only (a layer chains several, see the DoRA variant).
-  The set's ``row_index`` [M] (int, per row: which adapter, -1 = base only; many adapters per batch)
-  is the seam for the next capability, refused until it is filled in;
+  The set's ``row_index`` (many adapters in one batch: an int tensor [M] or an ops.RowPlan, plan.py) gives
+  each row ONE adapter instead of all of them, -1 = the base alone:
+
+      y_i = base(x_i) + s_k (x_i A_k^T) B_k^T,   k = row_index[i]      (no dropout, no DoRA: inference)
+
+  Backends compute it segment by segment (the plan's rows sorted by adapter), each adapter at its own
+  rank; S is then [M, max r], row i holding its adapter's r_k values in its first columns;
 - the dropout seed: one int per call; adapter i draws its mask from ``adapter_seed(seed, i)``, so
   adapter 0 uses the seed itself and every adapter gets an independent mask (peft: one nn.Dropout
   per adapter).
@@ -34,6 +39,7 @@ and sees only validated calls (:func:`validate` ran once, in :func:`fastpeft.ops
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -41,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ..quant.formats import QuantizedWeight, check_format
+from .plan import RowPlan
 
 # The tensor fields of a QuantizedWeight, in the order the custom ops carry them.
 PACKED_FIELDS = ("qdata", "scales", "zeros", "code", "absmax2", "code2", "offset", "g_idx")
@@ -121,7 +128,7 @@ class AdapterSet:
     """The adapters of a call, applied together (their terms add up in one output write)."""
 
     adapters: tuple = ()
-    row_index: Optional[Tensor] = None   # [M] int: adapter per row, -1 = base only (many adapters per batch)
+    row_index: Optional[object] = None   # [M] int tensor or RowPlan: adapter per row, -1 = base only (mixed batch)
 
     def __post_init__(self):
         object.__setattr__(self, "adapters", tuple(self.adapters))
@@ -135,7 +142,7 @@ class LoraCall:
     base: Base
     adapters: tuple
     seed: int = 0
-    row_index: Optional[Tensor] = None
+    plan: Optional[RowPlan] = None     # a mixed batch: which adapter each row takes (plan.py)
 
     @property
     def M(self) -> int:
@@ -151,7 +158,8 @@ class LoraCall:
 
     @property
     def r_total(self) -> int:
-        return sum(a.r for a in self.adapters)
+        """Columns of S: every adapter's side by side, or for a mixed batch the largest rank."""
+        return s_columns([a.r for a in self.adapters], self.plan is not None)
 
     def seeds(self) -> list:
         return [adapter_seed(self.seed, i) for i in range(len(self.adapters))]
@@ -192,6 +200,11 @@ class LoraCall:
 
     def replace(self, **changes) -> "LoraCall":
         return dataclasses.replace(self, **changes)
+
+
+def s_columns(ranks: Sequence[int], mixed: bool) -> int:
+    """Width of S: sum of the ranks, or the largest for a mixed batch (row i uses its adapter's r_k)."""
+    return max(ranks, default=0) if mixed else sum(ranks)
 
 
 def out_features(base: Base, adapters: Sequence[Adapter]) -> int:
@@ -309,6 +322,8 @@ def prepare(x: Tensor, base: Base, adapters: "AdapterSet" = None) -> tuple:
         adapters = AdapterSet(ads, adapters.row_index)
     if is_dtensor(adapters.row_index):
         adapters = AdapterSet(adapters.adapters, _local(adapters.row_index, "row_index"))
+    if isinstance(adapters.row_index, Tensor):  # one sort and one sync; a caller may pass a plan it reuses
+        adapters = AdapterSet(adapters.adapters, RowPlan.build(adapters.row_index, len(adapters.adapters)))
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         adt = torch.get_autocast_dtype(dev)
@@ -332,9 +347,6 @@ def _which(ads, i: int) -> str:
 
 def validate(fn: str, x: Tensor, base: Base, adapters: AdapterSet) -> None:
     """ValueError naming the tensor and the shape or dtype expected and found (``fn``: the caller)."""
-    if adapters.row_index is not None:
-        raise NotImplementedError(f"{fn}: a per-row adapter index (many adapters per batch) is not implemented "
-                                  f"yet; pass row_index=None")
     if base.weight is not None and base.packed is not None:
         raise ValueError(f"{fn}: a base has a dense weight or a packed weight, not both")
     if x.dim() < 1:
@@ -386,6 +398,19 @@ def validate(fn: str, x: Tensor, base: Base, adapters: AdapterSet) -> None:
             raise ValueError(f"{fn}: the DoRA magnitude must be a float [N={N}]; got {_shape(m)} {m.dtype}")
         if n is not None and (_shape(n) != (N,) or not n.is_floating_point()):
             raise ValueError(f"{fn}: the DoRA weight_norm must be a float [N={N}]; got {_shape(n)} {n.dtype}")
+    plan = adapters.row_index
+    if plan is not None:
+        M = math.prod(x.shape[:-1])
+        if plan.n_adapters != len(ads):
+            raise ValueError(f"{fn}: the row plan is for {plan.n_adapters} adapters; the call has {len(ads)}")
+        if plan.M != M:
+            raise ValueError(f"{fn}: row_index must have one entry per row of x: expected [M={M}] (x "
+                             f"{_shape(x)}), got [{plan.M}]")
+        if plan.row_index.device != x.device:
+            raise ValueError(f"{fn}: row_index is on {plan.row_index.device}, x on {x.device}")
+        if dora:
+            raise ValueError(f"{fn}: a mixed batch (row_index) with a DoRA adapter is not supported (peft "
+                             f"refuses DoRA with adapter_names too)")
     if base.weight is not None:
         if _shape(base.weight) != (N, K):
             raise ValueError(f"{fn}: weight must be [N={N}, K={K}] (from lora_B {_shape(ads[0].B)}, lora_A "

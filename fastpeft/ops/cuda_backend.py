@@ -145,6 +145,8 @@ def _shape_reason(x2d, weight, bias, A, B) -> Optional[str]:
 
 def _call_reason(call) -> Optional[str]:
     """What the decode kernel cannot take about the call's base and adapter set (no GPU needed to ask)."""
+    if call.plan is not None:
+        return "a mixed batch (row_index: one adapter per row) is not in the CUDA decode kernel yet"
     if call.base.packed is not None:
         return "the CUDA decode kernel has no quantized base weights yet (the triton backend runs them)"
     if len(call.adapters) != 1:

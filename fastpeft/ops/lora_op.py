@@ -9,7 +9,8 @@ Custom ops take tensors, lists of tensors, numbers and strings, so a call travel
 
     fastpeft::lora_fwd(x, weight?, bias?, packed: Tensor?[], fmt, qmeta: int[],
                        lora_As: Tensor[], lora_Bs: Tensor[], scales: float[], dropout_ps: float[],
-                       magnitudes: Tensor?[], weight_norms: Tensor?[], seed?, row_index?)
+                       magnitudes: Tensor?[], weight_norms: Tensor?[], seed?, row_index?, row_order?,
+                       row_offsets: int[])
                        -> (Y [..., N] in x's dtype, S [M, sum r] in the compute dtype,
                            Z_d [M, N] for a DoRA call with dropout, else an empty tensor)
     fastpeft::lora_bwd(dY, x, <same base and adapters>, S, needs_dx, needs_dA: bool[], needs_dB: bool[])
@@ -17,6 +18,7 @@ Custom ops take tensors, lists of tensors, numbers and strings, so a call travel
 
 A DoRA call's magnitude gradient is computed beside lora_bwd by dora.magnitude_grad (from Y, or Z_d).
 
+row_index / row_order / row_offsets: a mixed batch's RowPlan (plan.py), flattened; None / None / [].
 packed: the QuantizedWeight fields in PACKED_FIELDS order ([] for a dense base, fmt ""), qmeta: its
 [N, K, blocksize, blocksize2]. Saved for backward: x (a reference to the caller's tensor, so q/k/v
 projections of one input keep one copy), S = (D*x) A^T [M, sum r], the seed, references to the
@@ -36,7 +38,8 @@ from torch import Tensor
 from ..quant.formats import QuantizedWeight
 from . import dispatch, dora
 from .contract import (PACKED_FIELDS, SEED_HIGH, Adapter, AdapterSet, Base, LoraCall, compute_dtype, out_features,
-                       prepare, validate)
+                       prepare, s_columns, validate)
+from .plan import plan_from
 
 
 def draw_seed() -> Tensor:
@@ -64,11 +67,11 @@ def _base(weight, bias, packed, fmt, qmeta) -> Base:
 
 
 def _call(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, weight_norms, seed,
-          row_index) -> LoraCall:
+          row_index=None, row_order=None, row_offsets=()) -> LoraCall:
     adapters = tuple(Adapter(A, B, float(s), float(p), m, n)
                      for A, B, s, p, m, n in zip(lora_As, lora_Bs, scales, dropout_ps, magnitudes, weight_norms))
     return LoraCall(x.reshape(-1, x.shape[-1]), _base(weight, bias, packed, fmt, qmeta), adapters,
-                    0 if seed is None else int(seed.item()), row_index)
+                    0 if seed is None else int(seed.item()), plan_from(row_index, row_order, row_offsets))
 
 
 # -- forward ------------------------------------------------------------------------------------------
@@ -76,10 +79,10 @@ def _call(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout
 def lora_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], packed: Sequence[Optional[Tensor]],
                 fmt: str, qmeta: Sequence[int], lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor],
                 scales: Sequence[float], dropout_ps: Sequence[float], magnitudes: Sequence[Optional[Tensor]],
-                weight_norms: Sequence[Optional[Tensor]], seed: Optional[Tensor],
-                row_index: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                weight_norms: Sequence[Optional[Tensor]], seed: Optional[Tensor], row_index: Optional[Tensor],
+                row_order: Optional[Tensor], row_offsets: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
     call = _call(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, weight_norms,
-                 seed, row_index)
+                 seed, row_index, row_order, row_offsets)
     Y, S, *aux = dispatch.get(dispatch.choose(call)).forward(call)
     # The fake impl promises these dtypes; keep real outputs identical whatever a backend returned.
     cdt = call.compute_dtype()
@@ -96,10 +99,10 @@ def _returns_zd(magnitudes, dropout_ps) -> bool:
 
 @lora_fwd_op.register_fake
 def _(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, weight_norms, seed,
-      row_index):
+      row_index, row_order, row_offsets):
     M = math.prod(x.shape[:-1])
     N = out_features(_base(weight, bias, packed, fmt, qmeta), [Adapter(A, B, 1.0) for A, B in zip(lora_As, lora_Bs)])
-    R = sum(A.shape[0] for A in lora_As)
+    R = s_columns([A.shape[0] for A in lora_As], row_index is not None)
     cdt = compute_dtype(x.dtype, *(t.dtype for t in (*lora_As, *lora_Bs)))
     Zd = x.new_empty((M, N)) if _returns_zd(magnitudes, dropout_ps) else x.new_empty(0)
     return x.new_empty((*x.shape[:-1], N)), x.new_empty((M, R), dtype=cdt), Zd
@@ -111,7 +114,8 @@ def lora_bwd_op(dY: Tensor, x: Tensor, weight: Optional[Tensor], packed: Sequenc
                 qmeta: Sequence[int], lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor], S: Tensor,
                 scales: Sequence[float], dropout_ps: Sequence[float], magnitudes: Sequence[Optional[Tensor]],
                 weight_norms: Sequence[Optional[Tensor]], seed: Optional[Tensor], row_index: Optional[Tensor],
-                needs_dx: bool, needs_dA: Sequence[bool], needs_dB: Sequence[bool]) -> list[Tensor]:
+                row_order: Optional[Tensor], row_offsets: Sequence[int], needs_dx: bool, needs_dA: Sequence[bool],
+                needs_dB: Sequence[bool]) -> list[Tensor]:
     """[dX, dA_0, .., dB_0, ..]; a grad that is not needed comes back as an empty tensor (custom ops
     cannot return None), each its own (outputs of a custom op must not alias each other).
 
@@ -119,7 +123,7 @@ def lora_bwd_op(dY: Tensor, x: Tensor, weight: Optional[Tensor], packed: Sequenc
     choice is a pure function of the call's tensors (shapes, dtypes, devices) and the environment, so
     it is made again here, from the same tensors, rather than carried over from the forward."""
     call = _call(x, weight, None, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, weight_norms,
-                 seed, row_index)
+                 seed, row_index, row_order, row_offsets)
     dX, dAs, dBs = dispatch.get(dispatch.choose(call)).backward(call, dY.reshape(-1, dY.shape[-1]), S, needs_dx,
                                                                 list(needs_dA), list(needs_dB))
     out = [dX.to(x.dtype).reshape(x.shape) if needs_dx else x.new_empty(0)]
@@ -130,7 +134,7 @@ def lora_bwd_op(dY: Tensor, x: Tensor, weight: Optional[Tensor], packed: Sequenc
 
 @lora_bwd_op.register_fake
 def _(dY, x, weight, packed, fmt, qmeta, lora_As, lora_Bs, S, scales, dropout_ps, magnitudes, weight_norms, seed,
-      row_index, needs_dx, needs_dA, needs_dB):
+      row_index, row_order, row_offsets, needs_dx, needs_dA, needs_dB):
     out = [torch.empty_like(x) if needs_dx else x.new_empty(0)]
     out += [torch.empty_like(A) if need else A.new_empty(0) for A, need in zip(lora_As, needs_dA)]
     out += [torch.empty_like(B) if need else B.new_empty(0) for B, need in zip(lora_Bs, needs_dB)]
@@ -145,7 +149,7 @@ def dora_magnitude_grad_op(dY: Tensor, x: Tensor, weight: Optional[Tensor], bias
     """dL/dm of a DoRA call (dora.magnitude_grad). An op of its own so that torch.compile does not trace its
     data-dependent branch (the columns where m = 0)."""
     call = _call(x, weight, bias, packed, fmt, qmeta, [lora_A], [lora_B], [scale], [dropout_p], [magnitude],
-                 [weight_norm], None, None)
+                 [weight_norm], None)
     return dora.magnitude_grad(call, dY, saved, S)
 
 
@@ -165,42 +169,45 @@ def _param_layout(g: Tensor, p: Tensor) -> Tensor:
 class _LoraFunction(torch.autograd.Function):
     """Autograd of the op: forward is fastpeft::lora_fwd, backward fastpeft::lora_bwd.
 
-    A plain autograd.Function with the tensors as varargs (x, weight, bias, seed, row_index, then every
+    A plain autograd.Function with the tensors as varargs (x, weight, bias, seed, row_index, row_order, then every
     A, B, magnitude, weight norm and packed field), rather than register_autograd on the custom op: an op
     with list inputs gets torch's tensor-list autograd wrapper, whose pytree flattening of every call cost
     ~100 us per layer on CPU. dynamo traces this Function (both ops have fake impls), so
     torch.compile(fullgraph=True) still sees no graph break."""
 
     @staticmethod
-    def forward(ctx, meta, x, weight, bias, seed, row_index, *tensors):
-        fmt, qmeta, scales, dropout_ps = meta
+    def forward(ctx, meta, x, weight, bias, seed, row_index, row_order, *tensors):
+        fmt, qmeta, scales, dropout_ps, offsets = meta
         n = len(scales)
         lora_As, lora_Bs, magnitudes, norms, packed = _split(tensors, n)
         Y, S, Zd = torch.ops.fastpeft.lora_fwd(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales,
-                                               dropout_ps, magnitudes, norms, seed, row_index)
+                                               dropout_ps, magnitudes, norms, seed, row_index, row_order, offsets)
         ctx.meta = meta
         ctx.bias_dtype = None if bias is None else bias.dtype
         # DoRA's magnitude gradient reads Y (a reference to the output) or, under dropout, Z_d (dora.py)
         dora = any(m is not None for m in magnitudes)
         keep = (Zd if Zd.numel() else Y) if dora else None
         # x by reference (q/k/v projections of one input share it), S [M, sum r], the seed; never a mask
-        ctx.save_for_backward(x, weight, bias if dora else None, S, seed, row_index, keep, *tensors)
+        ctx.save_for_backward(x, weight, bias if dora else None, S, seed, row_index, row_order, keep, *tensors)
         return Y
 
     @staticmethod
     def backward(ctx, dY):
-        fmt, qmeta, scales, dropout_ps = ctx.meta
+        fmt, qmeta, scales, dropout_ps, offsets = ctx.meta
         n = len(scales)
-        x, weight, bias, S, seed, row_index, keep, *tensors = ctx.saved_tensors
+        x, weight, bias, S, seed, row_index, row_order, keep, *tensors = ctx.saved_tensors
         lora_As, lora_Bs, magnitudes, norms, packed = _split(tensors, n)
         need = ctx.needs_input_grad
         need_x, need_w, need_b = need[1], need[2], need[3]
-        need_A, need_B, need_m = list(need[6:6 + n]), list(need[6 + n:6 + 2 * n]), list(need[6 + 2 * n:6 + 3 * n])
+        t0 = 7  # index of the first of *tensors in forward's arguments
+        need_A, need_B = list(need[t0:t0 + n]), list(need[t0 + n:t0 + 2 * n])
+        need_m = list(need[t0 + 2 * n:t0 + 3 * n])
         dX = dW = db = None
         dAs, dBs, dms = [None] * n, [None] * n, [None] * n
         if need_x or any(need_A) or any(need_B):
             out = torch.ops.fastpeft.lora_bwd(dY, x, weight, packed, fmt, qmeta, lora_As, lora_Bs, S, scales,
-                                              dropout_ps, magnitudes, norms, seed, row_index, need_x, need_A, need_B)
+                                              dropout_ps, magnitudes, norms, seed, row_index, row_order, offsets,
+                                              need_x, need_A, need_B)
             dX = out[0] if need_x else None
             dAs = [_param_layout(g, A) if nd else None for g, A, nd in zip(out[1:1 + n], lora_As, need_A)]
             dBs = [_param_layout(g, B) if nd else None for g, B, nd in zip(out[1 + n:], lora_Bs, need_B)]
@@ -214,7 +221,7 @@ class _LoraFunction(torch.autograd.Function):
                 dW = torch.mm(dY2.t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
             if need_b:
                 db = dY2.sum(0).to(ctx.bias_dtype)
-        return (None, dX, dW, db, None, None, *dAs, *dBs, *dms, *([None] * (len(tensors) - 3 * n)))
+        return (None, dX, dW, db, None, None, None, *dAs, *dBs, *dms, *([None] * (len(tensors) - 3 * n)))
 
 
 def _split(tensors, n: int) -> tuple:
@@ -228,8 +235,9 @@ def lora(x: Tensor, base: Base, adapters: Union[AdapterSet, Sequence[Adapter]] =
          fn: str = "fastpeft.ops.lora") -> Tensor:
     """``base(x) + sum_i s_i * dropout_i(x) A_i^T B_i^T`` as one op; returns [..., N] in x's dtype.
 
-    An adapter with a magnitude is DoRA (contract.py, dora.py): its weight norm is computed here when the
-    adapter does not carry it (a layer passes it, having kept ||W||^2), and the magnitude gets a gradient.
+    An adapter's scale may be a 0-dim tensor (folded into B). An adapter with a magnitude is DoRA
+    (contract.py, dora.py): its weight norm is computed here when the adapter does not carry it (a layer
+    passes it, having kept ||W||^2), and the magnitude gets a gradient.
 
     base: :class:`Base` (dense weight, packed weight, or none; with an optional bias). adapters: an
     :class:`AdapterSet` or a sequence of :class:`Adapter`, applied together (zero adapters: the base
@@ -240,6 +248,11 @@ def lora(x: Tensor, base: Base, adapters: Union[AdapterSet, Sequence[Adapter]] =
     x, base, aset = prepare(x, base, aset)
     validate(fn, x, base, aset)
     ads = aset.adapters
+    if any(isinstance(a.scale, Tensor) for a in ads):
+        # a tensor scale (compiled hot swapping updates it in place) joins B inside the traced graph: a new
+        # value is new data for torch.compile, where a float would be a constant baked into the graph
+        ads = tuple(dataclasses.replace(a, B=a.B * a.scale.to(device=a.B.device, dtype=a.B.dtype), scale=1.0)
+                    if isinstance(a.scale, Tensor) else a for a in ads)
     if any(a.magnitude is not None and a.weight_norm is None for a in ads):
         ads = tuple(dataclasses.replace(a, weight_norm=dora.weight_norm(base, a.A, a.B, a.scale))
                     if a.magnitude is not None and a.weight_norm is None else a for a in ads)
@@ -248,9 +261,14 @@ def lora(x: Tensor, base: Base, adapters: Union[AdapterSet, Sequence[Adapter]] =
         ps = [float(a.dropout_p) for a in ads]
     else:
         seed, ps = None, [0.0] * len(ads)
+    plan = aset.row_index  # a RowPlan (prepare built it) or None
+    if plan is not None and training and any(a.dropout_p > 0.0 for a in ads):
+        raise ValueError(f"{fn}: LoRA dropout in a mixed batch (row_index) is not supported; mixed batches are "
+                         f"for inference (peft refuses adapter_names in training mode)")
     weight, bias, packed, fmt, qmeta = _flatten_base(base)
-    meta = (fmt, tuple(qmeta), tuple(float(a.scale) for a in ads), tuple(ps))
-    return _LoraFunction.apply(meta, x, weight, bias, seed, aset.row_index, *(a.A for a in ads), *(a.B for a in ads),
+    meta = (fmt, tuple(qmeta), tuple(float(a.scale) for a in ads), tuple(ps), () if plan is None else plan.offsets)
+    return _LoraFunction.apply(meta, x, weight, bias, seed, None if plan is None else plan.row_index,
+                               None if plan is None else plan.order, *(a.A for a in ads), *(a.B for a in ads),
                                *(a.magnitude for a in ads), *(a.weight_norm for a in ads), *packed)
 
 

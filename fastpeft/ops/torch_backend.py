@@ -19,6 +19,13 @@ DoRA (one adapter with a magnitude; g = m / max(n, EPS) [N], see dora.py):
                  dS   = s (g * dY) B
                  dX   = dY W + D * (((g - 1) * dY) W + dS A)
 
+A mixed batch (call.plan: row i takes adapter k = row_index[i], -1 = none; plan.py), per adapter k over its
+rows R_k only (a segment of the plan: a GEMM per adapter at its own rank, never a loop over rows):
+
+    forward   S[R_k, :r_k] = x[R_k] A_k^T;   Y = x W^T (+ bias);   Y[R_k] += s_k S[R_k, :r_k] B_k^T
+    backward  dS = s_k dY[R_k] B_k;   dX = dY W;   dX[R_k] += dS A_k;   dA_k = dS^T x[R_k];
+              dB_k = s_k dY[R_k]^T S[R_k, :r_k]
+
 Where the work is saved over a plain "base(x) + B(A(dropout(x)))": every LoRA add is folded into the
 GEMM with ``addmm_`` (Y is the only [M, N] tensor written, whatever the number of adapters), and D_i is
 regenerated from an integer seed in backward instead of keeping ``dropout(x)`` alive. A quantized W is
@@ -107,6 +114,8 @@ def forward(call: LoraCall) -> tuple:
     call with dropout returns Z_d [M, N] as a third element."""
     if call.is_dora:
         return _dora_forward(call)
+    if call.plan is not None:
+        return _mixed_forward(call)
     x2d, bias = call.x, call.base.bias
     cdt, dt = call.compute_dtype(), x2d.dtype
     W = _base_weight(call)
@@ -146,6 +155,8 @@ def backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, needs_dA: li
     (A DoRA call's magnitude gradient is dora.magnitude_grad's, outside the backends.)"""
     if call.is_dora:
         return _dora_backward(call, dY, S, needs_dx, needs_dA[0], needs_dB[0])
+    if call.plan is not None:
+        return _mixed_backward(call, dY, S, needs_dx, needs_dA, needs_dB)
     x2d = call.x
     cdt, dt = call.compute_dtype(), x2d.dtype
     dY = dY.to(dt) if dY.dtype != dt else dY
@@ -257,3 +268,56 @@ def _dora_backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, need_A
     dA = torch.mm(dS.t(), _masked(x2d, cdt, keep)).to(a.A.dtype) if need_A else None
     dB = torch.mm(dYgc.t(), S.to(cdt)).mul_(a.scale).to(a.B.dtype) if need_B else None
     return dX, [dA], [dB]
+
+
+# -- mixed batches (header: each adapter over its own rows) --------------------------------------------
+def _segments(call: LoraCall):
+    """(k, adapter, its rows) for every adapter with rows in this batch and a rank above 0."""
+    for k, a in enumerate(call.adapters):
+        if call.plan.count(k) and a.r:
+            yield k, a, call.plan.segment(k)
+
+
+def _mixed_forward(call: LoraCall) -> tuple[Tensor, Tensor]:
+    x2d, bias = call.x, call.base.bias
+    cdt, dt = call.compute_dtype(), x2d.dtype
+    W = _base_weight(call)
+    if W is not None:
+        Y = torch.mm(x2d, W.t()) if bias is None else torch.addmm(bias.to(dt), x2d, W.t())
+    else:
+        Y = x2d.new_zeros((call.M, call.N)) if bias is None else bias.to(dt).expand(call.M, call.N).clone()
+    del W
+    S = x2d.new_zeros((call.M, call.r_total), dtype=cdt)
+    for k, a, rows in _segments(call):
+        Sk = torch.mm(x2d.index_select(0, rows).to(cdt), a.A.to(cdt).t())
+        S[rows, :a.r] = Sk
+        Y.index_add_(0, rows, torch.mm(Sk.to(dt), a.B.to(dt).t()), alpha=a.scale)
+    return Y, S
+
+
+def _mixed_backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, needs_dA: list,
+                    needs_dB: list) -> tuple[Optional[Tensor], list, list]:
+    x2d = call.x
+    cdt, dt = call.compute_dtype(), x2d.dtype
+    dY = dY.to(dt) if dY.dtype != dt else dY
+    dX = None
+    if needs_dx:
+        W = _base_weight(call)
+        dX = torch.mm(dY, W) if W is not None else x2d.new_zeros(x2d.shape)
+    dAs, dBs = [None] * len(call.adapters), [None] * len(call.adapters)
+    for k, a, rows in _segments(call):
+        dYk = dY.index_select(0, rows).to(cdt)
+        if needs_dx or needs_dA[k]:
+            dS = torch.mm(dYk, a.B.to(cdt)).mul_(a.scale)
+            if needs_dx:
+                dX.index_add_(0, rows, torch.mm(dS.to(dt), a.A.to(dt)))
+            if needs_dA[k]:
+                dAs[k] = torch.mm(dS.t(), x2d.index_select(0, rows).to(cdt)).to(a.A.dtype)
+        if needs_dB[k]:
+            dBs[k] = torch.mm(dYk.t(), S.index_select(0, rows)[:, :a.r].to(cdt)).mul_(a.scale).to(a.B.dtype)
+    for k, a in enumerate(call.adapters):  # adapters without rows here: zero gradients
+        if needs_dA[k] and dAs[k] is None:
+            dAs[k] = torch.zeros_like(a.A)
+        if needs_dB[k] and dBs[k] is None:
+            dBs[k] = torch.zeros_like(a.B)
+    return dX, dAs, dBs

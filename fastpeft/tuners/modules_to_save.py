@@ -11,6 +11,8 @@ from typing import Iterable, Union
 
 from torch import nn
 
+from .mixed_batch import layer_mixed_batch
+
 
 def matches_modules_to_save(key: str, names: Iterable[str]) -> bool:
     # peft compares with a plain string suffix (no dot boundary: "b" also matches "emb");
@@ -83,7 +85,27 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[name]
 
     def forward(self, *args, **kwargs):
-        return self.get_module()(*args, **kwargs)
+        batch = layer_mixed_batch(self, kwargs)
+        if batch is None or self._disable_adapters or not args:
+            return self.get_module()(*args, **kwargs)
+        return self._mixed_forward(batch, *args, **kwargs)
+
+    def _mixed_forward(self, batch, x, *args, **kwargs):
+        """Each sample through its adapter's copy ("__base__" and adapters without a copy: the original
+        module), as peft does: the first input is split by sample, other arguments are passed as they are."""
+        plan = batch.plan.for_rows(x.shape[0], f"the input of {type(self.original_module).__name__}")
+        out = None
+        for k in range(-1, len(batch.names)):
+            if not plan.count(k):
+                continue
+            seg = plan.segment(k)
+            name = batch.names[k] if k >= 0 else None
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            y = module(x.index_select(0, seg), *args, **kwargs)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out.index_copy_(0, seg, y)
+        return out
 
     # transformers touches attributes of heads/embeddings directly (weight for tying, num_embeddings,
     # out_features, ...): answer from the module that forward would use.

@@ -13,6 +13,7 @@ from torch import nn
 
 from ... import ops
 from ...ops.dora import column_scale as dora_column_scale
+from ..mixed_batch import layer_mixed_batch
 from .layer import LoraLayer
 
 
@@ -62,13 +63,20 @@ class Embedding(nn.Module, LoraLayer):
         taken over its rows: one magnitude per embedding feature, as peft has it)."""
         return ops.Base.dense(self.get_base_layer().weight.t())
 
+    def _lookup_options(self) -> dict:
+        base = self.get_base_layer()
+        return dict(padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+                    scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        batch = layer_mixed_batch(self, kwargs)
         names = self._adapters_for_forward(args, kwargs)
+        if batch is not None and not self.disable_adapters:
+            return self._mixed_forward(x, batch)
         if not names:
             return self.base_layer(x)
         base = self.get_base_layer()
-        opts = dict(padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
-                    scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+        opts = self._lookup_options()
         # Adapters apply in order, as in peft: plain LoRA adds its rows; DoRA scales all so far and its own
         # rows by g, y <- g * (y + s A^T[ids] B^T) (g = m / ||W^T + s B A||, one per feature).
         out = None
@@ -80,4 +88,20 @@ class Embedding(nn.Module, LoraLayer):
                 out = out + ops.lora_embedding(x, None, a.A, a.B, a.scale, **opts).to(out.dtype)
             if a.magnitude is not None:
                 out = (dora_column_scale(a.magnitude, a.weight_norm) * out).to(out.dtype)
+        return out
+
+    def _mixed_forward(self, ids: torch.Tensor, batch) -> torch.Tensor:
+        """Each sample with its own adapter: the base lookup for every token, then each adapter's rows
+        looked up in its own tables and added (a lookup per adapter, not per token)."""
+        out = self.base_layer(ids)
+        flat_ids, flat = ids.reshape(-1), out.view(-1, out.shape[-1])
+        rows = batch.rows(flat_ids.numel(), "the ids of lora.Embedding")
+        opts = self._lookup_options()
+        for k, name in enumerate(batch.names):
+            if not self._has_adapter(name) or not rows.count(k):
+                continue
+            seg = rows.segment(k)
+            a = self.lora_variant[name].op_adapter(self, name)
+            flat.index_add_(0, seg, ops.lora_embedding(flat_ids.index_select(0, seg), None, a.A, a.B, a.scale,
+                                                       **opts).to(out.dtype))
         return out

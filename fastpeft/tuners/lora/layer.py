@@ -15,6 +15,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ... import ops
 from ..tuners_utils import BaseTunerLayer, adapters_to_merge
 from .variants import LoraVariant, variant_for
 
@@ -173,10 +174,8 @@ class LoraLayer(BaseTunerLayer):
 
     def _adapters_for_forward(self, args: tuple = (), kwargs: Optional[dict] = None) -> list[str]:
         """Common start of forward: the adapters to apply, in order; [] when the plain base layer
-        output is the answer (adapters disabled or merged)."""
-        if kwargs and "adapter_names" in kwargs:
-            raise NotImplementedError("Mixed-batch inference (forward(..., adapter_names=[...])) is not "
-                                      "implemented by fastpeft LoRA layers; use set_adapter, or HF peft.")
+        output is the answer (adapters disabled or merged). (``adapter_names`` was taken out of kwargs
+        by layer_mixed_batch.)"""
         if args or kwargs:
             # the fused op has no place for them; dropping them silently would change results
             raise TypeError(f"{type(self).__name__}.forward takes only the input tensor; got extra positional "
@@ -186,3 +185,11 @@ class LoraLayer(BaseTunerLayer):
                 self.unmerge()
             return []
         return [] if self.merged else self._unmerged_active()
+
+    # -- mixed batches (tuners/mixed_batch.py) ------------------------------------------------------
+    def _mixed_adapter(self, name: str, in_features: int, out_features: int, like: torch.Tensor) -> ops.Adapter:
+        """Adapter ``name``'s entry in a mixed-batch call; a rank-0 stand-in where this layer does not have
+        it (its rows get the base output, as in peft)."""
+        if self._has_adapter(name):
+            return self.lora_variant[name].op_adapter(self, name)
+        return ops.Adapter(like.new_empty((0, in_features)), like.new_empty((out_features, 0)), 1.0)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ... import ops
+from ..mixed_batch import layer_mixed_batch
 from .layer import LoraLayer
 from .variants.dora import chained_forward
 
@@ -81,7 +82,10 @@ class Linear(nn.Module, LoraLayer):
         return ops.Base.dense(base.weight.t() if self.fan_in_fan_out else base.weight, base.bias)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        batch = layer_mixed_batch(self, kwargs)
         names = self._adapters_for_forward(args, kwargs)
+        if batch is not None and not self.disable_adapters:
+            return self._mixed_forward(x, batch)
         if not names:
             return self.base_layer(x)
         # one op: the base GEMM and every active adapter's term (each adapter's entry from its variant)
@@ -93,4 +97,18 @@ class Linear(nn.Module, LoraLayer):
         for name in names:
             if self.lora_bias.get(name):
                 out = out + (self.lora_B[name].bias * self.scaling[name]).to(out.dtype)
+        return out
+
+    def _mixed_forward(self, x: torch.Tensor, batch) -> torch.Tensor:
+        """Each sample with its own adapter (peft's adapter_names): one op call with a row plan."""
+        rows = batch.rows(x.numel() // x.shape[-1], f"the input of lora.{type(self).__name__}")
+        like = self.lora_A[next(iter(self.lora_A))].weight if len(self.lora_A) else x
+        adapters = [self._mixed_adapter(n, self.in_features, self.out_features, like) for n in batch.names]
+        out = ops.lora(x, self._op_base(), ops.AdapterSet(adapters, row_index=rows), False,
+                       fn=f"lora.{type(self).__name__}.forward (adapter_names)")
+        for k, name in enumerate(batch.names):
+            if self.lora_bias.get(name) and rows.count(k):
+                seg = rows.segment(k)
+                bias = (self.lora_B[name].bias * self.scaling[name]).to(out.dtype)
+                out.view(-1, out.shape[-1]).index_add_(0, seg, bias.expand(seg.numel(), -1))
         return out

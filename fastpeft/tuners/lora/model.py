@@ -15,6 +15,7 @@ from torch import nn
 
 from ...utils.constants import LORA_DEFAULT_TARGET_MODULES, LORA_PREFIX
 from ..modules_to_save import ModulesToSaveWrapper, matches_modules_to_save
+from ..mixed_batch import adapter_names_context
 from ..tuners_utils import (INCLUDE_LINEAR_LAYERS_SHORTHAND, BaseTunerLayer, all_linear_names, get_submodules,
                             is_hf_conv1d, pattern_keys_matching, pattern_value, target_matches)
 from .conv1d import Conv1D
@@ -81,7 +82,8 @@ class LoraModel(nn.Module):
 
     # -- basics ------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        with adapter_names_context(self, args, kwargs, list(self.peft_config)):  # adapter_names=[...]: mixed batch
+            return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:

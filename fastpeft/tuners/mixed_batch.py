@@ -1,0 +1,139 @@
+"""Many adapters in one batch through peft's API: ``model(..., adapter_names=[...])`` and
+``model.generate(..., adapter_names=[...])``, one adapter name per sample, ``"__base__"`` for the base model.
+
+The names are turned into one per-sample plan (fastpeft.ops.RowPlan: samples sorted by adapter, one sort
+and one device-to-host copy) when the model's forward starts; every adapted layer then reads it from
+:func:`current` and runs its own rows per adapter through one ``fastpeft.ops.lora`` call with a row
+index (a LoRA layer), a lookup per adapter (an embedding), or one module copy per adapter
+(ModulesToSaveWrapper). A layer sees x as [samples * rows_per_sample, ...] in sample order (batch first,
+and generate's beams / return sequences repeat each sample in place), so the plan is expanded to its rows
+without another sort (RowPlan.for_rows).
+
+Refusals are peft's, with its messages: training mode, merged adapters, DoRA adapters, unknown names, a
+list whose length is not the batch size.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..ops import RowPlan
+
+BASE_NAME = "__base__"
+
+
+@dataclass(frozen=True)
+class MixedBatch:
+    """The adapters of one mixed batch: ``names`` (distinct, in order of first use; "__base__" is not one
+    of them) and the per-sample plan over their positions (-1 = the base model)."""
+
+    names: tuple
+    plan: RowPlan
+
+    @staticmethod
+    def from_names(adapter_names: Sequence[str], device=None) -> "MixedBatch":
+        names: list = []
+        index = []
+        for n in adapter_names:
+            if n == BASE_NAME:
+                index.append(-1)
+                continue
+            if n not in names:
+                names.append(n)
+            index.append(names.index(n))
+        row_index = torch.tensor(index, dtype=torch.int64, device=device)
+        return MixedBatch(tuple(names), RowPlan.build(row_index, len(names), what="adapter_names"))
+
+    def rows(self, M: int, what: str) -> RowPlan:
+        """The plan for a layer input of M rows (a multiple of the samples)."""
+        return self.plan.for_rows(M, what)
+
+
+# The mixed batch of the forward now running. A plain module global, not a ContextVar: torch.compile traces
+# a read of a global (and guards on it), not ContextVar.get. One model forward at a time per process sets it,
+# as a forward runs (threads sharing one model would need one forward at a time anyway: the layers' state is
+# shared too).
+_CURRENT: Optional[MixedBatch] = None
+
+
+def current() -> Optional[MixedBatch]:
+    """The mixed batch of the forward now running, or None."""
+    return _CURRENT
+
+
+@contextlib.contextmanager
+def mixed_batch(batch: Optional[MixedBatch]):
+    """Run the body with ``batch`` as the current mixed batch (None: none)."""
+    global _CURRENT
+    previous, _CURRENT = _CURRENT, batch
+    try:
+        yield batch
+    finally:
+        _CURRENT = previous
+
+
+def check_adapter_names(model: nn.Module, adapter_names, batch_size: Optional[int], known: Sequence[str]) -> list:
+    """peft's checks of ``adapter_names`` for a model, in peft's order and words; returns them as a list."""
+    names = list(adapter_names)
+    if model.training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    layers = [m for m in model.modules() if hasattr(m, "merged_adapters") and hasattr(m, "use_dora")]
+    if any(m.merged for m in layers):
+        raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                         "`unmerge_adapter` first.")
+    unknown = sorted({n for n in names if n != BASE_NAME and n not in known})
+    if unknown:
+        raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+    if batch_size is not None and len(names) != batch_size:
+        raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                         f"{len(names)} and {batch_size} respectively.")
+    used = set(names)
+    if any(m.use_dora.get(n) for m in layers for n in used):
+        raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+    return names
+
+
+def batch_size_of(args: tuple, kwargs: dict) -> Optional[int]:
+    """The number of samples of a model call (its first tensor input's first dim), for peft's length check."""
+    for key in ("input_ids", "inputs_embeds", "pixel_values", "input_features", "x"):
+        t = kwargs.get(key)
+        if isinstance(t, torch.Tensor):
+            return t.shape[0]
+    for t in args:
+        if isinstance(t, torch.Tensor):
+            return t.shape[0]
+    return None
+
+
+def device_of(model: nn.Module):
+    p = next(model.parameters(), None)
+    return None if p is None else p.device
+
+
+def adapter_names_context(model: nn.Module, args: tuple, kwargs: dict, known: Sequence[str]):
+    """Pop ``adapter_names`` from a model call's kwargs; return the context to run the call in (the checked
+    mixed batch as the current one, or a no-op context when the call has no adapter_names)."""
+    names = kwargs.pop("adapter_names", None)
+    if names is None:
+        return contextlib.nullcontext()
+    names = check_adapter_names(model, names, batch_size_of(args, kwargs), known)
+    return mixed_batch(MixedBatch.from_names(names, device_of(model)))
+
+
+def layer_mixed_batch(layer: nn.Module, kwargs: dict) -> Optional[MixedBatch]:
+    """The mixed batch a layer's forward runs: ``adapter_names`` passed to the layer itself (popped from
+    ``kwargs``; peft's layer-level call), else the model's current one, else None."""
+    names = kwargs.pop("adapter_names", None)
+    if names is None:
+        return current()
+    if layer.training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    if getattr(layer, "merged", False):
+        raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                         "`unmerge_adapter` first.")
+    dev = next((p.device for p in layer.parameters()), None)
+    return MixedBatch.from_names(list(names), dev)

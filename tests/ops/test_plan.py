@@ -1,0 +1,113 @@
+"""Mixed batches in the op (ops/plan.py, the torch backend's segment path): each row with its own adapter."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastpeft import ops
+from fastpeft.quant.formats import dequantize, quantize_weight
+
+
+def test_plan_sorts_rows_by_adapter_stably_and_counts_segments():
+    idx = torch.tensor([2, -1, 0, 2, 0, -1, 1])
+    plan = ops.RowPlan.build(idx, 3)
+    assert plan.offsets == (0, 2, 4, 5, 7)
+    assert plan.segment(-1).tolist() == [1, 5]
+    assert plan.segment(0).tolist() == [2, 4]
+    assert plan.segment(1).tolist() == [6]
+    assert plan.segment(2).tolist() == [0, 3]
+    rows = plan.per_row(3)  # samples of 3 rows each: sample s -> rows 3s, 3s+1, 3s+2
+    assert rows.segment(0).tolist() == [6, 7, 8, 12, 13, 14]
+    assert rows.row_index.tolist() == idx.repeat_interleave(3).tolist()
+    assert plan.for_rows(14).offsets == tuple(2 * o for o in plan.offsets)
+    with pytest.raises(ValueError, match="13 rows, not a multiple of the 7 samples"):
+        plan.for_rows(13)
+
+
+@pytest.mark.parametrize("bad,match", [(torch.tensor([0, 3]), r"holds 3, outside \[-1, 2\]"),
+                                       (torch.tensor([-2, 0]), r"holds -2"),
+                                       (torch.tensor([[0, 1]]), "1-D integer tensor"),
+                                       (torch.tensor([0.0, 1.0]), "1-D integer tensor")])
+def test_bad_row_index_is_refused_naming_it(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ops.RowPlan.build(bad, 3)
+
+
+def _reference(x, W, b, adapters, idx):
+    rows = []
+    for i in range(x.shape[0]):
+        y = x[i] @ W.t() + (b if b is not None else 0)
+        k = int(idx[i])
+        if k >= 0:
+            A, B, s = adapters[k]
+            y = y + s * (x[i] @ A.t()) @ B.t()
+        rows.append(y)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("M", [1, 13])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_mixed_batch_forward_and_grads_match_float64_rowwise_reference(M, with_bias):
+    g = torch.Generator().manual_seed(M)
+    K, N = 11, 7
+    dt = torch.float64
+    x = torch.randn(M, K, generator=g, dtype=dt, requires_grad=True)
+    W, b = torch.randn(N, K, generator=g, dtype=dt), torch.randn(N, generator=g, dtype=dt) if with_bias else None
+    ranks = [2, 5, 1, 3]  # mixed ranks; adapter 3 gets no rows
+    adapters = [(torch.randn(r, K, generator=g, dtype=dt, requires_grad=True),
+                 torch.randn(N, r, generator=g, dtype=dt, requires_grad=True), 0.5 + i) for i, r in enumerate(ranks)]
+    idx = torch.randint(-1, 3, (M,), generator=g)
+    y = ops.lora(x, ops.Base.dense(W, b), ops.AdapterSet([ops.Adapter(A, B, s) for A, B, s in adapters], idx))
+    ref = _reference(x, W, b, adapters, idx)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    leaves = [x] + [t for A, B, _ in adapters for t in (A, B)]
+    dY = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, leaves, dY), torch.autograd.grad(ref, leaves, dY, allow_unused=True)):
+        torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want, rtol=1e-12, atol=1e-12)
+
+
+def test_mixed_batch_over_a_packed_base_and_rank_zero_stand_ins():
+    g = torch.Generator().manual_seed(2)
+    K, N = 64, 10
+    qw = quantize_weight(torch.randn(N, K, generator=g), "nf4")
+    x = torch.randn(6, K, generator=g)
+    A, B = torch.randn(4, K, generator=g), torch.randn(N, 4, generator=g)
+    empty = ops.Adapter(x.new_empty(0, K), x.new_empty(N, 0), 1.0)  # a layer without that adapter: base rows
+    idx = torch.tensor([0, 1, -1, 1, 0, 0])
+    y = ops.lora(x, ops.Base.quantized(qw), ops.AdapterSet([ops.Adapter(A, B, 2.0), empty], idx))
+    ref = _reference(x.double(), dequantize(qw, torch.float64), None, [(A.double(), B.double(), 2.0),
+                                                                       (torch.zeros(1, K).double(),
+                                                                        torch.zeros(N, 1).double(), 1.0)], idx)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case,match", [("length", r"one entry per row of x: expected \[M=4\]"),
+                                        ("count", "for 3 adapters; the call has 2"),
+                                        ("dropout", "dropout in a mixed batch"),
+                                        ("dora", "DoRA")])
+def test_bad_mixed_calls_are_refused(case, match):
+    x, W = torch.randn(4, 5), torch.randn(3, 5)
+    ads = [ops.Adapter(torch.randn(2, 5), torch.randn(3, 2), 1.0) for _ in range(2)]
+    idx, training = torch.tensor([0, 1, 0, -1]), False
+    if case == "length":
+        idx = torch.tensor([0, 1, 0])
+    elif case == "count":
+        idx = ops.RowPlan.build(idx, 3)
+    elif case == "dropout":
+        ads, training = [ops.Adapter(a.A, a.B, 1.0, 0.1) for a in ads], True
+    else:
+        ads[0] = ops.Adapter(ads[0].A, ads[0].B, 1.0, magnitude=torch.ones(3))
+    with pytest.raises(ValueError, match=match):
+        ops.lora(x, ops.Base.dense(W), ops.AdapterSet(ads, idx), training=training)
+
+
+def test_mixed_batch_traces_under_torch_compile_with_a_prebuilt_plan():
+    g = torch.Generator().manual_seed(4)
+    x, W = torch.randn(6, 8, generator=g), torch.randn(5, 8, generator=g)
+    ads = [ops.Adapter(torch.randn(r, 8, generator=g), torch.randn(5, r, generator=g), 1.0) for r in (2, 3)]
+    plan = ops.RowPlan.build(torch.tensor([1, 0, -1, 1, 1, 0]), 2)
+
+    def f(x):
+        return ops.lora(x, ops.Base.dense(W), ops.AdapterSet(ads, plan))
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))

@@ -1,0 +1,158 @@
+"""Many adapters in one batch through peft's API (adapter_names=[...]): outputs, generate and refusals
+against HF peft; layers an adapter does not target, packed bases, one plan per forward."""
+from __future__ import annotations
+
+import warnings
+
+import peft
+import pytest
+import torch
+from _support.models import tiny_inputs, tiny_model
+from _support.twins import max_abs_diff, peft_model_twins
+
+import fastpeft
+from fastpeft import ops
+from fastpeft.quant import quantize
+
+NAMES = ["default", "__base__", "other", "default"]
+
+
+def _twins(kind, targets, extra_targets=None, **cfg):
+    base = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **cfg)
+    other = dict(base, r=2, target_modules=extra_targets or targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours, theirs = peft_model_twins(tiny_model(kind), base, extra=[("other", other)])
+    return ours.eval(), theirs.eval()
+
+
+@pytest.mark.parametrize("kind,targets,cfg,peft_runs", [
+    ("llama", ["q_proj", "v_proj", "down_proj", "embed_tokens"], {}, True),
+    ("gpt2", ["c_attn", "c_fc", "wte"], {}, True),  # Conv1D (fan_in_fan_out) and an embedding
+    ("opt", ["q_proj", "v_proj"], {"lora_bias": True}, True),
+    # OPT's fc1 sees the hidden states flattened to [batch * seq, ...]: peft refuses ("Length of
+    # `adapter_names` should be the same as the number of inputs, but got 4 and 28"); fastpeft expands the
+    # per-sample plan to the rows
+    ("opt", ["q_proj", "fc1"], {}, False),
+    ("llama_seqcls", ["q_proj", "v_proj"], {"modules_to_save": ["score"]}, True),
+])
+def test_mixed_batch_equals_peft(kind, targets, cfg, peft_runs):
+    ours, theirs = _twins(kind, targets, **cfg)
+    with torch.no_grad():
+        if cfg.get("modules_to_save"):  # make the copies differ from the original head
+            for model in (ours, theirs):
+                for n, p in model.named_parameters():
+                    if "modules_to_save" in n:
+                        p.copy_(torch.linspace(-1, 1, p.numel()).view_as(p) * (2.0 if ".other." in n else 1.0))
+        inputs = tiny_inputs(kind, batch=4)
+        y_o = ours(**inputs, adapter_names=NAMES).logits
+        if peft_runs:
+            assert max_abs_diff(y_o, theirs(**inputs, adapter_names=NAMES).logits) < 1e-5
+        else:
+            with pytest.raises(ValueError, match="Length of `adapter_names`"):
+                theirs(**inputs, adapter_names=NAMES)
+        # and each sample equals the model run with that adapter alone
+        for i, name in enumerate(NAMES):
+            one = {k: v[i:i + 1] for k, v in inputs.items()}
+            if name == "__base__":
+                with ours.disable_adapter():
+                    alone = ours(**one).logits
+            else:
+                ours.set_adapter(name)
+                alone = ours(**one).logits
+            assert max_abs_diff(y_o[i:i + 1], alone) < 1e-5, (i, name)
+        ours.set_adapter("default")
+
+
+def test_generate_with_adapter_names_equals_peft_and_beams_keep_each_samples_adapter():
+    ours, theirs = _twins("llama", ["q_proj", "v_proj", "o_proj", "up_proj"])
+    inputs = tiny_inputs("llama", batch=4, seq=5)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out_o = ours.generate(**inputs, adapter_names=NAMES, **kw)
+    out_t = theirs.generate(**inputs, adapter_names=NAMES, **kw)
+    assert torch.equal(out_o, out_t)
+    beams = ours.generate(**inputs, adapter_names=NAMES, num_beams=2, **kw)
+    for i, name in enumerate(NAMES):
+        one = {k: v[i:i + 1] for k, v in inputs.items()}
+        if name == "__base__":
+            with ours.disable_adapter():
+                alone = ours.generate(**one, num_beams=2, **kw)
+        else:
+            ours.set_adapter(name)
+            alone = ours.generate(**one, num_beams=2, **kw)
+        assert torch.equal(beams[i:i + 1], alone), (i, name)
+
+
+def test_an_adapter_a_layer_does_not_have_leaves_that_layers_rows_to_the_base():
+    ours, _ = _twins("llama", ["q_proj", "v_proj"], extra_targets=["v_proj"])
+    inputs = tiny_inputs("llama", batch=2)
+    with torch.no_grad():
+        mixed = ours(**inputs, adapter_names=["other", "default"]).logits
+        ours.set_adapter("other")
+        alone = ours(**{k: v[:1] for k, v in inputs.items()}).logits
+    assert max_abs_diff(mixed[:1], alone) < 1e-5
+
+
+def test_layer_level_adapter_names_equals_peft():
+    ours, theirs = _twins("llama", ["q_proj"])
+    layer_o = ours.base_model.model.model.layers[0].self_attn.q_proj
+    layer_t = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(4, 3, 16)
+    with torch.no_grad():
+        assert max_abs_diff(layer_o(x, adapter_names=NAMES), layer_t(x, adapter_names=NAMES)) < 1e-6
+
+
+def test_packed_base_mixed_batch_equals_each_adapter_alone():
+    model = tiny_model("llama", hidden_size=64, intermediate_size=128)
+    quantize(model, "nf4", blocksize=64, skip_modules=["lm_head"], progressbar=False)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    pm = fastpeft.get_peft_model(model, fastpeft.LoraConfig(**cfg)).eval()
+    pm.add_adapter("other", fastpeft.LoraConfig(**dict(cfg, r=2)))
+    inputs = tiny_inputs("llama", batch=4)
+    with torch.no_grad():
+        mixed = pm(**inputs, adapter_names=NAMES).logits
+        for i, name in enumerate(NAMES):
+            one = {k: v[i:i + 1] for k, v in inputs.items()}
+            if name == "__base__":
+                with pm.disable_adapter():
+                    alone = pm(**one).logits
+            else:
+                pm.set_adapter(name)
+                alone = pm(**one).logits
+            assert max_abs_diff(mixed[i:i + 1], alone) < 1e-4, (i, name)
+
+
+def test_one_plan_per_forward(monkeypatch):
+    ours, _ = _twins("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"])
+    built = []
+    real = ops.RowPlan.build
+    monkeypatch.setattr(ops.RowPlan, "build", staticmethod(lambda *a, **k: built.append(1) or real(*a, **k)))
+    with torch.no_grad():
+        ours(**tiny_inputs("llama", batch=4), adapter_names=NAMES)
+    assert built == [1]  # one sort and one sync, shared by 9 adapted layers
+
+
+@pytest.mark.parametrize("case", ["unknown", "length", "training", "merged", "dora", "string"])
+def test_refusals_are_peft_s(case):
+    results = []
+    for lib in ("ours", "theirs"):
+        cfg = dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, use_dora=case == "dora")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = peft_model_twins(tiny_model("llama"), cfg, extra=[("other", cfg)])[0 if lib == "ours" else 1]
+        model.eval()
+        names = list(NAMES)
+        if case == "unknown":
+            names[1] = "nope"
+        elif case == "length":
+            names = names[:3]
+        elif case == "training":
+            model.train()
+        elif case == "merged":
+            model.merge_adapter()
+        elif case == "string":
+            names = "default"
+        with pytest.raises(ValueError) as info:
+            model(**tiny_inputs("llama", batch=4), adapter_names=names)
+        results.append(str(info.value))
+    assert results[0] == results[1]
