@@ -36,6 +36,7 @@ from .dispatch import register_backend
 from .lora_embedding import lora_delta_weight, lora_embedding
 from .lora_op import draw_seed, lora, lora_linear, lora_quant_linear
 from .plan import RowPlan
+from .pool import AdapterPool
 from .torch_backend import dropout_mask
 
 
@@ -60,4 +61,4 @@ def current_backend(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[T
 
 __all__ = ["Adapter", "AdapterSet", "Base", "LoraCall", "adapter_seed", "current_backend", "dispatch", "draw_seed",
            "dropout_mask", "lora", "lora_delta_weight", "lora_embedding", "lora_linear", "lora_quant_linear",
-           "register_backend", "RowPlan"]
+           "register_backend", "RowPlan", "AdapterPool"]

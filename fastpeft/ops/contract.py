@@ -48,6 +48,7 @@ from torch import Tensor
 
 from ..quant.formats import QuantizedWeight, check_format
 from .plan import RowPlan
+from .pool import AdapterPool
 
 # The tensor fields of a QuantizedWeight, in the order the custom ops carry them.
 PACKED_FIELDS = ("qdata", "scales", "zeros", "code", "absmax2", "code2", "offset", "g_idx")
@@ -129,6 +130,7 @@ class AdapterSet:
 
     adapters: tuple = ()
     row_index: Optional[object] = None   # [M] int tensor or RowPlan: adapter per row, -1 = base only (mixed batch)
+    pool: Optional[AdapterPool] = None   # instead of ``adapters``: a bank's storage (pool.py); row_index = slot ids
 
     def __post_init__(self):
         object.__setattr__(self, "adapters", tuple(self.adapters))
@@ -322,7 +324,8 @@ def prepare(x: Tensor, base: Base, adapters: "AdapterSet" = None) -> tuple:
         adapters = AdapterSet(ads, adapters.row_index)
     if is_dtensor(adapters.row_index):
         adapters = AdapterSet(adapters.adapters, _local(adapters.row_index, "row_index"))
-    if isinstance(adapters.row_index, Tensor):  # one sort and one sync; a caller may pass a plan it reuses
+    if isinstance(adapters.row_index, Tensor) and adapters.pool is None:
+        # one sort and one sync; a caller may pass a plan it reuses (a pool call sorts inside the op)
         adapters = AdapterSet(adapters.adapters, RowPlan.build(adapters.row_index, len(adapters.adapters)))
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
@@ -353,6 +356,9 @@ def validate(fn: str, x: Tensor, base: Base, adapters: AdapterSet) -> None:
         raise ValueError(f"{fn}: x must have a feature dimension [..., K]; got a 0-d tensor")
     if not x.is_floating_point():
         raise ValueError(f"{fn}: x must be a float tensor; got {x.dtype}")
+    if adapters.pool is not None:
+        _validate_pool(fn, x, base, adapters)
+        return
     if base.kind == "none" and not adapters.adapters:
         raise ValueError(f"{fn}: nothing to compute: no base weight and no adapters")
     ads = adapters.adapters
@@ -420,3 +426,18 @@ def validate(fn: str, x: Tensor, base: Base, adapters: AdapterSet) -> None:
                              f"as for nn.Linear; cast one of them")
     if base.bias is not None and _shape(base.bias) != (N,):
         raise ValueError(f"{fn}: bias must be [N={N}]; got {_shape(base.bias)}")
+
+
+def _validate_pool(fn: str, x: Tensor, base: Base, adapters: AdapterSet) -> None:
+    """A call on an adapter pool: no separate adapters, a row_index tensor of slot ids, the pool's shapes."""
+    if adapters.adapters:
+        raise ValueError(f"{fn}: a call has an adapter pool or a list of adapters, not both")
+    idx = adapters.row_index
+    M = math.prod(x.shape[:-1])
+    if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.shape[0] != M or idx.is_floating_point():
+        raise ValueError(f"{fn}: a call on an adapter pool needs row_index, an int tensor [M={M}] of slot ids "
+                         f"(-1 = base only); got {None if idx is None else (type(idx).__name__, getattr(idx, 'shape', None))}")
+    if base.weight is not None and base.weight.dtype != x.dtype:
+        raise ValueError(f"{fn}: x ({x.dtype}) and weight ({base.weight.dtype}) must have the same dtype")
+    N = base.weight.shape[0] if base.weight is not None else base.packed.N if base.packed is not None else None
+    adapters.pool.check(fn, N, x.shape[-1], x.device)

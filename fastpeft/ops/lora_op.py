@@ -39,7 +39,8 @@ from ..quant.formats import QuantizedWeight
 from . import dispatch, dora
 from .contract import (PACKED_FIELDS, SEED_HIGH, Adapter, AdapterSet, Base, LoraCall, compute_dtype, out_features,
                        prepare, s_columns, validate)
-from .plan import plan_from
+from .plan import RowPlan, plan_from
+from .pool import AdapterPool
 
 
 def draw_seed() -> Tensor:
@@ -67,11 +68,18 @@ def _base(weight, bias, packed, fmt, qmeta) -> Base:
 
 
 def _call(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, weight_norms, seed,
-          row_index=None, row_order=None, row_offsets=()) -> LoraCall:
-    adapters = tuple(Adapter(A, B, float(s), float(p), m, n)
-                     for A, B, s, p, m, n in zip(lora_As, lora_Bs, scales, dropout_ps, magnitudes, weight_norms))
+          row_index=None, row_order=None, row_offsets=(), pool=(), pool_max_rank=0) -> LoraCall:
+    pool = AdapterPool.from_tensors(pool, pool_max_rank)
+    if pool is not None:  # a bank's storage: per-slot views, and the plan built here (inside the op)
+        adapters = pool.views()
+    else:
+        adapters = tuple(Adapter(A, B, float(s), float(p), m, n)
+                         for A, B, s, p, m, n in zip(lora_As, lora_Bs, scales, dropout_ps, magnitudes, weight_norms))
+    plan = plan_from(row_index, row_order, row_offsets)
+    if plan is None and row_index is not None:
+        plan = RowPlan.build(row_index, len(adapters))
     return LoraCall(x.reshape(-1, x.shape[-1]), _base(weight, bias, packed, fmt, qmeta), adapters,
-                    0 if seed is None else int(seed.item()), plan_from(row_index, row_order, row_offsets))
+                    0 if seed is None else int(seed.item()), plan)
 
 
 # -- forward ------------------------------------------------------------------------------------------
@@ -80,16 +88,25 @@ def lora_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pac
                 fmt: str, qmeta: Sequence[int], lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor],
                 scales: Sequence[float], dropout_ps: Sequence[float], magnitudes: Sequence[Optional[Tensor]],
                 weight_norms: Sequence[Optional[Tensor]], seed: Optional[Tensor], row_index: Optional[Tensor],
-                row_order: Optional[Tensor], row_offsets: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+                row_order: Optional[Tensor], row_offsets: Sequence[int], pool: Sequence[Optional[Tensor]],
+                pool_max_rank: int) -> tuple[Tensor, Tensor, Tensor]:
     call = _call(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, weight_norms,
-                 seed, row_index, row_order, row_offsets)
+                 seed, row_index, row_order, row_offsets, pool, pool_max_rank)
     Y, S, *aux = dispatch.get(dispatch.choose(call)).forward(call)
-    # The fake impl promises these dtypes; keep real outputs identical whatever a backend returned.
-    cdt = call.compute_dtype()
+    # The fake impl promises these dtypes and shapes; keep real outputs identical whatever a backend returned.
+    cdt = _fake_cdt(x, lora_As, lora_Bs, pool)
     Y = Y if Y.dtype == x.dtype else Y.to(x.dtype)
     S = S if S.dtype == cdt else S.to(cdt)
+    if pool and S.shape[1] != pool_max_rank:  # a pool's S is [M, max_rank] whatever ranks the batch uses
+        S = torch.nn.functional.pad(S, (0, pool_max_rank - S.shape[1]))
     Zd = aux[0].to(x.dtype) if _returns_zd(magnitudes, dropout_ps) else x.new_empty(0)
     return Y.reshape(*x.shape[:-1], Y.shape[-1]), S, Zd
+
+
+def _fake_cdt(x, lora_As, lora_Bs, pool) -> torch.dtype:
+    """S's dtype from the op's arguments (a pool: its A and B stand for the adapters)."""
+    ts = (pool[0], pool[1]) if pool else (*lora_As, *lora_Bs)
+    return compute_dtype(x.dtype, *(t.dtype for t in ts))
 
 
 def _returns_zd(magnitudes, dropout_ps) -> bool:
@@ -99,11 +116,14 @@ def _returns_zd(magnitudes, dropout_ps) -> bool:
 
 @lora_fwd_op.register_fake
 def _(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, weight_norms, seed,
-      row_index, row_order, row_offsets):
+      row_index, row_order, row_offsets, pool, pool_max_rank):
     M = math.prod(x.shape[:-1])
-    N = out_features(_base(weight, bias, packed, fmt, qmeta), [Adapter(A, B, 1.0) for A, B in zip(lora_As, lora_Bs)])
-    R = s_columns([A.shape[0] for A in lora_As], row_index is not None)
-    cdt = compute_dtype(x.dtype, *(t.dtype for t in (*lora_As, *lora_Bs)))
+    if pool:
+        N, R = pool[1].shape[0], pool_max_rank
+    else:
+        N = out_features(_base(weight, bias, packed, fmt, qmeta), [Adapter(A, B, 1.0) for A, B in zip(lora_As, lora_Bs)])
+        R = s_columns([A.shape[0] for A in lora_As], row_index is not None)
+    cdt = _fake_cdt(x, lora_As, lora_Bs, pool)
     Zd = x.new_empty((M, N)) if _returns_zd(magnitudes, dropout_ps) else x.new_empty(0)
     return x.new_empty((*x.shape[:-1], N)), x.new_empty((M, R), dtype=cdt), Zd
 
@@ -114,8 +134,8 @@ def lora_bwd_op(dY: Tensor, x: Tensor, weight: Optional[Tensor], packed: Sequenc
                 qmeta: Sequence[int], lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor], S: Tensor,
                 scales: Sequence[float], dropout_ps: Sequence[float], magnitudes: Sequence[Optional[Tensor]],
                 weight_norms: Sequence[Optional[Tensor]], seed: Optional[Tensor], row_index: Optional[Tensor],
-                row_order: Optional[Tensor], row_offsets: Sequence[int], needs_dx: bool, needs_dA: Sequence[bool],
-                needs_dB: Sequence[bool]) -> list[Tensor]:
+                row_order: Optional[Tensor], row_offsets: Sequence[int], pool: Sequence[Optional[Tensor]],
+                pool_max_rank: int, needs_dx: bool, needs_dA: Sequence[bool], needs_dB: Sequence[bool]) -> list[Tensor]:
     """[dX, dA_0, .., dB_0, ..]; a grad that is not needed comes back as an empty tensor (custom ops
     cannot return None), each its own (outputs of a custom op must not alias each other).
 
@@ -123,9 +143,13 @@ def lora_bwd_op(dY: Tensor, x: Tensor, weight: Optional[Tensor], packed: Sequenc
     choice is a pure function of the call's tensors (shapes, dtypes, devices) and the environment, so
     it is made again here, from the same tensors, rather than carried over from the forward."""
     call = _call(x, weight, None, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, weight_norms,
-                 seed, row_index, row_order, row_offsets)
+                 seed, row_index, row_order, row_offsets, pool, pool_max_rank)
+    if pool:  # a pool's slots get no gradients (a bank serves frozen adapters); dX only
+        needs_dA = needs_dB = [False] * len(call.adapters)
     dX, dAs, dBs = dispatch.get(dispatch.choose(call)).backward(call, dY.reshape(-1, dY.shape[-1]), S, needs_dx,
                                                                 list(needs_dA), list(needs_dB))
+    if pool:
+        dAs, dBs = [], []
     out = [dX.to(x.dtype).reshape(x.shape) if needs_dx else x.new_empty(0)]
     out += [g.to(A.dtype) if need else A.new_empty(0) for g, A, need in zip(dAs, lora_As, needs_dA)]
     out += [g.to(B.dtype) if need else B.new_empty(0) for g, B, need in zip(dBs, lora_Bs, needs_dB)]
@@ -134,7 +158,7 @@ def lora_bwd_op(dY: Tensor, x: Tensor, weight: Optional[Tensor], packed: Sequenc
 
 @lora_bwd_op.register_fake
 def _(dY, x, weight, packed, fmt, qmeta, lora_As, lora_Bs, S, scales, dropout_ps, magnitudes, weight_norms, seed,
-      row_index, row_order, row_offsets, needs_dx, needs_dA, needs_dB):
+      row_index, row_order, row_offsets, pool, pool_max_rank, needs_dx, needs_dA, needs_dB):
     out = [torch.empty_like(x) if needs_dx else x.new_empty(0)]
     out += [torch.empty_like(A) if need else A.new_empty(0) for A, need in zip(lora_As, needs_dA)]
     out += [torch.empty_like(B) if need else B.new_empty(0) for B, need in zip(lora_Bs, needs_dB)]
@@ -177,11 +201,12 @@ class _LoraFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, x, weight, bias, seed, row_index, row_order, *tensors):
-        fmt, qmeta, scales, dropout_ps, offsets = meta
+        fmt, qmeta, scales, dropout_ps, offsets, max_rank = meta
         n = len(scales)
-        lora_As, lora_Bs, magnitudes, norms, packed = _split(tensors, n)
+        lora_As, lora_Bs, magnitudes, norms, packed, pool = _split(tensors, n, fmt)
         Y, S, Zd = torch.ops.fastpeft.lora_fwd(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales,
-                                               dropout_ps, magnitudes, norms, seed, row_index, row_order, offsets)
+                                               dropout_ps, magnitudes, norms, seed, row_index, row_order, offsets,
+                                               pool, max_rank)
         ctx.meta = meta
         ctx.bias_dtype = None if bias is None else bias.dtype
         # DoRA's magnitude gradient reads Y (a reference to the output) or, under dropout, Z_d (dora.py)
@@ -193,10 +218,10 @@ class _LoraFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dY):
-        fmt, qmeta, scales, dropout_ps, offsets = ctx.meta
+        fmt, qmeta, scales, dropout_ps, offsets, max_rank = ctx.meta
         n = len(scales)
         x, weight, bias, S, seed, row_index, row_order, keep, *tensors = ctx.saved_tensors
-        lora_As, lora_Bs, magnitudes, norms, packed = _split(tensors, n)
+        lora_As, lora_Bs, magnitudes, norms, packed, pool = _split(tensors, n, fmt)
         need = ctx.needs_input_grad
         need_x, need_w, need_b = need[1], need[2], need[3]
         t0 = 7  # index of the first of *tensors in forward's arguments
@@ -207,7 +232,7 @@ class _LoraFunction(torch.autograd.Function):
         if need_x or any(need_A) or any(need_B):
             out = torch.ops.fastpeft.lora_bwd(dY, x, weight, packed, fmt, qmeta, lora_As, lora_Bs, S, scales,
                                               dropout_ps, magnitudes, norms, seed, row_index, row_order, offsets,
-                                              need_x, need_A, need_B)
+                                              pool, max_rank, need_x, need_A, need_B)
             dX = out[0] if need_x else None
             dAs = [_param_layout(g, A) if nd else None for g, A, nd in zip(out[1:1 + n], lora_As, need_A)]
             dBs = [_param_layout(g, B) if nd else None for g, B, nd in zip(out[1 + n:], lora_Bs, need_B)]
@@ -224,10 +249,11 @@ class _LoraFunction(torch.autograd.Function):
         return (None, dX, dW, db, None, None, None, *dAs, *dBs, *dms, *([None] * (len(tensors) - 3 * n)))
 
 
-def _split(tensors, n: int) -> tuple:
-    """The varargs of _LoraFunction as lists: (As, Bs, magnitudes, weight norms, packed fields)."""
+def _split(tensors, n: int, fmt: str) -> tuple:
+    """The varargs of _LoraFunction as lists: (As, Bs, magnitudes, weight norms, packed fields, pool fields)."""
+    p = 4 * n + (len(PACKED_FIELDS) if fmt else 0)
     return (list(tensors[:n]), list(tensors[n:2 * n]), list(tensors[2 * n:3 * n]), list(tensors[3 * n:4 * n]),
-            list(tensors[4 * n:]))
+            list(tensors[4 * n:p]), list(tensors[p:]))
 
 
 # -- the public entry points ---------------------------------------------------------------------------
@@ -261,12 +287,16 @@ def lora(x: Tensor, base: Base, adapters: Union[AdapterSet, Sequence[Adapter]] =
         ps = [float(a.dropout_p) for a in ads]
     else:
         seed, ps = None, [0.0] * len(ads)
-    plan = aset.row_index  # a RowPlan (prepare built it) or None
+    plan = aset.row_index  # a RowPlan (prepare built it), or a pool call's row_index tensor, or None
     if plan is not None and training and any(a.dropout_p > 0.0 for a in ads):
         raise ValueError(f"{fn}: LoRA dropout in a mixed batch (row_index) is not supported; mixed batches are "
                          f"for inference (peft refuses adapter_names in training mode)")
     weight, bias, packed, fmt, qmeta = _flatten_base(base)
-    meta = (fmt, tuple(qmeta), tuple(float(a.scale) for a in ads), tuple(ps), () if plan is None else plan.offsets)
+    pool = aset.pool
+    if pool is not None:  # the op expands the pool and sorts the rows itself (no graph break, no recompile)
+        meta = (fmt, tuple(qmeta), (), (), (), pool.max_rank)
+        return _LoraFunction.apply(meta, x, weight, bias, None, plan, None, *packed, *pool.tensors())
+    meta = (fmt, tuple(qmeta), tuple(float(a.scale) for a in ads), tuple(ps), () if plan is None else plan.offsets, 0)
     return _LoraFunction.apply(meta, x, weight, bias, seed, None if plan is None else plan.row_index,
                                None if plan is None else plan.order, *(a.A for a in ads), *(a.B for a in ads),
                                *(a.magnitude for a in ads), *(a.weight_norm for a in ads), *packed)

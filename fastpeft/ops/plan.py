@@ -86,7 +86,8 @@ class RowPlan:
 
 
 def plan_from(row_index: Optional[Tensor], order: Optional[Tensor], offsets) -> Optional[RowPlan]:
-    """A RowPlan from its flattened form (the custom ops carry its tensors and ints), or None."""
-    if row_index is None:
+    """A RowPlan from its flattened form (the custom ops carry its tensors and ints), or None (also for a row
+    index without its order: a pool call, whose plan the op builds)."""
+    if row_index is None or order is None:
         return None
     return RowPlan(row_index, order, tuple(int(o) for o in offsets))

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ..quant.formats import dequantize
-from .contract import LoraCall
+from .contract import DORA_EPS, LoraCall
 
 
 def supports(call: LoraCall) -> Optional[str]:
@@ -272,9 +272,9 @@ def _dora_backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, need_A
 
 # -- mixed batches (header: each adapter over its own rows) --------------------------------------------
 def _segments(call: LoraCall):
-    """(k, adapter, its rows) for every adapter with rows in this batch and a rank above 0."""
+    """(k, adapter, its rows) for every adapter with rows in this batch and a rank above 0 (or a DoRA scale)."""
     for k, a in enumerate(call.adapters):
-        if call.plan.count(k) and a.r:
+        if call.plan.count(k) and (a.r or a.magnitude is not None):
             yield k, a, call.plan.segment(k)
 
 
@@ -291,7 +291,21 @@ def _mixed_forward(call: LoraCall) -> tuple[Tensor, Tensor]:
     for k, a, rows in _segments(call):
         Sk = torch.mm(x2d.index_select(0, rows).to(cdt), a.A.to(cdt).t())
         S[rows, :a.r] = Sk
-        Y.index_add_(0, rows, torch.mm(Sk.to(dt), a.B.to(dt).t()), alpha=a.scale)
+        if a.magnitude is None:
+            Y.index_add_(0, rows, torch.mm(Sk.to(dt), a.B.to(dt).t()), alpha=a.scale)
+            continue
+        # a DoRA slot (an adapter pool's; inference): its rows get g * (x W^T + s S B^T) + bias
+        acc = torch.promote_types(torch.float32, a.magnitude.dtype)
+        g = (a.magnitude.to(acc) / a.weight_norm.to(acc).clamp_min(DORA_EPS)).to(dt)
+        Yk = Y.index_select(0, rows)
+        if bias is not None:
+            Yk.sub_(bias.to(dt))
+        Yk.addmm_(Sk.to(dt), a.B.to(dt).t(), alpha=a.scale)
+        if bias is None:
+            Yk.mul_(g)
+        else:
+            torch.addcmul(bias.to(dt), Yk, g, out=Yk)
+        Y.index_copy_(0, rows, Yk)
     return Y, S
 
 
@@ -300,13 +314,19 @@ def _mixed_backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, needs
     x2d = call.x
     cdt, dt = call.compute_dtype(), x2d.dtype
     dY = dY.to(dt) if dY.dtype != dt else dY
-    dX = None
+    dX = W = None
     if needs_dx:
         W = _base_weight(call)
         dX = torch.mm(dY, W) if W is not None else x2d.new_zeros(x2d.shape)
     dAs, dBs = [None] * len(call.adapters), [None] * len(call.adapters)
     for k, a, rows in _segments(call):
         dYk = dY.index_select(0, rows).to(cdt)
+        if a.magnitude is not None:  # a DoRA slot: its rows' backward runs on g * dY (the base term too)
+            acc = torch.promote_types(torch.float32, a.magnitude.dtype)
+            g = a.magnitude.to(acc) / a.weight_norm.to(acc).clamp_min(DORA_EPS)
+            if needs_dx and W is not None:
+                dX.index_add_(0, rows, torch.mm((dYk * (g - 1.0).to(cdt)).to(dt), W))
+            dYk = dYk * g.to(cdt)
         if needs_dx or needs_dA[k]:
             dS = torch.mm(dYk, a.B.to(cdt)).mul_(a.scale)
             if needs_dx:

@@ -111,3 +111,88 @@ def test_mixed_batch_traces_under_torch_compile_with_a_prebuilt_plan():
         return ops.lora(x, ops.Base.dense(W), ops.AdapterSet(ads, plan))
 
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))
+
+
+def _pool(slots, K, N, max_rank=8, dora_slots=(), dtype=torch.float64, seed=0):
+    """An AdapterPool with ``slots`` = [(rank, scale), ...] laid out in order, plus the per-slot tensors."""
+    g = torch.Generator().manual_seed(seed)
+    R = sum(r for r, _ in slots) + 3  # some unused rows at the end
+    A, B = torch.randn(R, K, generator=g, dtype=dtype), torch.randn(N, R, generator=g, dtype=dtype)
+    start = torch.tensor([sum(r for r, _ in slots[:j]) for j in range(len(slots))])
+    rank = torch.tensor([r for r, _ in slots])
+    scale = torch.tensor([s for _, s in slots], dtype=torch.float32)
+    kw = {}
+    if dora_slots:
+        kw = dict(magnitude=torch.rand(len(slots), N, generator=g, dtype=dtype) + 0.5,
+                  weight_norm=torch.rand(len(slots), N, generator=g, dtype=dtype) + 0.5,
+                  dora=torch.tensor([j in dora_slots for j in range(len(slots))]))
+    return ops.AdapterPool(A, B, start, rank, scale, max_rank, **kw)
+
+
+def test_pool_call_equals_the_same_adapters_as_a_list_and_dora_slots_scale_their_rows():
+    g = torch.Generator().manual_seed(9)
+    K, N, M = 10, 6, 11
+    W, b = torch.randn(N, K, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+    pool = _pool([(2, 0.5), (0, 1.0), (5, 2.0), (1, 1.5)], K, N, dora_slots=(2,))
+    idx = torch.randint(-1, 4, (M,), generator=g)
+    x = torch.randn(M, K, generator=g, dtype=torch.float64, requires_grad=True)
+    y = ops.lora(x, ops.Base.dense(W, b), ops.AdapterSet(pool=pool, row_index=idx))
+    rows = []
+    for i in range(M):
+        j = int(idx[i])
+        yi = x[i] @ W.t()
+        if j >= 0 and int(pool.rank[j]):
+            st, r = int(pool.start[j]), int(pool.rank[j])
+            yi = yi + float(pool.scale[j]) * (x[i] @ pool.A[st:st + r].t()) @ pool.B[:, st:st + r].t()
+        if j == 2:
+            yi = yi * (pool.magnitude[2] / pool.weight_norm[2])
+        rows.append(yi + b)
+    ref = torch.stack(rows)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    dY = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, dY)[0], torch.autograd.grad(ref, x, dY)[0],
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_loading_into_a_warm_pool_does_not_recompile():
+    """New adapters change the pool's contents, not its shapes: the compiled graph is reused."""
+    g = torch.Generator().manual_seed(5)
+    K, N = 8, 5
+    W = torch.randn(N, K, generator=g)
+    pool = _pool([(2, 1.0), (3, 1.0)], K, N, dtype=torch.float32)
+    x = torch.randn(4, K, generator=g)
+
+    def f(x, idx):
+        return ops.lora(x, ops.Base.dense(W), ops.AdapterSet(pool=pool, row_index=idx))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        y1 = compiled(x, torch.tensor([0, 1, -1, 0]))
+        torch.testing.assert_close(y1, f(x, torch.tensor([0, 1, -1, 0])))
+        pool.A[:5].normal_(generator=g)  # "load" new adapters into both slots, with new ranks and scales
+        pool.rank.copy_(torch.tensor([1, 4]))
+        pool.start.copy_(torch.tensor([4, 0]))
+        pool.scale.fill_(3.0)
+        y2 = compiled(x, torch.tensor([1, 1, 0, -1]))
+    y2_eager = f(x, torch.tensor([1, 1, 0, -1]))
+    torch.testing.assert_close(y2, y2_eager)
+    assert (y2 - y1).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("case,match", [("both", "pool or a list of adapters"), ("no_index", "needs row_index"),
+                                        ("bad_B", r"pool's B must be \[N=6"), ("bad_rank", "pool's rank must be")])
+def test_bad_pool_calls_are_refused(case, match):
+    pool = _pool([(2, 1.0), (1, 1.0)], 10, 6, dtype=torch.float32)
+    x, W, idx = torch.randn(3, 10), torch.randn(6, 10), torch.tensor([0, 1, -1])
+    ads = ()
+    if case == "both":
+        ads = (ops.Adapter(torch.randn(1, 10), torch.randn(6, 1), 1.0),)
+    elif case == "no_index":
+        idx = None
+    elif case == "bad_B":
+        pool = ops.AdapterPool(pool.A, pool.B[:5], pool.start, pool.rank, pool.scale, pool.max_rank)
+    else:
+        pool = ops.AdapterPool(pool.A, pool.B, pool.start, pool.rank[:1], pool.scale, pool.max_rank)
+    with pytest.raises(ValueError, match=match):
+        ops.lora(x, ops.Base.dense(W), ops.AdapterSet(ads, idx, pool=pool))

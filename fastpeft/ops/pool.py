@@ -1,0 +1,89 @@
+"""Many adapters in two tensors: the storage a serving bank hands the op (fastpeft.serving).
+
+    A      [R, K]    rank rows of every slot: slot j's lora_A is A[start_j : start_j + r_j]
+    B      [N, R]    the matching columns: slot j's lora_B is B[:, start_j : start_j + r_j]
+    start  [S] int   first rank row of each slot;  rank [S] int: r_j (0 = an empty slot)
+    scale  [S] fp32  s_j (alpha / r, or alpha / sqrt(r) with rsLoRA)
+    magnitude, weight_norm [S, N] (optional): DoRA slots' m_j and n_j = ||W + s_j B_j A_j||_row, used where
+                     ``dora`` [S] bool is set (a bank keeps n_j from the slot's load: its weights are frozen)
+    max_rank         a Python int >= every r_j: the width of S [M, max_rank] the op returns
+
+A call with a pool passes these tensors, whose shapes do not change when adapters are loaded or evicted
+(only their contents do), and a row_index [M] of slot ids: under torch.compile, loading an adapter into a
+warm bank is new data, not a new graph. The op turns the pool into per-slot views (one device-to-host copy
+of start / rank / dora, inside the op, where torch.compile does not trace) and computes the call as a mixed
+batch over those views; views of one storage reach the kernels without a copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+POOL_FIELDS = ("A", "B", "start", "rank", "scale", "magnitude", "weight_norm", "dora")
+
+
+@dataclass(frozen=True)
+class AdapterPool:
+    A: Tensor
+    B: Tensor
+    start: Tensor
+    rank: Tensor
+    scale: Tensor
+    max_rank: int
+    magnitude: Optional[Tensor] = None
+    weight_norm: Optional[Tensor] = None
+    dora: Optional[Tensor] = None
+
+    @property
+    def slots(self) -> int:
+        return self.start.shape[0]
+
+    def tensors(self) -> list:
+        return [getattr(self, f) for f in POOL_FIELDS]
+
+    @staticmethod
+    def from_tensors(tensors, max_rank: int) -> Optional["AdapterPool"]:
+        if not tensors:
+            return None
+        return AdapterPool(**dict(zip(POOL_FIELDS, tensors)), max_rank=int(max_rank))
+
+    def check(self, fn: str, N: Optional[int], K: int, device) -> None:
+        """ValueError naming the pool field and the shape expected and found."""
+        R = self.A.shape[0] if self.A.dim() == 2 else None
+        S = self.start.shape[0] if self.start.dim() == 1 else None
+        if self.A.dim() != 2 or self.A.shape[1] != K:
+            raise ValueError(f"{fn}: the adapter pool's A must be [R, K={K}]; got {tuple(self.A.shape)}")
+        if self.B.dim() != 2 or self.B.shape[1] != R or (N is not None and self.B.shape[0] != N):
+            raise ValueError(f"{fn}: the adapter pool's B must be [N={N}, R={R}]; got {tuple(self.B.shape)}")
+        for name in ("start", "rank", "scale"):
+            t = getattr(self, name)
+            if t.dim() != 1 or t.shape[0] != S:
+                raise ValueError(f"{fn}: the adapter pool's {name} must be [S={S}]; got {tuple(t.shape)}")
+        for name in ("magnitude", "weight_norm"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != (S, self.B.shape[0]):
+                raise ValueError(f"{fn}: the adapter pool's {name} must be [S={S}, N={self.B.shape[0]}]; got "
+                                 f"{tuple(t.shape)}")
+        if (self.magnitude is None) != (self.dora is None) or (self.magnitude is None) != (self.weight_norm is None):
+            raise ValueError(f"{fn}: the adapter pool's magnitude, weight_norm and dora come together")
+        if self.A.device != device or self.B.device != device:
+            raise ValueError(f"{fn}: the adapter pool is on {self.A.device}, x on {device}")
+
+    def views(self) -> tuple:
+        """Per-slot Adapters (views of A and B, no copy); one device-to-host copy of the tables."""
+        from .contract import Adapter
+
+        starts, ranks = self.start.tolist(), self.rank.tolist()
+        dora = self.dora.tolist() if self.dora is not None else [False] * len(starts)
+        scales = self.scale.tolist()
+        out = []
+        for j, (st, r) in enumerate(zip(starts, ranks)):
+            if r > self.max_rank:
+                raise ValueError(f"adapter pool slot {j} has rank {r}, above the pool's max_rank {self.max_rank}")
+            m = self.magnitude[j] if dora[j] else None
+            n = self.weight_norm[j] if dora[j] else None
+            out.append(Adapter(self.A[st:st + r], self.B[:, st:st + r], float(scales[j]), 0.0, m, n))
+        return tuple(out)
