@@ -17,6 +17,24 @@ from fastpeft.quant import quantize
 NAMES = ["default", "__base__", "other", "default"]
 
 
+def _alone(model, call, inputs: dict, i: int, name: str):
+    """``call(model, inputs)`` for sample i alone, with adapter ``name`` set (the adapters disabled for
+    "__base__"); the model's active adapter is "default" again afterwards."""
+    one = {k: v[i:i + 1] for k, v in inputs.items()}
+    try:
+        if name == "__base__":
+            with model.disable_adapter():
+                return call(model, one)
+        model.set_adapter(name)
+        return call(model, one)
+    finally:
+        model.set_adapter("default")
+
+
+def _logits(model, inputs):
+    return model(**inputs).logits
+
+
 def _twins(kind, targets, extra_targets=None, **cfg):
     base = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **cfg)
     other = dict(base, r=2, target_modules=extra_targets or targets)
@@ -53,15 +71,7 @@ def test_mixed_batch_equals_peft(kind, targets, cfg, peft_runs):
                 theirs(**inputs, adapter_names=NAMES)
         # and each sample equals the model run with that adapter alone
         for i, name in enumerate(NAMES):
-            one = {k: v[i:i + 1] for k, v in inputs.items()}
-            if name == "__base__":
-                with ours.disable_adapter():
-                    alone = ours(**one).logits
-            else:
-                ours.set_adapter(name)
-                alone = ours(**one).logits
-            assert max_abs_diff(y_o[i:i + 1], alone) < 1e-5, (i, name)
-        ours.set_adapter("default")
+            assert max_abs_diff(y_o[i:i + 1], _alone(ours, _logits, inputs, i, name)) < 1e-5, (i, name)
 
 
 def test_generate_with_adapter_names_equals_peft_and_beams_keep_each_samples_adapter():
@@ -73,13 +83,7 @@ def test_generate_with_adapter_names_equals_peft_and_beams_keep_each_samples_ada
     assert torch.equal(out_o, out_t)
     beams = ours.generate(**inputs, adapter_names=NAMES, num_beams=2, **kw)
     for i, name in enumerate(NAMES):
-        one = {k: v[i:i + 1] for k, v in inputs.items()}
-        if name == "__base__":
-            with ours.disable_adapter():
-                alone = ours.generate(**one, num_beams=2, **kw)
-        else:
-            ours.set_adapter(name)
-            alone = ours.generate(**one, num_beams=2, **kw)
+        alone = _alone(ours, lambda m, one: m.generate(**one, num_beams=2, **kw), inputs, i, name)
         assert torch.equal(beams[i:i + 1], alone), (i, name)
 
 
@@ -112,14 +116,7 @@ def test_packed_base_mixed_batch_equals_each_adapter_alone():
     with torch.no_grad():
         mixed = pm(**inputs, adapter_names=NAMES).logits
         for i, name in enumerate(NAMES):
-            one = {k: v[i:i + 1] for k, v in inputs.items()}
-            if name == "__base__":
-                with pm.disable_adapter():
-                    alone = pm(**one).logits
-            else:
-                pm.set_adapter(name)
-                alone = pm(**one).logits
-            assert max_abs_diff(mixed[i:i + 1], alone) < 1e-4, (i, name)
+            assert max_abs_diff(mixed[i:i + 1], _alone(pm, _logits, inputs, i, name)) < 1e-4, (i, name)
 
 
 def test_one_plan_per_forward(monkeypatch):
