@@ -145,6 +145,7 @@ class LoraCall:
     adapters: tuple
     seed: int = 0
     plan: Optional[RowPlan] = None     # a mixed batch: which adapter each row takes (plan.py)
+    pool: Optional[AdapterPool] = None  # the storage ``adapters`` are views of, for a pool call (pool.py)
 
     @property
     def M(self) -> int:
@@ -434,6 +435,11 @@ def _validate_pool(fn: str, x: Tensor, base: Base, adapters: AdapterSet) -> None
         raise ValueError(f"{fn}: a call has an adapter pool or a list of adapters, not both")
     idx = adapters.row_index
     M = math.prod(x.shape[:-1])
+    if isinstance(idx, RowPlan):
+        if idx.M != M or idx.n_adapters != adapters.pool.slots:
+            raise ValueError(f"{fn}: the row plan is for {idx.M} rows and {idx.n_adapters} slots; the call has "
+                             f"{M} rows and a pool of {adapters.pool.slots} slots")
+        idx = idx.row_index
     if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.shape[0] != M or idx.is_floating_point():
         raise ValueError(f"{fn}: a call on an adapter pool needs row_index, an int tensor [M={M}] of slot ids "
                          f"(-1 = base only); got {None if idx is None else (type(idx).__name__, getattr(idx, 'shape', None))}")

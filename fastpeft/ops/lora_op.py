@@ -79,7 +79,7 @@ def _call(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout
     if plan is None and row_index is not None:
         plan = RowPlan.build(row_index, len(adapters))
     return LoraCall(x.reshape(-1, x.shape[-1]), _base(weight, bias, packed, fmt, qmeta), adapters,
-                    0 if seed is None else int(seed.item()), plan)
+                    0 if seed is None else int(seed.item()), plan, pool)
 
 
 # -- forward ------------------------------------------------------------------------------------------
@@ -293,9 +293,11 @@ def lora(x: Tensor, base: Base, adapters: Union[AdapterSet, Sequence[Adapter]] =
                          f"for inference (peft refuses adapter_names in training mode)")
     weight, bias, packed, fmt, qmeta = _flatten_base(base)
     pool = aset.pool
-    if pool is not None:  # the op expands the pool and sorts the rows itself (no graph break, no recompile)
-        meta = (fmt, tuple(qmeta), (), (), (), pool.max_rank)
-        return _LoraFunction.apply(meta, x, weight, bias, None, plan, None, *packed, *pool.tensors())
+    if pool is not None:  # the op expands the pool, and sorts the rows itself unless given a RowPlan
+        pre = isinstance(plan, RowPlan)
+        meta = (fmt, tuple(qmeta), (), (), plan.offsets if pre else (), pool.max_rank)
+        return _LoraFunction.apply(meta, x, weight, bias, None, plan.row_index if pre else plan,
+                                   plan.order if pre else None, *packed, *pool.tensors())
     meta = (fmt, tuple(qmeta), tuple(float(a.scale) for a in ads), tuple(ps), () if plan is None else plan.offsets, 0)
     return _LoraFunction.apply(meta, x, weight, bias, seed, None if plan is None else plan.row_index,
                                None if plan is None else plan.order, *(a.A for a in ads), *(a.B for a in ads),

@@ -129,7 +129,12 @@ def layer_mixed_batch(layer: nn.Module, kwargs: dict) -> Optional[MixedBatch]:
     ``kwargs``; peft's layer-level call), else the model's current one, else None."""
     names = kwargs.pop("adapter_names", None)
     if names is None:
-        return current()
+        batch = current()
+        if batch is not None and any(getattr(layer, "use_dora", {}).get(n) for n in batch.names):
+            raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+        return batch
+    if any(getattr(layer, "use_dora", {}).get(n) for n in names):
+        raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
     if layer.training:
         raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
     if getattr(layer, "merged", False):

@@ -187,9 +187,29 @@ class LoraLayer(BaseTunerLayer):
         return [] if self.merged else self._unmerged_active()
 
     # -- mixed batches (tuners/mixed_batch.py) ------------------------------------------------------
-    def _mixed_adapter(self, name: str, in_features: int, out_features: int, like: torch.Tensor) -> ops.Adapter:
-        """Adapter ``name``'s entry in a mixed-batch call; a rank-0 stand-in where this layer does not have
-        it (its rows get the base output, as in peft)."""
-        if self._has_adapter(name):
-            return self.lora_variant[name].op_adapter(self, name)
-        return ops.Adapter(like.new_empty((0, in_features)), like.new_empty((out_features, 0)), 1.0)
+    def _mixed_pool(self, names: tuple, in_features: int, out_features: int) -> ops.AdapterPool:
+        """The batch's adapters of this layer as one AdapterPool (A_cat [sum r, in], B_cat [out, sum r]; a
+        rank-0 slot where this layer does not have an adapter: its rows get the base output, as in peft).
+
+        Kept on the layer for the next forward with the same names and unchanged weights (decode steps):
+        a mixed-batch layer then costs one op call whatever the number of adapters."""
+        weights = [self._adapter_weights(n) if self._has_adapter(n) else None for n in names]
+        key = (names, tuple(None if w is None else (id(w[0]), w[0]._version, id(w[1]), w[1]._version,
+                                                    float(self.scaling[n])) for w, n in zip(weights, names)))
+        cached = getattr(self, "_mixed_pool_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        like = next((w[0] for w in weights if w is not None), None)
+        dev = self.get_base_layer().weight.device if like is None else like.device
+        dt = torch.float32 if like is None else like.dtype
+        As = [w[0].detach() if w is not None else torch.empty(0, in_features, device=dev, dtype=dt) for w in weights]
+        Bs = [w[1].detach() if w is not None else torch.empty(out_features, 0, device=dev, dtype=dt) for w in weights]
+        ranks = [a.shape[0] for a in As]
+        starts = [sum(ranks[:j]) for j in range(len(ranks))]
+        pool = ops.AdapterPool(torch.cat(As).to(dt), torch.cat(Bs, dim=1).to(dt),
+                               torch.tensor(starts, device=dev), torch.tensor(ranks, device=dev),
+                               torch.tensor([float(self.scaling[n]) if w is not None else 0.0
+                                             for w, n in zip(weights, names)], device=dev),
+                               max(ranks, default=0))
+        object.__setattr__(self, "_mixed_pool_cache", (key, pool))
+        return pool

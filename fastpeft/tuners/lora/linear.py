@@ -102,9 +102,8 @@ class Linear(nn.Module, LoraLayer):
     def _mixed_forward(self, x: torch.Tensor, batch) -> torch.Tensor:
         """Each sample with its own adapter (peft's adapter_names): one op call with a row plan."""
         rows = batch.rows(x.numel() // x.shape[-1], f"the input of lora.{type(self).__name__}")
-        like = self.lora_A[next(iter(self.lora_A))].weight if len(self.lora_A) else x
-        adapters = [self._mixed_adapter(n, self.in_features, self.out_features, like) for n in batch.names]
-        out = ops.lora(x, self._op_base(), ops.AdapterSet(adapters, row_index=rows), False,
+        pool = self._mixed_pool(batch.names, self.in_features, self.out_features)
+        out = ops.lora(x, self._op_base(), ops.AdapterSet(row_index=rows, pool=pool), False,
                        fn=f"lora.{type(self).__name__}.forward (adapter_names)")
         for k, name in enumerate(batch.names):
             if self.lora_bias.get(name) and rows.count(k):
