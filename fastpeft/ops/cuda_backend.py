@@ -1,4 +1,5 @@
-"""The `cuda` backend: CUDA C++ kernels from csrc/ (currently the fused LoRA decode GEMV).
+"""The `cuda` backend: CUDA C++ kernels from csrc/ (currently the fused LoRA decode GEMV, one adapter or a
+mixed batch).
 
 The kernels are built ahead of time by setup.py (FASTPEFT_BUILD_CUDA=1 -> module `fastpeft._C`) or,
 failing that, just in time on first use with torch.utils.cpp_extension.load (ninja), for the compute
@@ -14,6 +15,17 @@ g = call.col_scale() (fp32 [N]) is applied to the kernel's fp32 accumulator in t
 bias, so Y = g * (x W^T + s S B^T) + bias is still written once. Backward is the torch backend's on the
 saved S (for DoRA its _dora_backward: the LoRA backward on g * dY): decode is inference, and a training
 step that does reach this backend with M <= 8 is too small for a dedicated kernel to matter.
+
+Mixed batches (call.plan: row i takes adapter k = row_index[i], -1 = the base alone; BGMV) run on the same
+two-kernel GEMV (csrc/lora_gemv.cu, "mixed batches"): 1 <= M <= 8 rows, a dense base (or none), x in
+float16/bfloat16, any number of adapters of ranks 0..128 whose lora_A/lora_B all share one dtype (float32 or
+x's), no dropout, no DoRA (validate() refuses DoRA in mixed batches anyway). Each row reads its own adapter's
+A and B and loops to its own rank; Y is written once. forward() hands the kernel only the adapters that have
+rows (at most M, known from the plan's host-side offsets, so no sync), as a by-value table of pointers;
+row_index stays on the device. S is [M, max r over the call's adapters] fp32, row i's values in its first r_k
+columns and zeros after them (the contract). Backward: torch_backend's _mixed_backward on that S.
+CUDA graphs: a captured mixed launch keeps the adapter table it was captured with (see csrc/lora_gemv.cu);
+rows that later name other adapters come out NaN, so recapture when the set of adapters changes.
 
 Environment: FASTPEFT_CUDA_JIT=0 forbids the just-in-time build; FASTPEFT_CUDA_PDL=0 turns off
 programmatic dependent launch (Hopper) between the shrink and GEMV kernels; FASTPEFT_CUDA_VERBOSE=1
@@ -124,17 +136,19 @@ def load(device: torch.device):
 
 
 def _shape_reason(x2d, weight, bias, A, B) -> Optional[str]:
-    """What the GEMV kernel itself cannot take (shapes were validated by fastpeft.ops already)."""
+    """What the GEMV kernel itself cannot take (shapes were validated by fastpeft.ops already); A and B may be
+    None (the base checks only)."""
     M, K = x2d.shape
     if not 1 <= M <= MAX_M:
         return f"the CUDA kernel is a decode GEMV for 1 <= M <= {MAX_M} rows, found M={M}"
     if x2d.dtype not in (torch.float16, torch.bfloat16):
         return f"x must be float16 or bfloat16 for the CUDA kernel, found {x2d.dtype}"
-    r = A.shape[0]
-    if r > GEMV_MAX_R:
-        return f"the CUDA kernel supports r <= {GEMV_MAX_R}, found r={r}"
-    if A.dtype != B.dtype or A.dtype not in (torch.float32, x2d.dtype):
-        return f"lora_A/lora_B must share float32 or x's dtype {x2d.dtype}, found {A.dtype}/{B.dtype}"
+    if A is not None:
+        r = A.shape[0]
+        if r > GEMV_MAX_R:
+            return f"the CUDA kernel supports r <= {GEMV_MAX_R}, found r={r}"
+        if A.dtype != B.dtype or A.dtype not in (torch.float32, x2d.dtype):
+            return f"lora_A/lora_B must share float32 or x's dtype {x2d.dtype}, found {A.dtype}/{B.dtype}"
     if bias is not None and bias.dtype != x2d.dtype:
         return f"bias must be in {x2d.dtype}, found {bias.dtype}"
     for name, t in (("weight", weight), ("bias", bias), ("lora_A", A), ("lora_B", B)):
@@ -145,10 +159,10 @@ def _shape_reason(x2d, weight, bias, A, B) -> Optional[str]:
 
 def _call_reason(call) -> Optional[str]:
     """What the decode kernel cannot take about the call's base and adapter set (no GPU needed to ask)."""
-    if call.plan is not None:
-        return "a mixed batch (row_index: one adapter per row) is not in the CUDA decode kernel yet"
     if call.base.packed is not None:
         return "the CUDA decode kernel has no quantized base weights yet (the triton backend runs them)"
+    if call.plan is not None:
+        return _mixed_call_reason(call)
     if len(call.adapters) != 1:
         return f"the CUDA decode kernel takes exactly one adapter per call, found {len(call.adapters)}"
     a = call.adapters[0]
@@ -166,6 +180,38 @@ def _call_reason(call) -> Optional[str]:
     return None
 
 
+def _mixed_call_reason(call) -> Optional[str]:
+    """The adapter rules of a mixed batch (call.plan): inference only, plain LoRA; any number of adapters."""
+    for k, a in enumerate(call.adapters):
+        if a.dropout_p > 0:
+            return (f"LoRA dropout (training) is not supported by the CUDA decode kernel (adapter {k} of a mixed "
+                    f"batch has dropout_p={a.dropout_p})")
+        if a.magnitude is not None:
+            return f"DoRA in a mixed batch (adapter {k} has a magnitude) is not supported by the CUDA decode kernel"
+    return None
+
+
+def _mixed_shape_reason(call) -> Optional[str]:
+    """What the mixed (BGMV) decode kernel cannot take about the tensors: _shape_reason for the base and for
+    every adapter (each r <= 128, so S's max r is too), and one lora_A/lora_B dtype for all adapters (the
+    kernel is compiled per A/B dtype)."""
+    x2d, base = call.x, call.base
+    reason = _shape_reason(x2d, base.weight, base.bias, None, None)
+    if reason is not None:
+        return reason
+    for k, a in enumerate(call.adapters):
+        reason = _shape_reason(x2d, None, None, a.A, a.B)
+        if reason is not None:
+            return f"adapter {k} of the mixed batch: {reason}"
+    dtypes = sorted({str(a.A.dtype) for a in call.adapters})
+    if len(dtypes) > 1:
+        return (f"the CUDA mixed-batch kernel needs one lora_A/lora_B dtype for all adapters, found "
+                f"{', '.join(dtypes)}")
+    if call.plan.row_index.device != x2d.device:
+        return f"row_index is on {call.plan.row_index.device} but x is on {x2d.device}"
+    return None
+
+
 def _module_reason(mod, call) -> Optional[str]:
     """Why the loaded module cannot run this call: it failed to load (mod is the reason), or it is an
     ahead-of-time fastpeft._C built before a feature the call needs (csrc/binding.cpp's FEATURES)."""
@@ -174,6 +220,9 @@ def _module_reason(mod, call) -> Optional[str]:
     if call.is_dora and "col_scale" not in getattr(mod, "FEATURES", ()):
         return ("the loaded fastpeft._C predates DoRA's column scale in the CUDA decode kernel (its FEATURES "
                 "lack 'col_scale'); rebuild it (FASTPEFT_BUILD_CUDA=1) or remove it to use the just-in-time build")
+    if call.plan is not None and "mixed" not in getattr(mod, "FEATURES", ()):
+        return ("the loaded fastpeft._C predates mixed batches (row_index) in the CUDA decode kernel (its FEATURES "
+                "lack 'mixed'); rebuild it (FASTPEFT_BUILD_CUDA=1) or remove it to use the just-in-time build")
     return None
 
 
@@ -184,8 +233,11 @@ def supports(call) -> Optional[str]:
     reason = _call_reason(call)
     if reason is not None:
         return reason
-    a = call.adapters[0]
-    reason = _shape_reason(call.x, call.base.weight, call.base.bias, a.A, a.B)
+    if call.plan is not None:
+        reason = _mixed_shape_reason(call)
+    else:
+        a = call.adapters[0]
+        reason = _shape_reason(call.x, call.base.weight, call.base.bias, a.A, a.B)
     if reason is not None:
         return reason
     return _module_reason(load(call.x.device), call)
@@ -215,6 +267,42 @@ def gemv(x2d, weight, bias, A, B, scale, use_pdl=None, out=None, s_out=None, col
     return y, s
 
 
+def gemv_mixed(x2d, weight, bias, As, Bs, scales, adapter_ids, row_index, s_cols, use_pdl=None, out=None,
+               s_out=None):
+    """Run the mixed-batch kernel: (Y [M, N] in x.dtype, S [M, s_cols] fp32). Row m takes the adapter q with
+    adapter_ids[q] == row_index[m] (row_index: int64 [M] on x's device; -1 = base only); As/Bs/scales/
+    adapter_ids list at most 8 adapters (those with rows; see mixed_args). S row m holds x[m] A_q^T in its
+    first r_q columns and zeros after them. Errors come back from the binding as a message; raised here."""
+    mod = load(x2d.device)
+    if isinstance(mod, str):
+        raise RuntimeError(f"fastpeft cuda backend is unavailable: {mod}")
+    if not hasattr(mod, "lora_gemv_mixed"):
+        raise RuntimeError("the loaded fastpeft._C predates mixed batches (no lora_gemv_mixed); rebuild it "
+                           "(FASTPEFT_BUILD_CUDA=1) or remove it to use the just-in-time build")
+    if use_pdl is None:
+        use_pdl = _use_pdl(x2d.device, x2d.shape[0])
+    if row_index.dtype != torch.int64:
+        row_index = row_index.to(torch.int64)
+    y, s, err = mod.lora_gemv_mixed(x2d, weight, bias, list(As), list(Bs), [float(v) for v in scales],
+                                    [int(k) for k in adapter_ids], row_index, int(s_cols), bool(use_pdl),
+                                    out=out, s_out=s_out)
+    if err:
+        raise RuntimeError(f"fastpeft lora_gemv_mixed: {err}")
+    return y, s
+
+
+def mixed_args(call) -> tuple:
+    """(As, Bs, scales, adapter_ids, row_index, s_cols) for gemv_mixed from a mixed call: only the adapters that
+    have rows in this batch (plan.count(k) > 0, host ints: no sync), at most M <= 8 of them, rank-0 ones
+    included (their rows get the base alone); adapter_ids are their indices k in the call, which row_index
+    holds; s_cols = call.r_total (the largest rank of all the call's adapters, the contract's width of S)."""
+    plan = call.plan
+    active = [k for k in range(len(call.adapters)) if plan.count(k) > 0]
+    ads = [call.adapters[k] for k in active]
+    return ([a.A for a in ads], [a.B for a in ads], [float(a.scale) for a in ads], active, plan.row_index,
+            call.r_total)
+
+
 def col_scale_arg(call) -> Optional[torch.Tensor]:
     """The kernel's col_scale for this call: DoRA's g = call.col_scale() as contiguous float32 [N] on x's
     device (a float64 g, from float64 magnitudes, is rounded to the kernel's fp32), or None for plain LoRA."""
@@ -226,9 +314,11 @@ def col_scale_arg(call) -> Optional[torch.Tensor]:
 
 def forward(call):
     """(Y [M, N] in x.dtype, S = x A^T [M, r] fp32) from the fused decode GEMV; a DoRA call's Y is
-    g * (x W^T + s S B^T) + bias (no dropout: supports() refuses it, so there is no Z_d to return). The
-    dispatcher has run supports() for this call, so it is not repeated; gemv() still raises the
-    binding's own message."""
+    g * (x W^T + s S B^T) + bias (no dropout: supports() refuses it, so there is no Z_d to return); a mixed
+    call's S is [M, max r] (gemv_mixed). The dispatcher has run supports() for this call, so it is not
+    repeated; gemv() / gemv_mixed() still raise the binding's own message."""
+    if call.plan is not None:
+        return gemv_mixed(call.x, call.base.weight, call.base.bias, *mixed_args(call))
     a = call.adapters[0]
     return gemv(call.x, call.base.weight, call.base.bias, a.A, a.B, a.scale, col_scale=col_scale_arg(call))
 
@@ -236,7 +326,8 @@ def forward(call):
 def backward(call, dY, S, needs_dx, needs_dA, needs_dB):
     """The torch backend's backward (no kernel: decode is inference; supports() refuses dropout, so
     there is no mask to regenerate). A DoRA call goes to torch_backend._dora_backward through it: the
-    LoRA backward on g * dY (the magnitude gradient is dora.magnitude_grad's, outside the backends)."""
+    LoRA backward on g * dY (the magnitude gradient is dora.magnitude_grad's, outside the backends); a mixed
+    call to its _mixed_backward, on the kernel's [M, max r] S."""
     from . import torch_backend
 
     return torch_backend.backward(call, dY, S, needs_dx, needs_dA, needs_dB)

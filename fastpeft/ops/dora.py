@@ -105,6 +105,31 @@ def column_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
     return magnitude.to(acc) / norm.to(acc).clamp_min(DORA_EPS)
 
 
+# Rows of [M, N] per block of the CPU column reduction: the block's product stays in cache (~1 MiB).
+_DOT_BLOCK_BYTES = 1 << 20
+
+
+def column_dots(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """sum_i a_ij b_ij [N] in ``acc``, for a, b [M, N], without an [M, N] temporary in ``acc``.
+
+    CUDA: one product in the inputs' dtype, summed in ``acc``. CPU: the product in row blocks written into one
+    small buffer, so the pass stays in cache (torch has no fused column dot; its vecdot and einsum write the
+    whole product first, and einsum is far slower)."""
+    if a.device.type != "cpu":
+        return torch.mul(a, b).sum(0, dtype=acc)
+    M, N = a.shape
+    rows = max(1, _DOT_BLOCK_BYTES // max(1, N * a.element_size()))
+    if rows >= M:
+        return torch.mul(a, b).sum(0, dtype=acc)
+    out = torch.zeros(N, dtype=acc, device=a.device)
+    buf = torch.empty(rows, N, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
+    for i in range(0, M, rows):
+        n = min(rows, M - i)
+        torch.mul(a[i:i + n], b[i:i + n], out=buf[:n])
+        out.add_(buf[:n].sum(0, dtype=acc))
+    return out
+
+
 def magnitude_grad(call: LoraCall, dY: Tensor, saved: Tensor, S: Tensor) -> Tensor:
     """dL/dm [N] in m's dtype, for a DoRA call (dY [M, N]).
 
@@ -113,22 +138,24 @@ def magnitude_grad(call: LoraCall, dY: Tensor, saved: Tensor, S: Tensor) -> Tens
     a = call.adapters[0]
     acc = _acc(torch.promote_types(saved.dtype, a.weight_norm.dtype))
     m, nt = a.magnitude, a.weight_norm.to(acc).clamp_min(DORA_EPS)
-    dY = dY.reshape(-1, dY.shape[-1]).to(acc)
-    saved = saved.reshape(-1, saved.shape[-1]).to(acc)
+    dY = dY.reshape(-1, dY.shape[-1])
+    saved = saved.reshape(-1, saved.shape[-1])
+    dY = dY if dY.dtype == saved.dtype else dY.to(saved.dtype)
     if a.dropout_p > 0.0:
-        return (torch.linalg.vecdot(dY, saved, dim=0) / nt).to(m.dtype)
+        return (column_dots(dY, saved, acc) / nt).to(m.dtype)
     bias = call.base.bias
     m32 = m.detach().to(acc)
-    # sum_i dY_ij (Y_ij - bias_j) as column dot products: no [M, N] temporary
-    dm = torch.linalg.vecdot(dY, saved, dim=0)
+    dm = column_dots(dY, saved, acc)  # sum_i dY_ij (Y_ij - bias_j) = that - bias_j sum_i dY_ij
     if bias is not None:
-        dm -= bias.to(acc) * dY.sum(0)
-    dm /= torch.where(m32 == 0, 1.0, m32)
-    zero = (m32 == 0).nonzero().flatten()
-    if zero.numel():
-        # g_j = 0: Y holds only the bias in these columns. Their Z from W's rows: x W_J^T + s S B_J^T.
+        dm -= bias.to(acc) * dY.sum(0, dtype=acc)
+    zero = m32 == 0
+    dm /= torch.where(zero, 1.0, m32)
+    # Columns with g_j = 0 hold only the bias in Y: their Z from W's rows, x W_J^T + s S B_J^T. (The check
+    # is a device-to-host sync on a GPU; m is exactly 0 only where peft's init met an all-zero row of W.)
+    if bool(zero.any()):
+        J = zero.nonzero().flatten()
         W = call.base.weight if call.base.weight is not None else dequantize(call.base.packed, torch.float32)
-        ZJ = call.x.to(acc) @ W.index_select(0, zero).to(acc).t()
-        ZJ += a.scale * (S.to(acc) @ a.B.detach().index_select(0, zero).to(acc).t())
-        dm[zero] = (dY.index_select(1, zero) * ZJ).sum(0) / nt[zero]
+        ZJ = call.x.to(acc) @ W.index_select(0, J).to(acc).t()
+        ZJ += a.scale * (S.to(acc) @ a.B.detach().index_select(0, J).to(acc).t())
+        dm[J] = (dY.index_select(1, J).to(acc) * ZJ).sum(0) / nt[J]
     return dm.to(m.dtype)

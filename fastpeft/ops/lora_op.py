@@ -13,10 +13,11 @@ Custom ops take tensors, lists of tensors, numbers and strings, so a call travel
                        row_offsets: int[])
                        -> (Y [..., N] in x's dtype, S [M, sum r] in the compute dtype,
                            Z_d [M, N] for a DoRA call with dropout, else an empty tensor)
-    fastpeft::lora_bwd(dY, x, <same base and adapters>, S, needs_dx, needs_dA: bool[], needs_dB: bool[])
-                       -> [dX, dA_0.., dB_0..]   (empty tensors for grads not needed)
+    fastpeft::lora_bwd(dY, x, weight?, bias?, dora_saved?, <same base and adapters>, S, needs_dx,
+                       needs_dA: bool[], needs_dB: bool[], needs_dm) -> [dX, dA_0.., dB_0.., (dm)]
+                       (empty tensors for grads not needed; dm only when needs_dm)
 
-A DoRA call's magnitude gradient is computed beside lora_bwd by dora.magnitude_grad (from Y, or Z_d).
+A DoRA call's magnitude gradient comes out of lora_bwd too (dora.magnitude_grad, from Y or Z_d).
 
 row_index / row_order / row_offsets: a mixed batch's RowPlan (plan.py), flattened; None / None / [].
 packed: the QuantizedWeight fields in PACKED_FIELDS order ([] for a dense base, fmt ""), qmeta: its
@@ -130,56 +131,49 @@ def _(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps,
 
 # -- backward -----------------------------------------------------------------------------------------
 @torch.library.custom_op("fastpeft::lora_bwd", mutates_args=())
-def lora_bwd_op(dY: Tensor, x: Tensor, weight: Optional[Tensor], packed: Sequence[Optional[Tensor]], fmt: str,
+def lora_bwd_op(dY: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], dora_saved: Optional[Tensor],
+                packed: Sequence[Optional[Tensor]], fmt: str,
                 qmeta: Sequence[int], lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor], S: Tensor,
                 scales: Sequence[float], dropout_ps: Sequence[float], magnitudes: Sequence[Optional[Tensor]],
                 weight_norms: Sequence[Optional[Tensor]], seed: Optional[Tensor], row_index: Optional[Tensor],
                 row_order: Optional[Tensor], row_offsets: Sequence[int], pool: Sequence[Optional[Tensor]],
-                pool_max_rank: int, needs_dx: bool, needs_dA: Sequence[bool], needs_dB: Sequence[bool]) -> list[Tensor]:
+                pool_max_rank: int, needs_dx: bool, needs_dA: Sequence[bool], needs_dB: Sequence[bool],
+                needs_dm: bool) -> list[Tensor]:
     """[dX, dA_0, .., dB_0, ..]; a grad that is not needed comes back as an empty tensor (custom ops
     cannot return None), each its own (outputs of a custom op must not alias each other).
 
     The backward must run on the backend that made the masks (torch and Triton RNGs differ). The
     choice is a pure function of the call's tensors (shapes, dtypes, devices) and the environment, so
     it is made again here, from the same tensors, rather than carried over from the forward."""
-    call = _call(x, weight, None, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, weight_norms,
+    call = _call(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, weight_norms,
                  seed, row_index, row_order, row_offsets, pool, pool_max_rank)
     if pool:  # a pool's slots get no gradients (a bank serves frozen adapters); dX only
         needs_dA = needs_dB = [False] * len(call.adapters)
-    dX, dAs, dBs = dispatch.get(dispatch.choose(call)).backward(call, dY.reshape(-1, dY.shape[-1]), S, needs_dx,
-                                                                list(needs_dA), list(needs_dB))
+    dX = None
+    dAs, dBs = [None] * len(needs_dA), [None] * len(needs_dB)
+    if needs_dx or any(needs_dA) or any(needs_dB):
+        dX, dAs, dBs = dispatch.get(dispatch.choose(call)).backward(call, dY.reshape(-1, dY.shape[-1]), S, needs_dx,
+                                                                    list(needs_dA), list(needs_dB))
     if pool:
         dAs, dBs = [], []
     out = [dX.to(x.dtype).reshape(x.shape) if needs_dx else x.new_empty(0)]
     out += [g.to(A.dtype) if need else A.new_empty(0) for g, A, need in zip(dAs, lora_As, needs_dA)]
     out += [g.to(B.dtype) if need else B.new_empty(0) for g, B, need in zip(dBs, lora_Bs, needs_dB)]
+    if needs_dm:  # DoRA (one adapter per call): from the output Y, or Z_d under dropout (dora.py)
+        out.append(dora.magnitude_grad(call, dY, dora_saved, S))
     return out
 
 
 @lora_bwd_op.register_fake
-def _(dY, x, weight, packed, fmt, qmeta, lora_As, lora_Bs, S, scales, dropout_ps, magnitudes, weight_norms, seed,
-      row_index, row_order, row_offsets, pool, pool_max_rank, needs_dx, needs_dA, needs_dB):
+def _(dY, x, weight, bias, dora_saved, packed, fmt, qmeta, lora_As, lora_Bs, S, scales, dropout_ps, magnitudes,
+      weight_norms, seed, row_index, row_order, row_offsets, pool, pool_max_rank, needs_dx, needs_dA, needs_dB,
+      needs_dm):
     out = [torch.empty_like(x) if needs_dx else x.new_empty(0)]
     out += [torch.empty_like(A) if need else A.new_empty(0) for A, need in zip(lora_As, needs_dA)]
     out += [torch.empty_like(B) if need else B.new_empty(0) for B, need in zip(lora_Bs, needs_dB)]
+    if needs_dm:
+        out.append(torch.empty_like(magnitudes[0]))
     return out
-
-
-@torch.library.custom_op("fastpeft::dora_magnitude_grad", mutates_args=())
-def dora_magnitude_grad_op(dY: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                           packed: Sequence[Optional[Tensor]], fmt: str, qmeta: Sequence[int], lora_A: Tensor,
-                           lora_B: Tensor, S: Tensor, saved: Tensor, scale: float, dropout_p: float, magnitude: Tensor,
-                           weight_norm: Tensor) -> Tensor:
-    """dL/dm of a DoRA call (dora.magnitude_grad). An op of its own so that torch.compile does not trace its
-    data-dependent branch (the columns where m = 0)."""
-    call = _call(x, weight, bias, packed, fmt, qmeta, [lora_A], [lora_B], [scale], [dropout_p], [magnitude],
-                 [weight_norm], None)
-    return dora.magnitude_grad(call, dY, saved, S)
-
-
-@dora_magnitude_grad_op.register_fake
-def _(dY, x, weight, bias, packed, fmt, qmeta, lora_A, lora_B, S, saved, scale, dropout_p, magnitude, weight_norm):
-    return torch.empty_like(magnitude)
 
 
 def _param_layout(g: Tensor, p: Tensor) -> Tensor:
@@ -229,17 +223,16 @@ class _LoraFunction(torch.autograd.Function):
         need_m = list(need[t0 + 2 * n:t0 + 3 * n])
         dX = dW = db = None
         dAs, dBs, dms = [None] * n, [None] * n, [None] * n
-        if need_x or any(need_A) or any(need_B):
-            out = torch.ops.fastpeft.lora_bwd(dY, x, weight, packed, fmt, qmeta, lora_As, lora_Bs, S, scales,
-                                              dropout_ps, magnitudes, norms, seed, row_index, row_order, offsets,
-                                              pool, max_rank, need_x, need_A, need_B)
+        need_dm = any(need_m)  # one DoRA adapter per call (contract.validate)
+        if need_x or any(need_A) or any(need_B) or need_dm:
+            out = torch.ops.fastpeft.lora_bwd(dY, x, weight, bias, keep, packed, fmt, qmeta, lora_As, lora_Bs, S,
+                                              scales, dropout_ps, magnitudes, norms, seed, row_index, row_order,
+                                              offsets, pool, max_rank, need_x, need_A, need_B, need_dm)
             dX = out[0] if need_x else None
             dAs = [_param_layout(g, A) if nd else None for g, A, nd in zip(out[1:1 + n], lora_As, need_A)]
-            dBs = [_param_layout(g, B) if nd else None for g, B, nd in zip(out[1 + n:], lora_Bs, need_B)]
-        if any(need_m):  # one DoRA adapter per call (contract.validate)
-            dms = [torch.ops.fastpeft.dora_magnitude_grad(dY, x, weight, bias, packed, fmt, qmeta, lora_As[0],
-                                                          lora_Bs[0], S, keep, scales[0], dropout_ps[0],
-                                                          magnitudes[0], norms[0])]
+            dBs = [_param_layout(g, B) if nd else None for g, B, nd in zip(out[1 + n:1 + 2 * n], lora_Bs, need_B)]
+            if need_dm:
+                dms = [out[-1]]
         if need_w or need_b:  # a trainable dense base (rare: LoRA freezes it); packed weights never get grads
             dY2 = dY.reshape(-1, dY.shape[-1])
             if need_w:

@@ -164,3 +164,14 @@ def test_dora_traces_under_torch_compile_fullgraph():
     torch.testing.assert_close(y_comp, y_eager)
     for a, e in zip(g_comp, g_eager):
         torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_dots_in_row_blocks_equal_the_plain_sum(monkeypatch, dtype):
+    monkeypatch.setattr(dora, "_DOT_BLOCK_BYTES", 7 * 13 * 4)  # a few rows per block, a ragged last block
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(50, 13, generator=g).to(dtype), torch.randn(50, 13, generator=g).to(dtype)
+    want = (a.double() * b.double()).sum(0)
+    got = dora.column_dots(a, b, torch.float32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
