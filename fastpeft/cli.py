@@ -92,7 +92,7 @@ def cmd_bench(args) -> int:
                         repeats=args.repeats, warmup=args.warmup, quick=args.quick,
                         layer_shapes=_parse_shapes(args.layer_shapes), only=args.only, seed=args.seed,
                         json_path=args.json, progress=not args.no_progress, fsdp2=args.fsdp2,
-                        fsdp2_nproc=args.fsdp2_nproc)
+                        fsdp2_nproc=args.fsdp2_nproc, dora=args.dora)
     try:
         result = run(opts)
     except BenchSetupError as e:
@@ -359,8 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=None, help="untimed runs before timing")
     b.add_argument("--quick", action="store_true", help="tiny shapes and 3 repeats (a few seconds; for tests)")
     b.add_argument("--layer-shapes", default=None, help="layer shapes MxKxN[,MxKxN...] instead of the defaults")
-    b.add_argument("--only", choices=("layer", "decoder", "fsdp2"), default=None,
-                   help="run only one of the benches (fsdp2: only the FSDP2 row)")
+    b.add_argument("--only", choices=("layer", "decoder", "fsdp2", "dora"), default=None,
+                   help="run only one of the benches (fsdp2: only the FSDP2 row; dora: only the DoRA section)")
+    b.add_argument("--dora", action="store_true",
+                   help="add the DoRA section: base, fastpeft LoRA, fastpeft DoRA, peft LoRA, peft DoRA "
+                        "(use_dora=True, same A and B), timed round-robin in one process, for one layer "
+                        "(CPU: M=K=N=2048 fp32; CUDA: M=K=N=4096 bf16; r=16; --layer-shapes and --rank apply "
+                        "too) and the decoder's training step, at the run's --dropout: DoRA/LoRA ratios, DoRA's "
+                        "extra cost per library, bytes saved for backward")
     b.add_argument("--fsdp2", action="store_true",
                    help="add an FSDP2 row: per-rank step time and peak memory, fastpeft vs peft, each under its own "
                         "torchrun launch (CPU: gloo; CUDA: one GPU per rank); not in the default run")

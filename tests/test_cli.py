@@ -59,6 +59,25 @@ def test_saved_tensor_counter_dedupes_by_storage_and_skips_params():
     del y
 
 
+def test_saved_tensor_counter_counts_only_what_the_graph_keeps():
+    """A graph built and dropped inside the forward (peft's DoRA does this for B A) keeps nothing for backward."""
+    x = torch.randn(8, 16, requires_grad=True)
+    w = torch.randn(16, 16, requires_grad=True)
+
+    def fwd():
+        eye = torch.eye(16)
+        (eye @ w).detach()   # saves eye [16, 16] for dW, then the graph dies
+        return x * 2.0 * x   # keeps x (8 x 16), and the product's x * 2.0
+    with SavedTensorCounter([w]) as c:
+        out = fwd()
+    kept = c.bytes
+    assert kept == 2 * x.numel() * 4
+    assert c.packed_bytes == kept + 16 * 16 * 4
+    del out
+    assert c.bytes == kept  # a snapshot taken when the context exited
+    assert saved_bytes(fwd, exclude=[w]) == kept
+
+
 @pytest.fixture(scope="module")
 def quick_bench(tmp_path_factory):
     """One in-process `fastpeft bench --quick` run (a few seconds), shared by the tests that read it."""
@@ -123,6 +142,114 @@ def test_plot_makes_a_png_of_the_ratios(quick_bench, tmp_path):
     bad.write_text('{"schema": "something-else"}')
     with pytest.raises(SystemExit, match="not a `fastpeft bench --json` file"):
         plot.main([str(bad), str(tmp_path / "x.png")])
+
+
+@pytest.fixture(scope="module")
+def quick_dora_bench(tmp_path_factory):
+    """One in-process `fastpeft bench --dora --quick` run at dropout 0 (the issue's DoRA targets' setting)."""
+    out = tmp_path_factory.mktemp("bench_dora") / "bench.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        rc = main(["bench", "--dora", "--quick", "--device", "cpu", "--json", str(out), "--dropout", "0"])
+    return rc, out, stdout.getvalue()
+
+
+def test_bench_dora_quick_json(quick_dora_bench):
+    """The DoRA section: five rows per case, the DoRA/LoRA ratios, extras and saved bytes (no timing claims)."""
+    rc, out, stdout = quick_dora_bench
+    assert rc == 0
+    assert "DoRA vs LoRA" in stdout and "DoRA/LoRA" in stdout and "DoRA extra ms" in stdout
+    assert "fastpeft DoRA" in stdout and "peft DoRA" in stdout and "issue targets" in stdout
+    data = json.loads(out.read_text())
+    assert data["schema"] == "fastpeft-bench/1" and data["settings"]["dora"] is True
+    for key in ("device", "torch", "transformers", "peft", "fastpeft"):
+        assert key in data["env"], key
+    # --dora adds a section; the regular rows are still there
+    assert len(data["layer"]) == 1 and len(data["decoder"]) == 1
+    assert [e["kind"] for e in data["dora"]] == ["layer", "decoder"]
+    impls = ["base", "fastpeft", "fastpeft_dora", "peft", "peft_dora"]
+    for e in data["dora"]:
+        assert e["impls"] == impls and set(e["rows"]) == set(impls)
+        assert e["case"]["dropout"] == 0.0 and e["case"]["dtype"] == "fp32" and e["case"]["r"] == 8
+        for name, row in e["rows"].items():
+            assert row["fwd_bwd_ms"] > 0 and row["saved_bytes"] >= 0, name
+            assert len(row["samples_ms"]) == row["fwd_bwd"]["runs"] == 3, name
+            assert row["fwd_bwd"]["p20_ms"] <= row["fwd_bwd_ms"] <= row["fwd_bwd"]["p80_ms"], name
+        rows, d = e["rows"], e["dora"]
+        ms = {n: rows[n]["fwd_bwd_ms"] for n in impls}
+        assert d["fastpeft_dora/fastpeft"] == pytest.approx(ms["fastpeft_dora"] / ms["fastpeft"])
+        assert d["peft_dora/peft"] == pytest.approx(ms["peft_dora"] / ms["peft"])
+        assert d["extra_ms"]["fastpeft"] == pytest.approx(ms["fastpeft_dora"] - ms["fastpeft"])
+        assert d["extra_ms"]["peft"] == pytest.approx(ms["peft_dora"] - ms["peft"])
+        assert d["extra_ratio"] == pytest.approx(d["extra_ms"]["fastpeft"] / d["extra_ms"]["peft"])
+        for key in ("fastpeft_dora/fastpeft", "peft_dora/peft", "peft_dora/fastpeft_dora"):
+            p = d["paired"][key]
+            assert p["p20"] <= p["median"] <= p["p80"] and p["median"] > 0, key
+        saved = {n: rows[n]["saved_bytes"] for n in impls}
+        assert d["saved_bytes"]["extra"] == {"fastpeft": saved["fastpeft_dora"] - saved["fastpeft"],
+                                             "peft": saved["peft_dora"] - saved["peft"]}
+        # DoRA keeps more than LoRA in either library (fastpeft: the output, for the magnitude gradient)
+        assert saved["fastpeft_dora"] > saved["fastpeft"] and saved["peft_dora"] > saved["peft"]
+        t = e["targets"]
+        assert t["applies"] is True  # CPU, dropout 0
+        assert t["fastpeft_dora/fastpeft"]["max"] == 1.10 and t["extra_ratio"]["max"] == 0.5
+        assert t["fastpeft_dora/fastpeft"]["met"] in (True, False)
+    layer, dec = data["dora"]
+    assert layer["case"]["M"] == 64 and layer["fastpeft_dora_vs_peft_dora_rel_diff"] < 1e-5
+    assert layer["fastpeft_vs_peft_rel_diff"] < 1e-5
+    assert dec["fastpeft_dora_vs_peft_dora_logits_rel_diff"] < 1e-4
+    assert dec["rows"]["fastpeft_dora"]["trainable_params"] == dec["rows"]["peft_dora"]["trainable_params"] > \
+        dec["rows"]["peft"]["trainable_params"]  # DoRA adds the magnitudes
+    assert dec["rows"]["base"]["trainable_params"] == 0
+
+
+def test_bench_only_dora_plans_only_the_dora_cases():
+    from fastpeft.bench.runner import BenchOptions, plan
+
+    opts = BenchOptions(only="dora", quick=True)
+    plan(opts, torch.device("cpu"))
+    assert opts.dora and opts.cases_layer == [] and opts.cases_decoder == [] and opts.cases_fsdp2 == []
+    assert [(c.M, c.K, c.N, c.r, c.dropout) for c in opts.cases_dora_layer] == [(64, 128, 128, 8, 0.1)]
+    assert len(opts.cases_dora_decoder) == 1
+    opts = BenchOptions(dora=True, dropout=0.0, layer_shapes=[(32, 64, 48)], ranks=[4])
+    plan(opts, torch.device("cpu"))
+    assert len(opts.cases_layer) == 1 and len(opts.cases_decoder) == 1
+    assert [(c.M, c.K, c.N, c.r, c.dropout) for c in opts.cases_dora_layer] == [(32, 64, 48, 4, 0.0)]
+    opts = BenchOptions()  # no --dora: no DoRA cases
+    plan(opts, torch.device("cpu"))
+    assert not opts.dora and opts.cases_dora_layer == [] and opts.cases_dora_decoder == []
+    from fastpeft.bench.dora import CPU_SHAPES
+    opts = BenchOptions(dora=True)
+    plan(opts, torch.device("cpu"))
+    assert [(c.M, c.K, c.N, c.r) for c in opts.cases_dora_layer] == [(*CPU_SHAPES[0], 16)]
+
+
+def test_time_interleaved_round_robin(monkeypatch):
+    """Each round runs every callable once, the first one rotating; on CUDA rounds of do_bench measurements."""
+    from fastpeft.bench import timing
+
+    calls = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
+    x = torch.zeros(2, requires_grad=True)
+    x.grad = torch.ones(2)
+    samples = timing.time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=3, grad_to_none={"a": [x]})
+    assert calls == ["a", "b", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {n: len(v) for n, v in samples.items()} == {"a": 3, "b": 3, "c": 3} and x.grad is None
+    p = timing.paired([2.0, 4.0, 6.0], [1.0, 2.0, 2.0])
+    assert p["median"] == 2.0 and p["p20"] <= p["median"] <= p["p80"] == pytest.approx(2.6)
+    assert timing.paired([2.0, 4.0], [1.0, 1.0], "diff")["median"] == 2.0
+
+    seen = []
+
+    def fake_time_cuda(fn, *, warmup, repeats, grad_to_none=None):
+        seen.append((fn, warmup, repeats))
+        return timing.Timing(float(len(seen)), 0.0, 0.0, repeats, "fake")
+
+    monkeypatch.setattr(timing, "time_cuda", fake_time_cuda)
+    samples = timing.time_interleaved(fns, torch.device("cuda"), warmup=3, repeats=50)
+    assert len(seen) == 5 * 3 and {r for _, _, r in seen} == {10}
+    assert [w for _, w, _ in seen] == [3] * 3 + [1] * 12  # warm-up in the first round only
+    assert samples["a"] == [1.0, 6.0, 8.0, 10.0, 15.0]
 
 
 @pytest.mark.parametrize("argv, message", [

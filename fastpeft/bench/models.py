@@ -4,8 +4,13 @@
   fastpeft  fastpeft.get_peft_model(copy of base, fastpeft LoraConfig)
   peft      peft.get_peft_model(copy of base, peft LoraConfig) with the same field values
 
+With ``dora=True`` (``fastpeft bench --dora``) two more: ``fastpeft_dora`` and ``peft_dora``, the same
+configs with ``use_dora=True`` (DORA_IMPLS).
+
 The LoRA weights are drawn once (B non-zero, so the LoRA branch does real work and the outputs can be
-compared) and copied into both adapters by parameter name, which the two libraries share.
+compared) and copied into every adapter by parameter name, which the two libraries share. DoRA's
+magnitude is set to the weight norm ||W + s B A||_row times (1 + 0.1 N(0, 1)), so that g = m / n is not
+all ones (as it is right after peft's init) and the rescaling does real work.
 """
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ import torch
 from torch import nn
 
 IMPLS = ("base", "fastpeft", "peft")
+# The rows of a DoRA comparison (`fastpeft bench --dora`): each library's LoRA and DoRA, same A and B.
+DORA_IMPLS = ("base", "fastpeft", "fastpeft_dora", "peft", "peft_dora")
+_MAGNITUDE = "lora_magnitude_vector"
 
 
 class BenchSetupError(RuntimeError):
@@ -62,10 +70,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
-def _lora_config_kwargs(r: int, alpha: float, dropout: float, targets: List[str], task_type: Optional[str]):
+def _lora_config_kwargs(r: int, alpha: float, dropout: float, targets: List[str], task_type: Optional[str],
+                        use_dora: bool = False):
     kw = dict(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
     if task_type is not None:
         kw["task_type"] = task_type
+    if use_dora:
+        kw["use_dora"] = True
     return kw
 
 
@@ -75,18 +86,34 @@ def draw_lora_weights(model: nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if "lora_" in name:
+            if "lora_" in name and _MAGNITUDE not in name:
                 p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float32) / p.shape[-1] ** 0.5).to(p.dtype))
+        # A and B are drawn as above whether or not the model is DoRA (magnitudes draw nothing from gen), so
+        # a LoRA model and a DoRA model drawn with one seed hold the same A and B.
+        mgen = torch.Generator().manual_seed(seed + 7919)
+        for name, mod in sorted(model.named_modules()):
+            mags = getattr(mod, _MAGNITUDE, None)
+            if not isinstance(mags, nn.ModuleDict) or len(mags) == 0:
+                continue
+            W = mod.get_base_layer().weight.float()
+            for adapter in sorted(mags.keys()):
+                A, B = mod.lora_A[adapter].weight.float(), mod.lora_B[adapter].weight.float()
+                n = (W + mod.scaling[adapter] * (B @ A)).norm(dim=1)
+                m = mags[adapter].weight
+                jitter = 1.0 + 0.1 * torch.randn(n.shape, generator=mgen, dtype=torch.float32)
+                m.copy_((n.cpu() * jitter).to(device=m.device, dtype=m.dtype))
 
 
-def _sync_lora_weights(src: nn.Module, dst: nn.Module, seed: int) -> None:
-    """Draw fresh LoRA weights in `src` and copy every lora_ parameter into `dst` by name."""
-    draw_lora_weights(src, seed)
+def _sync_lora_weights(src: nn.Module, dst: nn.Module, seed: Optional[int]) -> None:
+    """Draw fresh LoRA weights in `src` (unless seed is None) and copy every lora_ parameter into `dst` by
+    name; a DoRA magnitude goes only where `dst` has one (from a DoRA `src` to a LoRA `dst` it is left out)."""
+    if seed is not None:
+        draw_lora_weights(src, seed)
     dst_params = dict(dst.named_parameters())
     copied = 0
     with torch.no_grad():
         for name, p in src.named_parameters():
-            if "lora_" not in name:
+            if "lora_" not in name or (_MAGNITUDE in name and name not in dst_params):
                 continue
             if name not in dst_params:
                 raise KeyError(f"fastpeft model has no parameter {name!r} (peft has it); fastpeft lora_ "
@@ -164,22 +191,48 @@ class _OneLinear(nn.Module):
         return self.proj(x)
 
 
-def build_layer(case: LayerCase, device: torch.device, seed: int = 0, pool: int = 4):
-    """Returns ({impl: Bench}, info). Each Bench calls the wrapped layer itself (not the PeftModel
-    wrapper), so per-call Python overhead of the model wrapper does not blur small-M timings."""
+def _adapted_models(base: nn.Module, kw: dict, seed: int, dora: bool) -> dict:
+    """{impl: model}: "base" (the model itself) and the peft and fastpeft wraps of copies of it, with one
+    set of LoRA weights (and, with ``dora``, the DoRA rows with the same A and B and one magnitude)."""
+    f_get, f_cfg = fastpeft_api()
+    p_get, p_cfg = peft_api()
+    peft_model = p_get(copy.deepcopy(base), p_cfg(**kw))
+    fast_model = f_get(copy.deepcopy(base), f_cfg(**kw))
+    models = {"base": base, "fastpeft": fast_model, "peft": peft_model}
+    if not dora:
+        _sync_lora_weights(peft_model, fast_model, seed + 1)
+        return models
+    dkw = dict(kw, use_dora=True)
+    try:
+        peft_dora = p_get(copy.deepcopy(base), p_cfg(**dkw))
+        fast_dora = f_get(copy.deepcopy(base), f_cfg(**dkw))
+    except (NotImplementedError, TypeError, ValueError) as e:
+        raise BenchSetupError(f"--dora: building the DoRA rows (LoraConfig(use_dora=True)) failed: "
+                              f"{type(e).__name__}: {e}") from e
+    _sync_lora_weights(peft_dora, fast_dora, seed + 1)   # A, B and the magnitude
+    _sync_lora_weights(peft_dora, peft_model, None)      # the same A and B for the LoRA rows
+    _sync_lora_weights(peft_dora, fast_model, None)
+    models.update(fastpeft_dora=fast_dora, peft_dora=peft_dora)
+    return models
+
+
+def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> tuple:
+    out, ref = out.float(), ref.float()
+    return (out - ref).abs().max().item(), ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def build_layer(case: LayerCase, device: torch.device, seed: int = 0, pool: int = 4, dora: bool = False):
+    """Returns ({impl: Bench}, info), impl in IMPLS (DORA_IMPLS with ``dora``). Each Bench calls the
+    wrapped layer itself (not the PeftModel wrapper), so per-call Python overhead of the model wrapper
+    does not blur small-M timings."""
     torch.manual_seed(seed)
     base = _OneLinear(case.K, case.N).to(device=device, dtype=case.dtype)
     base.requires_grad_(False)
-    f_get, f_cfg = fastpeft_api()
-    p_get, p_cfg = peft_api()
     kw = _lora_config_kwargs(case.r, case.lora_alpha, case.dropout, ["proj"], None)
-    peft_model = p_get(copy.deepcopy(base), p_cfg(**kw))
-    fast_model = f_get(copy.deepcopy(base), f_cfg(**kw))
-    _sync_lora_weights(peft_model, fast_model, seed + 1)
-    for m in (base, peft_model, fast_model):
+    owners = _adapted_models(base, kw, seed, dora)
+    for m in owners.values():
         m.train()
-    layers = {"base": base.proj, "fastpeft": fast_model.base_model.model.proj, "peft": peft_model.base_model.model.proj}
-    owners = {"base": base, "fastpeft": fast_model, "peft": peft_model}
+    layers = {n: (m.proj if n == "base" else m.base_model.model.proj) for n, m in owners.items()}
 
     g = torch.Generator(device="cpu").manual_seed(seed + 2)
     xs = [torch.randn(case.M, case.K, generator=g).to(device=device, dtype=case.dtype).requires_grad_(True)
@@ -190,15 +243,14 @@ def build_layer(case: LayerCase, device: torch.device, seed: int = 0, pool: int 
     with torch.no_grad():
         for m in owners.values():
             m.eval()
-        ref = layers["peft"](xs[0]).float()
-        out = layers["fastpeft"](xs[0]).float()
-        max_abs = (out - ref).abs().max().item()
-        rel = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        max_abs, rel = _rel_diff(layers["fastpeft"](xs[0]), layers["peft"](xs[0]))
+        if dora:
+            d_abs, d_rel = _rel_diff(layers["fastpeft_dora"](xs[0]), layers["peft_dora"](xs[0]))
         for m in owners.values():
             m.train()
 
     benches = {}
-    for name in IMPLS:
+    for name in owners:
         layer = layers[name]
         counter = {"i": 0}
 
@@ -213,7 +265,9 @@ def build_layer(case: LayerCase, device: torch.device, seed: int = 0, pool: int 
         benches[name] = Bench(name, forward, step, grad_tensors=_trainable(owners[name]) + xs,
                               state=_state_tensors(owners[name]), adapter_dtype=_adapter_dtype(owners[name]))
     info = {"fastpeft_vs_peft_max_abs_diff": max_abs, "fastpeft_vs_peft_rel_diff": rel,
-            "fastpeft_backend": _backend_for(fast_model.base_model.model.proj, xs[0], case.dropout)}
+            "fastpeft_backend": _backend_for(layers["fastpeft"], xs[0], case.dropout)}
+    if dora:
+        info.update(fastpeft_dora_vs_peft_dora_max_abs_diff=d_abs, fastpeft_dora_vs_peft_dora_rel_diff=d_rel)
     return benches, info
 
 
@@ -287,16 +341,12 @@ def _inputs_require_grad(model: nn.Module) -> None:
     emb.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
 
 
-def build_decoder(case: DecoderCase, device: torch.device, seed: int = 0, pool: int = 3):
+def build_decoder(case: DecoderCase, device: torch.device, seed: int = 0, pool: int = 3, dora: bool = False):
+    """Returns ({impl: Bench}, info), impl in IMPLS (DORA_IMPLS with ``dora``)."""
     base = _make_llama(case, device, seed)
     base.requires_grad_(False)
-    f_get, f_cfg = fastpeft_api()
-    p_get, p_cfg = peft_api()
     kw = _lora_config_kwargs(case.r, case.lora_alpha, case.dropout, list(case.targets), "CAUSAL_LM")
-    peft_model = p_get(copy.deepcopy(base), p_cfg(**kw))
-    fast_model = f_get(copy.deepcopy(base), f_cfg(**kw))
-    _sync_lora_weights(peft_model, fast_model, seed + 1)
-    models = {"base": base, "fastpeft": fast_model, "peft": peft_model}
+    models = _adapted_models(base, kw, seed, dora)
     for m in models.values():
         _inputs_require_grad(m.get_base_model() if hasattr(m, "get_base_model") else m)
 
@@ -306,16 +356,15 @@ def build_decoder(case: DecoderCase, device: torch.device, seed: int = 0, pool: 
     with torch.no_grad():
         for m in models.values():
             m.eval()
-        ref = peft_model(input_ids=ids[0]).logits.float()
-        out = fast_model(input_ids=ids[0]).logits.float()
-        max_abs = (out - ref).abs().max().item()
-        rel = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+        max_abs, rel = _rel_diff(models["fastpeft"](input_ids=ids[0]).logits, models["peft"](input_ids=ids[0]).logits)
+        if dora:
+            d_abs, d_rel = _rel_diff(models["fastpeft_dora"](input_ids=ids[0]).logits,
+                                     models["peft_dora"](input_ids=ids[0]).logits)
         for m in models.values():
             m.train()
 
     benches = {}
-    for name in IMPLS:
-        model = models[name]
+    for name, model in models.items():
         counter = {"i": 0}
 
         def forward(model=model, counter=counter):
@@ -330,4 +379,7 @@ def build_decoder(case: DecoderCase, device: torch.device, seed: int = 0, pool: 
                               adapter_dtype=_adapter_dtype(model),
                               extra={"trainable_params": sum(p.numel() for p in _trainable(model))})
     info = {"fastpeft_vs_peft_logits_max_abs_diff": max_abs, "fastpeft_vs_peft_logits_rel_diff": rel}
+    if dora:
+        info.update(fastpeft_dora_vs_peft_dora_logits_max_abs_diff=d_abs,
+                    fastpeft_dora_vs_peft_dora_logits_rel_diff=d_rel)
     return benches, info

@@ -3,6 +3,9 @@
 For each case, the three rows are built with identical weights (fastpeft.bench.models) and measured
 one after another on the same device: forward time, forward+backward time, bytes saved for backward,
 and for the decoder tokens/s and (CUDA) peak memory. Ratios are computed from medians.
+
+``--dora`` adds the DoRA section (fastpeft.bench.dora): base, fastpeft LoRA, fastpeft DoRA, peft LoRA and
+peft DoRA for one layer and the decoder's training step, timed round-robin (interleaved) in one process.
 """
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ from .models import IMPLS, BenchSetupError, DecoderCase, LayerCase, build_decode
 from .timing import cuda_peak_memory, environment, saved_bytes, time_fn
 
 SCHEMA = "fastpeft-bench/1"
-SAVED_NOTE = ("saved = bytes autograd keeps for backward during one forward, activations only (parameter and "
-              "buffer storages excluded), each storage counted once (x saved by several ops counts once)")
+SAVED_NOTE = ("saved = bytes autograd keeps for backward at the end of one forward, activations only (parameter "
+              "and buffer storages excluded; tensors saved by a graph that dies inside the forward are not kept), "
+              "each storage counted once (x saved by several ops counts once)")
 
 HEADLINE_M = (1, 16, 512, 4096)
 HEADLINE_KN = 4096
@@ -37,7 +41,8 @@ class BenchOptions:
     warmup: Optional[int] = None
     quick: bool = False
     layer_shapes: Optional[List[tuple]] = None  # [(M, K, N)]
-    only: Optional[str] = None            # "layer" | "decoder" | "fsdp2" | None (layer and decoder)
+    only: Optional[str] = None            # "layer" | "decoder" | "fsdp2" | "dora" | None (layer and decoder)
+    dora: bool = False                    # add the DoRA section (fastpeft.bench.dora); --only dora: only it
     fsdp2: bool = False                   # add the FSDP2 row (per-rank step time and peak memory; own launches)
     fsdp2_nproc: int = 2
     seed: int = 0
@@ -46,6 +51,8 @@ class BenchOptions:
     cases_layer: List[LayerCase] = field(default_factory=list)
     cases_decoder: List[DecoderCase] = field(default_factory=list)
     cases_fsdp2: List[DecoderCase] = field(default_factory=list)
+    cases_dora_layer: List[LayerCase] = field(default_factory=list)
+    cases_dora_decoder: List[DecoderCase] = field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -88,6 +95,11 @@ def plan(opts: BenchOptions, device: torch.device) -> None:
     if opts.fsdp2 or opts.only == "fsdp2":
         opts.fsdp2 = True
         opts.cases_fsdp2 = [DecoderCase(r=ranks[0], dtype=dtype, dropout=opts.dropout, **dec)]
+    if opts.dora or opts.only == "dora":
+        from .dora import plan_cases
+
+        opts.dora = True
+        plan_cases(opts, device, dtype, dec)
 
 
 class Progress:
@@ -164,15 +176,23 @@ def _measure(bench, device, opts, prog, label, tokens: Optional[int] = None) -> 
 def run(opts: BenchOptions) -> dict:
     device = resolve_device(opts.device)
     plan(opts, device)
-    steps = 2 * len(IMPLS) * (len(opts.cases_layer) + len(opts.cases_decoder)) + len(opts.cases_fsdp2)
+    steps = (2 * len(IMPLS) * (len(opts.cases_layer) + len(opts.cases_decoder)) + len(opts.cases_fsdp2)
+             + 2 * (len(opts.cases_dora_layer) + len(opts.cases_dora_decoder)))
     prog = Progress(steps, enabled=opts.progress)
     t_start = time.perf_counter()
     result = {"schema": SCHEMA, "env": environment(device),
               "settings": {"dropout": opts.dropout, "repeats": opts.repeats, "warmup": opts.warmup,
                            "quick": opts.quick, "seed": opts.seed, "saved_bytes_note": SAVED_NOTE,
                            "decoder_repeats": _decoder_counts(opts)[0], "decoder_warmup": _decoder_counts(opts)[1],
-                           "decoder_step": "forward + causal-LM loss + backward (no optimizer step)"},
+                           "decoder_step": "forward + causal-LM loss + backward (no optimizer step)",
+                           "dora": opts.dora},
               "layer": [], "decoder": [], "fsdp2": []}
+    if opts.dora:
+        result["settings"]["dora_timing"] = (
+            "DoRA section: each round runs every row once (rotating which goes first); per row the median and "
+            "20th/80th percentiles over rounds; 'paired' values are medians over rounds of the per-round "
+            "ratio or difference")
+        result["dora"] = []
     try:
         from fastpeft import ops as _ops  # noqa: F401  (report the backend fastpeft would pick)
         probe = torch.empty(1, 8, device=device, dtype=torch.float32)
@@ -196,6 +216,16 @@ def run(opts: BenchOptions) -> dict:
             result["decoder"].append({"case": case.to_dict(), "label": case.label(), "rows": rows,
                                       "ratios": _ratios(rows, metrics), **info})
             del benches
+        if opts.dora:
+            from .dora import run_case
+
+            for case in opts.cases_dora_layer:
+                result["dora"].append(run_case("layer", case, device, repeats=opts.repeats, warmup=opts.warmup,
+                                               seed=opts.seed, prog=prog))
+            for case in opts.cases_dora_decoder:
+                repeats, warmup = _decoder_counts(opts)
+                result["dora"].append(run_case("decoder", case, device, repeats=repeats, warmup=warmup,
+                                               seed=opts.seed, prog=prog))
         for case in opts.cases_fsdp2:
             from .distributed import run_fsdp2
 
@@ -223,7 +253,7 @@ def _mib(b: Optional[int]) -> str:
 
 def _worst_spread(result: dict) -> Optional[float]:
     worst = None
-    for entry in result.get("layer", []) + result.get("decoder", []):
+    for entry in result.get("layer", []) + result.get("decoder", []) + result.get("dora", []):
         for row in entry["rows"].values():
             for key in ("fwd", "fwd_bwd"):
                 t = row.get(key)
@@ -286,6 +316,10 @@ def format_table(result: dict) -> str:
                 line += f"  peak mem {_fmt_x(rt['peak_mem_bytes']['peft/fastpeft'])}"
             lines.append(line)
             lines.append("")
+    if result.get("dora"):
+        from .dora import format_dora
+
+        lines.extend(format_dora(result["dora"], env["device"].startswith("cuda")))
     if result.get("fsdp2"):
         from .distributed import format_fsdp2
 

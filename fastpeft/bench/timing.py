@@ -6,13 +6,15 @@ vs. base, same process, same device) is arranged by fastpeft.bench.runner.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import platform
 import statistics
 import sys
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -125,6 +127,89 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int, repe
     return time_cpu(fn, warmup=warmup, repeats=repeats, before_each=drop_grads if grads else None)
 
 
+def summarize(samples: Sequence[float], method: str) -> Timing:
+    """Median and 20th/80th percentiles of per-run milliseconds."""
+    vals = sorted(samples)
+    return Timing(statistics.median(vals), _quantile(vals, 0.2), _quantile(vals, 0.8), len(vals), method)
+
+
+def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device, *, warmup: int, repeats: int,
+                     grad_to_none: Optional[Mapping[str, Iterable[torch.Tensor]]] = None) -> Dict[str, List[float]]:
+    """Time several callables round-robin: round i runs each of them once (the starting one rotating from
+    round to round), so a drift in the machine's speed (another process, clocks, thermals) reaches all of
+    them alike, and run i of one callable can be paired with run i of another (same round, seconds apart).
+
+    Returns {name: [ms of round 0, round 1, ...]}; :func:`summarize` makes a Timing of one list, and the
+    ratio of two callables is best taken as the median of the per-round ratios (:func:`paired`).
+
+    CPU: one perf_counter span per call, ``repeats`` rounds, Python's garbage collector paused inside the
+    timed spans (collected between rounds), .grad of ``grad_to_none[name]`` dropped outside them.
+    CUDA: ``repeats`` is split into min(repeats, 5) rounds; in each round every callable gets one
+    :func:`time_cuda` measurement (do_bench, L2 flushed per run) of about repeats / rounds runs, whose
+    median is that round's sample."""
+    names = list(fns)
+    grads = {n: list(grad_to_none.get(n, ())) if grad_to_none else [] for n in names}
+
+    def drop(n):
+        for g in grads[n]:
+            g.grad = None
+
+    samples: Dict[str, List[float]] = {n: [] for n in names}
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if device.type == "cuda":
+        rounds = min(repeats, 5)
+        per_round = max(3, repeats // rounds)
+        for i in range(rounds):
+            order = names[i % len(names):] + names[:i % len(names)]
+            for n in order:
+                t = time_cuda(fns[n], warmup=warmup if i == 0 else 1, repeats=per_round, grad_to_none=grads[n])
+                samples[n].append(t.median_ms)
+        return samples
+    for _ in range(warmup):
+        for n in names:
+            drop(n)
+            fns[n]()
+    gc_was_enabled = gc.isenabled()
+    try:
+        for i in range(repeats):
+            gc.collect()
+            gc.disable()
+            order = names[i % len(names):] + names[:i % len(names)]
+            for n in order:
+                drop(n)
+                t0 = time.perf_counter()
+                fns[n]()
+                samples[n].append((time.perf_counter() - t0) * 1e3)
+            if gc_was_enabled:
+                gc.enable()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    for n in names:
+        drop(n)
+    return samples
+
+
+def paired(a: Sequence[float], b: Sequence[float], op: str = "ratio") -> dict:
+    """Per-round a_i / b_i (op "ratio") or a_i - b_i ("diff") of two interleaved sample lists: median and
+    20th/80th percentiles. Pairing runs of one round cancels the drift that both saw."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired: need two equally long non-empty sample lists, got {len(a)} and {len(b)}")
+    vals = sorted((x / y if y else float("nan")) if op == "ratio" else x - y for x, y in zip(a, b))
+    return {"median": statistics.median(vals), "p20": _quantile(vals, 0.2), "p80": _quantile(vals, 0.8)}
+
+
+class _Held:
+    """What the pack hook hands autograd instead of the tensor: the graph holds it as long as it keeps the
+    saved tensor, so a weak reference to it says whether the tensor is still kept for backward."""
+
+    __slots__ = ("t", "__weakref__")
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
 class SavedTensorCounter:
     """Counts the bytes autograd keeps for backward while the context is active.
 
@@ -132,11 +217,19 @@ class SavedTensorCounter:
     hook. Tensors are deduplicated by their storage, so x saved by three ops (or a view of x) counts
     once, and a storage counts with its full size. Storages that belong to the model's parameters or
     buffers are left out: they are alive anyway, and what we compare is the activation memory a
-    training step adds."""
+    training step adds.
+
+    Only what the graph still holds when the context exits counts (``bytes``): a tensor saved by a
+    graph that dies inside the forward (e.g. peft's DoRA computes B A through the LoRA modules on an
+    identity matrix and keeps only the detached result) is not kept for backward. Its storage can even
+    be reused by a later saved tensor of the same size, which dedup by storage would otherwise merge.
+    ``packed_bytes`` is everything that passed the hook, those transient tensors included."""
 
     def __init__(self, exclude: Iterable[torch.Tensor] = ()):
         self._exclude = {self._key(t) for t in exclude}
         self._seen: dict = {}
+        self._held: list = []  # (weak reference to the _Held the graph keeps, storage key)
+        self._bytes_at_exit: Optional[int] = None
         self.count = 0
         self._ctx = None
 
@@ -146,31 +239,46 @@ class SavedTensorCounter:
         return (t.device.type, t.device.index, st.data_ptr(), st.nbytes())
 
     def _pack(self, t):
+        self.count += 1
         if isinstance(t, torch.Tensor) and t.layout == torch.strided:
             try:
                 key = self._key(t)
             except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. subclasses)
                 key = None
-            if key is not None and key not in self._exclude and key not in self._seen:
-                self._seen[key] = key[3]
-        self.count += 1
+            if key is not None and key not in self._exclude:
+                self._seen.setdefault(key, key[3])
+                held = _Held(t)
+                self._held.append((weakref.ref(held), key))
+                return held
         return t
 
     @staticmethod
-    def _unpack(t):
-        return t
+    def _unpack(h):
+        return h.t if isinstance(h, _Held) else h
+
+    def _live_bytes(self) -> int:
+        live = {key for ref, key in self._held if ref() is not None}
+        return int(sum(key[3] for key in live))
 
     @property
     def bytes(self) -> int:
+        """Bytes of the distinct storages the graph still keeps (when the context exited, once it has)."""
+        return self._bytes_at_exit if self._bytes_at_exit is not None else self._live_bytes()
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of the distinct storages that passed the pack hook, kept or not."""
         return int(sum(self._seen.values()))
 
     def __enter__(self):
+        self._bytes_at_exit = None
         self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._ctx.__enter__()
         return self
 
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
+        self._bytes_at_exit = self._live_bytes()
         return False
 
 
