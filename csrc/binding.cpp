@@ -11,11 +11,18 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 extern "C" int fastpeft_lora_gemv(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* bias,
                                   const float* col_scale, const void* a, int64_t lda, const void* b,
                                   int64_t ldb, float* s, int64_t lds, void* y, int64_t ldy, int M, int N, int K,
                                   int r, float scale, int x_dtype, int ab_dtype, int use_pdl, cudaStream_t stream);
+extern "C" int fastpeft_lora_gemv_mixed(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* bias,
+                                        const int64_t* row_index, int n_adapters, const int64_t* adapter_ids,
+                                        const void* const* a, const int64_t* lda, const void* const* b,
+                                        const int64_t* ldb, const int* ranks, const float* scales, float* s,
+                                        int64_t lds, void* y, int64_t ldy, int M, int N, int K, int s_cols,
+                                        int x_dtype, int ab_dtype, int use_pdl, cudaStream_t stream);
 
 namespace {
 
@@ -168,6 +175,135 @@ Result lora_gemv(const at::Tensor& x_in, const std::optional<at::Tensor>& w_in,
   return Result{y, s, std::string()};
 }
 
+// A mixed batch (BGMV): row m of x takes the adapter q whose adapter_ids[q] equals row_index[m] (-1: the base
+// alone). lora_As/lora_Bs/scales/adapter_ids list the adapters that have rows in this batch (at most M <= 8;
+// fastpeft.ops.cuda_backend compacts the call's adapters to those), each of its own rank r_q (0 allowed).
+// Returns (Y [M, N] in x.dtype, S [M, s_cols] fp32, "") or (None, None, error message), where
+// S[m, :r_q] = x[m] A_q^T and S[m, r_q:] = 0, Y[m] = x[m] W^T + scale_q * S[m, :r_q] B_q^T (+ bias).
+// row_index is not read on the host (no sync): a value that names no listed adapter gives a NaN row.
+Result lora_gemv_mixed(const at::Tensor& x_in, const std::optional<at::Tensor>& w_in,
+                       const std::optional<at::Tensor>& bias_in, const std::vector<at::Tensor>& as_in,
+                       const std::vector<at::Tensor>& bs_in, const std::vector<double>& scales,
+                       const std::vector<int64_t>& adapter_ids, const at::Tensor& row_index_in, int64_t s_cols,
+                       bool use_pdl, const std::optional<at::Tensor>& y_out, const std::optional<at::Tensor>& s_out) {
+  FP_CHECK(x_in.dim() == 2, "x must be 2-D [M, K], found shape ", x_in.sizes());
+  FP_CHECK(x_in.is_cuda(), "x must be a CUDA tensor, found device ", x_in.device());
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  FP_CHECK(M <= kMaxM, "M (rows of x) must be <= ", kMaxM, ", found ", M);
+  const int xd = dtype_code(x_in.scalar_type());
+  FP_CHECK(xd == 1 || xd == 2, "x must be float16 or bfloat16, found ", x_in.scalar_type());
+  const int64_t n = (int64_t)as_in.size();
+  FP_CHECK((int64_t)bs_in.size() == n && (int64_t)scales.size() == n && (int64_t)adapter_ids.size() == n,
+           "lora_As, lora_Bs, scales and adapter_ids must have one entry per adapter; found ", n, ", ",
+           (int64_t)bs_in.size(), ", ", (int64_t)scales.size(), " and ", (int64_t)adapter_ids.size());
+  FP_CHECK(n <= kMaxM, "a mixed decode call takes at most ", kMaxM, " adapters (those with rows), found ", n);
+  FP_CHECK(s_cols >= 0 && s_cols <= kMaxR, "s_cols (columns of S, the largest rank) must be in [0, ", kMaxR,
+           "], found ", s_cols);
+  FP_CHECK(row_index_in.dim() == 1 && row_index_in.size(0) == M && row_index_in.scalar_type() == at::kLong,
+           "row_index must be int64 [M=", M, "], found ", row_index_in.sizes(), " ", row_index_in.scalar_type());
+  FP_CHECK_DEVICE(row_index_in, "row_index");
+
+  // N: the weight's, else the first adapter's, else the bias'
+  int64_t N = -1;
+  if (w_in.has_value()) {
+    FP_CHECK(w_in->dim() == 2, "weight must be 2-D [N, K], found ", w_in->sizes());
+    N = w_in->size(0);
+  } else if (n > 0) {
+    FP_CHECK(bs_in[0].dim() == 2, "lora_B (adapter 0) must be 2-D [N, r], found ", bs_in[0].sizes());
+    N = bs_in[0].size(0);
+  } else if (bias_in.has_value() && bias_in->dim() == 1) {
+    N = bias_in->size(0);
+  }
+  FP_CHECK(N >= 0, "a mixed call without a weight, adapters or bias has no output size N");
+  FP_CHECK(K <= INT32_MAX && N <= INT32_MAX, "K and N must fit in int32");
+
+  std::vector<at::Tensor> as, bs;
+  std::vector<const void*> a_ptr, b_ptr;
+  std::vector<int64_t> lda, ldb;
+  std::vector<int> ranks;
+  std::vector<float> scale_f;
+  int ad = xd;  // A/B dtype code (x's when there are no adapters)
+  for (int64_t q = 0; q < n; ++q) {
+    const at::Tensor &a_q = as_in[q], &b_q = bs_in[q];
+    FP_CHECK(a_q.dim() == 2 && a_q.size(1) == K, "lora_A (adapter ", q, ") must be [r, K=", K, "], found ",
+             a_q.sizes());
+    const int64_t r = a_q.size(0);
+    FP_CHECK(r <= s_cols, "rank r of adapter ", q, " must be <= s_cols=", s_cols, ", found ", r);
+    FP_CHECK(b_q.dim() == 2 && b_q.size(0) == N && b_q.size(1) == r, "lora_B (adapter ", q, ") must be [N=", N,
+             ", r=", r, "], found ", b_q.sizes());
+    FP_CHECK_DEVICE(a_q, "lora_A");
+    FP_CHECK_DEVICE(b_q, "lora_B");
+    const int adq = dtype_code(a_q.scalar_type());
+    FP_CHECK(a_q.scalar_type() == b_q.scalar_type() && (adq == 0 || adq == xd),
+             "lora_A and lora_B must share a dtype, float32 or x's (", x_in.scalar_type(), "); found ",
+             a_q.scalar_type(), " and ", b_q.scalar_type(), " (adapter ", q, ")");
+    FP_CHECK(q == 0 || adq == ad, "every adapter of a mixed call must have the same lora_A/lora_B dtype; adapter ",
+             q, " has ", a_q.scalar_type(), ", adapter 0 ", as_in[0].scalar_type());
+    ad = adq;
+    FP_CHECK(adapter_ids[q] >= 0, "adapter_ids must be >= 0 (-1 in row_index is the base), found ", adapter_ids[q]);
+    for (int64_t o = 0; o < q; ++o)
+      FP_CHECK(adapter_ids[o] != adapter_ids[q], "adapter_ids must be distinct; ", adapter_ids[q], " is listed twice");
+    as.push_back(unit_inner(a_q));
+    bs.push_back(unit_inner(b_q));
+    a_ptr.push_back(r > 0 ? as.back().data_ptr() : nullptr);
+    b_ptr.push_back(r > 0 ? bs.back().data_ptr() : nullptr);
+    lda.push_back(r > 1 ? as.back().stride(0) : 0);  // a single row's stride is meaningless (see lora_gemv)
+    ldb.push_back(r > 0 ? bs.back().stride(0) : 0);
+    ranks.push_back((int)r);
+    scale_f.push_back((float)scales[q]);
+  }
+
+  at::Tensor x = unit_inner(x_in), row_index = row_index_in.contiguous();
+  at::Tensor w, bias;
+  if (w_in.has_value()) {
+    w = unit_inner(*w_in);
+    FP_CHECK_DEVICE(w, "weight");
+    FP_CHECK(w.size(0) == N && w.size(1) == K, "weight must be [N=", N, ", K=", K, "], found ", w.sizes());
+    FP_CHECK(w.scalar_type() == x.scalar_type(), "weight dtype ", w.scalar_type(), " must equal x dtype ",
+             x.scalar_type());
+  }
+  if (bias_in.has_value()) {
+    bias = bias_in->contiguous();
+    FP_CHECK_DEVICE(bias, "bias");
+    FP_CHECK(bias.dim() == 1 && bias.size(0) == N, "bias must be [N=", N, "], found ", bias.sizes());
+    FP_CHECK(bias.scalar_type() == x.scalar_type(), "bias dtype ", bias.scalar_type(), " must equal x dtype ",
+             x.scalar_type());
+  }
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y, s;
+  if (y_out.has_value()) {
+    y = *y_out;
+    FP_CHECK_DEVICE(y, "out");
+    FP_CHECK(y.dim() == 2 && y.size(0) == M && y.size(1) == N && y.stride(1) == 1 &&
+             y.scalar_type() == x.scalar_type(),
+             "out must be [M=", M, ", N=", N, "] in ", x.scalar_type(),
+             " with unit inner stride, found ", y.sizes(), " ", y.scalar_type(), " strides ", y.strides());
+  } else {
+    y = at::empty({M, N}, x.options());
+  }
+  if (s_out.has_value()) {
+    s = *s_out;
+    FP_CHECK_DEVICE(s, "s_out");
+    FP_CHECK(s.dim() == 2 && s.size(0) == M && s.size(1) == s_cols && s.stride(1) == 1 &&
+             s.scalar_type() == at::kFloat,
+             "s_out must be float32 [M=", M, ", s_cols=", s_cols,
+             "] with unit inner stride, found ", s.sizes(), " ", s.scalar_type(), " strides ", s.strides());
+  } else {
+    s = at::empty({M, s_cols}, x.options().dtype(at::kFloat));
+  }
+  if (M == 0) return Result{y, s, std::string()};
+  const int64_t ldx = M == 1 ? 0 : x.stride(0);
+  const int err = fastpeft_lora_gemv_mixed(
+      x.data_ptr(), ldx, w.defined() ? w.data_ptr() : nullptr, w.defined() ? w.stride(0) : 0,
+      bias.defined() ? bias.data_ptr() : nullptr, row_index.data_ptr<int64_t>(), (int)n,
+      adapter_ids.data(), a_ptr.data(), lda.data(), b_ptr.data(), ldb.data(), ranks.data(), scale_f.data(),
+      s_cols > 0 ? s.data_ptr<float>() : nullptr, s.stride(0), N > 0 ? y.data_ptr() : nullptr, y.stride(0),
+      (int)M, (int)N, (int)K, (int)s_cols, xd, ad, use_pdl ? 1 : 0, c10::cuda::getCurrentCUDAStream().stream());
+  FP_CHECK(err == 0, "CUDA launch failed: ", cudaGetErrorString((cudaError_t)err));
+  return Result{y, s, std::string()};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -179,7 +315,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("lora_B"), pybind11::arg("scale"), pybind11::arg("use_pdl"),
         pybind11::arg("out") = pybind11::none(), pybind11::arg("s_out") = pybind11::none(),
         pybind11::arg("col_scale") = pybind11::none());
+  m.def("lora_gemv_mixed", &lora_gemv_mixed,
+        "Fused LoRA decode GEMV for a mixed batch (each row its own adapter, BGMV): returns (Y [M,N] x.dtype, "
+        "S [M,s_cols] fp32, \"\") or (None, None, error)",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("lora_As"),
+        pybind11::arg("lora_Bs"), pybind11::arg("scales"), pybind11::arg("adapter_ids"), pybind11::arg("row_index"),
+        pybind11::arg("s_cols"), pybind11::arg("use_pdl"), pybind11::arg("out") = pybind11::none(),
+        pybind11::arg("s_out") = pybind11::none());
   // What this build of the binding can do: cuda_backend checks it, so a stale ahead-of-time fastpeft._C
   // (built before a feature) refuses the calls that need the feature instead of failing inside them.
-  m.attr("FEATURES") = pybind11::make_tuple("col_scale");
+  // "col_scale": DoRA's output column scale (lora_gemv's col_scale); "mixed": lora_gemv_mixed.
+  m.attr("FEATURES") = pybind11::make_tuple("col_scale", "mixed");
 }

@@ -18,8 +18,9 @@ step that does reach this backend with M <= 8 is too small for a dedicated kerne
 
 Mixed batches (call.plan: row i takes adapter k = row_index[i], -1 = the base alone; BGMV) run on the same
 two-kernel GEMV (csrc/lora_gemv.cu, "mixed batches"): 1 <= M <= 8 rows, a dense base (or none), x in
-float16/bfloat16, any number of adapters of ranks 0..128 whose lora_A/lora_B all share one dtype (float32 or
-x's), no dropout, no DoRA (validate() refuses DoRA in mixed batches anyway). Each row reads its own adapter's
+float16/bfloat16, any number of adapters (or an adapter pool's slots) of ranks 0..128; the adapters that have
+rows in the batch must share one lora_A/lora_B dtype (float32 or x's) and have no dropout and no DoRA magnitude
+(a pool's DoRA slots: the other backends run them). Each row reads its own adapter's
 A and B and loops to its own rank; Y is written once. forward() hands the kernel only the adapters that have
 rows (at most M, known from the plan's host-side offsets, so no sync), as a by-value table of pointers;
 row_index stays on the device. S is [M, max r over the call's adapters] fp32, row i's values in its first r_k
@@ -180,9 +181,17 @@ def _call_reason(call) -> Optional[str]:
     return None
 
 
+def _active(call) -> list:
+    """Indices k of a mixed call's adapters that have rows in this batch (at most M; host ints, no sync)."""
+    plan = call.plan
+    return [k for k in range(len(call.adapters)) if plan.count(k) > 0]
+
+
 def _mixed_call_reason(call) -> Optional[str]:
-    """The adapter rules of a mixed batch (call.plan): inference only, plain LoRA; any number of adapters."""
-    for k, a in enumerate(call.adapters):
+    """The adapter rules of a mixed batch (call.plan): inference only, plain LoRA, for the adapters that have
+    rows here (an adapter pool's other slots, DoRA or not, are never read); any number of adapters."""
+    for k in _active(call):
+        a = call.adapters[k]
         if a.dropout_p > 0:
             return (f"LoRA dropout (training) is not supported by the CUDA decode kernel (adapter {k} of a mixed "
                     f"batch has dropout_p={a.dropout_p})")
@@ -193,19 +202,24 @@ def _mixed_call_reason(call) -> Optional[str]:
 
 def _mixed_shape_reason(call) -> Optional[str]:
     """What the mixed (BGMV) decode kernel cannot take about the tensors: _shape_reason for the base and for
-    every adapter (each r <= 128, so S's max r is too), and one lora_A/lora_B dtype for all adapters (the
-    kernel is compiled per A/B dtype)."""
+    every adapter with rows here, S's width (the largest rank of all the call's adapters) <= 128, and one
+    lora_A/lora_B dtype for the adapters with rows (the kernel is compiled per A/B dtype)."""
     x2d, base = call.x, call.base
     reason = _shape_reason(x2d, base.weight, base.bias, None, None)
     if reason is not None:
         return reason
-    for k, a in enumerate(call.adapters):
+    if call.r_total > GEMV_MAX_R:
+        return (f"the CUDA kernel supports r <= {GEMV_MAX_R}; the mixed batch's largest rank (the width of S) is "
+                f"{call.r_total}")
+    active = _active(call)
+    for k in active:
+        a = call.adapters[k]
         reason = _shape_reason(x2d, None, None, a.A, a.B)
         if reason is not None:
             return f"adapter {k} of the mixed batch: {reason}"
-    dtypes = sorted({str(a.A.dtype) for a in call.adapters})
+    dtypes = sorted({str(call.adapters[k].A.dtype) for k in active})
     if len(dtypes) > 1:
-        return (f"the CUDA mixed-batch kernel needs one lora_A/lora_B dtype for all adapters, found "
+        return (f"the CUDA mixed-batch kernel needs one lora_A/lora_B dtype for the adapters with rows, found "
                 f"{', '.join(dtypes)}")
     if call.plan.row_index.device != x2d.device:
         return f"row_index is on {call.plan.row_index.device} but x is on {x2d.device}"
@@ -296,10 +310,9 @@ def mixed_args(call) -> tuple:
     have rows in this batch (plan.count(k) > 0, host ints: no sync), at most M <= 8 of them, rank-0 ones
     included (their rows get the base alone); adapter_ids are their indices k in the call, which row_index
     holds; s_cols = call.r_total (the largest rank of all the call's adapters, the contract's width of S)."""
-    plan = call.plan
-    active = [k for k in range(len(call.adapters)) if plan.count(k) > 0]
+    active = _active(call)
     ads = [call.adapters[k] for k in active]
-    return ([a.A for a in ads], [a.B for a in ads], [float(a.scale) for a in ads], active, plan.row_index,
+    return ([a.A for a in ads], [a.B for a in ads], [float(a.scale) for a in ads], active, call.plan.row_index,
             call.r_total)
 
 
