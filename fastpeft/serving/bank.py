@@ -82,7 +82,7 @@ class AdapterBank:
                                  f"({per_slot} pages of {page_rows} rows)")
         self.rank_rows = n_pages * page_rows
         self.pages = PageTable(n_pages)
-        self.rows = RowMap()
+        self.rows = RowMap(max_slots)
         self.layers: dict = OrderedDict()  # module name -> BankLayer
         self._slots: list = [None] * max_slots   # slot -> _Slot or None
         self._lru: OrderedDict = OrderedDict()   # name -> slot, least recently used first

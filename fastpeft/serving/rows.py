@@ -31,7 +31,8 @@ from torch import Tensor
 
 
 class RowMap:
-    def __init__(self) -> None:
+    def __init__(self, slots: Optional[int] = None) -> None:
+        self.n_slots = slots                  # the bank's slot count: eager plain mode then sorts once per M
         self.slots: Optional[Tensor] = None   # [samples] int64 on the bank's device, or None: no batch set
         self.max_batch: Optional[int] = None  # the fixed-size mode's B, or None
         self._cache: dict = {}                # M -> [M] int64
@@ -67,8 +68,10 @@ class RowMap:
     def restore(self, state: tuple) -> None:
         self.slots, self.max_batch, self._cache = state
 
-    def rows(self, M: int, what: str) -> Optional[Tensor]:
-        """The slot of each of the M rows of a layer input ([M] int64), or None outside a batch."""
+    def rows(self, M: int, what: str):
+        """The slot of each of the M rows of a layer input ([M] int64), or None outside a batch. In eager
+        plain mode with the slot count known: the ops.RowPlan of those rows instead (one sort and one
+        device-to-host copy per row count, shared by every layer, where a tensor is sorted in every op)."""
         slots = self.slots
         if slots is None:
             return None
@@ -83,6 +86,10 @@ class RowMap:
         if idx is None:
             if self.max_batch is None:
                 idx = slots.repeat_interleave(M // n)
+                if self.n_slots is not None:
+                    from .. import ops
+
+                    idx = ops.RowPlan.build(idx, self.n_slots, what="the bank's slots")
             else:  # a persistent buffer (see set)
                 with torch.inference_mode(False):
                     idx = torch.empty(M, dtype=torch.int64, device=slots.device)

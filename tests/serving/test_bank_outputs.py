@@ -61,8 +61,9 @@ def test_one_row_index_per_forward_shared_by_every_layer(bank_model, monkeypatch
     with torch.no_grad(), bank.batch(["b", "__base__", "d"]):
         model(**inputs)
     assert len(seen) == 2 * len(TARGETS)
-    assert len({id(r) for r in seen}) == 1
-    assert seen[0].tolist() == [bank.slot_of("b")] * 5 + [-1] * 5 + [bank.slot_of("d")] * 5
+    assert len({id(r) for r in seen}) == 1  # one plan (one sort, one sync), shared by every layer
+    assert isinstance(seen[0], ops.RowPlan)
+    assert seen[0].row_index.tolist() == [bank.slot_of("b")] * 5 + [-1] * 5 + [bank.slot_of("d")] * 5
 
 
 def test_per_token_slots_on_packed_rows(adapters, bank_model):
