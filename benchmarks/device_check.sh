@@ -8,13 +8,15 @@
 # Steps, in order of what later steps need: install, GPU summary, csrc JIT build (so the tests and the
 # bench find it built), the cuda-marked tests, `fastpeft bench --device cuda`, the DoRA rows
 # (`fastpeft bench --only dora --dropout 0`: base, fastpeft LoRA/DoRA, peft LoRA/DoRA interleaved; layer
-# M = K = N = 4096, r = 16, bf16, and the decoder step), an FSDP2 smoke step (`fastpeft bench --only fsdp2`
-# on one GPU; output in the log only), the pytest-benchmark suite (with its DoRA module at dropout 0 and
-# 0.1), the plot. Every step runs under `timeout`, sized from one overall deadline, so the whole script ends
+# M = K = N = 4096, r = 16, bf16, and the decoder step), the mixed-batch rows (`fastpeft bench --only mixed`:
+# one layer K = N = 4096, 64 decode rows, bf16, with 64 distinct r = 16 adapters and with one, vs the base layer
+# and peft; a determinism check), an FSDP2 smoke step (`fastpeft bench --only fsdp2` on one GPU; output in the
+# log only), the pytest-benchmark suite (with its DoRA module at dropout 0 and 0.1, and its mixed-batch
+# module), the plot. Every step runs under `timeout`, sized from one overall deadline, so the whole script ends
 # within DEVICE_CHECK_BUDGET_S seconds (default 450, under 8 minutes) even if a step hangs; a failed
-# step is reported and the next one still runs. At most 8 files are written to $OUT:
-#   device_check.log  pytest_cuda.xml  bench_<gpu>.json  bench_dora_<gpu>.json  bench_<gpu>.png
-#   bench_suite.json  bench_suite.xml  summary.txt
+# step is reported and the next one still runs. At most 9 files are written to $OUT:
+#   device_check.log  pytest_cuda.xml  bench_<gpu>.json  bench_dora_<gpu>.json  bench_mixed_<gpu>.json
+#   bench_<gpu>.png  bench_suite.json  bench_suite.xml  summary.txt
 set -u
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -34,7 +36,7 @@ SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
 # DEVICE_CHECK_STEPS=name,name,... runs only those steps (names as below), for a short lease.
-STEPS=",${DEVICE_CHECK_STEPS:-install,gpu-summary,csrc-build,pytest-cuda,fastpeft-bench,dora-bench,fsdp2-smoke,bench-suite,plot},"
+STEPS=",${DEVICE_CHECK_STEPS:-install,gpu-summary,csrc-build,pytest-cuda,fastpeft-bench,dora-bench,mixed-bench,fsdp2-smoke,bench-suite,plot},"
 
 # step NAME MAX_SECONDS CMD...: run CMD with timeout min(MAX, time left - 5 s); record rc and seconds.
 step() {
@@ -100,7 +102,14 @@ step fastpeft-bench 120 "$PY" -m fastpeft bench --device cuda --json "$OUT/bench
 step dora-bench 100 "$PY" -m fastpeft bench --device cuda --only dora --dropout 0 --no-progress \
     --json "$OUT/bench_dora_${GPU_TAG}.json"
 
-# 5c. FSDP2 smoke: one training step per impl under fully_shard on this one GPU (torchrun, 1 rank, nccl),
+# 5c. Many adapters in one batch (adapter_names), eval: one layer K = N = 4096, 64 decode rows, bf16; base, fastpeft
+#     and peft with 64 distinct r = 16 adapters and with one adapter for all rows, fastpeft ranks 8/16/32/64 vs all
+#     30, interleaved; per row the host's issue time and the kernels' time. The issue's targets: one adapter
+#     <= 1.04x the base layer, 64 adapters <= 1.5x, identical outputs on a rerun (the table prints "... met").
+step mixed-bench 90 "$PY" -m fastpeft bench --device cuda --only mixed --no-progress \
+    --json "$OUT/bench_mixed_${GPU_TAG}.json"
+
+# 5d. FSDP2 smoke: one training step per impl under fully_shard on this one GPU (torchrun, 1 rank, nccl),
 #     fastpeft vs peft side by side; dropout 0, so the printed first-step loss rel. diff should be ~1e-3 (bf16).
 step fsdp2-smoke 90 "$PY" -m fastpeft bench --device cuda --quick --only fsdp2 --fsdp2-nproc 1 --dropout 0 --no-progress
 

@@ -88,11 +88,14 @@ def cmd_bench(args) -> int:
         raise CliError(f"--repeats must be >= 1, got {args.repeats}")
     if args.fsdp2_nproc < 1:
         raise CliError(f"--fsdp2-nproc must be >= 1, got {args.fsdp2_nproc}")
+    if args.mixed_adapters is not None and args.mixed_adapters < 1:
+        raise CliError(f"--mixed-adapters must be >= 1, got {args.mixed_adapters}")
     opts = BenchOptions(device=args.device, dtype=args.dtype, ranks=_parse_ranks(args.rank), dropout=args.dropout,
                         repeats=args.repeats, warmup=args.warmup, quick=args.quick,
                         layer_shapes=_parse_shapes(args.layer_shapes), only=args.only, seed=args.seed,
                         json_path=args.json, progress=not args.no_progress, fsdp2=args.fsdp2,
-                        fsdp2_nproc=args.fsdp2_nproc, dora=args.dora)
+                        fsdp2_nproc=args.fsdp2_nproc, dora=args.dora, mixed=args.mixed,
+                        mixed_adapters=args.mixed_adapters)
     try:
         result = run(opts)
     except BenchSetupError as e:
@@ -359,14 +362,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=None, help="untimed runs before timing")
     b.add_argument("--quick", action="store_true", help="tiny shapes and 3 repeats (a few seconds; for tests)")
     b.add_argument("--layer-shapes", default=None, help="layer shapes MxKxN[,MxKxN...] instead of the defaults")
-    b.add_argument("--only", choices=("layer", "decoder", "fsdp2", "dora"), default=None,
-                   help="run only one of the benches (fsdp2: only the FSDP2 row; dora: only the DoRA section)")
+    b.add_argument("--only", choices=("layer", "decoder", "fsdp2", "dora", "mixed"), default=None,
+                   help="run only one of the benches (fsdp2: only the FSDP2 row; dora: only the DoRA section; "
+                        "mixed: only the mixed-batch section)")
     b.add_argument("--dora", action="store_true",
                    help="add the DoRA section: base, fastpeft LoRA, fastpeft DoRA, peft LoRA, peft DoRA "
                         "(use_dora=True, same A and B), timed round-robin in one process, for one layer "
                         "(CPU: M=K=N=2048 fp32; CUDA: M=K=N=4096 bf16; r=16; --layer-shapes and --rank apply "
                         "too) and the decoder's training step, at the run's --dropout: DoRA/LoRA ratios, DoRA's "
                         "extra cost per library, bytes saved for backward")
+    b.add_argument("--mixed", action="store_true",
+                   help="add the mixed-batch section: many adapters in one batch (adapter_names=[...]), eval mode; "
+                        "base, fastpeft and peft with 8 adapters (CUDA: 64) and with one adapter for all rows, and "
+                        "fastpeft with ranks 8/16/32/64 vs all rank 30, timed round-robin in one process, for one "
+                        "layer call (CPU: M=32 K=N=1024 fp32; CUDA: M=64 K=N=4096 bf16; r=16; --layer-shapes "
+                        "and --rank apply) and on CPU a decode step of the decoder (batch 32, KV cache of a "
+                        "16-token prompt): adapter work (row minus base) and its ratios")
+    b.add_argument("--mixed-adapters", type=int, default=None, metavar="N",
+                   help="distinct adapters of the --mixed rows (default 8 on CPU, 64 on CUDA)")
     b.add_argument("--fsdp2", action="store_true",
                    help="add an FSDP2 row: per-rank step time and peak memory, fastpeft vs peft, each under its own "
                         "torchrun launch (CPU: gloo; CUDA: one GPU per rank); not in the default run")

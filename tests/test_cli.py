@@ -224,6 +224,144 @@ def test_bench_only_dora_plans_only_the_dora_cases():
     assert [(c.M, c.K, c.N, c.r) for c in opts.cases_dora_layer] == [(*CPU_SHAPES[0], 16)]
 
 
+@pytest.fixture(scope="module")
+def quick_mixed_bench(tmp_path_factory):
+    """One in-process `fastpeft bench --only mixed --quick` run (many adapters in one batch)."""
+    out = tmp_path_factory.mktemp("bench_mixed") / "bench.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        rc = main(["bench", "--only", "mixed", "--quick", "--device", "cpu", "--json", str(out)])
+    return rc, out, stdout.getvalue()
+
+
+MIXED_IMPLS = ["base", "fastpeft", "fastpeft_one", "peft", "peft_one", "fastpeft_ranks", "fastpeft_mean_rank"]
+
+
+def test_bench_mixed_quick_json(quick_mixed_bench):
+    """The mixed-batch section: seven rows per case, adapter work and its ratios, the checks (no timing claims)."""
+    rc, out, stdout = quick_mixed_bench
+    assert rc == 0
+    assert "Many adapters in one batch" in stdout and "work fastpeft/peft" in stdout and "issue targets" in stdout
+    assert "fastpeft 4 adapters" in stdout and "peft 1 adapter" in stdout and "ranks 8/16/32/64" in stdout
+    data = json.loads(out.read_text())
+    assert data["schema"] == "fastpeft-bench/1" and data["settings"]["mixed"] is True
+    assert "mixed_timing" in data["settings"] and data["env"]["device"] == "cpu"
+    assert data["layer"] == [] and data["decoder"] == [] and "dora" not in data  # --only mixed: only it
+    assert [e["kind"] for e in data["mixed"]] == ["layer", "decoder"]
+    for e in data["mixed"]:
+        c = e["case"]
+        assert e["impls"] == MIXED_IMPLS and set(e["rows"]) == set(MIXED_IMPLS)
+        assert c["adapters"] == 4 and c["r"] == 16 and c["dtype"] == "fp32" and c["rank_mix"] == [8, 16, 32, 64]
+        assert c["mean_rank"] == 30
+        # rows dealt out evenly over the adapters; the "one" rows name a single adapter
+        names = e["adapter_names"]
+        assert len(names) == c["M"] and sorted(set(names)) == ["a0", "a1", "a2", "a3"]
+        assert all(names.count(n) == c["M"] // 4 for n in set(names))
+        rows = e["rows"]
+        assert rows["fastpeft"]["adapter_names"] == names == rows["peft"]["adapter_names"]
+        assert set(rows["fastpeft_one"]["adapter_names"]) == {names[0]} and rows["base"]["adapter_names"] is None
+        assert rows["fastpeft_ranks"]["ranks"] == [8, 16, 32, 64] and rows["fastpeft_mean_rank"]["ranks"] == [30]
+        assert rows["fastpeft"]["ranks"] == rows["peft"]["ranks"] == [16]
+        ms = {n: rows[n]["fwd_ms"] for n in MIXED_IMPLS}
+        for n in MIXED_IMPLS:
+            assert ms[n] > 0 and len(rows[n]["samples_ms"]) == 3 and rows[n]["fwd"]["runs"] == 3, n
+            if n != "base":
+                assert rows[n]["work_ms"] == pytest.approx(ms[n] - ms["base"])
+                p = rows[n]["work_paired"]
+                assert p["p20"] <= p["median"] <= p["p80"]
+        m = e["mixed"]
+        work = {n: ms[n] - ms["base"] for n in MIXED_IMPLS if n != "base"}
+        assert m["work_ratio"]["fastpeft/peft"] == pytest.approx(work["fastpeft"] / work["peft"])
+        assert m["work_ratio"]["fastpeft/fastpeft_one"] == pytest.approx(work["fastpeft"] / work["fastpeft_one"])
+        assert m["work_ratio"]["fastpeft_ranks/fastpeft_mean_rank"] == pytest.approx(
+            work["fastpeft_ranks"] / work["fastpeft_mean_rank"])
+        assert m["time_ratio"]["fastpeft/base"] == pytest.approx(ms["fastpeft"] / ms["base"])
+        for key in ("fastpeft/peft", "fastpeft/fastpeft_one", "fastpeft_ranks/fastpeft_mean_rank"):
+            assert set(m["paired"]["work_ratio"][key]) == {"median", "p20", "p80"}
+        # the CPU targets, evaluated only for the issue's batch (32 rows over 8 adapters), not --quick's
+        t = e["targets"]
+        assert t["applies"] is False and t["fastpeft/peft"]["max"] == pytest.approx(1 / 3)
+        assert t["fastpeft/fastpeft_one"]["max"] == 1.5 and t["fastpeft_ranks/fastpeft_mean_rank"]["max"] == 1.1
+        assert t["fastpeft/peft"]["met"] is None and t["fastpeft/peft"]["value"] == m["work_ratio"]["fastpeft/peft"]
+        # the outputs agree with peft's (same adapters; the rank rows against a peft twin), and a rerun is identical
+        tol = 1e-5 if e["kind"] == "layer" else 1e-4
+        for key in ("fastpeft_vs_peft_rel_diff", "fastpeft_one_vs_peft_one_rel_diff", "fastpeft_ranks_vs_peft_rel_diff",
+                    "fastpeft_mean_rank_vs_peft_rel_diff"):
+            assert e[key] < tol, (e["kind"], key, e[key])
+        assert e["deterministic"] == {"fastpeft": True, "fastpeft_one": True, "fastpeft_ranks": True}
+        assert e["fastpeft_backends"] == {"torch": e["fastpeft_backends"]["torch"]}
+    layer, dec = data["mixed"]
+    assert (layer["case"]["M"], layer["case"]["K"], layer["case"]["N"]) == (8, 64, 64)
+    assert layer["case"]["calls_per_sample"] == 2
+    assert dec["case"]["batch"] == 8 and dec["case"]["prompt"] == 4 and "KV cache" in dec["case"]["call"]
+    assert dec["case"]["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_bench_mixed_targets_and_table_on_cuda(quick_mixed_bench):
+    """The GPU targets (one adapter <= 1.04x base, 64 adapters <= 1.5x, identical reruns) and the CUDA table,
+    from the quick run's numbers relabelled as the issue's GPU case (no GPU needed)."""
+    from fastpeft.bench.mixed import MixedCase, _targets, format_mixed
+
+    entry = json.loads(quick_mixed_bench[1].read_text())["mixed"][0]
+    case = MixedCase("layer", 64, 64, 16, torch.bfloat16, K=4096, N=4096)
+    t = _targets(case, entry["mixed"], {"deterministic": {"fastpeft": True}}, torch.device("cuda"))
+    tr = entry["mixed"]["time_ratio"]
+    assert t["applies"] is True and t["deterministic"] == {"value": True, "met": True}
+    assert t["fastpeft_one/base"]["value"] == tr["fastpeft_one/base"] and t["fastpeft_one/base"]["max"] == 1.04
+    assert t["fastpeft_one/base"]["met"] is (tr["fastpeft_one/base"] <= 1.04)
+    assert t["fastpeft/base"]["met"] is (tr["fastpeft/base"] <= 1.5)
+    other = MixedCase("layer", 64, 64, 16, torch.float16, K=4096, N=4096)  # not the issue's dtype
+    assert _targets(other, entry["mixed"], {"deterministic": {"fastpeft": True}}, torch.device("cuda"))["applies"] \
+        is False
+    entry["targets"] = t
+    for row in entry["rows"].values():
+        row["cuda_diagnostics"] = {"calls": 20, "host_ms": 0.5, "kernel_ms": None}
+    text = "\n".join(format_mixed([entry], cuda=True))
+    assert "1 adapter/base" in text and "4 adapters/base" in text and "identical outputs yes met" in text
+    assert "host us" in text and "kernel us" in text and "500.0" in text
+
+
+def test_bench_only_mixed_plans_only_the_mixed_cases():
+    from fastpeft.bench import mixed
+    from fastpeft.bench.runner import BenchOptions, plan
+
+    opts = BenchOptions(only="mixed")
+    plan(opts, torch.device("cpu"))
+    assert opts.mixed and opts.cases_layer == [] and opts.cases_decoder == [] and opts.cases_dora_layer == []
+    layer, dec = opts.cases_mixed
+    assert (layer.kind, layer.M, layer.K, layer.N, layer.r, layer.adapters) == ("layer", 32, 1024, 1024, 16, 8)
+    assert layer.dtype == torch.float32 and layer.calls_per_sample == mixed.CPU_LAYER_CALLS
+    assert (dec.kind, dec.M, dec.adapters, dec.prompt, dec.decoder["hidden"], dec.decoder["layers"]) == \
+        ("decoder", 32, 8, 16, 512, 4)
+    opts = BenchOptions(only="mixed")
+    plan(opts, torch.device("cuda"))  # planning only: no GPU needed
+    (layer,) = opts.cases_mixed  # the layer alone on CUDA
+    assert (layer.M, layer.K, layer.N, layer.adapters, layer.dtype, layer.calls_per_sample) == \
+        (64, 4096, 4096, 64, torch.bfloat16, 1)
+    opts = BenchOptions(mixed=True, layer_shapes=[(16, 64, 48)], ranks=[4], mixed_adapters=2)
+    plan(opts, torch.device("cpu"))
+    assert opts.cases_layer and opts.cases_decoder  # --mixed adds a section to the regular run
+    assert [(c.M, c.K, c.N, c.r, c.adapters) for c in opts.cases_mixed] == [(16, 64, 48, 4, 2), (32, 0, 0, 4, 2)]
+    opts = BenchOptions()
+    plan(opts, torch.device("cpu"))
+    assert not opts.mixed and opts.cases_mixed == []
+
+
+def test_time_interleaved_setup_and_calls_per_sample():
+    """setup runs before every call outside the timed span; number > 1 times several calls per span."""
+    from fastpeft.bench import timing
+
+    calls = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in ("a", "b")}
+    timing.time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=2, setup={"a": lambda: calls.append("setup")})
+    assert calls == ["setup", "a", "b"] + ["setup", "a", "b", "b", "setup", "a"]
+    calls.clear()
+    samples = timing.time_interleaved(fns, torch.device("cpu"), warmup=0, repeats=2, number=3)
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3 and len(samples["a"]) == 2
+    with pytest.raises(ValueError, match="setup"):
+        timing.time_interleaved(fns, torch.device("cpu"), warmup=0, repeats=1, number=2, setup={"a": lambda: None})
+
+
 def test_time_interleaved_round_robin(monkeypatch):
     """Each round runs every callable once, the first one rotating; on CUDA rounds of do_bench measurements."""
     from fastpeft.bench import timing
@@ -257,6 +395,7 @@ def test_time_interleaved_round_robin(monkeypatch):
     (["--layer-shapes", "4x8"], "--layer-shapes expects MxKxN"),
     (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
     (["--dtype", "int3"], "unknown dtype"),
+    (["--mixed-adapters", "0"], "--mixed-adapters must be >= 1"),
 ])
 def test_bench_rejects_bad_flags(argv, message, capsys):
     assert main(["bench", "--quick", "--device", "cpu", "--no-progress"] + argv) == 2

@@ -6,6 +6,8 @@ and for the decoder tokens/s and (CUDA) peak memory. Ratios are computed from me
 
 ``--dora`` adds the DoRA section (fastpeft.bench.dora): base, fastpeft LoRA, fastpeft DoRA, peft LoRA and
 peft DoRA for one layer and the decoder's training step, timed round-robin (interleaved) in one process.
+``--mixed`` adds the mixed-batch section (fastpeft.bench.mixed): many adapters in one batch (adapter_names),
+fastpeft vs peft vs the base, for one layer call and (CPU) a decode step of the decoder, timed the same way.
 """
 from __future__ import annotations
 
@@ -41,8 +43,10 @@ class BenchOptions:
     warmup: Optional[int] = None
     quick: bool = False
     layer_shapes: Optional[List[tuple]] = None  # [(M, K, N)]
-    only: Optional[str] = None            # "layer" | "decoder" | "fsdp2" | "dora" | None (layer and decoder)
+    only: Optional[str] = None            # "layer" | "decoder" | "fsdp2" | "dora" | "mixed" | None (layer, decoder)
     dora: bool = False                    # add the DoRA section (fastpeft.bench.dora); --only dora: only it
+    mixed: bool = False                   # add the mixed-batch section (fastpeft.bench.mixed); --only mixed: only it
+    mixed_adapters: Optional[int] = None  # distinct adapters of the mixed rows (default 8 on CPU, 64 on CUDA)
     fsdp2: bool = False                   # add the FSDP2 row (per-rank step time and peak memory; own launches)
     fsdp2_nproc: int = 2
     seed: int = 0
@@ -53,6 +57,7 @@ class BenchOptions:
     cases_fsdp2: List[DecoderCase] = field(default_factory=list)
     cases_dora_layer: List[LayerCase] = field(default_factory=list)
     cases_dora_decoder: List[DecoderCase] = field(default_factory=list)
+    cases_mixed: list = field(default_factory=list)  # fastpeft.bench.mixed.MixedCase
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,6 +105,11 @@ def plan(opts: BenchOptions, device: torch.device) -> None:
 
         opts.dora = True
         plan_cases(opts, device, dtype, dec)
+    if opts.mixed or opts.only == "mixed":
+        from .mixed import plan_cases as plan_mixed
+
+        opts.mixed = True
+        plan_mixed(opts, device, dtype, dec)
 
 
 class Progress:
@@ -177,7 +187,7 @@ def run(opts: BenchOptions) -> dict:
     device = resolve_device(opts.device)
     plan(opts, device)
     steps = (2 * len(IMPLS) * (len(opts.cases_layer) + len(opts.cases_decoder)) + len(opts.cases_fsdp2)
-             + 2 * (len(opts.cases_dora_layer) + len(opts.cases_dora_decoder)))
+             + 2 * (len(opts.cases_dora_layer) + len(opts.cases_dora_decoder)) + 2 * len(opts.cases_mixed))
     prog = Progress(steps, enabled=opts.progress)
     t_start = time.perf_counter()
     result = {"schema": SCHEMA, "env": environment(device),
@@ -185,7 +195,7 @@ def run(opts: BenchOptions) -> dict:
                            "quick": opts.quick, "seed": opts.seed, "saved_bytes_note": SAVED_NOTE,
                            "decoder_repeats": _decoder_counts(opts)[0], "decoder_warmup": _decoder_counts(opts)[1],
                            "decoder_step": "forward + causal-LM loss + backward (no optimizer step)",
-                           "dora": opts.dora},
+                           "dora": opts.dora, "mixed": opts.mixed},
               "layer": [], "decoder": [], "fsdp2": []}
     if opts.dora:
         result["settings"]["dora_timing"] = (
@@ -193,6 +203,13 @@ def run(opts: BenchOptions) -> dict:
             "20th/80th percentiles over rounds; 'paired' values are medians over rounds of the per-round "
             "ratio or difference")
         result["dora"] = []
+    if opts.mixed:
+        result["settings"]["mixed_timing"] = (
+            "mixed section: eval mode, torch.no_grad; each round runs every row once (rotating which goes first); "
+            "per row the median and 20th/80th percentiles over rounds (CPU layer: each sample the mean of several "
+            "calls in one span); work = row minus base; 'paired' values are medians over rounds of the per-round "
+            "difference or ratio")
+        result["mixed"] = []
     try:
         from fastpeft import ops as _ops  # noqa: F401  (report the backend fastpeft would pick)
         probe = torch.empty(1, 8, device=device, dtype=torch.float32)
@@ -226,6 +243,12 @@ def run(opts: BenchOptions) -> dict:
                 repeats, warmup = _decoder_counts(opts)
                 result["dora"].append(run_case("decoder", case, device, repeats=repeats, warmup=warmup,
                                                seed=opts.seed, prog=prog))
+        if opts.mixed:
+            from .mixed import run_case as run_mixed
+
+            for case in opts.cases_mixed:
+                result["mixed"].append(run_mixed(case, device, repeats=opts.repeats, warmup=opts.warmup,
+                                                 seed=opts.seed, prog=prog))
         for case in opts.cases_fsdp2:
             from .distributed import run_fsdp2
 
@@ -253,7 +276,7 @@ def _mib(b: Optional[int]) -> str:
 
 def _worst_spread(result: dict) -> Optional[float]:
     worst = None
-    for entry in result.get("layer", []) + result.get("decoder", []) + result.get("dora", []):
+    for entry in result.get("layer", []) + result.get("decoder", []) + result.get("dora", []) + result.get("mixed", []):
         for row in entry["rows"].values():
             for key in ("fwd", "fwd_bwd"):
                 t = row.get(key)
@@ -320,6 +343,10 @@ def format_table(result: dict) -> str:
         from .dora import format_dora
 
         lines.extend(format_dora(result["dora"], env["device"].startswith("cuda")))
+    if result.get("mixed"):
+        from .mixed import format_mixed
+
+        lines.extend(format_mixed(result["mixed"], env["device"].startswith("cuda")))
     if result.get("fsdp2"):
         from .distributed import format_fsdp2
 

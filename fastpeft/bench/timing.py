@@ -134,7 +134,9 @@ def summarize(samples: Sequence[float], method: str) -> Timing:
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device, *, warmup: int, repeats: int,
-                     grad_to_none: Optional[Mapping[str, Iterable[torch.Tensor]]] = None) -> Dict[str, List[float]]:
+                     grad_to_none: Optional[Mapping[str, Iterable[torch.Tensor]]] = None,
+                     setup: Optional[Mapping[str, Callable[[], None]]] = None,
+                     number: int = 1) -> Dict[str, List[float]]:
     """Time several callables round-robin: round i runs each of them once (the starting one rotating from
     round to round), so a drift in the machine's speed (another process, clocks, thermals) reaches all of
     them alike, and run i of one callable can be paired with run i of another (same round, seconds apart).
@@ -146,8 +148,19 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.devi
     timed spans (collected between rounds), .grad of ``grad_to_none[name]`` dropped outside them.
     CUDA: ``repeats`` is split into min(repeats, 5) rounds; in each round every callable gets one
     :func:`time_cuda` measurement (do_bench, L2 flushed per run) of about repeats / rounds runs, whose
-    median is that round's sample."""
+    median is that round's sample.
+
+    ``setup[name]`` (optional) runs before every call of that callable, outside the timed span (e.g. rolling
+    a KV cache back to the prompt); on CUDA it makes time_cuda use CUDA events instead of do_bench.
+    ``number`` (CPU only) calls per timed span, the sample being the span over ``number``: for calls of
+    well under a millisecond, where one perf_counter span is mostly noise. It needs no ``setup``."""
     names = list(fns)
+    setups = {n: (setup or {}).get(n) for n in names}
+    if number < 1:
+        raise ValueError(f"number must be >= 1, got {number}")
+    if number > 1 and any(setups.values()):
+        raise ValueError("time_interleaved: number > 1 times several calls per span, which a per-call setup "
+                         "cannot precede")
     grads = {n: list(grad_to_none.get(n, ())) if grad_to_none else [] for n in names}
 
     def drop(n):
@@ -163,12 +176,15 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.devi
         for i in range(rounds):
             order = names[i % len(names):] + names[:i % len(names)]
             for n in order:
-                t = time_cuda(fns[n], warmup=warmup if i == 0 else 1, repeats=per_round, grad_to_none=grads[n])
+                kw = {"before_each": setups[n]} if setups[n] is not None else {}
+                t = time_cuda(fns[n], warmup=warmup if i == 0 else 1, repeats=per_round, grad_to_none=grads[n], **kw)
                 samples[n].append(t.median_ms)
         return samples
     for _ in range(warmup):
         for n in names:
             drop(n)
+            if setups[n] is not None:
+                setups[n]()
             fns[n]()
     gc_was_enabled = gc.isenabled()
     try:
@@ -178,9 +194,13 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.devi
             order = names[i % len(names):] + names[:i % len(names)]
             for n in order:
                 drop(n)
+                if setups[n] is not None:
+                    setups[n]()
+                fn = fns[n]
                 t0 = time.perf_counter()
-                fns[n]()
-                samples[n].append((time.perf_counter() - t0) * 1e3)
+                for _ in range(number):
+                    fn()
+                samples[n].append((time.perf_counter() - t0) * 1e3 / number)
             if gc_was_enabled:
                 gc.enable()
     finally:
