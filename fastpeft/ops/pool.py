@@ -72,8 +72,27 @@ class AdapterPool:
         if self.A.device != device or self.B.device != device:
             raise ValueError(f"{fn}: the adapter pool is on {self.A.device}, x on {device}")
 
+    def _tables_key(self) -> tuple:
+        """Changes whenever a table or A / B is replaced or written in place (a bank's load)."""
+        return tuple((id(t), t._version) for t in self.tensors() if t is not None)
+
+    def cached(self, name: str, build):
+        """``build()``, kept on this pool object until its tables change (a layer reuses its pool object
+        across forwards: decode steps then skip the host copies and table building)."""
+        key = self._tables_key()
+        store = self.__dict__.setdefault("_cache", {})
+        hit = store.get(name)
+        if hit is None or hit[0] != key:
+            hit = (key, build())
+            store[name] = hit
+        return hit[1]
+
     def views(self) -> tuple:
-        """Per-slot Adapters (views of A and B, no copy); one device-to-host copy of the tables."""
+        """Per-slot Adapters (views of A and B, no copy); one device-to-host copy of the tables (kept until
+        the tables change)."""
+        return self.cached("views", self._views)
+
+    def _views(self) -> tuple:
         from .contract import Adapter
 
         starts, ranks = self.start.tolist(), self.rank.tolist()

@@ -285,6 +285,19 @@ def _segments(call: LoraCall):
 _MASKED_POOL_MAX = 1 << 16
 
 
+def _pool_columns(call: LoraCall, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(slot owning each pool row [R] (-1: none), that slot's scale [R]): adapter k is slot k's views."""
+    pool = call.pool
+    R = pool.A.shape[0]
+    owner = torch.full((R,), -1, dtype=torch.int64, device=pool.A.device)
+    col_scale = torch.zeros(R, dtype=cdt, device=pool.A.device)
+    for k, (a, st) in enumerate(zip(call.adapters, pool.start.tolist())):
+        if a.r:
+            owner[st:st + a.r] = k
+            col_scale[st:st + a.r] = a.scale
+    return owner, col_scale
+
+
 def _masked_pool(call: LoraCall, Y: Tensor) -> bool:
     """Y += each row's s_k S B_k^T through the pool's two tensors; False (nothing done) when it does not pay
     or a DoRA slot is in the batch."""
@@ -293,12 +306,7 @@ def _masked_pool(call: LoraCall, Y: Tensor) -> bool:
     if call.M * R > _MASKED_POOL_MAX or any(a.magnitude is not None for a in call.adapters):
         return False
     cdt, dt = call.compute_dtype(), call.x.dtype
-    owner = torch.full((R,), -1, dtype=torch.int64, device=pool.A.device)  # slot of each pool row
-    col_scale = torch.zeros(R, dtype=cdt, device=pool.A.device)
-    for k, (a, st) in enumerate(zip(call.adapters, pool.start.tolist())):  # adapter k = slot k's views
-        if a.r and plan.count(k):
-            owner[st:st + a.r] = k
-            col_scale[st:st + a.r] = a.scale
+    owner, col_scale = pool.cached(f"masked {cdt}", lambda: _pool_columns(call, cdt))
     S = torch.mm(call.x.to(cdt), pool.A.to(cdt).t())
     S.mul_(plan.row_index[:, None] == owner[None, :]).mul_(col_scale)
     Y.addmm_(S.to(dt), pool.B.to(dt).t())

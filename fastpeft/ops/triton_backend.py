@@ -22,6 +22,30 @@ unless several adapters use dropout):
   forward GEMM keeps two accumulators over one read of W (x W^T and (D x) W^T, D the shrink's mask)
   and writes Y and Z_d once each, and dX's GEMM two (dY W and ((g-1) dY) W). dS and dB take g on the
   host ([N, r] work: g B for dS, g * (s dY^T S) for dB).
+- a mixed batch (call.plan: row i takes adapter k = row_index[i], -1 = the base alone; an adapter
+  pool's calls too): kernels/lora_mixed.py, the same kernels through their MIXED constexpr
+  (kernels/_common.py). Forward: a segmented shrink (row tiles in the plan's order, one adapter per
+  tile, x rows gathered through `order`) writes S [M, max r], row i holding x_i A_k^T in its first r_k
+  columns and exact zeros in the rest (base rows: all zeros); then the dense or packed GEMM adds
+  s_k S_i B_k^T in its LoRA step, in the same fp32 accumulator as x W^T, Y written once: on segment
+  tiles (any M; rows loaded and stored through `order`) or, for decode (M <= 16), on row-order tiles
+  where each row reads its own adapter's B (one read of W for all rows; the fused single kernel is not
+  used: it would re-read every row's A in each column program). Backward: dS by the segmented shrink
+  (B^T as its A, s_k from the table), dX = dY W + dS A_k by the same GEMMs (dX written once), dA_k and
+  dB_k by lora_wgrad_kernel over each adapter's rows (one program per output element: no atomics, no
+  split over M; deterministic, simpler than the training path). The tile table (one entry per row
+  tile: positions in `order` and the adapter) is built on the host from the plan's offsets, for every
+  BLOCK_M the configs use, once per plan (cached). No dropout and no DoRA slots (supports() says so;
+  the torch backend runs those).
+  Adapter storage: the kernels address every adapter of the batch in one A [*, K] and one B [N, *]
+  through an int32 table (rank, first row of A_k, first column of B_k; column 0 = base rows) and an
+  fp32 table of scales (`lora_mixed.adapter_bank`, tables cached by content across layers). When the
+  adapters with rows are row slices of one tensor (A) and column slices of one [N, R] tensor (B), as a
+  serving bank's pool passes them (fastpeft.ops.pool views; a single adapter always is), that tensor is
+  read in place, no copy: the check is the same storage, dtype and strides, and each slice's start a
+  whole number of rows (columns) from the first (`lora_mixed.pooled`). Otherwise the adapters with
+  rows are concatenated once per call (A_cat [sum r, K], B_cat [N, sum r]; fp32 if their dtypes
+  differ): one copy of the batch's adapters per layer call.
 """
 from __future__ import annotations
 
@@ -50,6 +74,12 @@ def _kernels():
     return _common, lora_fwd, lora_bwd, lora_quant, lora_shrink
 
 
+def _mixed_kernels():
+    from fastpeft.kernels import lora_mixed
+
+    return lora_mixed
+
+
 def _fp32_tf32(x: Tensor) -> bool:
     """fp32 dots use TF32 exactly when torch's own fp32 matmuls would (F.linear parity)."""
     return x.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
@@ -66,12 +96,16 @@ def supports(call: LoraCall) -> Optional[str]:
         return f"x is on {x.device}; the triton backend runs on CUDA (or CPU under TRITON_INTERPRET=1)"
     if x.dtype not in _ACT:
         return f"x dtype {x.dtype} not supported (fp16, bf16, fp32)"
-    if call.plan is not None:
-        return "a mixed batch (row_index: one adapter per row) has no Triton kernel yet (the torch backend runs it)"
     common = _kernels()[0]
+    mixed = call.plan is not None
     for i, a in enumerate(call.adapters):
-        if not 1 <= a.r <= common.MAX_R:
-            return f"r={a.r} is outside the kernels' range 1..{common.MAX_R}"
+        if not (0 if mixed else 1) <= a.r <= common.MAX_R:
+            return f"r={a.r} is outside the kernels' range {0 if mixed else 1}..{common.MAX_R}"
+        if mixed and a.dropout_p > 0.0:
+            return "LoRA dropout in a mixed batch (row_index) has no Triton kernel (mixed batches are for inference)"
+        if mixed and a.magnitude is not None:
+            return (f"a DoRA adapter (slot {i}) in a mixed batch (row_index) has no Triton kernel (the torch "
+                    f"backend runs it)")
         for name, t in (("lora_A", a.A), ("lora_B", a.B)):
             if t.dtype not in (torch.float32, x.dtype):
                 return f"{name} dtype {t.dtype} not supported with x {x.dtype} (fp32 or x's dtype)"
@@ -114,11 +148,48 @@ def _col_scale(call: LoraCall) -> Optional[Tensor]:
     return None if g is None else g.to(torch.float32).contiguous()
 
 
+def _bank(call: LoraCall):
+    """The mixed batch's adapters as the kernels address them (kernels/lora_mixed.py `adapter_bank`: the
+    caller's pool without a copy when the adapters are slices of one, else one concatenation)."""
+    plan = call.plan
+    ads = call.adapters
+    return _mixed_kernels().adapter_bank([a.A for a in ads], [a.B for a in ads], [a.scale for a in ads],
+                                         [plan.count(k) > 0 for k in range(len(ads))], call.x.device)
+
+
+def _mixed_forward(call: LoraCall) -> tuple:
+    """(Y, S [M, max r] fp32): row i of S holds its adapter's r_k values first, zeros after (base rows: 0)."""
+    plan, base = call.plan, call.base
+    return _mixed_kernels().lora_mixed_fwd(call.x, base.weight, base.packed, base.bias, _bank(call), plan.row_index,
+                                           plan.order, plan.offsets, call.N, call.r_total,
+                                           fp32_tf32=_fp32_tf32(call.x))
+
+
+def _mixed_backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, needs_dA: list,
+                    needs_dB: list) -> tuple[Optional[Tensor], list, list]:
+    plan, base, x = call.plan, call.base, call.x
+    bank = _bank(call)
+    dX, da, dbt = _mixed_kernels().lora_mixed_bwd(dY, x, base.weight, base.packed, bank, plan.row_index, plan.order,
+                                                  plan.offsets, S, needs_dx, any(needs_dA), any(needs_dB),
+                                                  fp32_tf32=_fp32_tf32(x))
+    dAs, dBs = [], []
+    for a, r, o, need_A, need_B in zip(call.adapters, bank.ranks, bank.cat_offs, needs_dA, needs_dB):
+        # each gradient its own tensor, in the parameter's dtype and layout (adapters without rows: zeros)
+        dAs.append(None if not need_A else torch.zeros_like(a.A) if r == 0 else
+                   torch.empty(a.A.shape, dtype=a.A.dtype, device=x.device).copy_(da[o:o + r]))
+        dBs.append(None if not need_B else torch.zeros_like(a.B) if r == 0 else
+                   torch.empty(a.B.shape, dtype=a.B.dtype, device=x.device).copy_(dbt[o:o + r].t()))
+    return dX, dAs, dBs
+
+
 def forward(call: LoraCall) -> tuple:
     """(Y [M, N] in x's dtype, S [M, sum r] fp32). Y = x W^T + sum_i s_i ((D_i x) A_i^T) B_i^T (+ bias).
-    A DoRA call with dropout returns (Y, S, Z_d [M, N] in x's dtype), as the torch backend does."""
+    A DoRA call with dropout returns (Y, S, Z_d [M, N] in x's dtype), as the torch backend does; a mixed
+    batch (Y, S [M, max r])."""
     common, fwd, _, quant, shrink = _kernels()
     x, base, tf32 = call.x, call.base, _fp32_tf32(call.x)
+    if call.plan is not None:
+        return _mixed_forward(call)
     if call.is_dora:
         a, g = call.adapters[0], _col_scale(call)
         if base.packed is not None:
@@ -169,6 +240,8 @@ def backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, needs_dA: li
     x, base, tf32 = call.x, call.base, _fp32_tf32(call.x)
     dY = dY if dY.dtype == x.dtype else dY.to(x.dtype)
     S = S if S.dtype == torch.float32 else S.float()
+    if call.plan is not None:
+        return _mixed_backward(call, dY, S, needs_dx, needs_dA, needs_dB)
     if call.is_dora:  # the one-adapter kernels, g in dX's GEMM and on the [N, r] factors of dS and dB
         a, g = call.adapters[0], _col_scale(call)
         kw = dict(needs_dx=needs_dx, needs_da=needs_dA[0], needs_db=needs_dB[0], fp32_tf32=tf32, col_scale=g)

@@ -195,7 +195,8 @@ def test_dispatch_picks_cuda_for_decode_through_fastpeft_ops(module, monkeypatch
     ref_y, ref_s = reference(x, w, bias, a, b, 0.5)
     assert y.shape == (2, 2, N) and y.dtype == torch.bfloat16
     # the op's own S (what backward uses) as well as Y
-    y2, s = torch.ops.fastpeft.lora_fwd(x, w, bias, [], "", [], [a], [b], [0.5], [0.0], [None], None, None)
+    y2, s, _ = torch.ops.fastpeft.lora_fwd(x, w, bias, [], "", [], [a], [b], [0.5], [0.0], [None], [None], None,
+                                           None, None, [], [], 0)
     torch.testing.assert_close(y2, y.reshape(M, N), rtol=0, atol=0)
     assert_close_to_ref(y2, s, ref_y, ref_s, torch.bfloat16, "fastpeft.ops.lora_linear")
     assert ops.current_backend(torch.zeros(16, K, device="cuda", dtype=torch.bfloat16), w, bias, a, b) != "cuda"
