@@ -1,11 +1,13 @@
 """Helpers shared by the LoRA kernels: dropout mask, dtype mapping, block-size arithmetic, the
-launch rule, and the two ends of an output tile of the LoRA GEMMs (`lora_b_step`, `finish_tile`).
+launch rule, the two ends of an output tile of the LoRA GEMMs (`lora_b_step`, `finish_tile`), and the
+rows of a mixed batch's tiles (`lora_tile`, `segment_rows`: the MIXED constexpr).
 
 Every op file holds its own kernels, configs and launcher; this file holds what must be
 *identical* across ops (the dropout mask must be bit-identical in forward and backward, so it is
 defined once here) or would otherwise be repeated by each of them.
 """
 import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -195,6 +197,130 @@ def dropout_keep(seed, rows, cols, n_cols, p_drop):
     return u >= p_drop
 
 
+# -- mixed batches: each row its own adapter (many adapters in one batch) --------------------------------
+# A mixed batch (fastpeft.ops.RowPlan: row_index [M], -1 = base only; order [M], the rows sorted by adapter;
+# host offsets of each adapter's segment of order) reaches the kernels through one constexpr, MIXED:
+#   MIXED_NONE     the plain kernels (one adapter, or several summed, for every row).
+#   MIXED_SEGMENT  (prefill, any M; SGMV-style) row tiles in the plan's order, each tile ONE adapter's rows:
+#                  the tile table (kernels/lora_mixed.py, built on the host from the plan's offsets, for
+#                  every BLOCK_M of the config spaces) gives each program its segment's positions; x rows
+#                  are loaded and output rows stored through `order` (`segment_rows`), and the adapter's
+#                  rank, offset into the stacked A / B and scale come from the per-adapter table
+#                  (`lora_tile`). The shrink, the GEMMs' LoRA step and the dA / dB reductions take it.
+#   MIXED_GATHER   (decode, small M; BGMV-style) row tiles in row order; each row reads its own adapter
+#                  (row_index) in the GEMMs' LoRA step (`lora_b_step`): one read of W for all rows.
+# The per-adapter table has one column per plan segment: column 0 the base rows (rank 0, scale 0),
+# column k + 1 adapter k (so column = row_index + 1 = segment index); int32 ranks and offsets, fp32 scales.
+MIXED_NONE = tl.constexpr(0)
+MIXED_SEGMENT = tl.constexpr(1)
+MIXED_GATHER = tl.constexpr(2)
+# The tile table (int32): a header of 2 ints per section, section i = BLOCK_M // 16 (16, 32, 64, 128 rows:
+# i = 1, 2, 4, 8; i = 0: whole adapter segments, for the dA / dB reductions): (first entry, number of
+# entries); then entries of 3 ints: (begin, end) positions in `order`, the segment (adapter table column).
+TILE_HEADER = tl.constexpr(18)
+
+
+@triton.jit
+def tile_section(tiles_ptr, SECTION: tl.constexpr):
+    """(first entry, number of entries) of one section of the tile table."""
+    return tl.load(tiles_ptr + 2 * SECTION), tl.load(tiles_ptr + 2 * SECTION + 1)
+
+
+@triton.jit
+def tile_entry(tiles_ptr, t):
+    """Entry t of the tile table: (begin, end) positions in order, the segment (adapter table column)."""
+    e = tiles_ptr + TILE_HEADER + 3 * t
+    return tl.load(e), tl.load(e + 1), tl.load(e + 2)
+
+
+@triton.jit
+def segment_rows(tiles_ptr, order_ptr, t, BLOCK_M: tl.constexpr):
+    """The rows of tile entry t: (rows [BLOCK_M] int32, gathered through order; row_ok [BLOCK_M]; the
+    segment = the adapter table's column)."""
+    begin, end, seg = tile_entry(tiles_ptr, t)
+    pos = begin + tl.arange(0, BLOCK_M)
+    row_ok = pos < end
+    rows = tl.load(order_ptr + pos, mask=row_ok, other=0).to(tl.int32)
+    return rows, row_ok, seg
+
+
+@triton.jit
+def lora_tile(M, N, R, scale, b_ptr, stride_br, tiles_ptr, order_ptr, rank_ptr, off_ptr, adscale_ptr,
+              MIXED: tl.constexpr, AD_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              GROUP_M: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_N] output tile of the LoRA GEMMs and the operands of its LoRA step:
+    (pid_n, rows, cols, row_ok, col_ok, R, scale, b_ptr).
+
+    MIXED_SEGMENT: tile pid_m of the table's section for BLOCK_M (grouped order over the tiles), its rows
+    gathered through order; R, the first column of B (b_ptr + off * stride_br) and the scale (times s_k
+    when AD_SCALE) are its adapter's. Otherwise the rows of `grouped_tile` and R, scale, b_ptr unchanged.
+    """
+    if MIXED == MIXED_SEGMENT:
+        first, n_tiles = tile_section(tiles_ptr, BLOCK_M // 16)
+        pid_m, pid_n = grouped_pid(n_tiles * BLOCK_M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        rows, row_ok, seg = segment_rows(tiles_ptr, order_ptr, first + pid_m, BLOCK_M)
+        R = tl.load(rank_ptr + seg)
+        b_ptr += tl.load(off_ptr + seg).to(tl.int64) * stride_br
+        if AD_SCALE:
+            scale = scale * tl.load(adscale_ptr + seg)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+    else:
+        pid_n, rows, cols, row_ok, col_ok = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    return pid_n, rows, cols, row_ok, col_ok, R, scale, b_ptr
+
+
+class MixedRows(NamedTuple):
+    """A mixed batch as one launch sees it (kernels/lora_mixed.py builds it; MIXED above).
+
+    mode: MIXED_SEGMENT or MIXED_GATHER; tiles: the int32 tile table and counts {section: entries};
+    order / row_index: the plan's int64 [M] tensors; rank, off (int32) and scale (fp32) [n + 1]: the
+    adapter table, off the first row (shrink: of the stacked A; GEMM: of B's columns; dA / dB: of the
+    output) of each adapter in the operand this launch reads; ad_scale: multiply by s_k (else s_k is
+    in the operand already); max_rows: rows of the largest segment (segment tiles' M bucket); r_max: the
+    largest rank (the launch's R: the autotune key and the LoRA step's chunk, whatever the width of the
+    stacked operand, which changes with the batch's adapters)."""
+    mode: int
+    tiles: torch.Tensor
+    counts: dict
+    order: torch.Tensor
+    row_index: torch.Tensor
+    rank: torch.Tensor
+    off: torch.Tensor
+    scale: torch.Tensor
+    ad_scale: bool
+    max_rows: int
+    r_max: int
+
+    def with_operand(self, off: torch.Tensor, ad_scale: bool) -> "MixedRows":
+        """The same rows for a launch reading another stacked operand (its offsets), s_k applied or not."""
+        return self._replace(off=off, ad_scale=ad_scale)
+
+
+def mixed_args(mixed: Optional[MixedRows], dummy: torch.Tensor, names=("tiles", "order", "row_index", "rank", "off",
+                                                                         "scale")):
+    """(the launch's mixed-batch pointer arguments, in `names` order; its MIXED / AD_SCALE constexprs).
+    No mixed batch: `dummy` for every pointer (never read), MIXED_NONE."""
+    if mixed is None:
+        return (dummy,) * len(names), dict(MIXED=MIXED_NONE.value, AD_SCALE=False)
+    return tuple(getattr(mixed, f) for f in names), dict(MIXED=int(mixed.mode), AD_SCALE=bool(mixed.ad_scale))
+
+
+def mixed_grid(mixed: Optional[MixedRows], m, n, block_m="BLOCK_M", block_n="BLOCK_N"):
+    """Grid of a GEMM launch: `grouped_grid`, or for segment tiles, the table's tiles for the config's
+    BLOCK_M times the column tiles."""
+    if mixed is None or mixed.mode != MIXED_SEGMENT.value:
+        return grouped_grid(m, n, block_m, block_n)
+    return lambda meta: (mixed.counts[meta[block_m] // 16] * triton.cdiv(n, meta[block_n]),)
+
+
+def mixed_bucket(mixed: Optional[MixedRows], m: int) -> int:
+    """M_BUCKET of a launch: segment tiles never hold more rows than the largest segment."""
+    if mixed is not None and mixed.mode == MIXED_SEGMENT.value:
+        return m_bucket(mixed.max_rows)
+    return m_bucket(m)
+
+
 # -- the two ends of an output tile of the LoRA GEMMs ----------------------------------------------
 # lora_matmul_kernel, lora_fused_kernel (kernels/lora_fwd.py) and lora_quant_kernel
 # (kernels/lora_quant.py) each compute one [BLOCK_M, BLOCK_N] tile of
@@ -301,7 +427,8 @@ def out_dropout_scale(lora, rows, cols, n_cols, scale, seed, p_drop, inv_keep, O
 
 @triton.jit
 def lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bn,
-                scale, seed, p_drop, inv_keep, n_cols, OUT_DROPOUT: tl.constexpr,
+                scale, seed, p_drop, inv_keep, n_cols, ridx_ptr, rank_ptr, off_ptr, adscale_ptr,
+                OUT_DROPOUT: tl.constexpr, GATHER: tl.constexpr, AD_SCALE: tl.constexpr,
                 LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """The LoRA term of an output tile, the first steps of its accumulator: scale * D_out * (S B^T).
@@ -310,20 +437,52 @@ def lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_s
     and, for dX in backward, multiplied by the dropout mask of the output element, all before the
     base GEMM joins the same fp32 accumulator, so the output tile is written once. R = 0 (a layer
     without adapter): no step runs and the tile starts at zero (S and B are never read).
-    Returns the fp32 [BLOCK_M, BLOCK_N] accumulator.
+    A mixed batch's segmented tile (MIXED_SEGMENT, see `lora_tile`) comes here with its adapter's R,
+    scale and B already chosen: the same steps, looping to that adapter's rank.
+
+    GATHER (a mixed batch's decode tile, MIXED_GATHER): every row takes its own adapter, column
+    ridx[row] + 1 of the adapter table (rank_ptr, off_ptr: the adapter's first column of B,
+    adscale_ptr: s_k when AD_SCALE); S [M, max r] holds row i's r_k values in its first columns. Row by
+    row, S[i, :r_k] B_k^T runs as fp32 multiply-adds over chunks of BLOCK_R ranks (a row's [BLOCK_R,
+    BLOCK_N] slice of B_k: no dot, whose 16-row minimum would be wasted on one row), into row i of the
+    accumulator. R is unused. Returns the fp32 [BLOCK_M, BLOCK_N] accumulator.
     """
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rr0 = tl.arange(0, BLOCK_R)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + rr0
-        r_ok = rr < R
-        s = tl.load(s_ptr + rows64[:, None] * stride_sm + rr[None, :] * stride_sr,
-                    mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
-        bt = tl.load(b_ptr + rr[:, None] * stride_br + cols64[None, :] * stride_bn,
-                     mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
-        acc = mma(s, bt, acc, LORA_DTYPE, LORA_PRECISION)
+    if GATHER:
+        seg = tl.load(ridx_ptr + rows64, mask=row_ok, other=-1).to(tl.int32) + 1  # [BLOCK_M] table column
+        rank = tl.load(rank_ptr + seg)  # [BLOCK_M]: 0 for base rows (column 0) and rows past M
+        boff = tl.load(off_ptr + seg).to(tl.int64)
+        if AD_SCALE:
+            sc = tl.load(adscale_ptr + seg)  # [BLOCK_M] fp32
+        else:
+            sc = tl.full((BLOCK_M,), 1.0, tl.float32)
+        mm = tl.arange(0, BLOCK_M)
+        for i in range(0, BLOCK_M):
+            sel = mm == i
+            r_i = tl.sum(tl.where(sel, rank, 0), axis=0)
+            s_row = s_ptr + tl.sum(tl.where(sel, rows64, 0), axis=0) * stride_sm
+            b_i = b_ptr + tl.sum(tl.where(sel, boff, 0), axis=0) * stride_br
+            part = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for r0 in range(0, r_i, BLOCK_R):
+                rr = r0 + rr0
+                r_ok = rr < r_i
+                s = tl.load(s_row + rr * stride_sr, mask=r_ok, other=0.0)  # [BLOCK_R] fp32
+                bt = tl.load(b_i + rr[:, None] * stride_br + cols64[None, :] * stride_bn,
+                             mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+                part += tl.sum(s[:, None] * bt.to(tl.float32), axis=0)
+            acc = tl.where(sel[:, None], (part * tl.sum(tl.where(sel, sc, 0.0), axis=0))[None, :], acc)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + rr0
+            r_ok = rr < R
+            s = tl.load(s_ptr + rows64[:, None] * stride_sm + rr[None, :] * stride_sr,
+                        mask=row_ok[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_R]
+            bt = tl.load(b_ptr + rr[:, None] * stride_br + cols64[None, :] * stride_bn,
+                         mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+            acc = mma(s, bt, acc, LORA_DTYPE, LORA_PRECISION)
     return out_dropout_scale(acc, rows, cols, n_cols, scale, seed, p_drop, inv_keep, OUT_DROPOUT)
 
 
@@ -373,8 +532,9 @@ def finish_tile(acc, rest, y_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, 
     HAS_REST: a further fp32 tile added unscaled (DoRA with dropout: x W^T - (D x) W^T; else rest
     is unused, pass anything). The bias (any float dtype) is added in fp32, the sum is cast to y's
     dtype once and stored, masked to the matrix. This is the one place where per-output scaling of
-    the whole tile happens, for the three kernels that call it (a per-row adapter gather, several
-    adapters in one batch, would select its per-row g here, and its B in `lora_b_step`).
+    the whole tile happens, for the three kernels that call it. rows are the tile's output rows: for a
+    mixed batch's segment tile, gathered through the plan's order (`lora_tile`), so y is still written
+    once, in place.
     """
     if HAS_COL_SCALE:
         acc = acc * tl.load(cs_ptr + cols, mask=col_ok, other=0.0)[None, :]  # [1, BLOCK_N] fp32

@@ -25,15 +25,16 @@ dA and dB are reductions over M, which is long in training (tokens) while the ou
 the M range is split over several programs (grid axis 1) so the GPU fills up. Each split writes an
 fp32 partial [split, P, Q]; the partials are then summed in a fixed order (deterministic: the same
 bits every run). With deterministic=False the splits atomically add into one fp32 buffer instead
-(one pass less, run-to-run bit differences).
+(one pass less, run-to-run bit differences). A mixed batch's dA_k / dB_k (kernels/lora_mixed.py) run the
+same kernel over each adapter's rows (MIXED_SEGMENT): no split, no atomics.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    SMEM_LIMIT, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty, ieee_tile_ok, launch, m_bucket,
-    mma, tl_dtype,
+    MIXED_SEGMENT, SMEM_LIMIT, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty, ieee_tile_ok,
+    launch, m_bucket, mixed_args, mma, tile_entry, tile_section, tl_dtype,
 )
 from .lora_fwd import FUSED_MAX_R, check_lora_args, launch_lora_fused, launch_lora_matmul, use_fused
 from .lora_shrink import lora_shrink
@@ -77,17 +78,24 @@ def prune_wgrad_configs(configs, named_args, **kwargs):
 
 @triton.jit(do_not_specialize=["seed"])
 def lora_wgrad_kernel(
-    lhs_ptr, rhs_ptr, out_ptr,
+    lhs_ptr, rhs_ptr, out_ptr, tiles_ptr, order_ptr, rank_ptr, off_ptr, adscale_ptr,
     M, P, Q,
     stride_lhs_m, stride_lhs_p, stride_rhs_m, stride_rhs_q, stride_os, stride_op, stride_oq,
     scale, seed, p_drop, inv_keep, rows_per_split,
     M_BUCKET,  # autotune key only
-    HAS_DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, MIXED: tl.constexpr, AD_SCALE: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """out[split, P, Q] (or atomically out[P, Q]) = scale * lhs[m-range, P]^T (D * rhs)[m-range, Q].
 
     dA: lhs = dS, rhs = x (dropout index m * K + k, as forward). dB: lhs = dY, rhs = S, scale = s.
+
+    MIXED_SEGMENT (a mixed batch, kernels/_common.py): program (tile, pid_s) reduces over the rows of
+    adapter segment pid_s (section 0 of the tile table: whole segments, gathered through order), P
+    masked to its rank r_k, into rows off_k .. off_k + r_k of out [sum r, Q] (stride_os unused; scale
+    times s_k when AD_SCALE). One program per output element, a fixed-order loop: deterministic, no
+    atomics, no split of M. dA_k: lhs = dS [M, max r], rhs = x; dB_k^T: lhs = S, rhs = dY.
     """
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -96,15 +104,26 @@ def lora_wgrad_kernel(
     pid_q = pid % num_q
     pp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     qq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    p_ok = pp < P
     q_ok = qq < Q
     mm = tl.arange(0, BLOCK_M)
-    m_start = pid_s * rows_per_split
-    m_end = tl.minimum(m_start + rows_per_split, M)
+    if MIXED == MIXED_SEGMENT:
+        first, _ = tile_section(tiles_ptr, 0)
+        m_start, seg_end, seg = tile_entry(tiles_ptr, first + pid_s)  # positions in order, adapter table column
+        P = tl.load(rank_ptr + seg)
+        out_ptr += tl.load(off_ptr + seg).to(tl.int64) * stride_op
+        if AD_SCALE:
+            scale = scale * tl.load(adscale_ptr + seg)
+        m_end = tl.where(pid_p * BLOCK_P < P, seg_end, m_start)  # p tiles past the rank: nothing to do
+    else:
+        m_start = pid_s * rows_per_split
+        m_end = tl.minimum(m_start + rows_per_split, M)
+    p_ok = pp < P
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         ms = m0 + mm
         m_ok = ms < m_end
+        if MIXED == MIXED_SEGMENT:
+            ms = tl.load(order_ptr + ms, mask=m_ok, other=0).to(tl.int32)  # positions -> rows
         ms64 = ms.to(tl.int64)
         # lhs^T tile straight from lhs [M, P] via strides.
         lhs_t = tl.load(lhs_ptr + pp[:, None] * stride_lhs_p + ms64[None, :] * stride_lhs_m,
@@ -120,11 +139,13 @@ def lora_wgrad_kernel(
     if ATOMIC:
         tl.atomic_add(out_ptr + offs, acc, mask=mask)
     else:
-        tl.store(out_ptr + pid_s.to(tl.int64) * stride_os + offs, acc, mask=mask)
+        if MIXED != MIXED_SEGMENT:
+            out_ptr += pid_s.to(tl.int64) * stride_os
+        tl.store(out_ptr + offs, acc, mask=mask)
 
 
 lora_wgrad_kernel_tuned = triton.autotune(
-    configs=get_wgrad_configs(), key=["M_BUCKET", "P", "Q", "HAS_DROPOUT", "ATOMIC", "INPUT_PRECISION"],
+    configs=get_wgrad_configs(), key=["M_BUCKET", "P", "Q", "HAS_DROPOUT", "ATOMIC", "MIXED", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_wgrad_configs},
     reset_to_zero=["out_ptr"],  # atomic mode accumulates: each timing run starts from zero
 )(lora_wgrad_kernel)
@@ -143,16 +164,33 @@ def choose_split(m: int, p: int, q: int, device) -> int:
 
 
 def lora_wgrad(lhs, rhs, scale=1.0, dropout_p=0.0, seed=0, deterministic=True, split_m=None, fp32_tf32=False,
-               config=None):
+               config=None, mixed=None, out=None):
     """fp32 [P, Q] = scale * lhs[M, P]^T @ (D * rhs)[M, Q], D from (seed, element index of rhs).
 
     split_m: number of M splits (default: `choose_split`). deterministic: fixed-order sum of
     per-split partials (True) or fp32 atomics (False). config: explicit meta-parameters.
+    mixed (`_common.MixedRows`, a mixed batch): per adapter k over its rows only,
+    out[off_k : off_k + r_k] = scale (* s_k) * lhs[R_k, :r_k]^T rhs[R_k] into out (fp32 [sum r, Q], rows
+    of adapters without rows in the batch left as they are); no split, deterministic; returns out.
     """
     m, p = lhs.shape
     m2, q = rhs.shape
     if m != m2:
         raise ValueError(f"lora_wgrad: lhs {tuple(lhs.shape)} and rhs {tuple(rhs.shape)} differ in M")
+    if mixed is not None:
+        items = mixed.counts[0]
+        if m == 0 or p == 0 or q == 0 or items == 0:
+            return out
+        mptrs, mconsts = mixed_args(mixed, lhs, ("tiles", "order", "rank", "off", "scale"))
+        args = (lhs, rhs, out, *mptrs, m, p, q, lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
+                0, out.stride(0), out.stride(1), float(scale), int(seed), float(dropout_p), 1.0 / (1.0 - dropout_p),
+                m, m_bucket(mixed.max_rows))
+        consts = dict(mconsts, HAS_DROPOUT=dropout_p > 0.0, ATOMIC=False,
+                      COMPUTE_DTYPE=tl_dtype(compute_dtype(lhs.dtype, rhs.dtype)),
+                      INPUT_PRECISION=dot_precision((lhs.dtype, rhs.dtype), fp32_tf32))
+        grid = lambda meta: (triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(q, meta["BLOCK_Q"]), items)  # noqa: E731
+        launch(lora_wgrad_kernel_tuned, grid, args, consts, config)
+        return out
     if m == 0 or p == 0 or q == 0:  # empty reduction (no rows) or empty output (r = 0): no launch
         return torch.zeros((p, q), dtype=torch.float32, device=lhs.device)
     split = split_m if split_m is not None else choose_split(m, p, q, lhs.device)
@@ -166,10 +204,11 @@ def lora_wgrad(lhs, rhs, scale=1.0, dropout_p=0.0, seed=0, deterministic=True, s
         out = torch.zeros((1, p, q), dtype=torch.float32, device=lhs.device)
     else:
         out = empty((split, p, q), torch.float32, lhs.device)
-    args = (lhs, rhs, out, m, p, q, lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
+    mptrs, mconsts = mixed_args(None, lhs, ("tiles", "order", "rank", "off", "scale"))
+    args = (lhs, rhs, out, *mptrs, m, p, q, lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
             float(scale), int(seed), float(dropout_p), 1.0 / (1.0 - dropout_p), rows_per_split, m_bucket(m))
-    consts = dict(HAS_DROPOUT=dropout_p > 0.0, ATOMIC=atomic,
+    consts = dict(mconsts, HAS_DROPOUT=dropout_p > 0.0, ATOMIC=atomic,
                   COMPUTE_DTYPE=tl_dtype(compute_dtype(lhs.dtype, rhs.dtype)),
                   INPUT_PRECISION=dot_precision((lhs.dtype, rhs.dtype), fp32_tf32))
     grid = lambda meta: (triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(q, meta["BLOCK_Q"]), split)  # noqa: E731

@@ -16,15 +16,20 @@ tile by g as it is loaded. With dropout the forward is the matmul kernel's DUAL_
 sharing each W tile, Y and Z_d written once each) and dX its DUAL_DX; the fused kernel does not take
 them (it would hold a third [BLOCK_M, *] accumulator, S's, next to the two): `lora_fwd` routes DoRA
 with dropout through the shrink + matmul path.
+
+Mixed batches (each row its own adapter; kernels/lora_mixed.py): the matmul kernel's MIXED constexpr
+(kernels/_common.py) makes its tiles segment tiles (one adapter's rows, gathered through the plan's
+order) or decode tiles (each row's own B in the LoRA step); the fused kernel does not take them.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    ACT_DTYPES, DUAL_DX, DUAL_FWD, MAX_R, SMEM_LIMIT, base_step, check_2d, compute_dtype, dora_args, dot_precision,
-    dropout_tile_ok, dual_start, dual_tile_ok, empty, finish_lora_tile, finish_tile, grouped_grid, grouped_tile,
-    ieee_tile_ok, launch, lora_b_step, m_bucket, mma, out_dropout_scale, r_block, tl_dtype,
+    ACT_DTYPES, DUAL_DX, DUAL_FWD, MAX_R, MIXED_GATHER, MIXED_SEGMENT, SMEM_LIMIT, base_step, check_2d, compute_dtype,
+    dora_args, dot_precision, dropout_tile_ok, dual_start, dual_tile_ok, empty, finish_lora_tile, finish_tile,
+    grouped_grid, grouped_tile, ieee_tile_ok, launch, lora_b_step, lora_tile, m_bucket, mixed_args, mixed_bucket,
+    mixed_grid, mma, out_dropout_scale, r_block, tl_dtype,
 )
 from .lora_shrink import lora_shrink, shrink_step
 
@@ -49,9 +54,16 @@ def get_lora_matmul_configs():
             for bm, bn, bk, w, s in shapes]
 
 
-def _matmul_config_ok(c, mb, n, k, elt, out_dropout=False, precision="tf32", dual=0, x_scale=False):
+def _matmul_config_ok(c, mb, n, k, elt, out_dropout=False, precision="tf32", dual=0, x_scale=False, mixed=0):
     bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
     if bm > mb or bn > max(16, triton.next_power_of_2(n)) or bk > max(32, triton.next_power_of_2(k)):
+        return False
+    # A mixed batch's segment tiles (rows gathered through the plan's order): on 4 warps, 128-wide W tiles
+    # spilled on sm_80 (ptxas -v, bf16: 128x128x32 68 B, 64x128x64 28 B; the plain kernel sits at 255 and
+    # 214 registers there); 8 warps (128x128x64: 242) and 64-wide tiles do not
+    if mixed == MIXED_SEGMENT.value and c.num_warps == 4 and bn > 64:
+        return False
+    if mixed == MIXED_GATHER.value and bm != 16:  # decode tiles: the LoRA step loops over the tile's rows
         return False
     if elt == 4 and bm * bn > 64 * 64:  # fp32 x: FMA/tf32 tiles this big spill registers (ptxas -v)
         return False
@@ -77,13 +89,15 @@ def prune_lora_matmul_configs(configs, named_args, **kwargs):
     elt = named_args["x_ptr"].element_size()
     kept = [c for c in configs if _matmul_config_ok(c, named_args["M_BUCKET"], named_args["N"], named_args["K"], elt,
                                                     bool(kwargs.get("OUT_DROPOUT")), kwargs.get("INPUT_PRECISION"),
-                                                    int(kwargs.get("DUAL", 0)), bool(kwargs.get("X_SCALE")))]
+                                                    int(kwargs.get("DUAL", 0)), bool(kwargs.get("X_SCALE")),
+                                                    int(kwargs.get("MIXED", 0)))]
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]))]
 
 
 @triton.jit(do_not_specialize=["seed"])
 def lora_matmul_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr, cs_ptr, z_ptr,
+    tiles_ptr, order_ptr, ridx_ptr, rank_ptr, off_ptr, adscale_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br, stride_ym, stride_yn,
     stride_zm, stride_zn,
@@ -91,6 +105,7 @@ def lora_matmul_kernel(
     M_BUCKET,  # autotune key only
     HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DROPOUT: tl.constexpr,
     HAS_COL_SCALE: tl.constexpr, X_SCALE: tl.constexpr, DUAL: tl.constexpr,
+    MIXED: tl.constexpr, AD_SCALE: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -98,12 +113,20 @@ def lora_matmul_kernel(
     """Y[M, N] = x[M, K] W[N, K]^T + scale * D_out * (S[M, R] B[N, R]^T) (+ bias[N]).
 
     DoRA (kernels/_common.py): HAS_COL_SCALE Y = g * (...) + bias (cs_ptr: g [N]); X_SCALE the x tile
-    times cs[k] (dX: cs = g [K]); DUAL_FWD also writes Z_d to z_ptr; DUAL_DX (cs = g - 1 [K])."""
-    _, rows, cols, row_ok, col_ok = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)  # [BLOCK_M], [BLOCK_N]
+    times cs[k] (dX: cs = g [K]); DUAL_FWD also writes Z_d to z_ptr; DUAL_DX (cs = g - 1 [K]).
+    Mixed batches (MIXED, kernels/_common.py): row i's LoRA term is s_k S[i, :r_k] B_k^T with k its
+    adapter; B [N, *] holds every adapter's columns (off_ptr: the first of each), R is unused.
+    MIXED_SEGMENT: programs walk the tile table (tiles_ptr, order_ptr); MIXED_GATHER: rows in order,
+    row_index (ridx_ptr) picks each row's adapter."""
+    # The tile (a mixed batch's segment tile: its adapter's rank, scale and columns of B)
+    _, rows, cols, row_ok, col_ok, R, scale, b_ptr = lora_tile(
+        M, N, R, scale, b_ptr, stride_br, tiles_ptr, order_ptr, rank_ptr, off_ptr, adscale_ptr, MIXED, AD_SCALE,
+        BLOCK_M, BLOCK_N, GROUP_M)  # [BLOCK_M], [BLOCK_N]
 
     # The LoRA step first (see lora_b_step), then the base GEMM joins the same accumulator.
     acc = lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bn,
-                      scale, seed, p_drop, inv_keep, N, OUT_DROPOUT, LORA_DTYPE, LORA_PRECISION,
+                      scale, seed, p_drop, inv_keep, N, ridx_ptr, rank_ptr, off_ptr, adscale_ptr, OUT_DROPOUT,
+                      MIXED == MIXED_GATHER, AD_SCALE, LORA_DTYPE, LORA_PRECISION,
                       BLOCK_M, BLOCK_N, BLOCK_R)  # [BLOCK_M, BLOCK_N] fp32
     acc, acc2 = dual_start(acc, p_drop, DUAL)  # DoRA with dropout: the second accumulator
 
@@ -130,7 +153,7 @@ lora_matmul_kernel_tuned = triton.autotune(
     # Flags and W's K-stride are in the key too: forward (W) and backward dX (W^T, output dropout) of a
     # square layer share M/N/K/R but want (and may only use, see the pruning) different configs.
     key=["M_BUCKET", "N", "K", "R", "stride_wk", "HAS_W", "HAS_BIAS", "OUT_DROPOUT", "HAS_COL_SCALE", "X_SCALE",
-         "DUAL", "INPUT_PRECISION", "LORA_PRECISION"],
+         "DUAL", "MIXED", "INPUT_PRECISION", "LORA_PRECISION"],
     prune_configs_by={"early_config_prune": prune_lora_matmul_configs},
 )(lora_matmul_kernel)
 
@@ -256,33 +279,38 @@ lora_fused_kernel_tuned = triton.autotune(
 
 
 def launch_lora_matmul(x, w, s, b, bias, y, scale, out_dropout_p=0.0, seed=0, fp32_tf32=False, config=None,
-                       col_scale=None, x_col_scale=None, in_dropout_p=0.0, z=None):
+                       col_scale=None, x_col_scale=None, in_dropout_p=0.0, z=None, mixed=None):
     """y = x w^T + scale * D_out * (s b^T) (+ bias). Shapes: x [M, K], w [N, K] or None, s [M, R] fp32,
     b [N, R], y [M, N] (all may be strided views); R = 0: y = x w^T (+ bias).
 
     DoRA (see `_common.dora_args`): col_scale g [N] gives y = g * (x w^T + scale s b^T) + bias; with
     in_dropout_p > 0 (the mask of the shrink that made s, same seed) z = (D x) w^T + scale s b^T and
     y = x w^T - (D x) w^T + g z + bias. x_col_scale g [K] (dX): y = x w^T + D_out * (((g - 1) x) w^T +
-    scale s b^T). Shape checks are the callers'."""
+    scale s b^T). mixed (`_common.MixedRows`, a mixed batch): row i's LoRA term is
+    scale * s_k * s[i, :r_k] b[:, off_k : off_k + r_k]^T, k = its adapter (s_k when mixed.ad_scale);
+    b holds every adapter's columns. Shape checks are the callers'."""
     m, k = x.shape
     n, r = b.shape
     has_w, has_bias = w is not None, bias is not None
     cs, p, dora = dora_args("launch_lora_matmul", col_scale, x_col_scale, in_dropout_p, out_dropout_p, z, n, k,
                             x.device)
     s_arg, b_arg = (s, b) if r else (x, x)  # R = 0: S and B are never read; pass live pointers anyway
+    if mixed is not None:  # the LoRA step's R is each adapter's; R here keys the autotuner and sizes the chunks
+        r = mixed.r_max
+    mptrs, mconsts = mixed_args(mixed, x)
     args = (x, w if has_w else x, s_arg, b_arg, bias if has_bias else b_arg, y, cs if cs is not None else y,
-            z if z is not None else y, m, n, k, r,
+            z if z is not None else y, *mptrs, m, n, k, r,
             x.stride(0), x.stride(1), w.stride(0) if has_w else 0, w.stride(1) if has_w else 0,
             s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
             z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
-            float(scale), int(seed), float(p), 1.0 / (1.0 - p), m_bucket(m))
+            float(scale), int(seed), float(p), 1.0 / (1.0 - p), mixed_bucket(mixed, m))
     main_dtypes = (x.dtype, w.dtype) if has_w else (x.dtype,)
-    consts = dict(dora, HAS_W=has_w, HAS_BIAS=has_bias,
+    consts = dict(dora, **mconsts, HAS_W=has_w, HAS_BIAS=has_bias,
                   COMPUTE_DTYPE=tl_dtype(compute_dtype(*main_dtypes)),
                   INPUT_PRECISION=dot_precision(main_dtypes, fp32_tf32),
                   LORA_DTYPE=tl.float32, LORA_PRECISION=dot_precision((x.dtype, b.dtype), fp32_tf32),
                   BLOCK_R=min(r_block(r), MATMUL_BLOCK_R))
-    launch(lora_matmul_kernel_tuned, grouped_grid(m, n), args, consts, config)
+    launch(lora_matmul_kernel_tuned, mixed_grid(mixed, m, n), args, consts, config)
     return y
 
 

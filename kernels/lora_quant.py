@@ -30,15 +30,18 @@ DoRA (column scale g [N]; the constexprs HAS_COL_SCALE, X_SCALE, DUAL of kernels
 same kernel, the same shared loop step (`base_step`) and epilogue (`finish_lora_tile`) as the dense
 GEMM. With dropout, the forward's x W^T and (D x) W^T (and dX's dY W and ((g-1) dY) W) share each
 dequantized W tile: W is unpacked once per tile for both accumulators.
+
+Mixed batches (kernels/lora_mixed.py): the MIXED constexpr, as the dense GEMM's (kernels/lora_fwd.py):
+segment tiles of one adapter's rows, or decode tiles whose rows each read their own adapter's B.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    DUAL_DX, DUAL_FWD, MAX_R, SMEM_LIMIT, base_step, dora_args, dot_precision, dropout_tile_ok, dual_start,
-    dual_tile_ok, empty, finish_lora_tile, grouped_grid, grouped_tile, ieee_tile_ok, launch, lora_b_step, m_bucket,
-    mul_rn, r_block, tl_dtype,
+    DUAL_DX, DUAL_FWD, MAX_R, MIXED_GATHER, MIXED_SEGMENT, SMEM_LIMIT, base_step, dora_args, dot_precision,
+    dropout_tile_ok, dual_start, dual_tile_ok, empty, finish_lora_tile, ieee_tile_ok, launch, lora_b_step, lora_tile,
+    mixed_args, mixed_bucket, mixed_grid, mul_rn, r_block, tl_dtype,
 )
 from .lora_shrink import lora_shrink
 
@@ -66,7 +69,7 @@ def get_lora_quant_configs():
             for bm, bp, bq, w, s in shapes]
 
 
-def _quant_config_ok(c, mb, p, q, elt, out_dropout=False, precision="tf32", dual=0):
+def _quant_config_ok(c, mb, p, q, elt, out_dropout=False, precision="tf32", dual=0, mixed=0):
     bm, bp, bq = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]
     out_dropout = out_dropout or dual == DUAL_DX  # DUAL_DX draws dX's mask at the end
     if mb <= DECODE_MAX_M and bm != 16:
@@ -80,6 +83,12 @@ def _quant_config_ok(c, mb, p, q, elt, out_dropout=False, precision="tf32", dual
     # fp32 values per thread: the accumulator plus that W tile. Beyond 80 (48 with the dX dropout
     # mask) ptxas -v spilled on sm_80 or sm_90.
     if bm * bp + bp * bq > (48 if out_dropout else 80) * 32 * c.num_warps:
+        return False
+    # A mixed batch's segment tiles (rows gathered through the plan's order) need a few more: 128x128x32 on
+    # 8 warps (80 per thread, 255 registers in the plain kernel) spilled 48 B on sm_80 (nf4, ptxas -v)
+    if mixed == MIXED_SEGMENT.value and bm * bp + bp * bq > 72 * 32 * c.num_warps:
+        return False
+    if mixed == MIXED_GATHER.value and bm != 16:  # decode tiles: the LoRA step loops over the tile's rows
         return False
     # DoRA with dropout: a second [BLOCK_M, BLOCK_P] accumulator (the dense GEMM's rule, `dual_tile_ok`)
     # next to the register-built W tile. The second form of the x tile (forward: its keep mask, Philox
@@ -109,7 +118,7 @@ def prune_lora_quant_configs(configs, named_args, **kwargs):
     elt = named_args["x_ptr"].element_size()
     kept = [c for c in configs if _quant_config_ok(c, named_args["M_BUCKET"], named_args["P"], named_args["Q"], elt,
                                                    bool(kwargs.get("OUT_DROPOUT")), kwargs.get("INPUT_PRECISION"),
-                                                   int(kwargs.get("DUAL", 0)))]
+                                                   int(kwargs.get("DUAL", 0)), int(kwargs.get("MIXED", 0)))]
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]))]
 
 
@@ -206,6 +215,7 @@ def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr
 def lora_quant_kernel(
     x_ptr, qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
     s_ptr, b_ptr, bias_ptr, y_ptr, cs_ptr, zd_ptr,
+    tiles_ptr, order_ptr, ridx_ptr, rank_ptr, off_ptr, adscale_ptr,
     M, P, Q, R, K, blocksize, bs_shift, bs2_shift,
     stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_sm, stride_sr, stride_bp, stride_br,
     stride_ym, stride_yn, stride_zdm, stride_zdn,
@@ -213,8 +223,8 @@ def lora_quant_kernel(
     M_BUCKET,  # autotune key only
     FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_GIDX: tl.constexpr, INDEX_64: tl.constexpr,
     PACKED: tl.constexpr, TRANS_W: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DROPOUT: tl.constexpr,
-    HAS_COL_SCALE: tl.constexpr, X_SCALE: tl.constexpr, DUAL: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr, X_SCALE: tl.constexpr, DUAL: tl.constexpr, MIXED: tl.constexpr,
+    AD_SCALE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -222,12 +232,17 @@ def lora_quant_kernel(
 
     TRANS_W: Wop = deq(W)^T (forward, W [P, Q]); else Wop = deq(W) (dX, W [Q, P]). K is W's column
     count (the nf4 flat index n * K + k). DoRA: HAS_COL_SCALE / X_SCALE / DUAL (kernels/_common.py),
-    cs_ptr the column scale, zd_ptr DUAL_FWD's Z_d output."""
-    pid_p, rows, cols, row_ok, col_ok = grouped_tile(M, P, BLOCK_M, BLOCK_P, GROUP_M)  # [BLOCK_M], [BLOCK_P]
+    cs_ptr the column scale, zd_ptr DUAL_FWD's Z_d output. Mixed batches: MIXED, as the dense GEMM
+    (kernels/lora_fwd.py lora_matmul_kernel)."""
+    # The tile (a mixed batch's segment tile: its adapter's rank, scale and columns of Bt)
+    pid_p, rows, cols, row_ok, col_ok, R, scale, b_ptr = lora_tile(
+        M, P, R, scale, b_ptr, stride_br, tiles_ptr, order_ptr, rank_ptr, off_ptr, adscale_ptr, MIXED, AD_SCALE,
+        BLOCK_M, BLOCK_P, GROUP_M)  # [BLOCK_M], [BLOCK_P]
 
     # LoRA step first (see lora_b_step), then the dequantized base GEMM joins the accumulator.
     acc = lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bp,
-                      scale, seed, p_drop, inv_keep, P, OUT_DROPOUT, tl.float32, LORA_PRECISION,
+                      scale, seed, p_drop, inv_keep, P, ridx_ptr, rank_ptr, off_ptr, adscale_ptr, OUT_DROPOUT,
+                      MIXED == MIXED_GATHER, AD_SCALE, tl.float32, LORA_PRECISION,
                       BLOCK_M, BLOCK_P, BLOCK_R)  # [BLOCK_M, BLOCK_P] fp32
     acc, acc2 = dual_start(acc, p_drop, DUAL)  # DoRA with dropout: the second accumulator
 
@@ -262,7 +277,7 @@ def lora_quant_kernel(
 lora_quant_kernel_tuned = triton.autotune(
     configs=get_lora_quant_configs(),
     key=["M_BUCKET", "P", "Q", "R", "FORMAT", "DOUBLE_QUANT", "HAS_GIDX", "PACKED", "TRANS_W", "HAS_BIAS",
-         "OUT_DROPOUT", "HAS_COL_SCALE", "X_SCALE", "DUAL", "INPUT_PRECISION", "LORA_PRECISION"],
+         "OUT_DROPOUT", "HAS_COL_SCALE", "X_SCALE", "DUAL", "MIXED", "INPUT_PRECISION", "LORA_PRECISION"],
     prune_configs_by={"early_config_prune": prune_lora_quant_configs},
 )(lora_quant_kernel)
 
@@ -324,24 +339,27 @@ def _packed_args(qw, dummy):
 
 
 def launch_lora_quant(x, qw, s, b, bias, y, scale, trans_w, out_dropout_p=0.0, seed=0, fp32_tf32=False,
-                      config=None, col_scale=None, x_col_scale=None, in_dropout_p=0.0, z=None):
+                      config=None, col_scale=None, x_col_scale=None, in_dropout_p=0.0, z=None, mixed=None):
     """y = x Wop + scale * D_out * (s b^T) (+ bias) with Wop = deq(W)^T (trans_w) or deq(W).
     x [M, Q], s [M, R] fp32, b [P, R], y [M, P] (strided views allowed); R = 0: y = x Wop (+ bias).
-    DoRA: col_scale / x_col_scale / in_dropout_p / z as for kernels.lora_fwd.launch_lora_matmul
-    (`_common.dora_args`). Callers check."""
+    DoRA: col_scale / x_col_scale / in_dropout_p / z, and mixed (a mixed batch), as for
+    kernels.lora_fwd.launch_lora_matmul (`_common.dora_args`, `_common.MixedRows`). Callers check."""
     m, q = x.shape
     p, r = b.shape
     cs, pd, dora = dora_args("launch_lora_quant", col_scale, x_col_scale, in_dropout_p, out_dropout_p, z, p, q,
                              x.device)
     s_arg, b_arg = (s, b) if r else (x, x)  # R = 0: S and B are never read; pass live pointers anyway
+    if mixed is not None:  # the LoRA step's R is each adapter's; R here keys the autotuner and sizes the chunks
+        r = mixed.r_max
     ptrs, sqn, ssn, szn = _packed_args(qw, s_arg)
+    mptrs, mconsts = mixed_args(mixed, x)
     args = (x, *ptrs, s_arg, b_arg, bias if bias is not None else b_arg, y, cs if cs is not None else y,
-            z if z is not None else y,
+            z if z is not None else y, *mptrs,
             m, p, q, r, qw.K, max(1, qw.blocksize), _log2(qw.blocksize), _log2(qw.blocksize2),
             x.stride(0), x.stride(1), sqn, ssn, szn, s.stride(0), s.stride(1), b.stride(0), b.stride(1),
             y.stride(0), y.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
-            float(scale), int(seed), float(pd), 1.0 / (1.0 - pd), m_bucket(m))
-    consts = dict(dora, FORMAT=FORMAT_IDS[qw.fmt], DOUBLE_QUANT=qw.fmt == "nf4" and qw.double_quant,
+            float(scale), int(seed), float(pd), 1.0 / (1.0 - pd), mixed_bucket(mixed, m))
+    consts = dict(dora, **mconsts, FORMAT=FORMAT_IDS[qw.fmt], DOUBLE_QUANT=qw.fmt == "nf4" and qw.double_quant,
                   HAS_GIDX=qw.fmt == "int4" and qw.g_idx is not None,
                   INDEX_64=qw.N * qw.K + qw.blocksize >= 2 ** 31,
                   PACKED=qw.fmt == "int4" or (qw.fmt == "nf4" and qw.K % 2 == 0), TRANS_W=bool(trans_w),
@@ -349,7 +367,7 @@ def launch_lora_quant(x, qw, s, b, bias, y, scale, trans_w, out_dropout_p=0.0, s
                   COMPUTE_DTYPE=tl_dtype(x.dtype), INPUT_PRECISION=dot_precision((x.dtype,), fp32_tf32),
                   LORA_PRECISION=dot_precision((x.dtype, b.dtype), fp32_tf32),
                   BLOCK_R=min(r_block(r), QUANT_BLOCK_R))
-    launch(lora_quant_kernel_tuned, grouped_grid(m, p, "BLOCK_M", "BLOCK_P"), args, consts, config)
+    launch(lora_quant_kernel_tuned, mixed_grid(mixed, m, p, "BLOCK_M", "BLOCK_P"), args, consts, config)
     return y
 
 

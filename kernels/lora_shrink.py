@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    SMEM_LIMIT, check_2d, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty, ieee_tile_ok, launch,
-    m_bucket, mma, r_block, tl_dtype,
+    MIXED_SEGMENT, SMEM_LIMIT, check_2d, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty,
+    ieee_tile_ok, launch, mixed_args, mixed_bucket, mma, r_block, segment_rows, tile_section, tl_dtype,
 )
 
 # r tiles wider than this are split across programs (keeps the fp32 accumulator in registers).
@@ -79,25 +79,44 @@ def shrink_step(s_acc, x, a_rows, rows, ks, k_ok, r_ok, K, stride_ak, seed, p_dr
 
 @triton.jit(do_not_specialize=["seed"])
 def lora_shrink_kernel(
-    x_ptr, a_ptr, s_ptr,
+    x_ptr, a_ptr, s_ptr, tiles_ptr, order_ptr, rank_ptr, off_ptr, adscale_ptr,
     M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
     scale, seed, p_drop, inv_keep,
     M_BUCKET,  # autotune key only
-    HAS_DROPOUT: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, MIXED: tl.constexpr, AD_SCALE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """s[M, R] = scale * (D x) a^T; program (pid_m, pid_r): rows pid_m * BLOCK_M.., columns pid_r * BLOCK_R...
+
+    MIXED_SEGMENT (a mixed batch, kernels/_common.py): pid_m is a tile of the tile table's section for
+    BLOCK_M, one adapter's rows gathered through order; its rank r_k, first row of a (off_ptr) and scale
+    (times s_k when AD_SCALE) from the adapter table. S [M, R] (R = max r) gets the r_k values of each row
+    in its first columns and zeros in the rest (base rows: all zeros): a program whose column chunk starts
+    past r_k runs no K step and stores its zeros, and A's loads stop at r_k, so an adapter reads its own
+    rank only. Deterministic: each element of S comes from one program's fixed-order K loop."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     kk = tl.arange(0, BLOCK_K)
-    row_ok = rows < M
-    r_ok = rr < R
+    if MIXED == MIXED_SEGMENT:
+        first, _ = tile_section(tiles_ptr, BLOCK_M // 16)
+        rows, row_ok, seg = segment_rows(tiles_ptr, order_ptr, first + pid_m, BLOCK_M)
+        r_ad = tl.load(rank_ptr + seg)
+        a_ptr += tl.load(off_ptr + seg).to(tl.int64) * stride_ar
+        if AD_SCALE:
+            scale = scale * tl.load(adscale_ptr + seg)
+        k_end = tl.where(pid_r * BLOCK_R < r_ad, K, 0)  # chunks past this adapter's rank: zeros, no K step
+    else:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        r_ad = R
+        k_end = K
+    r_ok = rr < r_ad
     x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xm  # [BLOCK_M, 1]
     a_rows = a_ptr + rr[None, :].to(tl.int64) * stride_ar  # [1, BLOCK_R]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, k_end, BLOCK_K):
         ks = k0 + kk
         k_ok = ks < K
         x = tl.load(x_rows + ks[None, :] * stride_xk,
@@ -106,13 +125,13 @@ def lora_shrink_kernel(
                           COMPUTE_DTYPE, INPUT_PRECISION)  # [BLOCK_M, BLOCK_R]
     acc = acc * (scale * inv_keep if HAS_DROPOUT else scale)
     s_ptrs = s_ptr + rows[:, None].to(tl.int64) * stride_sm + rr[None, :] * stride_sr
-    tl.store(s_ptrs, acc, mask=row_ok[:, None] & r_ok[None, :])
+    tl.store(s_ptrs, acc, mask=row_ok[:, None] & (rr < R)[None, :])
 
 
 lora_shrink_kernel_tuned = triton.autotune(
     configs=get_shrink_configs(),
     # Flags are in the key too: a config tuned (and pruned) without dropout must not be reused with it.
-    key=["M_BUCKET", "K", "R", "HAS_DROPOUT", "INPUT_PRECISION", "BLOCK_R"],
+    key=["M_BUCKET", "K", "R", "HAS_DROPOUT", "MIXED", "INPUT_PRECISION", "BLOCK_R"],
     prune_configs_by={"early_config_prune": prune_shrink_configs},
 )(lora_shrink_kernel)
 
@@ -122,7 +141,8 @@ def shrink_block_r(r: int) -> int:
 
 
 def lora_shrink(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0, dropout_p: float = 0.0, seed: int = 0,
-                out: torch.Tensor | None = None, fp32_tf32: bool = False, config: dict | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, fp32_tf32: bool = False, config: dict | None = None,
+                mixed=None, block_r: int | None = None) -> torch.Tensor:
     """S = scale * (D * x) @ a^T, fp32 [M, r].
 
     x: [M, K] fp16/bf16/fp32, any strides. a: [r, K] fp32 or x's dtype, any strides.
@@ -131,6 +151,10 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0, dropout_p:
     out: optional preallocated fp32 [M, r] (any strides). config: explicit meta-parameters
     (BLOCK_M, BLOCK_K, num_warps, num_stages) to bypass autotuning; used by tests and under
     the interpreter, where autotuning cannot time anything.
+    mixed (`_common.MixedRows`, segment mode): a mixed batch; a holds every adapter's rows (mixed.off:
+    the first of each), out is [M, R] with R = out's width (the batch's largest rank, or more), row i
+    getting scale (* s_k) * x_i a_k^T in its first r_k columns and zeros after; block_r: the column
+    chunk (default min(r_block(R), MAX_BLOCK_R)).
     """
     if x.dim() != 2:
         raise ValueError(f"lora_shrink: x must be 2-D [M, K], found shape {tuple(x.shape)}")
@@ -138,8 +162,10 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0, dropout_p:
     check_2d("lora_shrink: x", x, (m, k))
     if a.dim() != 2 or a.shape[1] != k:
         raise ValueError(f"lora_shrink: a must be [r, K={k}], found {tuple(a.shape)}")
-    r = a.shape[0]
-    check_2d("lora_shrink: a", a, (r, k))
+    check_2d("lora_shrink: a", a, (a.shape[0], k))
+    if mixed is not None and out is None:
+        raise ValueError("lora_shrink: a mixed batch writes a given out [M, R] (R: the batch's S width)")
+    r = a.shape[0] if mixed is None else out.shape[1]
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_shrink: dropout_p must be in [0, 1), found {dropout_p}")
     if x.device != a.device:
@@ -150,13 +176,17 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor, scale: float = 1.0, dropout_p:
         raise ValueError(f"lora_shrink: out must be fp32 [{m}, {r}], found {out.dtype} {tuple(out.shape)}")
     if m == 0 or r == 0:
         return out
-    if k == 0:
+    if k == 0 or a.shape[0] == 0:
         return out.zero_()
-    br = shrink_block_r(r)
-    args = (x, a, out, m, k, r, x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0), out.stride(1),
-            float(scale), int(seed), float(dropout_p), 1.0 / (1.0 - dropout_p), m_bucket(m))
-    consts = dict(HAS_DROPOUT=dropout_p > 0.0, COMPUTE_DTYPE=tl_dtype(compute_dtype(x.dtype, a.dtype)),
+    br = block_r or shrink_block_r(r)
+    mptrs, mconsts = mixed_args(mixed, x, ("tiles", "order", "rank", "off", "scale"))
+    args = (x, a, out, *mptrs, m, k, r, x.stride(0), x.stride(1), a.stride(0), a.stride(1), out.stride(0),
+            out.stride(1), float(scale), int(seed), float(dropout_p), 1.0 / (1.0 - dropout_p), mixed_bucket(mixed, m))
+    consts = dict(mconsts, HAS_DROPOUT=dropout_p > 0.0, COMPUTE_DTYPE=tl_dtype(compute_dtype(x.dtype, a.dtype)),
                   INPUT_PRECISION=dot_precision((x.dtype, a.dtype), fp32_tf32), BLOCK_R=br)
-    launch(lora_shrink_kernel_tuned, lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, br)), args, consts,
-           config)
+    if mixed is None:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(r, br))  # noqa: E731
+    else:
+        grid = lambda meta: (mixed.counts[meta["BLOCK_M"] // 16], triton.cdiv(r, br))  # noqa: E731
+    launch(lora_shrink_kernel_tuned, grid, args, consts, config)
     return out

@@ -13,6 +13,8 @@ import sys
 import tempfile
 
 FLOATS = {"scale", "s_scale", "out_scale", "p_drop", "inv_keep"}
+# The mixed-batch tables (kernels/_common.py MIXED): pointer types where a variant does not name them.
+MIXED_PTRS = dict(tiles_ptr="i32", order_ptr="i64", ridx_ptr="i64", rank_ptr="i32", off_ptr="i32", adscale_ptr="fp32")
 
 
 def _variants():
@@ -199,7 +201,35 @@ def _variants():
                 qptrs(bf, u8, "fp16", bf, z=u8),
                 dict(qbwd, stride_sn=1, OUT_DROPOUT=False, X_SCALE=True, FORMAT=int4, DOUBLE_QUANT=False,
                      HAS_GIDX=True, COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
-    return out
+    # Mixed batches (kernels/lora_mixed.py): segment tiles (one adapter per row tile, rows gathered through
+    # the plan's order) in the shrink, the dense and packed GEMMs, dX and the dA reduction; decode tiles
+    # (each row its own adapter's B in the LoRA step) in both GEMMs
+    seg, gat = dict(MIXED=1, AD_SCALE=True), dict(MIXED=2, AD_SCALE=True)
+    out.append(("lora_shrink", "fwd_mixed_shrink_bf16", lora_shrink.lora_shrink_kernel,
+                dict(x_ptr=bf, a_ptr=bf, s_ptr=f32),
+                dict(stride_xk=1, stride_ak=1, stride_sr=1, HAS_DROPOUT=False, MIXED=1, AD_SCALE=False,
+                     COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32", BLOCK_R=64),
+                lora_shrink.get_shrink_configs(), "BLOCK_M", lora_shrink.prune_shrink_configs))
+    out.append(("lora_matmul", "fwd_mixed_segment_bf16", lora_fwd.lora_matmul_kernel, mmp,
+                dict(mmf, **seg), mcfg, "BLOCK_M", mprune))
+    out.append(("lora_matmul", "fwd_mixed_gather_bf16_decode", lora_fwd.lora_matmul_kernel, mmp,
+                dict(mmf, **gat), mcfg, "BLOCK_M", mprune))
+    out.append(("lora_matmul", "bwd_dx_mixed_segment_bf16", lora_fwd.lora_matmul_kernel, mmp,
+                dict(mmb, MIXED=1, AD_SCALE=False), mcfg, "BLOCK_M", mprune))
+    out.append(("lora_quant", "fwd_mixed_segment_nf4_bf16", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
+                dict(qfwd, FORMAT=nf4, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=True, COMPUTE_DTYPE=tl.bfloat16,
+                     INPUT_PRECISION="tf32", **seg), qcfg, "BLOCK_M", qprune))
+    out.append(("lora_quant", "fwd_mixed_gather_nf4_bf16_decode", lora_quant.lora_quant_kernel,
+                qptrs(bf, u8, f32, bf),
+                dict(qfwd, FORMAT=nf4, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=False, COMPUTE_DTYPE=tl.bfloat16,
+                     INPUT_PRECISION="tf32", **gat), qcfg, "BLOCK_M", qprune))
+    out.append(("lora_wgrad", "dA_mixed_segment_bf16", lora_bwd.lora_wgrad_kernel,
+                dict(lhs_ptr=f32, rhs_ptr=bf, out_ptr=f32),
+                dict(wg, stride_lhs_p=1, stride_rhs_q=1, stride_oq=1, HAS_DROPOUT=False, ATOMIC=False, MIXED=1,
+                     AD_SCALE=False), lora_bwd.get_wgrad_configs(), "BLOCK_P", lora_bwd.prune_wgrad_configs))
+    # every other variant of a kernel that takes mixed batches: none
+    return [(k, v, fn, ptrs, dict(dict(MIXED=0, AD_SCALE=False) if "MIXED" in fn.arg_names else {}, **consts), cfgs,
+             rows, prune) for k, v, fn, ptrs, consts, cfgs, rows, prune in out]
 
 
 def _ptxas_v(ptx: str, arch: str, cap: int):
@@ -230,7 +260,7 @@ def compile_one(fn, ptrs, consts, cfg, cap):
         if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*" + ptrs[name]
+            sig[name] = "*" + (ptrs.get(name) or MIXED_PTRS[name])
             attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
         elif name in FLOATS:
             sig[name] = "fp32"
@@ -249,10 +279,13 @@ def compile_one(fn, ptrs, consts, cfg, cap):
 DEFAULT_VARIANTS = ("fwd_bf16_dropout", "bwd_dx_bf16_dropout", "fwd_bf16_dropout_r64", "dA_bf16_dropout",
                     "fwd_nf4_dq_bf16_bias", "bwd_dx_int4_gidx_bf16_dropout", "fwd_int8_fp16_decode",
                     # DoRA with dropout: the two-accumulator forward (dense, packed) and dX GEMMs
-                    "fwd_dora_bf16_dropout", "fwd_dora_nf4_dq_bf16_dropout", "bwd_dx_dora_bf16_dropout")
+                    "fwd_dora_bf16_dropout", "fwd_dora_nf4_dq_bf16_dropout", "bwd_dx_dora_bf16_dropout",
+                    # mixed batches: segment tiles in the dense and packed GEMMs, decode tiles (gathered B)
+                    "fwd_mixed_segment_bf16", "fwd_mixed_segment_nf4_bf16", "fwd_mixed_gather_bf16_decode")
 
 
-TORCH = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "u8": "uint8", "i8": "int8", "i32": "int32"}
+TORCH = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "u8": "uint8", "i8": "int8", "i32": "int32",
+         "i64": "int64"}
 
 
 def tunable(configs, prune, ptrs, consts, small_m=False, m_bucket=None):

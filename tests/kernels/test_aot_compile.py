@@ -2,8 +2,8 @@
 kernels use wgmma, ptxas -v reports no spills, shared memory fits the chip.
 
 Default: one representative config (the largest dot tile the pruning rule keeps for a big shape)
-of each variant in aot_compile.DEFAULT_VARIANTS (every kernel, DoRA's two-accumulator variants too,
-both archs, ~30 s on 2 cores).
+of each variant in aot_compile.DEFAULT_VARIANTS (every kernel, DoRA's two-accumulator variants and the
+mixed-batch segment / decode tiles too, both archs, ~40 s on 2 cores).
 `slow` (--runslow or FASTPEFT_SLOW=1): every config the autotuner can run, for every dtype/flag
 variant listed in aot_compile.py.
 """
@@ -68,6 +68,14 @@ def test_aot_compile_representative_configs():
     assert {(d["kernel"], d["variant"].split("_dora_")[0]) for d in dora} == {
         ("lora_matmul", "fwd"), ("lora_quant", "fwd"), ("lora_matmul", "bwd_dx")}
     assert all(d["wgmma"] and d["dot_rows"] >= 64 for d in dora if d["cap"] == 90), dora
+    # mixed batches: segment tiles (rows gathered through the plan's order) of the dense and nf4 GEMMs on
+    # 64+-row wgmma tiles on sm_90, and the decode tiles (each row its own adapter) on 16-row tiles
+    mixed = {d["variant"]: d for d in rows if "_mixed_" in d["variant"] and d["cap"] == 90}
+    assert {(d["kernel"], v) for v, d in mixed.items()} == {
+        ("lora_matmul", "fwd_mixed_segment_bf16"), ("lora_quant", "fwd_mixed_segment_nf4_bf16"),
+        ("lora_matmul", "fwd_mixed_gather_bf16_decode")}
+    assert all(d["wgmma"] and d["dot_rows"] >= 64 for v, d in mixed.items() if "_segment_" in v), mixed
+    assert mixed["fwd_mixed_gather_bf16_decode"]["dot_rows"] == 16
     _check(rows)
 
 
