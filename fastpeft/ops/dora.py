@@ -70,8 +70,10 @@ def _w_at(base: Base, Ac: Tensor) -> Tensor:
 
         return lora(Ac, Base.quantized(base.packed), (), fn="DoRA weight norm").t()
     W = base.weight.detach()
+    if W.dtype == Ac.dtype:
+        return torch.mm(W, Ac.t())  # no cast, no temporary beyond the [N, r] result
     out = torch.empty(W.shape[0], Ac.shape[0], dtype=Ac.dtype, device=W.device)
-    for rows in _row_chunks(*W.shape):
+    for rows in _row_chunks(*W.shape):  # cast a bounded number of rows at a time
         torch.mm(W[rows].to(Ac.dtype), Ac.t(), out=out[rows])
     return out
 
@@ -93,9 +95,10 @@ def weight_norm(base: Base, A: Tensor, B: Tensor, scale: float, w_sq: Optional[T
         wdt = weight_dtype(base, A, B)
         acc = _acc(wdt)
         Ac, Bc = A.detach().to(acc), B.detach().to(acc)
-        cross = torch.linalg.vecdot(_w_at(base, Ac).to(acc), Bc, dim=1)
-        quad = torch.linalg.vecdot(Bc @ (Ac @ Ac.t()), Bc, dim=1)
-        n = (w_sq.to(acc) + (2.0 * scale) * cross + (scale * scale) * quad).clamp_min_(0.0).sqrt_()
+        # 2s W A^T + s^2 B (A A^T) [N, r] in one addmm, then one row-wise dot with B (few ops: at a decoder's
+        # sizes this norm is op-count bound on CPU)
+        T = torch.addmm(_w_at(base, Ac).to(acc), Bc, Ac @ Ac.t(), beta=2.0 * scale, alpha=scale * scale)
+        n = torch.linalg.vecdot(T, Bc, dim=1).add_(w_sq.to(acc)).clamp_min_(0.0).sqrt_()
         return n.to(wdt).to(acc)
 
 
