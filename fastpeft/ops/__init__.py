@@ -18,10 +18,13 @@ by the custom ops of lora_op.py on the backend :func:`dispatch.choose` picks per
 |   dense or packed base                 |   kernels above with g in their shared epilogue;    |   (_dora_forward, |
 |                                        |   with dropout lora_matmul_kernel or                |   _dora_backward) |
 |                                        |   lora_quant_kernel, two accumulators per W tile    |                   |
-| mixed batch (row_index / an adapter    | kernels/lora_mixed.py on the kernels above (MIXED   | torch_backend.py  |
-|   pool: each row its own adapter, -1 = |   constexpr): segmented shrink, then                |   (_mixed_forward,|
-|   base), dense or packed base, no      |   lora_matmul_kernel / lora_quant_kernel on segment |   _mixed_backward)|
-|   dropout; DoRA slots: torch           |   tiles (one adapter per row tile, any M) or decode |                   |
+| mixed batch (row_index / an adapter    | dense base, bf16/fp16, M <= 4 rows (8 when forced): | torch_backend.py  |
+|   pool: each row its own adapter, -1 = |   csrc/lora_gemv.cu BGMV (each row reads its own    |   (_mixed_forward,|
+|   base), dense or packed base, no      |   adapter from a table passed by value); else       |   _mixed_backward)|
+|   dropout; DoRA slots: torch           |   kernels/lora_mixed.py on the kernels above (MIXED |                   |
+|                                        |   constexpr): segmented shrink, then                |                   |
+|                                        |   lora_matmul_kernel / lora_quant_kernel on segment |                   |
+|                                        |   tiles (one adapter per row tile, any M) or decode |                   |
 |                                        |   tiles (M <= 16, each row its own B); backward the |                   |
 |                                        |   same GEMMs for dX, lora_wgrad_kernel per adapter  |                   |
 | lora_embedding, lora_delta_weight      | torch (a lookup and a small matmul: nothing to fuse)| torch             |
