@@ -27,7 +27,7 @@ from typing import List, Optional
 import torch
 
 from .models import DORA_IMPLS, DecoderCase, LayerCase, build_decoder, build_layer
-from .timing import cuda_peak_memory, paired, saved_bytes, summarize, time_interleaved
+from .timing import memory_fields, paired, summarize, time_interleaved
 
 # Default DoRA layer shapes. CPU: a fine-tuning batch of 2048 tokens through a 2048 x 2048 projection (the
 # hidden size of 1-3B models), fp32; about 40 s of the default `fastpeft bench --dora` run on 2 quiet cores.
@@ -125,18 +125,8 @@ def run_case(kind: str, case, device: torch.device, *, repeats: int, warmup: int
     for n in DORA_IMPLS:
         b = benches[n]
         t = summarize(samples[n], method)
-        row = {"fwd_bwd_ms": t.median_ms, "fwd_bwd": t.to_dict(), "samples_ms": samples[n],
-               "saved_bytes": saved_bytes(b.forward, exclude=b.state), "adapter_dtype": b.adapter_dtype}
-        if kind == "decoder":
-            row["tokens_per_s"] = case.tokens / (t.median_ms / 1e3)
-        if device.type == "cuda":
-            with cuda_peak_memory(device) as mem:
-                b.step()
-            row["peak_mem_bytes"] = mem["peak_bytes"]
-            row["peak_mem_step_bytes"] = mem["peak_above_start_bytes"]
-            for g in b.grad_tensors:
-                g.grad = None
-        row.update(b.extra)
+        row = {"fwd_bwd_ms": t.median_ms, "fwd_bwd": t.to_dict(), "samples_ms": samples[n]}
+        row.update(memory_fields(b, device, case.tokens if kind == "decoder" else None, t.median_ms))
         rows[n] = row
     del benches
     summary = _summary(samples, "fwd_bwd_ms", {n: rows[n]["saved_bytes"] for n in DORA_IMPLS})

@@ -21,7 +21,7 @@ import torch
 
 from ..utils.atomic import write_json_atomic
 from .models import IMPLS, BenchSetupError, DecoderCase, LayerCase, build_decoder, build_layer, parse_dtype
-from .timing import cuda_peak_memory, environment, saved_bytes, time_fn
+from .timing import environment, memory_fields, time_fn
 
 SCHEMA = "fastpeft-bench/1"
 SAVED_NOTE = ("saved = bytes autograd keeps for backward at the end of one forward, activations only (parameter "
@@ -168,18 +168,8 @@ def _measure(bench, device, opts, prog, label, tokens: Optional[int] = None) -> 
     step = time_fn(bench.step, device, warmup=warmup, repeats=repeats, grad_to_none=bench.grad_tensors)
     for g in bench.grad_tensors:
         g.grad = None
-    row = {"fwd_ms": fwd.median_ms, "fwd_bwd_ms": step.median_ms, "fwd": fwd.to_dict(), "fwd_bwd": step.to_dict(),
-           "saved_bytes": saved_bytes(bench.forward, exclude=bench.state), "adapter_dtype": bench.adapter_dtype}
-    if tokens is not None:
-        row["tokens_per_s"] = tokens / (step.median_ms / 1e3)
-    if device.type == "cuda":
-        with cuda_peak_memory(device) as mem:
-            bench.step()
-        row["peak_mem_bytes"] = mem["peak_bytes"]
-        row["peak_mem_step_bytes"] = mem["peak_above_start_bytes"]
-        for g in bench.grad_tensors:
-            g.grad = None
-    row.update(bench.extra)
+    row = {"fwd_ms": fwd.median_ms, "fwd_bwd_ms": step.median_ms, "fwd": fwd.to_dict(), "fwd_bwd": step.to_dict()}
+    row.update(memory_fields(bench, device, tokens, step.median_ms))
     return row
 
 

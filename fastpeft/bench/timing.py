@@ -377,3 +377,20 @@ def cuda_peak_memory(device: torch.device):
     peak = torch.cuda.max_memory_allocated(device)
     stats["peak_bytes"] = int(peak)
     stats["peak_above_start_bytes"] = int(peak - start)
+
+
+def memory_fields(bench, device: torch.device, tokens: Optional[int] = None, step_ms: Optional[float] = None) -> dict:
+    """The memory part of a bench row (models.Bench): bytes saved for backward, the adapters' dtype, on CUDA the
+    peak memory of one more step, tokens/s when ``tokens`` is given, and the bench's own extra fields."""
+    row = {"saved_bytes": saved_bytes(bench.forward, exclude=bench.state), "adapter_dtype": bench.adapter_dtype}
+    if tokens is not None:
+        row["tokens_per_s"] = tokens / (step_ms / 1e3)
+    if device.type == "cuda":
+        with cuda_peak_memory(device) as mem:
+            bench.step()
+        row["peak_mem_bytes"] = mem["peak_bytes"]
+        row["peak_mem_step_bytes"] = mem["peak_above_start_bytes"]
+        for g in bench.grad_tensors:
+            g.grad = None
+    row.update(bench.extra)
+    return row

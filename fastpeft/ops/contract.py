@@ -65,6 +65,13 @@ SEED_HIGH = 2**31 - 1
 _SEED_STEP = 0x5851F42D
 
 
+def dora_column_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
+    """DoRA's g = m / max(n, EPS) [N] in fp32 (float64 if m or n is); differentiable in m (n is a detached
+    norm). The one place this formula is written."""
+    acc = torch.promote_types(torch.float32, torch.promote_types(magnitude.dtype, norm.dtype))
+    return magnitude.to(acc) / norm.to(acc).clamp_min(DORA_EPS)
+
+
 def adapter_seed(seed: int, i: int) -> int:
     """Dropout seed of adapter ``i`` of a call drawn with ``seed`` (adapter 0: the seed itself)."""
     return (int(seed) + i * _SEED_STEP) % SEED_HIGH
@@ -188,8 +195,7 @@ class LoraCall:
         if not self.is_dora:
             return None
         a = self.adapters[0]
-        acc = torch.promote_types(torch.float32, torch.promote_types(a.magnitude.dtype, a.weight_norm.dtype))
-        return a.magnitude.detach().to(acc) / a.weight_norm.to(acc).clamp_min(DORA_EPS)
+        return dora_column_scale(a.magnitude.detach(), a.weight_norm)
 
     def describe(self) -> str:
         """Names the call for error messages, e.g. "lora call (int4 weight [24, 80], x (3, 80) ...)"."""

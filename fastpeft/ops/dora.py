@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ..quant.formats import dequantize
 from .contract import DORA_EPS, Base, LoraCall
+from .contract import dora_column_scale as column_scale  # noqa: F401  (g = m / max(n, EPS))
 
 # Rows of a dense W cast to fp32 at a time (16 MiB of fp32 at K = 4096): bounds the temporary.
 _CHUNK_ELEMS = 1 << 22
@@ -100,12 +101,6 @@ def weight_norm(base: Base, A: Tensor, B: Tensor, scale: float, w_sq: Optional[T
         T = torch.addmm(_w_at(base, Ac).to(acc), Bc, Ac @ Ac.t(), beta=2.0 * scale, alpha=scale * scale)
         n = torch.linalg.vecdot(T, Bc, dim=1).add_(w_sq.to(acc)).clamp_min_(0.0).sqrt_()
         return n.to(wdt).to(acc)
-
-
-def column_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
-    """g = m / max(n, EPS) [N] in fp32 (float64 if m or n is); differentiable in m (n is a detached norm)."""
-    acc = _acc(torch.promote_types(magnitude.dtype, norm.dtype))
-    return magnitude.to(acc) / norm.to(acc).clamp_min(DORA_EPS)
 
 
 # Rows of [M, N] per block of the CPU column reduction: the block's product stays in cache (~1 MiB).

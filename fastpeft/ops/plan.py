@@ -45,13 +45,16 @@ class RowPlan:
                              f"{row_index.dtype}")
         idx = row_index.long()
         M = idx.shape[0]
+        counts = [0] * (n_adapters + 1)
         if M:
-            lo, hi = (int(v) for v in torch.stack([idx.min(), idx.max()]).tolist())
+            # one device-to-host copy: the range check and the segment sizes together (clamped so that a bad
+            # value cannot break bincount before it is reported)
+            binned = torch.bincount((idx + 1).clamp(0, n_adapters), minlength=n_adapters + 1)
+            lo, hi, *counts = torch.cat([torch.stack([idx.min(), idx.max()]), binned]).tolist()
             if lo < -1 or hi >= n_adapters:
                 bad = lo if lo < -1 else hi
                 raise ValueError(f"{what} holds {bad}, outside [-1, {n_adapters - 1}] (-1 = base only, "
                                  f"k = adapter k of {n_adapters})")
-        counts = torch.bincount(idx + 1, minlength=n_adapters + 1).tolist() if M else [0] * (n_adapters + 1)
         offsets = [0]
         for c in counts:
             offsets.append(offsets[-1] + c)

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from ..quant.formats import dequantize
-from .contract import DORA_EPS, LoraCall
+from .contract import LoraCall, dora_column_scale
 
 
 def supports(call: LoraCall) -> Optional[str]:
@@ -333,8 +333,7 @@ def _mixed_forward(call: LoraCall) -> tuple[Tensor, Tensor]:
             Y.index_add_(0, rows, torch.mm(Sk.to(dt), a.B.to(dt).t()), alpha=a.scale)
             continue
         # a DoRA slot (an adapter pool's; inference): its rows get g * (x W^T + s S B^T) + bias
-        acc = torch.promote_types(torch.float32, a.magnitude.dtype)
-        g = (a.magnitude.to(acc) / a.weight_norm.to(acc).clamp_min(DORA_EPS)).to(dt)
+        g = dora_column_scale(a.magnitude, a.weight_norm).to(dt)
         Yk = Y.index_select(0, rows)
         if bias is not None:
             Yk.sub_(bias.to(dt))
@@ -360,8 +359,7 @@ def _mixed_backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, needs
     for k, a, rows in _segments(call):
         dYk = dY.index_select(0, rows).to(cdt)
         if a.magnitude is not None:  # a DoRA slot: its rows' backward runs on g * dY (the base term too)
-            acc = torch.promote_types(torch.float32, a.magnitude.dtype)
-            g = a.magnitude.to(acc) / a.weight_norm.to(acc).clamp_min(DORA_EPS)
+            g = dora_column_scale(a.magnitude, a.weight_norm)
             if needs_dx and W is not None:
                 dX.index_add_(0, rows, torch.mm((dYk * (g - 1.0).to(cdt)).to(dt), W))
             dYk = dYk * g.to(cdt)

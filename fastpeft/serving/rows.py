@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..ops.plan import RowPlan
+
 
 class RowMap:
     def __init__(self, slots: Optional[int] = None) -> None:
@@ -87,9 +89,7 @@ class RowMap:
             if self.max_batch is None:
                 idx = slots.repeat_interleave(M // n)
                 if self.n_slots is not None:
-                    from .. import ops
-
-                    idx = ops.RowPlan.build(idx, self.n_slots, what="the bank's slots")
+                    idx = RowPlan.build(idx, self.n_slots, what="the bank's slots")
             else:  # a persistent buffer (see set)
                 with torch.inference_mode(False):
                     idx = torch.empty(M, dtype=torch.int64, device=slots.device)

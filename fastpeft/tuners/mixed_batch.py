@@ -79,12 +79,8 @@ def mixed_batch(batch: Optional[MixedBatch]):
 def check_adapter_names(model: nn.Module, adapter_names, batch_size: Optional[int], known: Sequence[str]) -> list:
     """peft's checks of ``adapter_names`` for a model, in peft's order and words; returns them as a list."""
     names = list(adapter_names)
-    if model.training:
-        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
     layers = [m for m in model.modules() if hasattr(m, "merged_adapters") and hasattr(m, "use_dora")]
-    if any(m.merged for m in layers):
-        raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
-                         "`unmerge_adapter` first.")
+    _refuse_state(model.training, any(m.merged for m in layers))
     unknown = sorted({n for n in names if n != BASE_NAME and n not in known})
     if unknown:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
@@ -95,6 +91,15 @@ def check_adapter_names(model: nn.Module, adapter_names, batch_size: Optional[in
     if any(m.use_dora.get(n) for m in layers for n in used):
         raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
     return names
+
+
+def _refuse_state(training: bool, merged: bool) -> None:
+    """peft's refusals of adapter_names that depend on the model's state, in peft's order and words."""
+    if training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+    if merged:
+        raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                         "`unmerge_adapter` first.")
 
 
 def batch_size_of(args: tuple, kwargs: dict) -> Optional[int]:
@@ -135,10 +140,6 @@ def layer_mixed_batch(layer: nn.Module, kwargs: dict) -> Optional[MixedBatch]:
         return batch
     if any(getattr(layer, "use_dora", {}).get(n) for n in names):
         raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
-    if layer.training:
-        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-    if getattr(layer, "merged", False):
-        raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
-                         "`unmerge_adapter` first.")
+    _refuse_state(layer.training, getattr(layer, "merged", False))
     dev = next((p.device for p in layer.parameters()), None)
     return MixedBatch.from_names(list(names), dev)

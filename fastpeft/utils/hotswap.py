@@ -110,8 +110,8 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: dict, adapter_
     unexpected = sorted(k for k in mapped if k not in targets)
     if unexpected:
         raise RuntimeError(f"Hot swapping the adapter did not succeed, unexpected keys found: {', '.join(unexpected)}")
-    expected = sorted(k for k in targets if parameter_prefix in k and f".{adapter_name}." in k + "."
-                      and any(k.startswith(s + f".{adapter_name}") for s in slots))
+    expected = sorted(k for k in targets if parameter_prefix in k
+                      and any(k == f"{s}.{adapter_name}" or k.startswith(f"{s}.{adapter_name}.") for s in slots))
     missing = [k for k in expected if k not in mapped]
     if missing:
         raise RuntimeError(f"Hot swapping the adapter did not succeed, missing keys: {', '.join(missing)}")
