@@ -183,6 +183,8 @@ class LoraCall:
         return out
 
     def compute_dtype(self) -> torch.dtype:
+        if self.pool is not None:  # every adapter is a view of the pool's A and B
+            return compute_dtype(self.x.dtype, self.pool.A.dtype, self.pool.B.dtype)
         return compute_dtype(self.x.dtype, *(t.dtype for a in self.adapters for t in (a.A, a.B)))
 
     @property

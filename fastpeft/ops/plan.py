@@ -68,12 +68,27 @@ class RowPlan:
     def count(self, k: int) -> int:
         return self.offsets[k + 2] - self.offsets[k + 1]
 
+    def cached(self, name: str, build, extra: tuple = ()):
+        """``build()``, kept on this plan (its tensors never change) while ``extra`` is the same; one entry per
+        name. Every layer of a forward, and every step of a decode loop that keeps its adapter names, shares
+        one plan: what a backend derives from it is built once."""
+        store = self.__dict__.setdefault("_cache", {})
+        hit = store.get(name)
+        if hit is None or hit[0] != extra:
+            hit = (extra, build())
+            store[name] = hit
+        return hit[1]
+
     def per_row(self, rows_per_sample: int) -> "RowPlan":
         """The plan of a layer input [samples * rows_per_sample, K] whose rows go sample by sample (x of
-        shape [batch, seq, K] reshaped): every row takes its sample's adapter. No sort, no sync."""
+        shape [batch, seq, K] reshaped): every row takes its sample's adapter. No sort, no sync (and built
+        once per plan and row count: every layer of a prefill gets the same one)."""
         T = int(rows_per_sample)
         if T == 1:
             return self
+        return self.cached("per_row", lambda: self._per_row(T), extra=(T,))
+
+    def _per_row(self, T: int) -> "RowPlan":
         dev = self.order.device
         order = (self.order[:, None] * T + torch.arange(T, device=dev)).reshape(-1)
         return RowPlan(self.row_index.repeat_interleave(T), order, tuple(o * T for o in self.offsets))

@@ -51,7 +51,14 @@ class AdapterPool:
         return AdapterPool(**dict(zip(POOL_FIELDS, tensors)), max_rank=int(max_rank))
 
     def check(self, fn: str, N: Optional[int], K: int, device) -> None:
-        """ValueError naming the pool field and the shape expected and found."""
+        """ValueError naming the pool field and the shape expected and found. (A pool that passed for these
+        N, K and device passes again: its shapes cannot change.)"""
+        if self.__dict__.get("_checked") == (N, K, device):
+            return
+        self._check(fn, N, K, device)
+        self.__dict__["_checked"] = (N, K, device)
+
+    def _check(self, fn: str, N: Optional[int], K: int, device) -> None:
         R = self.A.shape[0] if self.A.dim() == 2 else None
         S = self.start.shape[0] if self.start.dim() == 1 else None
         if self.A.dim() != 2 or self.A.shape[1] != K:
@@ -73,13 +80,18 @@ class AdapterPool:
             raise ValueError(f"{fn}: the adapter pool is on {self.A.device}, x on {device}")
 
     def _tables_key(self) -> tuple:
-        """Changes whenever a table or A / B is replaced or written in place (a bank's load)."""
-        return tuple((id(t), t._version) for t in self.tensors() if t is not None)
+        """Changes whenever a table or A / B is written in place (a bank's load). The tensors themselves
+        cannot be swapped (a frozen dataclass), so their versions say it all."""
+        ts = self.__dict__.get("_present")
+        if ts is None:
+            ts = self.__dict__["_present"] = tuple(t for t in self.tensors() if t is not None)
+        return tuple([t._version for t in ts])
 
-    def cached(self, name: str, build):
-        """``build()``, kept on this pool object until its tables change (a layer reuses its pool object
-        across forwards: decode steps then skip the host copies and table building)."""
-        key = self._tables_key()
+    def cached(self, name: str, build, extra: tuple = ()):
+        """``build()``, kept on this pool object until its tables change or ``extra`` (what else the result
+        depends on) differs; one entry per name (a layer reuses its pool object across forwards: decode steps
+        then skip the host copies and table building)."""
+        key = (self._tables_key(), extra)
         store = self.__dict__.setdefault("_cache", {})
         hit = store.get(name)
         if hit is None or hit[0] != key:

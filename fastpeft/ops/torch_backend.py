@@ -278,39 +278,80 @@ def _segments(call: LoraCall):
             yield k, a, call.plan.segment(k)
 
 
-# A pool call with few rows of few pool columns runs as one masked GEMM pair instead of one pair per adapter:
-# S = x A_pool^T [M, R], each row keeps only its slot's columns (scaled by the slot's s), Y += S B_pool^T.
-# It computes M x R instead of M x r_k per row, and saves 4 ops per adapter; on CPU it wins while
-# M * R stays small (decode batches over a layer's own few adapters).
-_MASKED_POOL_MAX = 1 << 16
-
-
-def _pool_columns(call: LoraCall, cdt: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(slot owning each pool row [R] (-1: none), that slot's scale [R]): adapter k is slot k's views."""
-    pool = call.pool
-    R = pool.A.shape[0]
-    owner = torch.full((R,), -1, dtype=torch.int64, device=pool.A.device)
-    col_scale = torch.zeros(R, dtype=cdt, device=pool.A.device)
-    for k, (a, st) in enumerate(zip(call.adapters, pool.start.tolist())):
-        if a.r:
-            owner[st:st + a.r] = k
-            col_scale[st:st + a.r] = a.scale
-    return owner, col_scale
-
-
-def _masked_pool(call: LoraCall, Y: Tensor) -> bool:
-    """Y += each row's s_k S B_k^T through the pool's two tensors; False (nothing done) when it does not pay
-    or a DoRA slot is in the batch."""
-    pool, plan = call.pool, call.plan
-    R = pool.A.shape[0]
-    if call.M * R > _MASKED_POOL_MAX or any(a.magnitude is not None for a in call.adapters):
+# A pool call (an adapter pool: a layer's adapters or a serving bank's slots) runs as two batched GEMMs
+# instead of a GEMM pair per adapter. The n adapters with rows form n groups of c = the largest row count
+# (short groups padded with zero rows):
+#     X_g [n, c, K] = the group's rows of x       S_g = X_g (s A)_g^T [n, c, r]       Y[rows] += S_g B_g^T
+# where (s A)_g, B_g^T are the adapters' weights stacked and zero-padded to the largest rank r among them
+# (kept with the pool while its tables do not change). That is four ops whatever n, against four per
+# adapter; the padding adds n*c*r - sum_k c_k*r_k rank-rows of work (times K + N multiply-adds). It is
+# taken while the added work costs less than the ops it saves: at decode sizes a small op's fixed cost is
+# worth about _OP_MACS multiply-adds on a CPU core, so 8 adapters of ranks 8..64 over 4 rows each group
+# (padding ~1M MACs against 28 ops), while a prefill with one adapter on most rows runs per adapter.
+_OP_MACS = 150_000
+def _grouped_pool(call: LoraCall, Y: Tensor) -> bool:
+    """Y += each row's s_k S B_k^T as batched GEMMs (above); False (nothing done) when the padding would cost
+    more than the ops it saves or a DoRA slot has rows. What the plan and pool decide is kept with them, so a
+    decode step pays four ops and a few dict lookups."""
+    plan, pool, cdt = call.plan, call.pool, call.compute_dtype()
+    layout = pool.cached("grouped", lambda: _group_layout(call), extra=(plan.offsets,))
+    if layout is None:
         return False
-    cdt, dt = call.compute_dtype(), call.x.dtype
-    owner, col_scale = pool.cached(f"masked {cdt}", lambda: _pool_columns(call, cdt))
-    S = torch.mm(call.x.to(cdt), pool.A.to(cdt).t())
-    S.mul_(plan.row_index[:, None] == owner[None, :]).mul_(col_scale)
-    Y.addmm_(S.to(dt), pool.B.to(dt).t())
+    groups, c = layout
+    if not groups:
+        return True
+    At, Bt = pool.cached("stacks", lambda: _stack_groups(call, groups, cdt), extra=(groups, cdt))
+    rows, pos = plan.cached("grouped", lambda: _group_rows(plan, groups, c), extra=(groups,))
+    x = call.x if call.x.dtype == cdt else call.x.to(cdt)
+    if pos is None:  # every group full: the gather is the plan's own order
+        Xg = x.index_select(0, rows)
+    else:
+        Xg = x.new_zeros(len(groups) * c, x.shape[1]).index_copy_(0, pos, x.index_select(0, rows))
+    out = torch.bmm(torch.bmm(Xg.view(len(groups), c, -1), At), Bt).view(-1, Y.shape[1])
+    if pos is not None:
+        out = out.index_select(0, pos)
+    Y.index_add_(0, rows, out.to(Y.dtype))
     return True
+
+
+def _group_layout(call: LoraCall) -> Optional[tuple]:
+    """(adapters with rows and a rank, as a tuple of indices; the padded row count c), or None when grouping
+    does not pay (the rule above) or a DoRA slot has rows."""
+    plan = call.plan
+    groups = tuple(k for k, a in enumerate(call.adapters) if a.r and plan.count(k))
+    if not groups:
+        return (), 0
+    if any(call.adapters[k].magnitude is not None for k in groups):
+        return None
+    counts = [plan.count(k) for k in groups]
+    ranks = [call.adapters[k].r for k in groups]
+    c, r = max(counts), max(ranks)
+    padding = (len(groups) * c * r - sum(n * rk for n, rk in zip(counts, ranks))) * (call.K + call.N)
+    return (groups, c) if padding <= _OP_MACS * 4 * (len(groups) - 1) else None
+
+
+def _stack_groups(call: LoraCall, groups: tuple, cdt: torch.dtype) -> tuple:
+    """((s_k A_k)^T stacked [n, K, r], B_k^T stacked [n, r, N]), zero-padded to the largest rank r."""
+    n, K, N = len(groups), call.K, call.N
+    r = max(call.adapters[k].r for k in groups)
+    At = call.x.new_zeros((n, K, r), dtype=cdt)
+    Bt = call.x.new_zeros((n, r, N), dtype=cdt)
+    for g, k in enumerate(groups):
+        a = call.adapters[k]
+        At[g, :, :a.r] = a.A.t().to(cdt) * a.scale
+        Bt[g, :a.r] = a.B.t().to(cdt)
+    return At, Bt
+
+
+def _group_rows(plan, groups: tuple, c: int) -> tuple:
+    """(the groups' rows in group order [rows], their positions in the padded [n * c] layout, or None when no
+    group is short)."""
+    rows = torch.cat([plan.segment(k) for k in groups])
+    counts = [plan.count(k) for k in groups]
+    if all(n == c for n in counts):
+        return rows, None
+    pos = torch.cat([torch.arange(g * c, g * c + n, device=rows.device) for g, n in enumerate(counts)])
+    return rows, pos
 
 
 def _mixed_forward(call: LoraCall) -> tuple[Tensor, Tensor]:
@@ -322,7 +363,7 @@ def _mixed_forward(call: LoraCall) -> tuple[Tensor, Tensor]:
     else:
         Y = x2d.new_zeros((call.M, call.N)) if bias is None else bias.to(dt).expand(call.M, call.N).clone()
     del W
-    if call.pool is not None and _masked_pool(call, Y):
+    if call.pool is not None and _grouped_pool(call, Y):
         # a pool's slots get no gradients, so S (for dB) is not needed: its contents are left unset
         return Y, x2d.new_empty((call.M, call.r_total), dtype=cdt)
     S = x2d.new_zeros((call.M, call.r_total), dtype=cdt)

@@ -76,21 +76,37 @@ def mixed_batch(batch: Optional[MixedBatch]):
         _CURRENT = previous
 
 
-def check_adapter_names(model: nn.Module, adapter_names, batch_size: Optional[int], known: Sequence[str]) -> list:
-    """peft's checks of ``adapter_names`` for a model, in peft's order and words; returns them as a list."""
+def check_adapter_names(model: nn.Module, adapter_names, batch_size: Optional[int], known) -> list:
+    """peft's checks of ``adapter_names`` for a model, in peft's order and words; returns them as a list.
+
+    ``known``: the model's adapter configs by name (a list of names also works; DoRA is then found per layer).
+    A valid call does not walk the model: merged layers refuse the batch themselves when it reaches them
+    (layer_mixed_batch), and the walk that finds them runs only to report a merged model ahead of a later
+    error, as peft orders its errors."""
     names = list(adapter_names)
-    layers = [m for m in model.modules() if hasattr(m, "merged_adapters") and hasattr(m, "use_dora")]
-    _refuse_state(model.training, any(m.merged for m in layers))
+    if model.training:
+        raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
     unknown = sorted({n for n in names if n != BASE_NAME and n not in known})
+    wrong_length = batch_size is not None and len(names) != batch_size
+    used = set(names) - {BASE_NAME}
+    if isinstance(known, dict):
+        dora = any(getattr(known[n], "use_dora", False) for n in used if n in known)
+    else:
+        dora = any(m.use_dora.get(n) for m in _tuner_layers(model) for n in used)
+    if unknown or wrong_length or dora:
+        _refuse_state(False, any(m.merged for m in _tuner_layers(model)))
     if unknown:
         raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
-    if batch_size is not None and len(names) != batch_size:
+    if wrong_length:
         raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
                          f"{len(names)} and {batch_size} respectively.")
-    used = set(names)
-    if any(m.use_dora.get(n) for m in layers for n in used):
+    if dora:
         raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
     return names
+
+
+def _tuner_layers(model: nn.Module) -> list:
+    return [m for m in model.modules() if hasattr(m, "merged_adapters") and hasattr(m, "use_dora")]
 
 
 def _refuse_state(training: bool, merged: bool) -> None:
@@ -126,7 +142,20 @@ def adapter_names_context(model: nn.Module, args: tuple, kwargs: dict, known: Se
     if names is None:
         return contextlib.nullcontext()
     names = check_adapter_names(model, names, batch_size_of(args, kwargs), known)
-    return mixed_batch(MixedBatch.from_names(names, device_of(model)))
+    return mixed_batch(_batch_for(names, device_of(model)))
+
+
+# The last batch built from names: a decode loop passes the same adapter_names at every step, and reusing the
+# batch reuses its plan (no sort, no sync) and everything the backends derived from it (RowPlan.cached).
+_LAST: Optional[tuple] = None
+
+
+def _batch_for(names: list, device) -> MixedBatch:
+    global _LAST
+    key = (tuple(names), device)
+    if _LAST is None or _LAST[0] != key:
+        _LAST = (key, MixedBatch.from_names(names, device))
+    return _LAST[1]
 
 
 def layer_mixed_batch(layer: nn.Module, kwargs: dict) -> Optional[MixedBatch]:
@@ -135,8 +164,10 @@ def layer_mixed_batch(layer: nn.Module, kwargs: dict) -> Optional[MixedBatch]:
     names = kwargs.pop("adapter_names", None)
     if names is None:
         batch = current()
-        if batch is not None and any(getattr(layer, "use_dora", {}).get(n) for n in batch.names):
-            raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+        if batch is not None:
+            _refuse_state(False, getattr(layer, "merged", False))
+            if any(getattr(layer, "use_dora", {}).get(n) for n in batch.names):
+                raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
         return batch
     if any(getattr(layer, "use_dora", {}).get(n) for n in names):
         raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")

@@ -196,3 +196,66 @@ def test_bad_pool_calls_are_refused(case, match):
         pool = ops.AdapterPool(pool.A, pool.B, pool.start, pool.rank[:1], pool.scale, pool.max_rank)
     with pytest.raises(ValueError, match=match):
         ops.lora(x, ops.Base.dense(W), ops.AdapterSet(ads, idx, pool=pool))
+
+
+def _rowwise(x, W, b, pool, idx):
+    rows = []
+    for i in range(x.shape[0]):
+        j = int(idx[i])
+        yi = x[i].double() @ W.double().t() + b.double()
+        if j >= 0 and int(pool.rank[j]):
+            st, r = int(pool.start[j]), int(pool.rank[j])
+            A, B = pool.A[st:st + r].double(), pool.B[:, st:st + r].double()
+            yi = yi + float(pool.scale[j]) * (x[i].double() @ A.t()) @ B.t()
+        rows.append(yi)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("counts", [(4, 4, 4), (3, 1, 2), (5, 0, 5)], ids=["full", "padded", "empty-slot"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pool_rows_run_as_batched_gemms_per_adapter_group(monkeypatch, counts, dtype):
+    """The torch backend's grouped path (two bmm over adapters padded to one row count and one rank) equals
+    the row-wise float64 reference, with mixed ranks, a rank-0 slot, base rows, and NaN in a base row
+    staying in that row."""
+    from fastpeft.ops import torch_backend
+
+    taken = []
+    real = torch_backend._grouped_pool
+    monkeypatch.setattr(torch_backend, "_grouped_pool", lambda call, Y: taken.append(real(call, Y)) or taken[-1])
+    g = torch.Generator().manual_seed(sum(counts))
+    K, N = 13, 7
+    pool = _pool([(3, 0.5), (1, 2.0), (5, 1.5), (0, 1.0)], K, N, dtype=dtype)
+    idx = torch.tensor(sum(([k] * n for k, n in enumerate(counts)), []) + [-1, -1, 3], dtype=torch.int64)
+    idx = idx[torch.randperm(idx.numel(), generator=g)]
+    W, b = torch.randn(N, K, generator=g, dtype=dtype), torch.randn(N, generator=g, dtype=dtype)
+    x = torch.randn(idx.numel(), K, generator=g, dtype=dtype)
+    nan_row = int((idx == -1).nonzero()[0])
+    x[nan_row, 0] = float("nan")
+    with torch.no_grad():
+        y = ops.lora(x, ops.Base.dense(W, b), ops.AdapterSet(pool=pool, row_index=idx))
+    assert taken == [True]
+    ref = _rowwise(x, W, b, pool, idx)
+    assert torch.isnan(y[nan_row]).all() and not torch.isnan(y[torch.arange(len(idx)) != nan_row]).any()
+    keep = torch.arange(len(idx)) != nan_row
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y[keep].double(), ref[keep], **tol)
+
+
+def test_pool_rows_too_uneven_for_groups_run_per_adapter(monkeypatch):
+    """One adapter with most rows of a prefill: padding the others to its count would cost more than the ops
+    it saves, so the call takes the per-adapter GEMMs (same results)."""
+    from fastpeft.ops import torch_backend
+
+    taken = []
+    real = torch_backend._grouped_pool
+    monkeypatch.setattr(torch_backend, "_grouped_pool", lambda call, Y: taken.append(real(call, Y)) or taken[-1])
+    g = torch.Generator().manual_seed(3)
+    K, N = 256, 64
+    pool = _pool([(8, 0.5), (8, 2.0), (8, 1.5)], K, N)
+    idx = torch.tensor([0] * 400 + [1, 2])
+    W, b = torch.randn(N, K, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+    x = torch.randn(idx.numel(), K, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        y = ops.lora(x, ops.Base.dense(W, b), ops.AdapterSet(pool=pool, row_index=idx))
+    assert taken == [False]
+    torch.testing.assert_close(y, _rowwise(x, W, b, pool, idx), rtol=1e-12, atol=1e-12)

@@ -13,6 +13,7 @@ from _support.twins import max_abs_diff, peft_model_twins
 import fastpeft
 from fastpeft import ops
 from fastpeft.quant import quantize
+from fastpeft.tuners import mixed_batch as mixed_batch_module
 
 NAMES = ["default", "__base__", "other", "default"]
 
@@ -124,9 +125,14 @@ def test_one_plan_per_forward(monkeypatch):
     built = []
     real = ops.RowPlan.build
     monkeypatch.setattr(ops.RowPlan, "build", staticmethod(lambda *a, **k: built.append(1) or real(*a, **k)))
+    monkeypatch.setattr(mixed_batch_module, "_LAST", None)
     with torch.no_grad():
         ours(**tiny_inputs("llama", batch=4), adapter_names=NAMES)
-    assert built == [1]  # one sort and one sync, shared by 9 adapted layers
+        assert built == [1]  # one sort and one sync, shared by 9 adapted layers
+        ours(**tiny_inputs("llama", batch=4), adapter_names=list(NAMES))
+        assert built == [1]  # a decode loop's next step with the same names reuses the plan
+        ours(**tiny_inputs("llama", batch=4), adapter_names=NAMES[::-1])
+        assert built == [1, 1]  # other names: a new plan
 
 
 @pytest.mark.parametrize("case", ["unknown", "length", "training", "merged", "dora", "string"])
