@@ -39,6 +39,7 @@ and sees only validated calls (:func:`validate` ran once, in :func:`fastpeft.ops
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -83,8 +84,14 @@ def compute_dtype(x_dtype: torch.dtype, *adapter_dtypes: torch.dtype) -> torch.d
     fp16/bf16 x with fp32 adapters (peft's default) gets the adapter math in fp32, like peft does
     by casting x to lora_A's dtype.
     """
-    dt = torch.float32
-    for d in (x_dtype, *adapter_dtypes):
+    return _promoted(torch.float32, x_dtype, *adapter_dtypes)
+
+
+@functools.lru_cache(maxsize=None)
+def _promoted(*dtypes: torch.dtype) -> torch.dtype:
+    # torch.promote_types is a dispatched op: cached, a call's dtype costs one dict lookup
+    dt = dtypes[0]
+    for d in dtypes[1:]:
         dt = torch.promote_types(dt, d)
     return dt
 

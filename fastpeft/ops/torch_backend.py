@@ -102,6 +102,12 @@ def _masked(x2d: Tensor, dtype: torch.dtype, keep: Optional[Tensor]) -> Tensor:
     return xc * keep  # int16 0/1 promotes to xc's float dtype
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in ``dtype``; t itself when it already is (a skipped .to() is one dispatched op less per call, which
+    counts at decode sizes)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _base_weight(call: LoraCall) -> Optional[Tensor]:
     """W [N, K] in x's dtype: the dense weight, or the packed one dequantized (a fresh temporary)."""
     if call.base.packed is not None:
@@ -121,13 +127,13 @@ def forward(call: LoraCall) -> tuple:
     W = _base_weight(call)
     Y = None
     if W is not None:
-        Y = torch.mm(x2d, W.t()) if bias is None else torch.addmm(bias.to(dt), x2d, W.t())
+        Y = torch.mm(x2d, W.t()) if bias is None else torch.addmm(_as(bias, dt), x2d, W.t())
     del W
     S_parts = []
     for a, seed in zip(call.adapters, call.seeds()):
         p = a.dropout_p
         keep = _keep01(seed, x2d.shape, p, x2d.device) if p > 0.0 else None
-        S = torch.mm(_masked(x2d, cdt, keep), a.A.to(cdt).t())
+        S = torch.mm(_masked(x2d, cdt, keep), _as(a.A, cdt).t())
         del keep
         if p > 0.0:
             S.mul_(_keep_scale(p))
@@ -135,11 +141,11 @@ def forward(call: LoraCall) -> tuple:
         # The GEMM's operands must share Y's dtype; S and B are small ([M, r], [N, r]) so casting them
         # down is cheap, while Y itself is never copied to a wider dtype.
         S_o = S if S.dtype == dt else S.to(dt)
-        Bt = a.B.to(dt).t()
+        Bt = _as(a.B, dt).t()
         if Y is not None:
             Y.addmm_(S_o, Bt, alpha=a.scale)
         elif bias is not None:
-            Y = torch.addmm(bias.to(dt), S_o, Bt, alpha=a.scale)
+            Y = torch.addmm(_as(bias, dt), S_o, Bt, alpha=a.scale)
         else:
             Y = torch.mm(S_o, Bt)
             if a.scale != 1.0:
@@ -232,7 +238,7 @@ def _dora_forward(call: LoraCall) -> tuple:
         else:
             torch.addcmul(bias.to(dt), Y, g, out=Y)  # g * Y + bias in one pass over Y
         return Y, S
-    Y = torch.mm(x2d, W.t()) if bias is None else torch.addmm(bias.to(dt), x2d, W.t())
+    Y = torch.mm(x2d, W.t()) if bias is None else torch.addmm(_as(bias, dt), x2d, W.t())
     Zd = torch.mm(x2d * keep, W.t())                   # (D x) W^T, its 1/(1-p) applied on [M, N] below
     del W, keep
     Zd.mul_(_keep_scale(p))
@@ -278,68 +284,67 @@ def _segments(call: LoraCall):
             yield k, a, call.plan.segment(k)
 
 
-# A pool call (an adapter pool: a layer's adapters or a serving bank's slots) runs as two batched GEMMs
-# instead of a GEMM pair per adapter. The n adapters with rows form n groups of c = the largest row count
-# (short groups padded with zero rows):
+# A pool call (an adapter pool: a layer's adapters or a serving bank's slots) runs its adapters in buckets of
+# equal rank, each as two batched GEMMs instead of a GEMM pair per adapter. The n adapters of rank r in a
+# bucket form n groups of c = their largest row count (short groups padded with zero rows):
 #     X_g [n, c, K] = the group's rows of x       S_g = X_g (s A)_g^T [n, c, r]       Y[rows] += S_g B_g^T
-# where (s A)_g, B_g^T are the adapters' weights stacked and zero-padded to the largest rank r among them
-# (kept with the pool while its tables do not change). That is four ops whatever n, against four per
-# adapter; the padding adds n*c*r - sum_k c_k*r_k rank-rows of work (times K + N multiply-adds). It is
-# taken while the added work costs less than the ops it saves: at decode sizes a small op's fixed cost is
-# worth about _OP_MACS multiply-adds on a CPU core, so 8 adapters of ranks 8..64 over 4 rows each group
-# (padding ~1M MACs against 28 ops), while a prefill with one adapter on most rows runs per adapter.
+# with (s A)_g^T and B_g^T the bucket's adapters stacked (kept with the pool while its tables do not change).
+# Four ops per bucket, whatever n. Ranks are never padded: at decode sizes the GEMMs are bound by reading
+# the adapters, and a rank-8 adapter next to a rank-64 one reads rank-8 weights. Rows are padded while that
+# costs less than the ops it saves: a small op's fixed cost is worth about _OP_MACS multiply-adds on a CPU
+# core, so 8 adapters over 4 rows each share a bucket, while in a prefill with one adapter on most rows
+# every adapter is a bucket of its own (a GEMM pair over its own rows).
 _OP_MACS = 150_000
+
+
 def _grouped_pool(call: LoraCall, Y: Tensor) -> bool:
-    """Y += each row's s_k S B_k^T as batched GEMMs (above); False (nothing done) when the padding would cost
-    more than the ops it saves or a DoRA slot has rows. What the plan and pool decide is kept with them, so a
-    decode step pays four ops and a few dict lookups."""
+    """Y += each row's s_k S B_k^T bucket by bucket (above); False (nothing done) when a DoRA slot has rows.
+    What the plan and the pool decide is kept with them, so a decode step pays four ops per bucket and a few
+    dict lookups."""
     plan, pool, cdt = call.plan, call.pool, call.compute_dtype()
-    layout = pool.cached("grouped", lambda: _group_layout(call), extra=(plan.offsets,))
-    if layout is None:
+    buckets = pool.cached("buckets", lambda: _buckets(call), extra=(plan.offsets,))
+    if buckets is None:
         return False
-    groups, c = layout
-    if not groups:
-        return True
-    At, Bt = pool.cached("stacks", lambda: _stack_groups(call, groups, cdt), extra=(groups, cdt))
-    rows, pos = plan.cached("grouped", lambda: _group_rows(plan, groups, c), extra=(groups,))
-    x = call.x if call.x.dtype == cdt else call.x.to(cdt)
-    if pos is None:  # every group full: the gather is the plan's own order
-        Xg = x.index_select(0, rows)
-    else:
-        Xg = x.new_zeros(len(groups) * c, x.shape[1]).index_copy_(0, pos, x.index_select(0, rows))
-    out = torch.bmm(torch.bmm(Xg.view(len(groups), c, -1), At), Bt).view(-1, Y.shape[1])
-    if pos is not None:
-        out = out.index_select(0, pos)
-    Y.index_add_(0, rows, out.to(Y.dtype))
+    x = _as(call.x, cdt)
+    for i, (groups, c) in enumerate(buckets):
+        At, Bt = pool.cached(f"stacks {i}", lambda: _stack_groups(call, groups, cdt), extra=(groups, cdt))
+        rows, pos = plan.cached(f"groups {i}", lambda: _group_rows(plan, groups, c), extra=(groups,))
+        if pos is None:  # every group full: the gather is the plan's own order
+            Xg = x.index_select(0, rows)
+        else:
+            Xg = x.new_zeros(len(groups) * c, x.shape[1]).index_copy_(0, pos, x.index_select(0, rows))
+        out = torch.bmm(torch.bmm(Xg.view(len(groups), c, -1), At), Bt).view(-1, Y.shape[1])
+        if pos is not None:
+            out = out.index_select(0, pos)
+        Y.index_add_(0, rows, _as(out, Y.dtype))
     return True
 
 
-def _group_layout(call: LoraCall) -> Optional[tuple]:
-    """(adapters with rows and a rank, as a tuple of indices; the padded row count c), or None when grouping
-    does not pay (the rule above) or a DoRA slot has rows."""
+def _buckets(call: LoraCall) -> Optional[tuple]:
+    """((adapter indices, padded row count c) per bucket), or None when a DoRA slot has rows. Adapters
+    without rows or rank here are left out (their rows, if any, keep the base output)."""
     plan = call.plan
-    groups = tuple(k for k, a in enumerate(call.adapters) if a.r and plan.count(k))
-    if not groups:
-        return (), 0
-    if any(call.adapters[k].magnitude is not None for k in groups):
-        return None
-    counts = [plan.count(k) for k in groups]
-    ranks = [call.adapters[k].r for k in groups]
-    c, r = max(counts), max(ranks)
-    padding = (len(groups) * c * r - sum(n * rk for n, rk in zip(counts, ranks))) * (call.K + call.N)
-    return (groups, c) if padding <= _OP_MACS * 4 * (len(groups) - 1) else None
+    by_rank: dict = {}
+    for k, a in enumerate(call.adapters):
+        if a.r and plan.count(k):
+            if a.magnitude is not None:
+                return None
+            by_rank.setdefault(a.r, []).append(k)
+    buckets = []
+    for r, ks in sorted(by_rank.items()):
+        counts = [plan.count(k) for k in ks]
+        c = max(counts)
+        if (len(ks) * c - sum(counts)) * r * (call.K + call.N) <= _OP_MACS * 4 * (len(ks) - 1):
+            buckets.append((tuple(ks), c))
+        else:  # too uneven to pad: one bucket per adapter
+            buckets.extend(((k,), n) for k, n in zip(ks, counts))
+    return tuple(buckets)
 
 
 def _stack_groups(call: LoraCall, groups: tuple, cdt: torch.dtype) -> tuple:
-    """((s_k A_k)^T stacked [n, K, r], B_k^T stacked [n, r, N]), zero-padded to the largest rank r."""
-    n, K, N = len(groups), call.K, call.N
-    r = max(call.adapters[k].r for k in groups)
-    At = call.x.new_zeros((n, K, r), dtype=cdt)
-    Bt = call.x.new_zeros((n, r, N), dtype=cdt)
-    for g, k in enumerate(groups):
-        a = call.adapters[k]
-        At[g, :, :a.r] = a.A.t().to(cdt) * a.scale
-        Bt[g, :a.r] = a.B.t().to(cdt)
+    """((s_k A_k)^T stacked [n, K, r], B_k^T stacked [n, r, N]) for adapters of one rank r."""
+    At = torch.stack([call.adapters[k].A.t().to(cdt) * call.adapters[k].scale for k in groups])
+    Bt = torch.stack([call.adapters[k].B.t().to(cdt) for k in groups])
     return At, Bt
 
 
@@ -359,7 +364,7 @@ def _mixed_forward(call: LoraCall) -> tuple[Tensor, Tensor]:
     cdt, dt = call.compute_dtype(), x2d.dtype
     W = _base_weight(call)
     if W is not None:
-        Y = torch.mm(x2d, W.t()) if bias is None else torch.addmm(bias.to(dt), x2d, W.t())
+        Y = torch.mm(x2d, W.t()) if bias is None else torch.addmm(_as(bias, dt), x2d, W.t())
     else:
         Y = x2d.new_zeros((call.M, call.N)) if bias is None else bias.to(dt).expand(call.M, call.N).clone()
     del W

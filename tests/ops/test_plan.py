@@ -241,21 +241,23 @@ def test_pool_rows_run_as_batched_gemms_per_adapter_group(monkeypatch, counts, d
     torch.testing.assert_close(y[keep].double(), ref[keep], **tol)
 
 
-def test_pool_rows_too_uneven_for_groups_run_per_adapter(monkeypatch):
-    """One adapter with most rows of a prefill: padding the others to its count would cost more than the ops
-    it saves, so the call takes the per-adapter GEMMs (same results)."""
+def test_pool_buckets_are_by_rank_and_uneven_rows_run_per_adapter():
+    """Adapters share a bucket (one bmm pair) only with adapters of their own rank (ranks are never padded),
+    and only while padding their rows costs less than the ops it saves: in a prefill with one adapter on
+    most rows each adapter runs alone. Results equal the row-wise reference either way."""
     from fastpeft.ops import torch_backend
+    from fastpeft.ops.contract import LoraCall
 
-    taken = []
-    real = torch_backend._grouped_pool
-    monkeypatch.setattr(torch_backend, "_grouped_pool", lambda call, Y: taken.append(real(call, Y)) or taken[-1])
     g = torch.Generator().manual_seed(3)
     K, N = 256, 64
-    pool = _pool([(8, 0.5), (8, 2.0), (8, 1.5)], K, N)
-    idx = torch.tensor([0] * 400 + [1, 2])
+    pool = _pool([(8, 0.5), (8, 2.0), (16, 1.5), (8, 1.0), (16, 0.5)], K, N, max_rank=16)
     W, b = torch.randn(N, K, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
-    x = torch.randn(idx.numel(), K, generator=g, dtype=torch.float64)
-    with torch.no_grad():
-        y = ops.lora(x, ops.Base.dense(W, b), ops.AdapterSet(pool=pool, row_index=idx))
-    assert taken == [False]
-    torch.testing.assert_close(y, _rowwise(x, W, b, pool, idx), rtol=1e-12, atol=1e-12)
+    for idx, expect in ((torch.tensor([0, 1, 2, 3, 4] * 4), (((0, 1, 3), 4), ((2, 4), 4))),
+                        (torch.tensor([0] * 400 + [1, 2, 4]), (((0,), 400), ((1,), 1), ((2, 4), 1)))):
+        plan = ops.RowPlan.build(idx, pool.slots)
+        x = torch.randn(idx.numel(), K, generator=g, dtype=torch.float64)
+        call = LoraCall(x, ops.Base.dense(W, b), pool.views(), 0, plan, pool)
+        assert torch_backend._buckets(call) == expect
+        with torch.no_grad():
+            y = ops.lora(x, ops.Base.dense(W, b), ops.AdapterSet(pool=pool, row_index=idx))
+        torch.testing.assert_close(y, _rowwise(x, W, b, pool, idx), rtol=1e-12, atol=1e-12)
