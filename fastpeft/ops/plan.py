@@ -68,7 +68,7 @@ class RowPlan:
     def count(self, k: int) -> int:
         return self.offsets[k + 2] - self.offsets[k + 1]
 
-    def cached(self, name: str, build, extra: tuple = ()):
+    def cached(self, name, build, extra: tuple = ()):
         """``build()``, kept on this plan (its tensors never change) while ``extra`` is the same; one entry per
         name. Every layer of a forward, and every step of a decode loop that keeps its adapter names, shares
         one plan: what a backend derives from it is built once."""

@@ -87,7 +87,7 @@ class AdapterPool:
             ts = self.__dict__["_present"] = tuple(t for t in self.tensors() if t is not None)
         return tuple([t._version for t in ts])
 
-    def cached(self, name: str, build, extra: tuple = ()):
+    def cached(self, name, build, extra: tuple = ()):
         """``build()``, kept on this pool object until its tables change or ``extra`` (what else the result
         depends on) differs; one entry per name (a layer reuses its pool object across forwards: decode steps
         then skip the host copies and table building)."""

@@ -285,39 +285,64 @@ def _segments(call: LoraCall):
 
 
 # A pool call (an adapter pool: a layer's adapters or a serving bank's slots) runs its adapters in buckets of
-# equal rank, each as two batched GEMMs instead of a GEMM pair per adapter. The n adapters of rank r in a
-# bucket form n groups of c = their largest row count (short groups padded with zero rows):
+# equal rank, each bucket as two batched GEMMs instead of a GEMM pair per adapter. The n adapters of rank r
+# in a bucket form n groups of c = their largest row count (short groups padded with zero rows):
 #     X_g [n, c, K] = the group's rows of x       S_g = X_g (s A)_g^T [n, c, r]       Y[rows] += S_g B_g^T
-# with (s A)_g^T and B_g^T the bucket's adapters stacked (kept with the pool while its tables do not change).
-# Four ops per bucket, whatever n. Ranks are never padded: at decode sizes the GEMMs are bound by reading
-# the adapters, and a rank-8 adapter next to a rank-64 one reads rank-8 weights. Rows are padded while that
-# costs less than the ops it saves: a small op's fixed cost is worth about _OP_MACS multiply-adds on a CPU
-# core, so 8 adapters over 4 rows each share a bucket, while in a prefill with one adapter on most rows
-# every adapter is a bucket of its own (a GEMM pair over its own rows).
+# with (s A)_g^T and B_g^T the bucket's adapters stacked (kept with the pool while its tables and the
+# bucket's adapters stay). One gather of x and one scatter-add into Y serve every bucket. Ranks are never
+# padded: at decode sizes the GEMMs are bound by reading the adapters, and a rank-8 adapter next to a rank-64
+# one reads rank-8 weights. Rows are padded while that costs less than the ops it saves: a small op's fixed
+# cost is worth about _OP_MACS multiply-adds on a CPU core, so 8 adapters over 4 rows each share a bucket,
+# while in a prefill with one adapter on most rows every adapter is a bucket of its own.
 _OP_MACS = 150_000
 
 
 def _grouped_pool(call: LoraCall, Y: Tensor) -> bool:
     """Y += each row's s_k S B_k^T bucket by bucket (above); False (nothing done) when a DoRA slot has rows.
-    What the plan and the pool decide is kept with them, so a decode step pays four ops per bucket and a few
-    dict lookups."""
+    Everything derived from the plan and the pool is kept with the pool, so a decode step pays the GEMMs,
+    one gather and one scatter."""
     plan, pool, cdt = call.plan, call.pool, call.compute_dtype()
-    buckets = pool.cached("buckets", lambda: _buckets(call), extra=(plan.offsets,))
-    if buckets is None:
+    run = pool.cached("grouped", lambda: _grouped_run(call, cdt), extra=(plan.offsets, cdt))
+    if run is None:
         return False
+    rows, pos, padded_rows, parts = run
+    if not parts:
+        return True
     x = _as(call.x, cdt)
-    for i, (groups, c) in enumerate(buckets):
-        At, Bt = pool.cached(f"stacks {i}", lambda: _stack_groups(call, groups, cdt), extra=(groups, cdt))
-        rows, pos = plan.cached(f"groups {i}", lambda: _group_rows(plan, groups, c), extra=(groups,))
-        if pos is None:  # every group full: the gather is the plan's own order
-            Xg = x.index_select(0, rows)
-        else:
-            Xg = x.new_zeros(len(groups) * c, x.shape[1]).index_copy_(0, pos, x.index_select(0, rows))
-        out = torch.bmm(torch.bmm(Xg.view(len(groups), c, -1), At), Bt).view(-1, Y.shape[1])
-        if pos is not None:
-            out = out.index_select(0, pos)
-        Y.index_add_(0, rows, _as(out, Y.dtype))
+    X = x.index_select(0, rows)
+    if pos is not None:
+        X = x.new_zeros(padded_rows, x.shape[1]).index_copy_(0, pos, X)
+    outs = [torch.bmm(torch.bmm(X[a:b].view(n, c, -1), At), Bt).view(-1, Y.shape[1])
+            for At, Bt, n, c, a, b in parts]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    if pos is not None:
+        out = out.index_select(0, pos)
+    Y.index_add_(0, rows, _as(out, Y.dtype))
     return True
+
+
+def _grouped_run(call: LoraCall, cdt: torch.dtype) -> Optional[tuple]:
+    """(rows of x in bucket order, their positions in the padded layout or None when nothing is padded, the
+    padded row count, [(stacked (s A)^T, stacked B^T, n, c, first and last padded row)] per bucket), or
+    None when a DoRA slot has rows."""
+    plan, pool = call.plan, call.pool
+    buckets = _buckets(call)
+    if buckets is None:
+        return None
+    rows, pos, parts, start = [], [], [], 0
+    for i, (groups, c) in enumerate(buckets):
+        At, Bt = pool.cached(("stacks", i), lambda: _stack_groups(call, groups, cdt), extra=(groups, cdt))
+        for g, k in enumerate(groups):
+            seg = plan.segment(k)
+            rows.append(seg)
+            pos.append(torch.arange(start + g * c, start + g * c + seg.numel(), device=seg.device))
+        parts.append((At, Bt, len(groups), c, start, start + len(groups) * c))
+        start += len(groups) * c
+    if not parts:
+        return None, None, 0, []
+    rows = torch.cat(rows)
+    padded = start != rows.numel()
+    return rows, torch.cat(pos) if padded else None, start, parts
 
 
 def _buckets(call: LoraCall) -> Optional[tuple]:
@@ -348,17 +373,6 @@ def _stack_groups(call: LoraCall, groups: tuple, cdt: torch.dtype) -> tuple:
     return At, Bt
 
 
-def _group_rows(plan, groups: tuple, c: int) -> tuple:
-    """(the groups' rows in group order [rows], their positions in the padded [n * c] layout, or None when no
-    group is short)."""
-    rows = torch.cat([plan.segment(k) for k in groups])
-    counts = [plan.count(k) for k in groups]
-    if all(n == c for n in counts):
-        return rows, None
-    pos = torch.cat([torch.arange(g * c, g * c + n, device=rows.device) for g, n in enumerate(counts)])
-    return rows, pos
-
-
 def _mixed_forward(call: LoraCall) -> tuple[Tensor, Tensor]:
     x2d, bias = call.x, call.base.bias
     cdt, dt = call.compute_dtype(), x2d.dtype
@@ -370,7 +384,7 @@ def _mixed_forward(call: LoraCall) -> tuple[Tensor, Tensor]:
     del W
     if call.pool is not None and _grouped_pool(call, Y):
         # a pool's slots get no gradients, so S (for dB) is not needed: its contents are left unset
-        return Y, x2d.new_empty((call.M, call.r_total), dtype=cdt)
+        return Y, x2d.new_empty((call.M, call.pool.max_rank), dtype=cdt)
     S = x2d.new_zeros((call.M, call.r_total), dtype=cdt)
     for k, a, rows in _segments(call):
         Sk = torch.mm(x2d.index_select(0, rows).to(cdt), a.A.to(cdt).t())

@@ -166,11 +166,12 @@ def layer_mixed_batch(layer: nn.Module, kwargs: dict) -> Optional[MixedBatch]:
         batch = current()
         if batch is not None:
             _refuse_state(False, getattr(layer, "merged", False))
-            if any(getattr(layer, "use_dora", {}).get(n) for n in batch.names):
+            dora = getattr(layer, "use_dora", None)
+            if dora and any(dora.values()) and any(dora.get(n) for n in batch.names):
                 raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
         return batch
     if any(getattr(layer, "use_dora", {}).get(n) for n in names):
         raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
     _refuse_state(layer.training, getattr(layer, "merged", False))
     dev = next((p.device for p in layer.parameters()), None)
-    return MixedBatch.from_names(list(names), dev)
+    return _batch_for(list(names), dev)

@@ -224,7 +224,7 @@ def test_pool_rows_run_as_batched_gemms_per_adapter_group(monkeypatch, counts, d
     monkeypatch.setattr(torch_backend, "_grouped_pool", lambda call, Y: taken.append(real(call, Y)) or taken[-1])
     g = torch.Generator().manual_seed(sum(counts))
     K, N = 13, 7
-    pool = _pool([(3, 0.5), (1, 2.0), (5, 1.5), (0, 1.0)], K, N, dtype=dtype)
+    pool = _pool([(3, 0.5), (3, 2.0), (5, 1.5), (0, 1.0)], K, N, dtype=dtype)  # slots 0 and 1 share a bucket
     idx = torch.tensor(sum(([k] * n for k, n in enumerate(counts)), []) + [-1, -1, 3], dtype=torch.int64)
     idx = idx[torch.randperm(idx.numel(), generator=g)]
     W, b = torch.randn(N, K, generator=g, dtype=dtype), torch.randn(N, generator=g, dtype=dtype)
