@@ -28,6 +28,16 @@ by the custom ops of lora_op.py on the backend :func:`dispatch.choose` picks per
 |                                        |   tiles (M <= 16, each row its own B); backward the |                   |
 |                                        |   same GEMMs for dX, lora_wgrad_kernel per adapter  |                   |
 | lora_embedding, lora_delta_weight      | torch (a lookup and a small matmul: nothing to fuse)| torch             |
+| token_embedding, token_linear,         | torch (trainable tokens: a lookup + row replace, no | torch             |
+|   token_merged_weight                  |   [V, D] table copy; see trainable_tokens.py)       |                   |
+| lora_weight (W + s B A as a tensor, for| torch addmm / baddbmm (one GEMM; cuBLAS on CUDA)    | torch             |
+|   MHA and target_parameters)           |                                                     |                   |
+| lora_conv (Conv1d/2d/3d LoRA layers,   | torch (lora_conv.py): inference without dropout and | same as CUDA      |
+|   ConvSpec, DoRA via col_scale),       |   with A's geometry = the base's: one conv with     |                   |
+|   lora_conv_delta_weight               |   W + s B A (fold); else the base conv + the        |                   |
+|                                        |   r-channel conv + baddbmm_ into the output, custom |                   |
+|                                        |   ops fastpeft::lora_conv_fwd/_bwd (mask regenerated|                   |
+|                                        |   from the seed; no Triton/CUDA kernel: cuDNN convs)|                   |
 
 This package imports neither transformers nor fastpeft's tuners or models: an inference server can
 use it alone.
@@ -43,10 +53,13 @@ from . import dispatch
 from .contract import Adapter, AdapterSet, Base, LoraCall, adapter_seed
 from .dispatch import register_backend
 from .lora_embedding import lora_delta_weight, lora_embedding
+from .lora_conv import ConvSpec, lora_conv, lora_conv_delta_weight
+from .lora_weight import lora_weight
 from .lora_op import draw_seed, lora, lora_linear, lora_quant_linear
 from .plan import RowPlan
 from .pool import AdapterPool
 from .torch_backend import dropout_mask
+from .trainable_tokens import token_embedding, token_linear, token_merged_weight
 
 
 def current_backend(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -69,5 +82,6 @@ def current_backend(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[T
 
 
 __all__ = ["Adapter", "AdapterSet", "Base", "LoraCall", "adapter_seed", "current_backend", "dispatch", "draw_seed",
-           "dropout_mask", "lora", "lora_delta_weight", "lora_embedding", "lora_linear", "lora_quant_linear",
-           "register_backend", "RowPlan", "AdapterPool"]
+           "dropout_mask", "lora", "lora_delta_weight", "lora_embedding", "lora_linear", "lora_quant_linear", "lora_weight",
+           "register_backend", "RowPlan", "AdapterPool", "token_embedding", "token_linear", "token_merged_weight",
+           "ConvSpec", "lora_conv", "lora_conv_delta_weight"]
