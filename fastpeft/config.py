@@ -45,6 +45,9 @@ CONFIG_NAME = "adapter_config.json"
 # The peft release whose adapter_config.json format fastpeft reads and writes.
 PEFT_FORMAT_VERSION = "0.21.2"
 
+# Keys a config dict must hold when they cannot be inferred from the class it is loaded with (peft's name).
+MIN_EXPECTED_CONFIG_KEYS = ("peft_type",)
+
 
 def _default_peft_version() -> str:
     """Value written into `peft_version` by configs created in fastpeft.
@@ -249,11 +252,21 @@ class PeftConfigMixin:
         target = cls._resolve_class(config_dict.get("peft_type"))
         accepted = {f.name for f in dataclasses.fields(target) if f.init}
         unknown = sorted(k for k in config_dict if k not in accepted)
+        if config_dict.get("peft_type") is None and (unknown or getattr(target, "_registered_peft_type", None) is None):
+            # peft's refusal (same type and text): keys this class does not know and no peft_type to say which
+            # class they belong to means the file is not a config of this class (e.g. {"foo": "bar"}, or a
+            # LoRA config without peft_type read through PeftConfig). A generic class (PeftConfig) is refused
+            # even without unknown keys: an untyped bare PeftConfig cannot build any adapter.
+            where = f" (file: {source})" if source else ""
+            raise TypeError(f"The {cls.__name__} config that is trying to be loaded is missing required keys: "
+                            f"{set(MIN_EXPECTED_CONFIG_KEYS)}.{where}")
         if unknown:
-            where = f" in {source}" if source else ""
+            where = f" (file: {source})" if source else ""
+            # the first sentence is peft's text word for word: callers filter this warning on it
             warnings.warn(
-                f"Ignoring keys{where} that fastpeft's {target.__name__} does not know: {unknown}. "
-                f"The config was probably written by a newer version of peft/fastpeft.",
+                f"Unexpected keyword arguments {unknown} for class {target.__name__}, these are ignored. This "
+                f"probably means that you're loading a configuration file that was saved using a higher version of "
+                f"the library and additional parameters have been introduced since.{where}",
                 stacklevel=3,
             )
         kwargs = {k: v for k, v in config_dict.items() if k in accepted}

@@ -6,11 +6,46 @@ from typing import Optional
 
 from torch import nn
 
-from fastpeft.config import PeftConfig
+from fastpeft.config import PEFT_TYPE_TO_CONFIG_MAPPING, PeftConfig
 from fastpeft.peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel, _check_config, _tuner_class
+from fastpeft.utils.peft_types import PeftType
 from fastpeft.utils.save_and_load import validate_adapter_name
 
-__all__ = ["get_peft_model", "inject_adapter_in_model", "MODEL_TYPE_TO_PEFT_MODEL_MAPPING"]
+__all__ = ["get_peft_model", "inject_adapter_in_model", "get_peft_config", "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+           "PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING"]
+
+
+def _implemented_tables() -> tuple[dict, dict]:
+    """peft's public tables, holding only the adapter types fastpeft implements.
+
+    Importing the tuner packages registers their config classes into PEFT_TYPE_TO_CONFIG_MAPPING (the
+    dict object of fastpeft.config, shared, so `from fastpeft import PEFT_TYPE_TO_CONFIG_MAPPING` sees all
+    of them even when the caller never imported a tuner). peft maps prompt-learning types to the module
+    that makes the virtual tokens, LoRA to the model tuner; fastpeft has the same classes.
+    """
+    from fastpeft.tuners.lora import LoraModel
+    from fastpeft.tuners.prompt import PrefixEncoder, PromptEmbedding, PromptEncoder
+
+    tuners = {PeftType.LORA: LoraModel, PeftType.PROMPT_TUNING: PromptEmbedding, PeftType.P_TUNING: PromptEncoder,
+              PeftType.PREFIX_TUNING: PrefixEncoder}
+    # the prefix every parameter name of the method contains (peft's values; LoraModel.prefix is "lora_")
+    prefixes = {PeftType.LORA: LoraModel.prefix, PeftType.PROMPT_TUNING: "prompt_tuning_",
+                PeftType.P_TUNING: "p_tuning_", PeftType.PREFIX_TUNING: "prefix_tuning_"}
+    return tuners, prefixes
+
+
+PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING = _implemented_tables()
+
+
+def get_peft_config(config_dict: dict) -> PeftConfig:
+    """The config object for a dict holding ``peft_type`` (peft's function; unknown keys are refused by the
+    config class's own __init__, as in peft)."""
+    if not isinstance(config_dict, dict) or "peft_type" not in config_dict:
+        raise TypeError(f"get_peft_config expects a dict with a 'peft_type' key, got "
+                        f"{sorted(config_dict) if isinstance(config_dict, dict) else type(config_dict).__name__}")
+    from fastpeft.config import get_peft_config_class
+
+    return get_peft_config_class(config_dict["peft_type"])(**config_dict)
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", mixed: bool = False,
@@ -53,5 +88,6 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     if peft_config.is_prompt_learning:
         raise ValueError(f"inject_adapter_in_model: {type(peft_config).__name__} is a prompt-learning config; its "
                          f"virtual tokens live in the PeftModel wrapper, so use get_peft_model instead")
-    tuner = _tuner_class(peft_config.peft_type)(model, {adapter_name: peft_config}, adapter_name)
+    tuner = _tuner_class(peft_config.peft_type)(model, {adapter_name: peft_config}, adapter_name,
+                                                low_cpu_mem_usage=low_cpu_mem_usage)
     return tuner.model

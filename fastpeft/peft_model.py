@@ -26,6 +26,7 @@ from torch import nn
 from fastpeft.integrations.hub import PushToHubMixin
 from fastpeft.config import PeftConfig
 from fastpeft.tuners.mixed_batch import adapter_names_context
+from fastpeft.tuners.lora.variants import alora as _alora  # aLoRA offsets hook
 from fastpeft.tuners.prompt.model import PromptLearningMixin
 from fastpeft.utils.atomic import staged_folder
 from fastpeft.utils.model_card import model_card_text_for
@@ -44,7 +45,22 @@ __all__ = [
     "PeftModelForQuestionAnswering",
     "PeftModelForFeatureExtraction",
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "get_layer_status",
+    "get_model_status",
+    "TunerLayerStatus",
+    "TunerModelStatus",
 ]
+
+from fastpeft.tuners.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status  # noqa: E402
+
+
+def __getattr__(name: str):
+    # peft exposes its type tables here too; they live in fastpeft.mapping, which imports this module
+    if name in ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING"):
+        from fastpeft import mapping
+
+        return getattr(mapping, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _tuner_class(peft_type) -> type:
@@ -112,11 +128,15 @@ def _submodule_parent(root: nn.Module, name: str):
 def _strip_tuner(model: nn.Module) -> None:
     """Put the original modules back in place of LoRA layers and modules_to_save wrappers (no merge)."""
     # deepest names first, so a parent is replaced after its children
-    names = [n for n, m in model.named_modules() if n and (is_lora_layer(m) or is_modules_to_save_wrapper(m))]
+    # (trainable-tokens wrappers are marked by a class attribute: this module does not import the tuners)
+    def wrapper(m):
+        return is_modules_to_save_wrapper(m) or getattr(type(m), "_is_trainable_tokens_wrapper", False)
+
+    names = [n for n, m in model.named_modules() if n and (is_lora_layer(m) or wrapper(m))]
     for name in sorted(names, key=lambda n: n.count("."), reverse=True):
         parent, attr = _submodule_parent(model, name)
         mod = getattr(parent, attr)
-        setattr(parent, attr, mod.original_module if is_modules_to_save_wrapper(mod) else mod.get_base_layer())
+        setattr(parent, attr, mod.original_module if wrapper(mod) else mod.get_base_layer())
     if "peft_config" in model.__dict__:
         del model.__dict__["peft_config"]
 
@@ -133,15 +153,15 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
-        # low_cpu_mem_usage (peft: create adapters on the meta device) is accepted for signature
-        # compatibility; tiny LoRA tensors are created directly.
+        # low_cpu_mem_usage: LoRA weights are created on the meta device, uninitialised, for a load to fill
+        # (peft's option; fastpeft/utils/meta_init.py)
         super().__init__()
         validate_adapter_name(adapter_name)
         _check_config(peft_config)
         self.modules_to_save: Optional[set] = None
         self.peft_type = peft_config.peft_type
         # forward kwargs that steer the adapters instead of going to the model
-        self.special_peft_forward_args = {"adapter_names"}
+        self.special_peft_forward_args = {"adapter_names", "alora_offsets"}
         self._is_prompt_learning = bool(peft_config.is_prompt_learning)
         self._fill_config_from_model(peft_config, model)
         self._add_task_heads(peft_config)
@@ -150,7 +170,8 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
             self._init_prompt_learning(model, peft_config, adapter_name)
             self._prepare_for_checkpointing(model)
             return
-        self.base_model = _tuner_class(peft_config.peft_type)(model, {adapter_name: peft_config}, adapter_name)
+        self.base_model = _tuner_class(peft_config.peft_type)(model, {adapter_name: peft_config}, adapter_name,
+                                                              low_cpu_mem_usage=low_cpu_mem_usage)
         self._update_modules_to_save(peft_config)
         self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
         config = getattr(model, "config", None)
@@ -268,6 +289,14 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
         pct = 100 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
 
+    def get_layer_status(self) -> list:
+        """One TunerLayerStatus per adapter layer (fastpeft/tuners/status.py)."""
+        return get_layer_status(self)
+
+    def get_model_status(self):
+        """The adapter state of the whole model as a TunerModelStatus (fastpeft/tuners/status.py)."""
+        return get_model_status(self)
+
     # ---------------------------------------------------------------------------------------------
     # forward
     # ---------------------------------------------------------------------------------------------
@@ -279,7 +308,9 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
         checked as peft checks it and made the current mixed batch (tuners/mixed_batch.py)."""
         if kwargs.get("adapter_names") is not None and self._is_prompt_learning:
             raise ValueError("adapter_names=[...] applies to LoRA adapters, not to prompt-learning adapters")
-        return adapter_names_context(self, args, kwargs, list(self.peft_config))
+        # aLoRA: offsets from input_ids (causal LMs, as peft) or alora_offsets=[...]; read before adapter_names goes
+        alora = _alora.call_context(self, args, kwargs, compute=self._prompt_task == "CAUSAL_LM")
+        return _alora.joined(alora, adapter_names_context(self, args, kwargs, self.peft_config))
 
     # the TaskType value a task class stands for (prompt learning handles labels/inputs per task)
     _prompt_task: Optional[str] = None
@@ -356,7 +387,11 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
         self._add_task_heads(peft_config)
         self.base_model.peft_config[adapter_name] = peft_config
         try:
-            self.base_model.inject_adapter(self.base_model.model, adapter_name)
+            from fastpeft.tuners.tuners_utils import requires_grad_kept
+
+            with requires_grad_kept(self.base_model.model, adapter_name):
+                self.base_model.inject_adapter(self.base_model.model, adapter_name,
+                                               low_cpu_mem_usage=low_cpu_mem_usage)
         except BaseException:
             # roll back whatever was created before the failure
             try:
@@ -378,7 +413,8 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
             if is_lora_layer(layer) and list(layer.active_adapters) != active:
                 layer.set_adapter(self.active_adapter)
 
-    def set_adapter(self, adapter_name: Union[str, list[str]]) -> None:
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """Activate ``adapter_name``; its weights require grad unless ``inference_mode=True`` (peft's signature)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         missing = [n for n in names if n not in self.peft_config]
         if missing:
@@ -387,8 +423,19 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
             if len(names) != 1:
                 raise ValueError(f"Prompt-learning adapters cannot be active together; got {names}")
             self._set_prompt_adapter(names[0])
+            if inference_mode:  # peft freezes the modules_to_save copies here (not the prompt encoder)
+                for m in self.modules():
+                    if is_modules_to_save_wrapper(m):
+                        m.set_requires_grad(names[0], requires_grad=False)
             return
-        self.base_model.set_adapter(adapter_name)
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
+        """Gradients on/off for the given adapters' weights, active or not (peft's method; LoRA adapters)."""
+        if self._is_prompt_learning:
+            raise TypeError(f"Setting `requires_grad` is not supported for prompt learning methods like "
+                            f"{getattr(self.peft_type, 'value', self.peft_type)}.")
+        self.base_model.set_requires_grad(adapter_names, requires_grad=requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
@@ -482,9 +529,6 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_pretrained: {save_directory!r} is a file; expected a directory")
-        if path_initial_model_for_weight_conversion is not None:
-            raise NotImplementedError("path_initial_model_for_weight_conversion (PiSSA/OLoRA conversion) is not "
-                                      "implemented in fastpeft")
         if selected_adapters is None:
             selected_adapters = list(self.peft_config)
         else:
@@ -519,13 +563,19 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
                 rel = "" if name == "default" else name
                 stage_dir = os.path.join(staging, rel)
                 os.makedirs(stage_dir, exist_ok=True)
+                if path_initial_model_for_weight_conversion is not None:  # PiSSA/OLoRA/... -> plain LoRA
+                    from fastpeft.tuners.lora import weight_conversion as _conv
+                    weights = _conv.weights_for_initial_model(self, name, weights,
+                                                              os.fspath(path_initial_model_for_weight_conversion))
                 write_weights(weights, os.path.join(stage_dir, weights_name), safe_serialization=safe_serialization)
                 cfg, auto_mapping = self._config_to_save(name)
+                if path_initial_model_for_weight_conversion is not None:
+                    cfg = _conv.converted_config(cfg)
                 cfg.save_pretrained(stage_dir, auto_mapping_dict=auto_mapping)
                 stale.append(os.path.join(save_directory, rel, other_name))
                 saved.append((name, cfg))
             base = next((c.base_model_name_or_path for _, c in saved if c.base_model_name_or_path), None)
-            card = model_card_text_for(save_directory, saved, base)
+            card = model_card_text_for(save_directory, saved, base, model=self)
             if card is not None:
                 with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as fh:
                     fh.write(card)
@@ -555,8 +605,9 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
         The returned object is the task class named by the config's task_type (as in peft). With
         is_trainable=False (default) the adapter is frozen and the model is put in eval mode.
         kwargs: subfolder, revision, token, cache_dir, ... (Hub options), ignore_mismatched_sizes,
-        torch_device. ephemeral_gpu_offload and low_cpu_mem_usage are accepted for peft signature
-        compatibility and change nothing (adapters are small and loaded directly).
+        torch_device. ephemeral_gpu_offload is accepted for peft signature compatibility. low_cpu_mem_usage:
+        the LoRA weights are created on the meta device without initialisation and the load puts the file's
+        tensors in their place (peft's option; the result is the same).
         """
         validate_adapter_name(adapter_name)
         ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
@@ -571,9 +622,11 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
         # only a model that had no adapters before can be restored by stripping all adapter modules
         restorable = not any(is_lora_layer(m) or is_modules_to_save_wrapper(m) for m in model.modules())
         try:
-            peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                    low_cpu_mem_usage=low_cpu_mem_usage)
             set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name,
-                                      ignore_mismatched_sizes=ignore_mismatched, source=path)
+                                      ignore_mismatched_sizes=ignore_mismatched, source=path,
+                                      low_cpu_mem_usage=low_cpu_mem_usage)
         except BaseException:
             if restorable:  # give the caller their model back as it was
                 _strip_tuner(model)
@@ -591,7 +644,7 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
         """Load the adapter in ``model_id`` as ``adapter_name`` (new, or overwriting an existing one's weights).
 
         Does not change the active adapter. Returns the load result (missing_keys, unexpected_keys).
-        ephemeral_gpu_offload and low_cpu_mem_usage are accepted for peft compatibility and change nothing.
+        ephemeral_gpu_offload is accepted for peft compatibility; low_cpu_mem_usage as in from_pretrained.
         """
         validate_adapter_name(adapter_name)
         ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
@@ -603,10 +656,15 @@ class PeftModel(PromptLearningMixin, PushToHubMixin, nn.Module):
             _check_config(config)
             _refuse_trainable_prompt(config, is_trainable)
             config.inference_mode = not is_trainable
-            self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
+            self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype,
+                             low_cpu_mem_usage=low_cpu_mem_usage)
+            if is_trainable and not self._is_prompt_learning:
+                # a new adapter is added frozen (inactive); is_trainable asks for gradients on it (peft)
+                self.set_requires_grad(adapter_name)
         try:
             result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
-                                               ignore_mismatched_sizes=ignore_mismatched, source=path)
+                                               ignore_mismatched_sizes=ignore_mismatched, source=path,
+                                               low_cpu_mem_usage=low_cpu_mem_usage)
         except BaseException:
             if is_new:
                 self.delete_adapter(adapter_name)

@@ -451,16 +451,17 @@ def test_from_dict_and_from_peft_type():
 # ---------------------------------------------------------------------------- unsupported_fields
 @pytest.mark.parametrize(
     "name",
-    ["loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config", "megatron_config",
-     "layer_replication", "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "use_qalora",
-     "use_bdlora", "arrow_config", "kasa_config", "monteclora_config", "ensure_weight_tying"],
+    ["velora_config", "megatron_config",
+     "layer_replication",  # loftq_config, alora_invocation_tokens, use_qalora: tests/tuners/test_lora_config_variants.py
+     # eva_config, corda_config, lora_ga_config and their inits: tests/tuners/test_lora_inits.py
+     "use_bdlora", "arrow_config", "kasa_config", "monteclora_config"],
 )
 def test_unsupported_fields_each(name):
-    expected = [name] + (["init_lora_weights"] if name in ("loftq_config", "eva_config", "corda_config") else [])
+    expected = [name] + (["init_lora_weights"] if name == "loftq_config" else [])
     assert sorted(LoraConfig(**NON_DEFAULT[name]).unsupported_fields()) == sorted(expected)
 
 
-@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "orthogonal", "mica", "loftq_x"])
+@pytest.mark.parametrize("init", ["loftq_x", "pisa", "Eva", "gaussian_"])
 def test_unsupported_init(init):
     assert LoraConfig(init_lora_weights=init).unsupported_fields() == ["init_lora_weights"]
 
@@ -470,7 +471,8 @@ def test_supported_configs_report_nothing():
         assert LoraConfig(init_lora_weights=init).unsupported_fields() == []
     supported = [n for n in ("r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
                              "bias", "use_rslora", "modules_to_save", "layers_pattern", "rank_pattern",
-                             "alpha_pattern", "lora_bias", "task_type", "inference_mode", "qalora_group_size")]
+                             "alpha_pattern", "lora_bias", "task_type", "inference_mode", "qalora_group_size",
+                             "trainable_token_indices", "ensure_weight_tying", "target_parameters")]
     kw = {}
     for n in supported:
         kw.update(NON_DEFAULT[n])

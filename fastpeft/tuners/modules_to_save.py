@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 from torch import nn
 
@@ -54,21 +54,42 @@ class ModulesToSaveWrapper(nn.Module):
             self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
         self.modules_to_save[adapter_name].requires_grad_(adapter_name in self.active_adapters)
 
-    def set_adapter(self, adapter_names: Union[str, list[str]]) -> None:
+    def set_adapter(self, adapter_names: Union[str, list[str]], inference_mode: bool = False) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name, mod in self.modules_to_save.items():
-            mod.requires_grad_(name in names)
+        # as peft: the copies active so far are frozen and the new ones follow inference_mode; other copies keep
+        # their requires_grad (set_requires_grad may have made an inactive copy trainable on purpose)
+        for name in self.active_adapters:
+            if name in self.modules_to_save:
+                self.modules_to_save[name].requires_grad_(False)
+        for name in names:
+            if name in self.modules_to_save:
+                self.modules_to_save[name].requires_grad_(not inference_mode)
         self._active_adapter = adapter_names
+
+    def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name in names & set(self.modules_to_save.keys()):
+            self.modules_to_save[name].requires_grad_(requires_grad)
 
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled
         for name, mod in self.modules_to_save.items():
             mod.requires_grad_(enabled and name in self.active_adapters)
 
-    def delete_adapter(self, adapter_name: str) -> None:
+    def delete_adapter(self, adapter_name: str, new_active_adapters: Optional[list[str]] = None) -> None:
+        """Drop ``adapter_name``'s copy. ``new_active_adapters``: the model's active adapters after the deletion
+        (LoraModel passes its layers' choice, as peft does): this wrapper follows them, and with none of them
+        holding a copy here it is inactive (forward uses the original). None: pick from the copies left."""
         if adapter_name not in self.modules_to_save:
             return
         del self.modules_to_save[adapter_name]
+        if new_active_adapters is not None:
+            held = [a for a in new_active_adapters if a in self.modules_to_save]
+            if not held:
+                self._active_adapter = list(new_active_adapters)  # no copy of theirs: the original is used
+            elif held[0] != self.active_adapter:
+                self.set_adapter(held[0])  # (an unchanged active copy keeps its requires_grad, as in peft)
+            return
         if adapter_name in self.active_adapters:
             remaining = [a for a in self.active_adapters if a != adapter_name]
             if not remaining and len(self.modules_to_save):

@@ -12,6 +12,7 @@ The matching rules reproduce peft 0.21's observable behaviour (learned by runnin
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from typing import Iterable, Optional, Union
@@ -175,13 +176,46 @@ class BaseTunerLayer:
                     names.append(n)
         return names
 
-    def set_adapter(self, adapter_names: Union[str, list[str]]) -> None:
-        """Make ``adapter_names`` active; only active adapters' weights require grad."""
+    def _all_available_adapter_names(self) -> list[str]:
+        """Every adapter this layer holds anything of (weights or per-adapter settings), sorted (peft's name)."""
+        return sorted(self._all_adapter_names())
+
+    def _get_available_adapters(self) -> set:
+        """The adapters that have weights in this layer (peft's name)."""
+        names = set()
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr, None)
+            if isinstance(container, (nn.ModuleDict, nn.ParameterDict)):
+                names.update(container.keys())
+        return names
+
+    def set_adapter(self, adapter_names: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """Make ``adapter_names`` active; only active adapters' weights require grad, and none of them with
+        ``inference_mode=True`` (peft's signature and behaviour)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in self._all_adapter_names():
             for p in self._adapter_params(name):
-                p.requires_grad_(name in names)
+                p.requires_grad_(name in names and not inference_mode)
+        self._freeze_non_trainable_peft_weights(names)
         self._active_adapter = adapter_names
+
+    # peft's name: {adapter: (weight container names that never train)}, e.g. MiCA's lora_B (lora/inits.py)
+    frozen_peft_weight_names: dict = {}
+
+    def _freeze_non_trainable_peft_weights(self, adapter_names) -> None:
+        for name in adapter_names:
+            for attr in self.frozen_peft_weight_names.get(name, ()):
+                container = getattr(self, attr, {})
+                if name in container:
+                    container[name].requires_grad_(False)
+
+    def set_requires_grad(self, adapter_names: Union[str, list[str]], requires_grad: bool = True) -> None:
+        """Turn gradients of the given adapters' weights on or off, active or not (peft's method)."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name in names:
+            for p in self._adapter_params(name):
+                p.requires_grad_(requires_grad)
+        self._freeze_non_trainable_peft_weights(names)
 
     def enable_adapters(self, enabled: bool) -> None:
         if enabled:
@@ -201,15 +235,30 @@ class BaseTunerLayer:
             d = getattr(self, attr)
             if adapter_name in d:
                 del d[adapter_name]
+        if adapter_name in self.frozen_peft_weight_names:
+            self.frozen_peft_weight_names = {k: v for k, v in self.frozen_peft_weight_names.items()
+                                             if k != adapter_name}
         if adapter_name in self.active_adapters:
             remaining = [a for a in self.active_adapters if a != adapter_name]
             if not remaining:
-                left = self._all_adapter_names()
+                # the first remaining name in sorted order, as peft: every layer must pick the same one
+                left = self._all_available_adapter_names()
                 remaining = left[:1]
                 if left:
                     warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting "
                                   f"active adapter to {left[0]}.")
             self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
+
+
+@contextlib.contextmanager
+def requires_grad_kept(model: nn.Module, adapter_name: str):
+    """Adding adapter ``adapter_name`` inside the block leaves every other parameter's requires_grad as it was
+    (peft: a frozen, loaded adapter stays frozen when another one is added next to it)."""
+    kept = [(p, p.requires_grad) for n, p in model.named_parameters()
+            if f".{adapter_name}." not in n and not n.endswith(f".{adapter_name}")]
+    yield
+    for p, flag in kept:
+        p.requires_grad_(flag)
 
 
 def adapters_to_merge(layer: BaseTunerLayer, adapter_names: Optional[list[str]]) -> list[str]:

@@ -45,6 +45,8 @@ __all__ = [
     "WEIGHTS_NAME",
     "EMBEDDING_LAYER_NAMES",
     "AdapterLoadResult",
+    "AdapterShapeMismatchError",
+    "get_base_model_state_dict",
     "validate_adapter_name",
     "is_lora_layer",
     "is_modules_to_save_wrapper",
@@ -258,22 +260,6 @@ def _full_tensors(model: nn.Module, tensors: dict, outer_shards: set = frozenset
 # ----------------------------------------------------------------------------------------------------
 # state dict for saving
 # ----------------------------------------------------------------------------------------------------
-def _wants_embedding_layers(config, save_embedding_layers) -> bool:
-    if save_embedding_layers != "auto":
-        return bool(save_embedding_layers)
-    targets = getattr(config, "target_modules", None)
-    if not targets:
-        return False
-    # `in` on a regex string is a substring test, on a list/set a membership test (as peft)
-    found = [n for n in EMBEDDING_LAYER_NAMES if n in targets]
-    if found:
-        warnings.warn(
-            f"Saving the full weights of the embedding layers {found} as well, because they are LoRA targets "
-            f"(save_embedding_layers='auto'); pass save_embedding_layers=False to save only the adapter."
-        )
-    return bool(found)
-
-
 def get_peft_model_state_dict(
     model: nn.Module,
     state_dict: Optional[dict] = None,
@@ -359,14 +345,14 @@ def _peft_model_state_dict(model: nn.Module, state_dict: dict, adapter_name: str
     # 3. modules_to_save copies, stored under the wrapped module's name
     _add_modules_to_save(model, state_dict, adapter_name, out)
 
-    # 4. embedding layers in full
-    if _wants_embedding_layers(config, save_embedding_layers):
-        targets = getattr(config, "target_modules", None) or ()
-        names = [n for n in EMBEDDING_LAYER_NAMES if n in targets] or list(EMBEDDING_LAYER_NAMES)
+    # 4. embedding layers in full: the layers peft picks (utils/embedding_layers.py), under their own keys
+    from .embedding_layers import embedding_module_names
+
+    for name in embedding_module_names(model, _named_modules(model), config, save_embedding_layers):
         for key, value in state_dict.items():
-            if _split_slot_key(key, slots) is not None:
+            if not key.startswith(name + ".") or _split_slot_key(key, slots) is not None:
                 continue
-            if any(n in key for n in names) and ".original_module." not in key and ".modules_to_save." not in key:
+            if ".original_module." not in key and ".modules_to_save." not in key:  # copies: saved in step 3
                 out.setdefault(key, value)
 
     return out
@@ -385,6 +371,14 @@ def _add_modules_to_save(model: nn.Module, state_dict: dict, adapter_name: str, 
 # ----------------------------------------------------------------------------------------------------
 # loading into a model
 # ----------------------------------------------------------------------------------------------------
+class AdapterShapeMismatchError(ValueError, RuntimeError):
+    """A tensor in an adapter file does not have the shape the model expects.
+
+    Also a RuntimeError because that is what peft raises in this case (torch's load_state_dict error), so
+    callers written for peft that catch RuntimeError keep working.
+    """
+
+
 class AdapterLoadResult:
     """What loading an adapter did: keys the file lacked and file keys the model has no place for.
 
@@ -429,11 +423,11 @@ def set_peft_model_state_dict(
 ) -> AdapterLoadResult:
     """Copy file tensors into adapter ``adapter_name`` of PeftModel ``model``.
 
-    Every shape is checked before the first copy: a mismatch raises ValueError naming the key, the
-    shape the model expects and the shape found (``source`` names the file). With
-    ignore_mismatched_sizes=True mismatched tensors are skipped with a warning instead.
-    ``low_cpu_mem_usage`` is accepted for peft signature compatibility (tensors are copied in place
-    either way).
+    Every shape is checked before the first copy: a mismatch raises AdapterShapeMismatchError (a ValueError
+    and, as in peft, a RuntimeError) naming the key, the shape the model expects and the shape found
+    (``source`` names the file). With ignore_mismatched_sizes=True mismatched tensors are skipped with peft's
+    warning instead, and reported as missing. Parameters still on the meta device (created with
+    low_cpu_mem_usage) are replaced by the loaded tensors, whatever ``low_cpu_mem_usage`` says here.
     """
     model = unwrap_model(model)
     if any(getattr(p, "_fsdp_flattened", False) for p in model.parameters()):
@@ -459,6 +453,7 @@ def set_peft_model_state_dict(
         )
 
     plan = []
+    meta_plan = []
     unexpected = []
     mismatched = []
     for file_key, value in peft_model_state_dict.items():
@@ -475,20 +470,32 @@ def set_peft_model_state_dict(
         if _logical_shape(target) != tuple(value.shape):
             mismatched.append((file_key, model_key, _logical_shape(target), tuple(value.shape)))
             continue
+        if target.is_meta:  # created without storage (low_cpu_mem_usage): the loaded tensor takes its place
+            meta_plan.append((model_key, target, value))
+            continue
         plan.append((target, value))
 
     if mismatched and not ignore_mismatched_sizes:
         lines = [f"  {fk}: expected shape {list(exp)} (model key {mk}), found {list(found)}"
                  for fk, mk, exp, found in mismatched[:10]]
         more = f"\n  ... and {len(mismatched) - 10} more" if len(mismatched) > 10 else ""
-        raise ValueError(
+        raise AdapterShapeMismatchError(
             f"Shape mismatch while loading adapter {adapter_name!r}{where}; the adapter was probably trained on a "
             f"different base model or with a different config (r, target_modules):\n" + "\n".join(lines) + more
         )
-    for fk, mk, exp, found in mismatched:
-        warnings.warn(f"Skipping {fk}{where}: expected shape {list(exp)}, found {list(found)}")
+    if mismatched:
+        # peft's text (callers filter on it); the skipped tensors keep their values and count as missing
+        listed = "\n".join(f"- {mk}: found shape {torch.Size(found)} in the checkpoint and {torch.Size(exp)} in the "
+                           f"model instantiated" for fk, mk, exp, found in mismatched)
+        warnings.warn(f"Some weights of {type(model).__name__} were not initialized from the model checkpoint and "
+                      f"are being ignored because you passed `ignore_mismatched_sizes=True`: {listed}.{where}")
 
     _copy_into(plan)
+    if meta_plan:
+        from .meta_init import materialize
+
+        for model_key, target, value in meta_plan:
+            materialize(model, model_key, target, value)
 
     expected = set()
     for slot_key, container in slots.items():
@@ -501,8 +508,9 @@ def set_peft_model_state_dict(
             expected.update(k for k in targets if k.startswith(inner))
     if prompt and prompt_key in targets:
         expected.add(prompt_key)
+    skipped = {fk for fk, _, _, _ in mismatched}
     loaded = {prompt_key if (prompt and k == PROMPT_EMBEDDINGS_KEY) else
-              _model_key_for(k, adapter_name, slots, wrapper_names) for k in peft_model_state_dict}
+              _model_key_for(k, adapter_name, slots, wrapper_names) for k in peft_model_state_dict if k not in skipped}
     missing = sorted(expected - loaded)
     if missing:
         warnings.warn(
@@ -636,3 +644,7 @@ def write_weights(state_dict: dict, path: str, safe_serialization: bool = True) 
         safetensors.torch.save_file(tensors, path, metadata={"format": "pt"})
     else:
         torch.save({k: v.detach() for k, v in state_dict.items()}, path)
+
+
+# peft exports it from this module; it lives in its own file (it reads the adapter layout, writes nothing)
+from .base_model_state import get_base_model_state_dict  # noqa: E402

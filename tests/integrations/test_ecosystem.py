@@ -294,8 +294,8 @@ def test_sft_trainer_with_an_unimplemented_lora_option_names_it(tmp_path):
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    with pytest.raises(NotImplementedError, match="use_qalora"):
-        SFTTrainer(model=h.tiny_model("llama"), peft_config=h.lora_config(use_qalora=True),
+    with pytest.raises(NotImplementedError, match="kasa_config"):
+        SFTTrainer(model=h.tiny_model("llama"), peft_config=h.lora_config(kasa_config={"beta": 0.1}),
                    args=SFTConfig(output_dir=str(tmp_path), **h.COMMON),
                    train_dataset=datasets.Dataset.from_dict(h.sft_rows()), processing_class=h.word_tokenizer())
 

@@ -15,6 +15,9 @@ from typing import Any, Literal, Optional, Union
 from fastpeft.config import PeftConfig, register_peft_config
 from fastpeft.utils.peft_types import PeftType
 
+from .init_configs import CordaConfig, EvaConfig, LoraGAConfig  # noqa: F401  (peft's import path)
+from .loftq import LoftQConfig  # noqa: F401  (peft's import path: peft.tuners.lora.config.LoftQConfig)
+
 __all__ = ["LoraConfig", "LoraRuntimeConfig", "SUPPORTED_INIT_LORA_WEIGHTS", "UNSUPPORTED_LORA_FIELDS"]
 
 
@@ -29,28 +32,25 @@ class LoraRuntimeConfig:
 
 
 # Values of init_lora_weights fastpeft implements: True = peft's default (A Kaiming-uniform, B zero),
-# False = random B too (for tests), "gaussian" = A normal with std 1/r.
-SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian")
+# False = random B too (for tests), "gaussian" = A normal with std 1/r; the weight- and data-driven ones
+# (tuners/lora/inits.py). "pissa_niter_<n>" (any n) is accepted through its "pissa" prefix.
+SUPPORTED_INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "olora", "corda", "lora_ga", "eva", "orthogonal",
+                               "mica", "loftq")  # loftq: tuners/lora/loftq.py
 
 # Fields whose non-default value turns on a feature fastpeft does not implement yet.
 UNSUPPORTED_LORA_FIELDS = (
-    "trainable_token_indices",
     "megatron_config",
-    "loftq_config",
-    "eva_config",
-    "corda_config",
-    "lora_ga_config",
     "velora_config",
-    "alora_invocation_tokens",
-    "use_qalora",
     "monteclora_config",
     "layer_replication",
-    "target_parameters",
     "use_bdlora",
     "arrow_config",
     "kasa_config",
-    "ensure_weight_tying",
 )
+# loftq_config: tuners/lora/loftq.py; alora_invocation_tokens, use_qalora: tuners/lora/variants (why the
+# variants above are refused: variants/refused.py)
+# trainable_token_indices and ensure_weight_tying: fastpeft/tuners/trainable_tokens (ensure_weight_tying's
+# modules_to_save / LoRA-target tying is refused there, by name)
 
 # Nested sub-configs: None, a dict (as read from JSON) or a config object (e.g. one of peft's).
 _SUBCONFIG_FIELDS = (
@@ -267,14 +267,14 @@ class LoraConfig(PeftConfig):
             self.loftq_config = {}
             warnings.warn("`loftq_config` is ignored (and cleared) because `init_lora_weights` is not 'loftq'.")
         elif self.init_lora_weights == "eva" and self.eva_config is None:
-            # peft fills in its default EVA settings here; fastpeft does not implement EVA (see
-            # unsupported_fields), so there is nothing to fill in. Kept as a branch so the checks
-            # below are skipped exactly when peft skips them.
-            pass
+            warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.")
+            self.eva_config = EvaConfig()
         elif self.init_lora_weights != "eva" and self.eva_config is not None:
             warnings.warn("`eva_config` is ignored because `init_lora_weights` is not 'eva'.")
         elif self.init_lora_weights == "corda" and self.corda_config is None:
-            pass  # as for EVA above
+            warnings.warn("`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA "
+                          "config.")
+            self.corda_config = CordaConfig()
         elif self.init_lora_weights != "corda" and self.corda_config is not None:
             warnings.warn("`corda_config` is ignored because `init_lora_weights` is not 'corda'.")
 
@@ -323,7 +323,11 @@ class LoraConfig(PeftConfig):
             value = getattr(self, f.name)
             if f.name == "init_lora_weights":
                 # `in` would accept 1/0 for True/False; compare by type to be exact
-                if not any(value is v or (isinstance(v, str) and value == v) for v in SUPPORTED_INIT_LORA_WEIGHTS):
+                # peft dispatches "pissa*" / "corda*" by prefix and "olora" / "mica" case-insensitively
+                key = value.lower() if isinstance(value, str) and value.lower() in ("olora", "mica") else value
+                if isinstance(value, str) and value.startswith(("pissa", "corda")):
+                    key = value[:5]
+                if not any(key is v or (isinstance(v, str) and key == v) for v in SUPPORTED_INIT_LORA_WEIGHTS):
                     found.append(f.name)
             elif f.name in UNSUPPORTED_LORA_FIELDS and value != defaults[f.name]:
                 found.append(f.name)

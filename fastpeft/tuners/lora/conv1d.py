@@ -12,6 +12,8 @@ from .linear import Linear
 
 
 class Conv1D(Linear):
+    _peft_layer_name = "Linear"  # peft wraps Conv1D in its lora.Linear (fan_in_fan_out=True): same repr
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
         # a Conv1D weight is always stored [in, out]: the flag is a property of the layer type
         kwargs["fan_in_fan_out"] = True

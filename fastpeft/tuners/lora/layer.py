@@ -9,15 +9,21 @@ variants/base.py). All math goes through fastpeft.ops.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from ... import ops
+from ...utils.meta_init import creating_on_meta
+from ...utils.warning import PeftWarning
 from ..tuners_utils import BaseTunerLayer, adapters_to_merge
-from .variants import LoraVariant, variant_for
+from .variants import LoraVariant, variant_for, variant_options
+from .loftq import loftq_layer_init
+from .inits import freeze_adapter_weight, init_adapter
 
 
 class LoraLayer(BaseTunerLayer):
@@ -26,6 +32,21 @@ class LoraLayer(BaseTunerLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_bias", "use_rslora", "use_dora",
                          "lora_variant")
+
+    # peft's reprs read "lora.Linear(...)": every LoRA layer class prints with that prefix, under the class name
+    # peft uses for it (``_peft_layer_name`` where fastpeft's class name differs, e.g. Conv1D -> "Linear").
+    # nn.Module comes first in the layer classes' MRO, so the repr is installed on each subclass.
+    _peft_layer_name: Optional[str] = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__repr__" not in cls.__dict__:
+            cls.__repr__ = LoraLayer._lora_repr
+
+    def _lora_repr(self) -> str:
+        text = nn.Module.__repr__(self)
+        own = type(self).__name__
+        return "lora." + (self._peft_layer_name or own) + text[len(own):]
 
     def _init_lora_state(self, base_layer: nn.Module) -> None:
         self._init_tuner_state()
@@ -79,15 +100,34 @@ class LoraLayer(BaseTunerLayer):
         if use_dora and lora_bias:
             raise ValueError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         self.use_dora[adapter_name] = bool(use_dora)
-        self.lora_variant[adapter_name] = variant_for(use_dora=use_dora)
-        self._create_adapter_weights(adapter_name, r, bool(lora_bias))
+        self.lora_variant[adapter_name] = self._variant_for(use_dora=use_dora, layer=self, **variant_options(unused))
+        if lora_bias and getattr(self.get_base_layer(), "bias", None) is None:
+            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type "
+                          f"{type(self.get_base_layer()).__name__} has no bias. This means that merging LoRA weights "
+                          f"won't be possible.", PeftWarning)
+        # low_cpu_mem_usage (utils/meta_init.py): weights a load will overwrite get no storage and no init
+        on_meta = creating_on_meta()
+        with torch.device("meta") if on_meta else contextlib.nullcontext():
+            self._create_adapter_weights(adapter_name, r, bool(lora_bias))
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        self._init_adapter_weights(adapter_name, init_lora_weights)
+        if not on_meta and init_lora_weights == "loftq":  # LoftQ: loftq.py (base weight <- its quantization)
+            loftq_layer_init(self, adapter_name, unused.get("loftq_config"))
+        elif not on_meta:  # weight-derived inits (PiSSA, OLoRA, CorDA, ...) live in inits.py
+            init_adapter(self, adapter_name, init_lora_weights, dict(unused, use_dora=use_dora))
+        elif init_lora_weights == "mica":  # loaded later, but B stays frozen as in peft
+            freeze_adapter_weight(self, adapter_name, "lora_embedding_B" if self._is_embedding else "lora_B")
         self._move_adapter_to_base(adapter_name)
-        if use_dora:  # m = ||W + s B A|| for the adapter as initialised (peft's init)
+        self.lora_variant[adapter_name].init_adapter(self, adapter_name)  # e.g. QA-LoRA's pooled lora_A
+        if use_dora and on_meta:
+            self.lora_variant[adapter_name].init_magnitude_on_meta(self, adapter_name)
+        elif use_dora:  # m = ||W + s B A|| for the adapter as initialised (peft's init)
             self.lora_variant[adapter_name].init_magnitude(self, adapter_name, ephemeral_gpu_offload)
         # new adapters are trainable only when active (peft behaves the same way)
         self.set_adapter(self.active_adapters)
+
+    def _variant_for(self, **options) -> LoraVariant:
+        """The variant object of a new adapter (layer types with their own variants override it: conv.py)."""
+        return variant_for(**options)
 
     def _move_adapter_to_base(self, adapter_name: str) -> None:
         """Put the adapter on the base weight's device, and in its dtype when that is a float type.
@@ -99,19 +139,26 @@ class LoraLayer(BaseTunerLayer):
         if w is None:
             return
         dtype = w.dtype if w.dtype.is_floating_point else None
+        device = torch.device("meta") if creating_on_meta() else w.device  # meta weights stay without storage
         for attr in self.adapter_layer_names:
             d = getattr(self, attr)
             if adapter_name not in d:
                 continue
             if isinstance(d, nn.ParameterDict):
                 p = d[adapter_name]
-                d[adapter_name] = nn.Parameter(p.data.to(device=w.device, dtype=dtype or p.dtype),
+                d[adapter_name] = nn.Parameter(p.data.to(device=device, dtype=dtype or p.dtype),
                                                requires_grad=p.requires_grad)
             else:
-                d[adapter_name].to(device=w.device, dtype=dtype)
+                d[adapter_name].to(device=device, dtype=dtype)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        # the mixed-batch pool keeps references to every batch adapter's weights: drop it with the adapter
+        object.__setattr__(self, "_mixed_pool_cache", None)
 
     def _has_adapter(self, adapter_name: str) -> bool:
-        return adapter_name in self.lora_A or adapter_name in self.lora_embedding_A
+        # plain dict lookups first (a mixed batch asks for every adapter on every forward)
+        return adapter_name in self._modules["lora_A"]._modules or adapter_name in self.lora_embedding_A
 
     def _dropout_p(self, adapter_name: str) -> float:
         mod = self.lora_dropout[adapter_name]
@@ -193,10 +240,18 @@ class LoraLayer(BaseTunerLayer):
 
         Kept on the layer for the next forward with the same names and unchanged weights (decode steps):
         a mixed-batch layer then costs one op call whatever the number of adapters."""
-        weights = [self._adapter_weights(n) if self._has_adapter(n) else None for n in names]
-        key = (names, tuple(None if w is None else (id(w[0]), w[0]._version, id(w[1]), w[1]._version,
-                                                    float(self.scaling[n])) for w, n in zip(weights, names)))
-        cached = getattr(self, "_mixed_pool_cache", None)
+        # the key: each adapter's A and B (identity, in-place version, storage: `.data =` and `.to()` swap it)
+        # and scale, so a changed weight rebuilds the pool and an unchanged decode step costs these lookups
+        weights, key, variants = [], [names], self.lora_variant
+        for n in names:
+            if self._has_adapter(n):
+                A, B = w = variants[n].op_weights(self, n)  # (QA-LoRA's A expanded to [r, in])
+                weights.append(w)
+                key += (id(A), A._version, A.data_ptr(), id(B), B._version, B.data_ptr(), self.scaling[n])
+            else:
+                weights.append(None)
+                key.append(None)
+        cached = self.__dict__.get("_mixed_pool_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
         like = next((w[0] for w in weights if w is not None), None)

@@ -13,6 +13,7 @@ from torch import nn
 from ... import ops
 from ..mixed_batch import layer_mixed_batch
 from .layer import LoraLayer
+from .variants.alora import ALora, alora_forward, alora_mixed_rows
 from .variants.dora import chained_forward
 
 
@@ -67,7 +68,11 @@ class Linear(nn.Module, LoraLayer):
                        init_lora_weights)
 
     def _adapter_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        # plain dict lookups where the weight is a registered parameter (a mixed batch asks for every
+        # adapter's weights on every forward); attribute access otherwise (engines that swap parameters out)
+        a, b = self._modules["lora_A"]._modules[adapter_name], self._modules["lora_B"]._modules[adapter_name]
+        A, B = a._parameters.get("weight"), b._parameters.get("weight")
+        return (a.weight if A is None else A), (b.weight if B is None else B)
 
     def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t() if self.fan_in_fan_out else delta
@@ -88,6 +93,8 @@ class Linear(nn.Module, LoraLayer):
             return self._mixed_forward(x, batch)
         if not names:
             return self.base_layer(x)
+        if any(isinstance(self.lora_variant[n], ALora) for n in names):  # aLoRA: variants/alora.py
+            return alora_forward(self, x, names)
         # one op: the base GEMM and every active adapter's term (each adapter's entry from its variant)
         if len(names) > 1 and any(self.use_dora.get(n) for n in names):
             out = chained_forward(self, x, names)  # several adapters with DoRA among them: peft's order
@@ -102,10 +109,11 @@ class Linear(nn.Module, LoraLayer):
     def _mixed_forward(self, x: torch.Tensor, batch) -> torch.Tensor:
         """Each sample with its own adapter (peft's adapter_names): one op call with a row plan."""
         rows = batch.rows(x.numel() // x.shape[-1], f"the input of lora.{type(self).__name__}")
+        rows = alora_mixed_rows(self, batch, rows, x)  # aLoRA adapters: base outside their invocation
         pool = self._mixed_pool(batch.names, self.in_features, self.out_features)
         out = ops.lora(x, self._op_base(), ops.AdapterSet(row_index=rows, pool=pool), False,
                        fn=f"lora.{type(self).__name__}.forward (adapter_names)")
-        for k, name in enumerate(batch.names):
+        for k, name in enumerate(batch.names if any(self.lora_bias.values()) else ()):
             if self.lora_bias.get(name) and rows.count(k):
                 seg = rows.segment(k)
                 bias = (self.lora_B[name].bias * self.scaling[name]).to(out.dtype)

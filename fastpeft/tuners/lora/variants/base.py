@@ -31,6 +31,15 @@ class LoraVariant:
     def op_adapter(self, layer, adapter_name: str) -> ops.Adapter:
         raise NotImplementedError(f"{type(self).__name__} must define op_adapter")
 
+    def init_adapter(self, layer, adapter_name: str) -> None:
+        """Called once the adapter's weights exist and are initialised: a variant whose weights differ from
+        plain LoRA's (e.g. QA-LoRA's pooled lora_A) replaces them here, as peft's variant init does."""
+
+    def op_weights(self, layer, adapter_name: str) -> tuple:
+        """(A [r, in], B [out, r]) as the op computes with them (a variant that stores them in another shape,
+        e.g. QA-LoRA or BD-LoRA, expands them here; used for mixed-batch pools)."""
+        return layer._adapter_weights(adapter_name)
+
     def delta_weight(self, layer, adapter_name: str) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must define delta_weight")
 

@@ -36,8 +36,9 @@ class DoraMagnitude(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(magnitude, requires_grad=True)
 
-    def extra_repr(self) -> str:
-        return f"out_features={self.weight.shape[0]}"
+    def __repr__(self) -> str:
+        # peft's repr, e.g. "lora.dora.DoraLinearLayer()" (str(model) is compared with peft's)
+        return "lora.dora." + super().__repr__()
 
 
 class DoraLinearLayer(DoraMagnitude):
@@ -46,6 +47,10 @@ class DoraLinearLayer(DoraMagnitude):
 
 class DoraEmbeddingLayer(DoraMagnitude):
     """The magnitude of a DoRA adapter on an nn.Embedding (one entry per embedding feature)."""
+
+    def __repr__(self) -> str:
+        # peft's class derives from its linear one and adds the prefix again: "lora.dora.lora.dora.Dora..."
+        return "lora.dora." + super().__repr__()
 
 
 class _WeightKey:
@@ -120,6 +125,13 @@ class Dora(LoraVariant):
         dtype = w.dtype if w is not None and w.dtype.is_floating_point else torch.float32
         cls = DoraEmbeddingLayer if layer._is_embedding else DoraLinearLayer
         layer.lora_magnitude_vector[adapter_name] = cls(n.to(dtype))
+
+    def init_magnitude_on_meta(self, layer, adapter_name: str) -> None:
+        """The magnitude as a meta tensor of the right shape and dtype, for low_cpu_mem_usage (a load fills it)."""
+        w = getattr(layer.get_base_layer(), "weight", None)
+        dtype = w.dtype if w is not None and w.dtype.is_floating_point else torch.float32
+        cls = DoraEmbeddingLayer if layer._is_embedding else DoraLinearLayer
+        layer.lora_magnitude_vector[adapter_name] = cls(torch.empty(layer.out_features, device="meta", dtype=dtype))
 
     # -- the variant interface -----------------------------------------------------------------------
     def magnitude(self, layer, adapter_name: str) -> torch.Tensor:
