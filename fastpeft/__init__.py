@@ -53,6 +53,7 @@ _EXPORTS = {
     "LoftQConfig": "tuners.lora",
     "replace_lora_weights_loftq": "utils.loftq_utils",
     "LoraRuntimeConfig": "tuners.lora",
+    "BdLoraConfig": "tuners.lora",
     "LoraModel": "tuners.lora",
     "accelerate": "tuners.lora.accelerate",
     "PrefixTuningConfig": "tuners.prompt",

@@ -454,7 +454,8 @@ def test_from_dict_and_from_peft_type():
     ["velora_config", "megatron_config",
      "layer_replication",  # loftq_config, alora_invocation_tokens, use_qalora: tests/tuners/test_lora_config_variants.py
      # eva_config, corda_config, lora_ga_config and their inits: tests/tuners/test_lora_inits.py
-     "use_bdlora", "arrow_config", "kasa_config", "monteclora_config"],
+     # use_bdlora: tests/tuners/test_lora_bdlora.py
+     "arrow_config", "kasa_config", "monteclora_config"],
 )
 def test_unsupported_fields_each(name):
     expected = [name] + (["init_lora_weights"] if name == "loftq_config" else [])

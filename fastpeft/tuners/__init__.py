@@ -9,6 +9,7 @@ _EXPORTS = {
     "initialize_lora_eva_weights": "lora",
     "preprocess_loraga": "lora",
     "LoraConfig": "lora",
+    "BdLoraConfig": "lora",
     "LoraModel": "lora",
 }
 

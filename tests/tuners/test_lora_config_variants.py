@@ -1,5 +1,5 @@
 """LoraConfig's variant fields against HF peft 0.21.2: aLoRA (alora_invocation_tokens), QA-LoRA (use_qalora)
-and the clear refusals of the others (velora, monteclora, BD-LoRA, arrow, KaSA)."""
+and the clear refusals of the others (velora, monteclora, arrow, KaSA); BD-LoRA: test_lora_bdlora.py."""
 import copy
 import warnings
 
@@ -244,7 +244,6 @@ def test_qalora_errors():
 REFUSED = {
     "velora_config": {"num_groups": 2},
     "monteclora_config": {"n_samples": 2},
-    "use_bdlora": {"target_modules_bd_a": ["a"], "nblocks": 2},
     "arrow_config": {"top_k": 2},
     "kasa_config": {"beta": 0.1},
 }
@@ -264,4 +263,5 @@ def test_refused_fields_say_what_and_why(field):
 def test_supported_variant_fields_are_not_refused():
     assert fastpeft.LoraConfig(alora_invocation_tokens=INV, task_type="CAUSAL_LM").unsupported_fields() == []
     assert fastpeft.LoraConfig(use_qalora=True, qalora_group_size=8).unsupported_fields() == []
+    assert fastpeft.LoraConfig(use_bdlora={"nblocks": 2}).unsupported_fields() == []  # tests/tuners/test_lora_bdlora.py
     assert fastpeft.LoraConfig(init_lora_weights="loftq", loftq_config={"loftq_bits": 4}).unsupported_fields() == []

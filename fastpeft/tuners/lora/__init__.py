@@ -7,11 +7,11 @@ from .layer import LoraLayer
 from .linear import Linear
 from .model import LoraModel
 
-from .config import LoraConfig, LoraRuntimeConfig
+from .config import BdLoraConfig, LoraConfig, LoraRuntimeConfig
 from .loftq import LoftQConfig
 from .init_configs import CordaConfig, EvaConfig, LoraGAConfig
 from .eva import get_eva_state_dict, initialize_lora_eva_weights  # EVA / LoRA-GA: peft's entry points
 from .loraga import preprocess_loraga
 
-__all__ = ["CordaConfig", "EvaConfig", "LoraGAConfig", "get_eva_state_dict", "initialize_lora_eva_weights",
+__all__ = ["BdLoraConfig", "CordaConfig", "EvaConfig", "LoraGAConfig", "get_eva_state_dict", "initialize_lora_eva_weights",
            "preprocess_loraga", "LoftQConfig", "LoraConfig", "LoraRuntimeConfig", "LoraModel", "LoraLayer", "Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding"]

@@ -17,6 +17,7 @@ from fastpeft.utils.peft_types import PeftType
 
 from .init_configs import CordaConfig, EvaConfig, LoraGAConfig  # noqa: F401  (peft's import path)
 from .loftq import LoftQConfig  # noqa: F401  (peft's import path: peft.tuners.lora.config.LoftQConfig)
+from .variants.bdlora import BdLoraConfig, as_bdlora_config  # peft.tuners.lora.config.BdLoraConfig
 
 __all__ = ["LoraConfig", "LoraRuntimeConfig", "SUPPORTED_INIT_LORA_WEIGHTS", "UNSUPPORTED_LORA_FIELDS"]
 
@@ -43,11 +44,10 @@ UNSUPPORTED_LORA_FIELDS = (
     "velora_config",
     "monteclora_config",
     "layer_replication",
-    "use_bdlora",
     "arrow_config",
     "kasa_config",
 )
-# loftq_config: tuners/lora/loftq.py; alora_invocation_tokens, use_qalora: tuners/lora/variants (why the
+# loftq_config: tuners/lora/loftq.py; alora_invocation_tokens, use_qalora, use_bdlora: tuners/lora/variants (why the
 # variants above are refused: variants/refused.py)
 # trainable_token_indices and ensure_weight_tying: fastpeft/tuners/trainable_tokens (ensure_weight_tying's
 # modules_to_save / LoRA-target tying is refused there, by name)
@@ -239,6 +239,7 @@ class LoraConfig(PeftConfig):
             value = getattr(self, name)
             if value is not None and not _is_config_object(value):
                 raise TypeError(f"`{name}` must be a config object, a dict, or None; got {type(value).__name__}: {value!r}")
+        self.use_bdlora = as_bdlora_config(self.use_bdlora)  # a dict from JSON -> BdLoraConfig, as peft does
 
         if isinstance(self.target_parameters, str):
             raise TypeError("`target_parameters` must be a list of parameter names or None, not a string.")

@@ -241,19 +241,21 @@ class LoraLayer(BaseTunerLayer):
         Kept on the layer for the next forward with the same names and unchanged weights (decode steps):
         a mixed-batch layer then costs one op call whatever the number of adapters."""
         # the key: each adapter's A and B (identity, in-place version, storage: `.data =` and `.to()` swap it)
-        # and scale, so a changed weight rebuilds the pool and an unchanged decode step costs these lookups
-        weights, key, variants = [], [names], self.lora_variant
+        # and scale, so a changed weight rebuilds the pool and an unchanged decode step costs these lookups.
+        # It reads the stored tensors, not op_weights: a variant's expanded copy (QA-LoRA, BD-LoRA) is new on
+        # every call, and a freed copy's id and address can come back (version 0) for changed weights.
+        key = [names]
         for n in names:
             if self._has_adapter(n):
-                A, B = w = variants[n].op_weights(self, n)  # (QA-LoRA's A expanded to [r, in])
-                weights.append(w)
+                A, B = self._adapter_weights(n)
                 key += (id(A), A._version, A.data_ptr(), id(B), B._version, B.data_ptr(), self.scaling[n])
             else:
-                weights.append(None)
                 key.append(None)
         cached = self.__dict__.get("_mixed_pool_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
+        # (QA-LoRA's A expanded to [r, in], BD-LoRA's block-diagonal factor to its dense form)
+        weights = [self.lora_variant[n].op_weights(self, n) if self._has_adapter(n) else None for n in names]
         like = next((w[0] for w in weights if w is not None), None)
         dev = self.get_base_layer().weight.device if like is None else like.device
         dt = torch.float32 if like is None else like.dtype

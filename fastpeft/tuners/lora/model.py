@@ -33,8 +33,10 @@ from .variants import alora as _alora  # aLoRA offsets hook
 from .variants.refused import refusal_message
 
 
-def _variant_options(config) -> dict:
-    """The config's per-adapter variant options, as update_layer takes them (DoRA and its runtime option)."""
+def _variant_options(config, target_name: str = "") -> dict:
+    """The config's per-adapter variant options, as update_layer takes them (DoRA and its runtime option).
+
+    ``target_name``: the module's name in the model (BD-LoRA picks its block-diagonal factor by it)."""
     runtime = getattr(config, "runtime_config", None)
     return dict(use_dora=bool(getattr(config, "use_dora", False)),
                 ephemeral_gpu_offload=bool(getattr(runtime, "ephemeral_gpu_offload", False)),
@@ -43,14 +45,17 @@ def _variant_options(config) -> dict:
                 loftq_config=getattr(config, "loftq_config", None),
                 alora_invocation_tokens=getattr(config, "alora_invocation_tokens", None),
                 use_qalora=bool(getattr(config, "use_qalora", False)),
-                qalora_group_size=getattr(config, "qalora_group_size", 16))
+                qalora_group_size=getattr(config, "qalora_group_size", 16),
+                use_bdlora=getattr(config, "use_bdlora", None), target_name=target_name)
 
 
-def create_lora_module(target: nn.Module, adapter_name: str, config, r: int, lora_alpha: float) -> nn.Module:
-    """A new LoRA layer around ``target``; fixes a wrong fan_in_fan_out flag with a warning like peft."""
+def create_lora_module(target: nn.Module, adapter_name: str, config, r: int, lora_alpha: float,
+                       target_name: str = "") -> nn.Module:
+    """A new LoRA layer around ``target`` (named ``target_name`` in the model); fixes a wrong fan_in_fan_out
+    flag with a warning like peft."""
     kwargs = dict(r=r, lora_alpha=lora_alpha, lora_dropout=config.lora_dropout,
                   init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
-                  lora_bias=getattr(config, "lora_bias", False), **_variant_options(config))
+                  lora_bias=getattr(config, "lora_bias", False), **_variant_options(config, target_name))
     # peft's dynamic dispatch: LoraConfig._register_custom_module({base class: LoRA layer class}) comes
     # first, so a user can take over a layer type fastpeft knows, or add one it does not. Like peft, the
     # class also gets the config.
@@ -230,9 +235,10 @@ class LoraModel(nn.Module):
             if isinstance(target, LoraLayer):
                 target.update_layer(adapter_name, r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                                     init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
-                                    lora_bias=getattr(config, "lora_bias", False), **_variant_options(config))
+                                    lora_bias=getattr(config, "lora_bias", False),
+                                    **_variant_options(config, key))
             else:
-                new = create_lora_module(target, adapter_name, config, r, alpha)
+                new = create_lora_module(target, adapter_name, config, r, alpha, target_name=key)
                 if adapter_name not in self.active_adapters:
                     new.requires_grad_(False)  # a second adapter does not train until it is set active
                 # a module whose name matched but is shared elsewhere (tied) is replaced here only

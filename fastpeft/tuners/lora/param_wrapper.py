@@ -258,7 +258,8 @@ def _wrap_parameter(model: nn.Module, module_name: str, param_name: str, adapter
         existing = existing.base_layer
     options = dict(lora_dropout=config.lora_dropout, init_lora_weights=config.init_lora_weights,
                    use_rslora=config.use_rslora, lora_bias=getattr(config, "lora_bias", False),
-                   use_dora=bool(getattr(config, "use_dora", False)))
+                   use_dora=bool(getattr(config, "use_dora", False)),
+                   use_bdlora=getattr(config, "use_bdlora", None))  # refused on parameters, as peft does
     if isinstance(existing, ParamWrapper):  # a wrapper of an earlier adapter: add this adapter to it
         if adapter_name in existing.lora_A:
             raise ValueError(f"Trying to target the same nn.Parameter twice ('{module_name}.{param_name}', adapter "

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from .alora import ALora
 from .base import LoraVariant
+from .bdlora import BdLora, bdlora_variant
 from .dora import Dora
 from .plain import PlainLora
 from .qalora import QALora, uses_qalora
 
 # The LoraConfig fields update_layer passes on to variant_for (LoraModel gives them to every layer).
-VARIANT_OPTION_KEYS = ("alora_invocation_tokens", "use_qalora", "qalora_group_size")
+VARIANT_OPTION_KEYS = ("alora_invocation_tokens", "use_qalora", "qalora_group_size", "use_bdlora", "target_name")
 
 
 def variant_options(options: dict) -> dict:
@@ -30,6 +31,10 @@ def variant_for(layer=None, **options) -> LoraVariant:
     applied (LoraConfig.unsupported_fields). Combinations peft refuses are refused here with its words.
     """
     use_dora = bool(options.get("use_dora"))
+    if options.get("use_bdlora"):  # BD-LoRA (bdlora.py): chosen per module name; None where peft ignores it
+        variant = bdlora_variant(layer, options)
+        if variant is not None:
+            return variant
     if options.get("alora_invocation_tokens") is not None:
         keys = ("alora_invocation_tokens", "use_dora") if use_dora else ("alora_invocation_tokens",)
         if use_dora or (layer is not None and not _is_linear_family(layer)):
@@ -46,5 +51,5 @@ def variant_for(layer=None, **options) -> LoraVariant:
     return PlainLora()
 
 
-__all__ = ["ALora", "Dora", "LoraVariant", "PlainLora", "QALora", "VARIANT_OPTION_KEYS", "variant_for",
+__all__ = ["ALora", "BdLora", "Dora", "LoraVariant", "PlainLora", "QALora", "VARIANT_OPTION_KEYS", "variant_for",
            "variant_options"]

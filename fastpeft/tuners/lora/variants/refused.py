@@ -17,10 +17,6 @@ REASONS = {
         "MonteCLoRA: the LoRA weights perturbed in training by Monte Carlo samples (Gaussian, Wishart and "
         "Dirichlet draws) with extra variational parameters and a KL term added to the loss",
         "experimental: stochastic weights, extra trainable tensors and a loss term outside the layer's op"),
-    "use_bdlora": (
-        "BD-LoRA: block-diagonal lora_A or lora_B (chosen per module name) for tensor-parallel multi-LoRA "
-        "serving",
-        "its per-module A/B choice needs the module name inside the layer and its own file shapes; not done yet"),
     "arrow_config": (
         "Arrow: per-token routing over a library of task LoRA experts (top-k by the experts' principal "
         "directions), optionally with GenKnowSub",
