@@ -68,11 +68,8 @@ class Linear(nn.Module, LoraLayer):
                        init_lora_weights)
 
     def _adapter_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        # plain dict lookups where the weight is a registered parameter (a mixed batch asks for every
-        # adapter's weights on every forward); attribute access otherwise (engines that swap parameters out)
-        a, b = self._modules["lora_A"]._modules[adapter_name], self._modules["lora_B"]._modules[adapter_name]
-        A, B = a._parameters.get("weight"), b._parameters.get("weight")
-        return (a.weight if A is None else A), (b.weight if B is None else B)
+        # attribute access, not _parameters lookups: DeepSpeed ZeRO-3 gathers a partitioned weight on access
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
 
     def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t() if self.fan_in_fan_out else delta
