@@ -175,3 +175,20 @@ def layer_mixed_batch(layer: nn.Module, kwargs: dict) -> Optional[MixedBatch]:
     _refuse_state(layer.training, getattr(layer, "merged", False))
     dev = next((p.device for p in layer.parameters()), None)
     return _batch_for(list(names), dev)
+
+
+def run_by_adapter(batch: MixedBatch, x: torch.Tensor, what: str, run) -> torch.Tensor:
+    """``run(name, x's rows of that adapter)`` for the base rows (name None) and each adapter's rows, the
+    outputs put back in row order: for modules that have no fused mixed path (a module copy per adapter,
+    trainable-token rows), one call per adapter as peft makes it."""
+    plan = batch.plan.for_rows(x.shape[0], what)
+    out = None
+    for k in range(-1, len(batch.names)):
+        if not plan.count(k):
+            continue
+        seg = plan.segment(k)
+        y = run(batch.names[k] if k >= 0 else None, x.index_select(0, seg))
+        if out is None:
+            out = y.new_empty((x.shape[0], *y.shape[1:]))
+        out.index_copy_(0, seg, y)
+    return out

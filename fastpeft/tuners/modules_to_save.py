@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Union
 
 from torch import nn
 
-from .mixed_batch import layer_mixed_batch
+from .mixed_batch import layer_mixed_batch, run_by_adapter
 
 
 def matches_modules_to_save(key: str, names: Iterable[str]) -> bool:
@@ -114,19 +114,11 @@ class ModulesToSaveWrapper(nn.Module):
     def _mixed_forward(self, batch, x, *args, **kwargs):
         """Each sample through its adapter's copy ("__base__" and adapters without a copy: the original
         module), as peft does: the first input is split by sample, other arguments are passed as they are."""
-        plan = batch.plan.for_rows(x.shape[0], f"the input of {type(self.original_module).__name__}")
-        out = None
-        for k in range(-1, len(batch.names)):
-            if not plan.count(k):
-                continue
-            seg = plan.segment(k)
-            name = batch.names[k] if k >= 0 else None
+        def run(name, rows):
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-            y = module(x.index_select(0, seg), *args, **kwargs)
-            if out is None:
-                out = y.new_empty((x.shape[0], *y.shape[1:]))
-            out.index_copy_(0, seg, y)
-        return out
+            return module(rows, *args, **kwargs)
+
+        return run_by_adapter(batch, x, f"the input of {type(self.original_module).__name__}", run)
 
     # transformers touches attributes of heads/embeddings directly (weight for tying, num_embeddings,
     # out_features, ...): answer from the module that forward would use.

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..mixed_batch import layer_mixed_batch
+from ..mixed_batch import layer_mixed_batch, run_by_adapter
 from ..modules_to_save import ModulesToSaveWrapper
 from ..tuners_utils import BaseTunerLayer, get_submodules
 from .layer import TrainableTokensLayer
@@ -163,18 +163,10 @@ class TrainableTokensWrapper(nn.Module):
     def _mixed_forward(self, batch, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Each sample with its adapter's rows ("__base__" and adapters without rows here: the original
         module), one call per adapter on its samples, as peft's wrapper does."""
-        plan = batch.plan.for_rows(x.shape[0], f"the input of {type(self.original_module).__name__}")
-        out = None
-        for k in range(-1, len(batch.names)):
-            if not plan.count(k):
-                continue
-            seg = plan.segment(k)
-            names = [batch.names[k]] if k >= 0 else []
-            y = self.token_adapter.forward_adapters(x.index_select(0, seg), names, *args, **kwargs)
-            if out is None:
-                out = y.new_empty((x.shape[0], *y.shape[1:]))
-            out.index_copy_(0, seg, y)
-        return out
+        def run(name, rows):
+            return self.token_adapter.forward_adapters(rows, [name] if name is not None else [], *args, **kwargs)
+
+        return run_by_adapter(batch, x, f"the input of {type(self.original_module).__name__}", run)
 
     # transformers reads attributes of embeddings/heads directly: `weight` is the table as forward uses it
     # (peft's answer), everything else comes from the wrapped module

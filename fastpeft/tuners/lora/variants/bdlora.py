@@ -33,7 +33,6 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .... import ops
 from .plain import PlainLora
 
 
@@ -154,14 +153,6 @@ class BdLora(PlainLora):
         if self.side == "A":
             return expand_blocks(A, self.nblocks, (r, layer.in_features), f"lora_A of {what}"), B
         return A, expand_blocks(B, self.nblocks, (layer.out_features, r), f"lora_B of {what}")
-
-    def op_adapter(self, layer, adapter_name: str) -> ops.Adapter:
-        A, B = self.op_weights(layer, adapter_name)
-        return ops.Adapter(A, B, layer.scaling[adapter_name], layer._dropout_p(adapter_name))
-
-    def delta_weight(self, layer, adapter_name: str) -> torch.Tensor:
-        A, B = self.op_weights(layer, adapter_name)
-        return ops.lora_delta_weight(A, B, layer.scaling[adapter_name])
 
     def __repr__(self) -> str:
         return f"BdLora(side={self.side!r}, nblocks={self.nblocks})"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .... import ops
 from .plain import PlainLora
 
 
@@ -54,14 +53,6 @@ class QALora(PlainLora):
                              f"[r, in_features / qalora_group_size = {K // g}]")
         # the pooling (mean over g, times G = K / g) folded into A: one factor per column
         return torch.repeat_interleave(A, g, dim=1) * ((K // g) / g), B
-
-    def op_adapter(self, layer, adapter_name: str) -> ops.Adapter:
-        A, B = self.op_weights(layer, adapter_name)
-        return ops.Adapter(A, B, layer.scaling[adapter_name], layer._dropout_p(adapter_name))
-
-    def delta_weight(self, layer, adapter_name: str) -> torch.Tensor:
-        A, B = self.op_weights(layer, adapter_name)
-        return ops.lora_delta_weight(A, B, layer.scaling[adapter_name])
 
     def __repr__(self) -> str:
         return f"QALora(group_size={self.group_size})"
