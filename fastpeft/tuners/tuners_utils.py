@@ -127,10 +127,14 @@ class BaseTunerLayer:
         self.merged_adapters: list[str] = []
 
     def get_base_layer(self) -> nn.Module:
+        # follows base_layer submodules; a dict lookup, not hasattr, which costs a raised AttributeError on the
+        # innermost module at every forward
         base = self
-        while hasattr(base, "base_layer"):
-            base = base.base_layer
-        return base
+        while True:
+            inner = base.__dict__.get("_modules", {}).get("base_layer")
+            if inner is None:
+                return base
+            base = inner
 
     # transformers reads .weight/.bias of some modules (tying, dtype checks): expose the base ones
     @property

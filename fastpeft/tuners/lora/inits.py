@@ -120,6 +120,10 @@ def init_adapter(layer, adapter_name: str, init_lora_weights: Any, options: dict
             return _mica_embedding(layer, adapter_name, mica_variant)
         # peft's embedding layers give every other value here the default init (it never checks the string)
         return layer._init_adapter_weights(adapter_name, True)
+    if isinstance(layer, Linear) and not _is_plain_linear(layer, Linear):  # a QuantLoraLinear: packed base
+        from .quant_inits import init_quant_adapter
+
+        return init_quant_adapter(layer, adapter_name, init_lora_weights, kind)
     if not _is_plain_linear(layer, Linear):
         if kind == "lora_ga" and hasattr(layer, "_kernel_dim"):  # conv layers: default init, as peft
             return layer._init_adapter_weights(adapter_name, True)
