@@ -9,7 +9,7 @@ One GEMM kernel, `lora_quant_kernel`, serves both GEMMs and all formats:
 with Wop = deq(W)^T (forward: P = N, Q = K) or Wop = deq(W) (dX: P = K, Q = N), chosen by the
 constexpr TRANS_W. Inside the main loop over Q it loads the packed bytes / scales that the
 [BLOCK_Q, BLOCK_P] tile of W needs and dequantizes them with `dequant_w`, whose constexpr FORMAT
-(FMT_NF4, FMT_INT4, FMT_INT8) selects the format's arithmetic; W is never materialized in memory.
+(FMT_NF4, FMT_INT4, FMT_INT8, FMT_FP8) selects the format's arithmetic; W is never materialized in memory.
 4-bit formats whose rows start on a byte (int4; nf4 with even K) load the tile's bytes once as a
 [*, half] block contiguous along K and unpack both nibbles in registers (`load_nibbles`, constexpr
 PACKED); nf4 with odd K (rows start mid-byte, blocks straddle rows) reads each element's byte by its
@@ -49,7 +49,8 @@ from .lora_shrink import lora_shrink
 FMT_NF4 = tl.constexpr(0)
 FMT_INT4 = tl.constexpr(1)
 FMT_INT8 = tl.constexpr(2)
-FORMAT_IDS = {"nf4": FMT_NF4.value, "int4": FMT_INT4.value, "int8": FMT_INT8.value}
+FMT_FP8 = tl.constexpr(3)
+FORMAT_IDS = {"nf4": FMT_NF4.value, "int4": FMT_INT4.value, "int8": FMT_INT8.value, "fp8": FMT_FP8.value}
 # r chunk of the extra LoRA step (r > 32 takes several chunks).
 QUANT_BLOCK_R = 32
 # Rows up to which the launcher uses the decode configs.
@@ -69,7 +70,7 @@ def get_lora_quant_configs():
             for bm, bp, bq, w, s in shapes]
 
 
-def _quant_config_ok(c, mb, p, q, elt, out_dropout=False, precision="tf32", dual=0, mixed=0):
+def _quant_config_ok(c, mb, p, q, elt, out_dropout=False, precision="tf32", dual=0, mixed=0, fmt=0):
     bm, bp, bq = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]
     out_dropout = out_dropout or dual == DUAL_DX  # DUAL_DX draws dX's mask at the end
     if mb <= DECODE_MAX_M and bm != 16:
@@ -104,6 +105,10 @@ def _quant_config_ok(c, mb, p, q, elt, out_dropout=False, precision="tf32", dual
         return False
     if out_dropout and not dropout_tile_ok(bm, bp, c.num_warps):
         return False
+    # fp8's decode (integer ops per element) next to the dX dropout mask: 32x128x32 on 8 warps spilled 12 B
+    # on sm_90 (ptxas -v); under 64 rows, tiles at most 64 wide did not
+    if fmt == FMT_FP8.value and out_dropout and bm < 64 and bp > 64:
+        return False
     if not ieee_tile_ok(bm, bp, bq, precision) or (precision == "ieee" and bm * bp * (2 if dual else 1) > 16 * 64):
         return False  # exact fp32 FMA dots next to the W tile: 32x64 / 16x128 spilled (ptxas -v); DUAL: two
     main = c.num_stages * (bm * bq * elt + bq * bp * max(elt, 2))
@@ -118,7 +123,8 @@ def prune_lora_quant_configs(configs, named_args, **kwargs):
     elt = named_args["x_ptr"].element_size()
     kept = [c for c in configs if _quant_config_ok(c, named_args["M_BUCKET"], named_args["P"], named_args["Q"], elt,
                                                    bool(kwargs.get("OUT_DROPOUT")), kwargs.get("INPUT_PRECISION"),
-                                                   int(kwargs.get("DUAL", 0)), int(kwargs.get("MIXED", 0)))]
+                                                   int(kwargs.get("DUAL", 0)), int(kwargs.get("MIXED", 0)),
+                                                   int(kwargs.get("FORMAT", 0)))]
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]))]
 
 
@@ -150,8 +156,27 @@ def load_nibbles(qdata_ptr, q0, p0, Q, P, row_bytes, TRANS_W: tl.constexpr, BLOC
 
 
 @triton.jit
+def e4m3fn_to_f32(bits):
+    """fp32 value of float8_e4m3fn codes given as their int32 bits (0..255), by integer arithmetic.
+
+    Exact (every e4m3fn value is an fp32): sign bit 7, exponent bits 6..3 (bias 7), mantissa 2..0.
+    Normal: rebias the exponent to fp32's (+120) and move the mantissa to fp32's top bits; subnormal
+    (exponent 0): m * 2^-9; 0x7F / 0xFF are NaN (e4m3fn has no inf). Integer ops rather than a
+    float8 cast because the cast needs sm_89+ and Triton's CPU interpreter cannot run it; on every
+    GPU this is a handful of ALU ops per element next to the GEMM.
+    """
+    e = (bits >> 3) & 0xF
+    m = bits & 0x7
+    normal = (((bits & 0x80) << 24) | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125
+    sub = tl.where((bits & 0x80) != 0, -sub, sub)
+    val = tl.where(e == 0, sub, normal)
+    return tl.where((bits & 0x7F) == 0x7F, float("nan"), val)
+
+
+@triton.jit
 def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
-              n, k, mask, nib_in, K, stride_qn, stride_sn, stride_zn, blocksize, bs_shift, bs2_shift,
+              n, k, mask, nib_in, K, stride_qn, stride_sn, stride_zn, blocksize, bs_shift, bs2_shift, block_n,
               FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_GIDX: tl.constexpr, INDEX_64: tl.constexpr,
               PACKED: tl.constexpr):
     """fp32 values of W[n, k] (n, k: broadcastable int tensors, mask: in-bounds) for one format.
@@ -168,6 +193,8 @@ def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr
     int4: byte qdata[n, k // 2], high nibble when k is even; group g = g_idx[k] or k // blocksize;
           value (nibble - zeros[n, g]) * scales[n, g].
     int8: qdata[n, k] * scales[n].
+    fp8:  e4m3fn code qdata[n, k] (passed as its uint8 bits) * scales[n // block_n, k // blocksize]
+          (128 x 128 blocks, per channel: block_n 1 and blocksize K, or per tensor).
     Masked-out elements are 0.
     """
     if FORMAT == FMT_NF4:
@@ -204,6 +231,10 @@ def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr
         z = tl.load(zeros_ptr + n64 * stride_zn + g, mask=mask, other=0).to(tl.int32)
         sc = tl.load(scales_ptr + n64 * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
         w = (nib - z).to(tl.float32) * sc
+    elif FORMAT == FMT_FP8:
+        bits = tl.load(qdata_ptr + n.to(tl.int64) * stride_qn + k, mask=mask, other=0).to(tl.int32)
+        sc = tl.load(scales_ptr + (n // block_n) * stride_sn + k // blocksize, mask=mask, other=0.0).to(tl.float32)
+        w = e4m3fn_to_f32(bits) * sc
     else:  # FMT_INT8
         q = tl.load(qdata_ptr + n.to(tl.int64) * stride_qn + k, mask=mask, other=0).to(tl.float32)
         sc = tl.load(scales_ptr + n, mask=mask, other=0.0).to(tl.float32)
@@ -216,7 +247,7 @@ def lora_quant_kernel(
     x_ptr, qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
     s_ptr, b_ptr, bias_ptr, y_ptr, cs_ptr, zd_ptr,
     tiles_ptr, order_ptr, ridx_ptr, rank_ptr, off_ptr, adscale_ptr,
-    M, P, Q, R, K, blocksize, bs_shift, bs2_shift,
+    M, P, Q, R, K, blocksize, bs_shift, bs2_shift, block_n,
     stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_sm, stride_sr, stride_bp, stride_br,
     stride_ym, stride_yn, stride_zdm, stride_zdn,
     scale, seed, p_drop, inv_keep,
@@ -265,7 +296,7 @@ def lora_quant_kernel(
             wn, wk = qs[:, None], cols[None, :]  # [BLOCK_Q, 1], [1, BLOCK_P]
         w = dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
                       wn, wk, wmask, nib, K, stride_qn, stride_sn, stride_zn, blocksize, bs_shift, bs2_shift,
-                      FORMAT, DOUBLE_QUANT, HAS_GIDX, INDEX_64, PACKED)  # [BLOCK_Q, BLOCK_P] fp32
+                      block_n, FORMAT, DOUBLE_QUANT, HAS_GIDX, INDEX_64, PACKED)  # [BLOCK_Q, BLOCK_P] fp32
         # Round W to x's dtype first (the reference's dequantize(qw, x.dtype)), then the dot(s).
         acc, acc2 = base_step(acc, acc2, x, w.to(x_ptr.dtype.element_ty), rows, qs, q_ok, Q, cs_ptr, seed, p_drop,
                               X_SCALE, DUAL, COMPUTE_DTYPE, INPUT_PRECISION)
@@ -287,7 +318,7 @@ def quant_reason(qw, x_dtype=None):
     """None when the kernel handles this QuantizedWeight, else why not (for supports_quant)."""
     fmt = qw.fmt
     if fmt not in FORMAT_IDS:
-        return f"quantization format {fmt!r} has no Triton kernel (nf4, int4, int8)"
+        return f"quantization format {fmt!r} has no Triton kernel (nf4, int4, int8, fp8)"
     n, k = qw.N, qw.K
     if fmt == "nf4":
         if qw.code is None or qw.code.numel() != 16:
@@ -308,6 +339,18 @@ def quant_reason(qw, x_dtype=None):
             return "int4 qdata/scales/zeros must be 2-D with unit stride along K"
         if qw.g_idx is not None and (qw.g_idx.numel() != k or qw.g_idx.dtype not in (torch.int32, torch.int64)):
             return f"int4 g_idx must be int32/int64 [K={k}], found {qw.g_idx.dtype} {tuple(qw.g_idx.shape)}"
+    elif fmt == "fp8":
+        if qw.qdata.dtype not in (torch.float8_e4m3fn, torch.uint8) or tuple(qw.qdata.shape) != (n, k):
+            return (f"fp8 qdata must be float8_e4m3fn (or its uint8 bits) [N={n}, K={k}], found {qw.qdata.dtype} "
+                    f"{tuple(qw.qdata.shape)}")
+        if qw.qdata.stride(1) != 1:
+            return "fp8 qdata must have unit stride along K"
+        if qw.blocksize <= 0 or qw.blocksize2 <= 0:
+            return f"fp8 scale blocks must be positive, found [{qw.blocksize2}, {qw.blocksize}]"
+        gs = (-(-n // qw.blocksize2), -(-k // qw.blocksize))
+        if tuple(qw.scales.shape) != gs or (gs[1] > 1 and qw.scales.stride(1) != 1):
+            return (f"fp8 scales must be [{gs[0]}, {gs[1]}] with unit stride along K for blocks "
+                    f"[{qw.blocksize2}, {qw.blocksize}], found {tuple(qw.scales.shape)}")
     else:
         if qw.qdata.dim() != 2 or qw.qdata.stride(1) != 1:
             return "int8 qdata must be 2-D [N, K] with unit stride along K"
@@ -331,10 +374,12 @@ def _packed_args(qw, dummy):
         return t if t is not None else dummy
     # nf4 with even K: rows start on a byte, K / 2 bytes apart (the packed-tile path)
     stride_qn = qw.qdata.stride(0) if fmt != "nf4" else qw.K // 2
-    stride_sn = qw.scales.stride(0) if fmt == "int4" else 0
+    stride_sn = qw.scales.stride(0) if fmt in ("int4", "fp8") else 0
     stride_zn = qw.zeros.stride(0) if fmt == "int4" else 0
     offset = qw.offset.reshape(1) if qw.offset is not None else None
-    ptrs = (qw.qdata, qw.scales, d(qw.zeros), d(qw.code), d(qw.absmax2), d(qw.code2), d(offset), d(qw.g_idx))
+    # fp8 codes go in as their uint8 bits (dequant_w decodes them with integer ops: see e4m3fn_to_f32)
+    qdata = qw.qdata.view(torch.uint8) if qw.qdata.dtype == torch.float8_e4m3fn else qw.qdata
+    ptrs = (qdata, qw.scales, d(qw.zeros), d(qw.code), d(qw.absmax2), d(qw.code2), d(offset), d(qw.g_idx))
     return ptrs, stride_qn, stride_sn, stride_zn
 
 
@@ -356,6 +401,7 @@ def launch_lora_quant(x, qw, s, b, bias, y, scale, trans_w, out_dropout_p=0.0, s
     args = (x, *ptrs, s_arg, b_arg, bias if bias is not None else b_arg, y, cs if cs is not None else y,
             z if z is not None else y, *mptrs,
             m, p, q, r, qw.K, max(1, qw.blocksize), _log2(qw.blocksize), _log2(qw.blocksize2),
+            max(1, qw.blocksize2) if qw.fmt == "fp8" else 1,
             x.stride(0), x.stride(1), sqn, ssn, szn, s.stride(0), s.stride(1), b.stride(0), b.stride(1),
             y.stride(0), y.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
             float(scale), int(seed), float(pd), 1.0 / (1.0 - pd), mixed_bucket(mixed, m))
@@ -391,7 +437,7 @@ def lora_quant_fwd(x, qw, bias, a, b, scale, dropout_p=0.0, seed=0, fp32_tf32=Fa
                    shrink_config=None, col_scale=None):
     """(Y [M, N] in x.dtype, S [M, r] fp32): Y = x deq(W)^T + scale * ((D x) a^T) b^T (+ bias).
 
-    qw: fastpeft.quant.formats.QuantizedWeight (nf4 / int4 / int8). config / shrink_config: explicit
+    qw: fastpeft.quant.formats.QuantizedWeight (nf4 / int4 / int8 / fp8). config / shrink_config: explicit
     meta-parameters instead of autotuning (tests; the interpreter uses the first pruned config).
     r = 0 (a: [0, K], b: [N, 0], a quantized layer without adapter): Y = x deq(W)^T (+ bias) by the
     same fused dequant GEMM, whose LoRA step runs no iteration; S is the empty fp32 [M, 0].

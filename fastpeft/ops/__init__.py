@@ -12,8 +12,8 @@ by the custom ops of lora_op.py on the backend :func:`dispatch.choose` picks per
 |                                        |   adapter) or kernels/lora_shrink.py +              |                   |
 |                                        |   lora_matmul_kernel; backward kernels/lora_bwd.py  |                   |
 |                                        |   (triton_backend.py)                               |                   |
-| packed base (nf4/int8/int4), with or   | kernels/lora_quant.py (lora_quant_kernel)           | torch_backend.py, |
-|   without adapters (QuantLinear)       |                                                     |   dequant + GEMM  |
+| packed base (nf4/int8/int4/fp8), with  | kernels/lora_quant.py (lora_quant_kernel)           | torch_backend.py, |
+|   or without adapters (QuantLinear)    |                                                     |   dequant + GEMM  |
 | DoRA (one adapter with a magnitude),   | decode as above (csrc, g in its epilogue); else the | torch_backend.py  |
 |   dense or packed base                 |   kernels above with g in their shared epilogue;    |   (_dora_forward, |
 |                                        |   with dropout lora_matmul_kernel or                |   _dora_backward) |

@@ -1,5 +1,5 @@
-"""Quantized base weights for fastpeft: formats (nf4 / int8 / int4), QuantLinear, ``quantize(model, fmt)``
-and importers for bitsandbytes, GPTQ and AWQ weights. See formats.py for the packed layouts.
+"""Quantized base weights for fastpeft: formats (nf4 / int8 / int4 / fp8), QuantLinear, ``quantize(model, fmt)``
+and importers for bitsandbytes, GPTQ, AWQ and transformers' FP8 weights. See formats.py for the packed layouts.
 
 The submodules load on first use (PEP 562): fastpeft.ops imports fastpeft.quant.formats, a torch-only
 leaf, and must not pull QuantLinear, quantize or the importers along with it.
@@ -21,6 +21,9 @@ _EXPORTS = {
     "quantize": "quantize",
     "from_awq": "importers",
     "from_bnb": "importers",
+    "from_fp8": "fp8_import",
+    "import_fp8": "fp8_import",
+    "load_fp8_checkpoint": "fp8_import",
     "from_gptq": "importers",
     "import_bnb": "importers",
     "packed_as_parameters": "sharding",

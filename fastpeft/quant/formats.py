@@ -2,7 +2,7 @@
 
 This file is plain torch and imports nothing else from fastpeft: the ops layer (torch backend of
 ``lora_quant_linear``), QuantLinear and the tests all use these functions, and the Triton kernels are
-tested against :func:`dequantize`. Three formats:
+tested against :func:`dequantize`. Four formats:
 
 ``nf4`` (bitsandbytes' layout, so bnb checkpoints import without re-quantizing)
     The weight is flattened row-major (element i = n * K + k) and cut into blocks of ``blocksize``
@@ -25,6 +25,14 @@ tested against :func:`dequantize`. Three formats:
     k is even. scales [N, G] (float, fp16 for GPTQ/AWQ imports), zeros [N, G] uint8 holding the
     integer zero (0..16: GPTQ's "stored zero + 1" can reach 16, so zeros are NOT 4-bit), optional
     ``g_idx`` [K] int32 (GPTQ act-order: group of each input column; None means k // group_size).
+``fp8``
+    e4m3fn codes ``qdata`` [N, K] as torch.float8_e4m3fn (max 448, no inf; transformers' FP8 layout)
+    and fp32 ``scales`` [ceil(N / block_n), ceil(K / block_k)]: ``w = float(q) * scales[n // block_n,
+    k // block_k]`` (transformers calls them ``weight_scale_inv``: they multiply). ``blocksize`` is
+    block_k and ``blocksize2`` block_n: 128 x 128 blocks ("fine-grained" FP8), per output channel
+    (block_n = 1, block_k = K: scales [N, 1]) or per tensor (block_n = N, block_k = K: scales [1, 1]).
+    Quantization: scale = absmax(block) / 448 (1 for an all-zero block), q = e4m3fn(w / scale)
+    (round to nearest even, the cast torch does).
 """
 from __future__ import annotations
 
@@ -33,7 +41,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-FORMATS = ("nf4", "int8", "int4")
+FORMATS = ("nf4", "int8", "int4", "fp8")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_DTYPE = torch.float8_e4m3fn
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the sizes bitsandbytes accepts
 NESTED_BLOCKSIZE = 256
 
@@ -78,19 +88,20 @@ _NF4_MID = _midpoints(NF4_CODE)
 class QuantizedWeight(NamedTuple):
     """A packed weight as the ops layer and its kernels see it (fields unused by a format are None).
 
-    fmt        "nf4" | "int8" | "int4"
+    fmt        "nf4" | "int8" | "int4" | "fp8"
     N, K       logical weight shape [N, K] (out, in)
-    qdata      nf4: uint8 [ceil(N*K/2)]; int8: int8 [N, K]; int4: uint8 [N, ceil(K/2)]
+    qdata      nf4: uint8 [ceil(N*K/2)]; int8: int8 [N, K]; int4: uint8 [N, ceil(K/2)];
+               fp8: float8_e4m3fn [N, K]
     scales     nf4: fp32 absmax [nblocks], or uint8 [nblocks] codes into code2 when double-quantized;
-               int8: fp32 [N]; int4: float [N, G]
+               int8: fp32 [N]; int4: float [N, G]; fp8: fp32 [ceil(N/blocksize2), ceil(K/blocksize)]
     zeros      int4: uint8 [N, G] integer zero points
     code       nf4: fp32 [16] code book
     absmax2    nf4 double quant: fp32 [ceil(nblocks / blocksize2)]
     code2      nf4 double quant: fp32 [256]
     offset     nf4 double quant: fp32 [] (0-dim)
     g_idx      int4 act-order: int32 [K]
-    blocksize  nf4 block size; int4 group size; int8: K
-    blocksize2 nf4 double-quant block size (256), else 0
+    blocksize  nf4 block size; int4 group size; int8: K; fp8: scale block along K (K per channel)
+    blocksize2 nf4 double-quant block size (256); fp8: scale block along N (1 per channel); else 0
     """
     fmt: str
     N: int
@@ -267,10 +278,60 @@ def int4_dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> Tensor:
     return ((q - zeros).float() * qw.scales.float()[:, g]).to(dtype)
 
 
+# -- fp8 ------------------------------------------------------------------------------------------
+def fp8_block(N: int, K: int, block_size) -> tuple[int, int]:
+    """(block_n, block_k) for ``block_size``: None = per output channel (1, K); "tensor" = (N, K);
+    an int b = (b, b); a pair (bn, bk) as transformers' weight_block_size."""
+    if block_size is None or block_size == "channel":
+        return 1, max(1, K)
+    if block_size == "tensor":
+        return max(1, N), max(1, K)
+    if isinstance(block_size, int) and not isinstance(block_size, bool):
+        block_size = (block_size, block_size)
+    try:
+        bn, bk = (int(b) for b in block_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"fp8 block_size must be None (per channel), 'tensor', an int or [block_n, block_k]; "
+                         f"got {block_size!r}") from None
+    if bn <= 0 or bk <= 0:
+        raise ValueError(f"fp8 block_size must be positive; got {block_size!r}")
+    return bn, bk
+
+
+def fp8_scale_shape(N: int, K: int, block_n: int, block_k: int) -> tuple[int, int]:
+    return -(-N // block_n), -(-K // block_k)
+
+
+def _expand_blocks(scales: Tensor, N: int, K: int, bn: int, bk: int) -> Tensor:
+    """[ceil(N/bn), ceil(K/bk)] -> [N, K] (each block's value over its elements)."""
+    return scales.repeat_interleave(bn, dim=0)[:N].repeat_interleave(bk, dim=1)[:, :K]
+
+
+def fp8_quantize(w: Tensor, block_size=128) -> dict:
+    """Quantize a float weight [N, K] to e4m3fn with one fp32 scale per [block_n, block_k] block."""
+    N, K = w.shape
+    bn, bk = fp8_block(N, K, block_size)
+    wf = w.detach().float()
+    if not torch.isfinite(wf).all():
+        raise ValueError(f"cannot quantize a weight [{N}, {K}] holding NaN or inf values")
+    gn, gk = fp8_scale_shape(N, K, bn, bk)
+    padded = torch.nn.functional.pad(wf.abs(), (0, gk * bk - K, 0, gn * bn - N))  # zeros change no absmax
+    absmax = padded.view(gn, bn, gk, bk).amax(dim=(1, 3))
+    scale = torch.where(absmax > 0, absmax / FP8_MAX, torch.ones_like(absmax))
+    q = (wf / _expand_blocks(scale, N, K, bn, bk)).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return dict(fmt="fp8", N=N, K=K, qdata=q, scales=scale, blocksize=bk, blocksize2=bn)
+
+
+def fp8_dequantize(qw: QuantizedWeight, dtype: torch.dtype) -> Tensor:
+    q = qw.qdata.view(FP8_DTYPE) if qw.qdata.dtype == torch.uint8 else qw.qdata
+    scale = _expand_blocks(qw.scales.float(), qw.N, qw.K, qw.blocksize2, qw.blocksize)
+    return (q.float() * scale).to(dtype)
+
+
 # -- dispatch -------------------------------------------------------------------------------------
 def quantize_weight(w: Tensor, fmt: str, blocksize: int = 64, double_quant: bool = False,
-                    group_size: int = 128) -> QuantizedWeight:
-    """Quantize a float [N, K] weight to ``fmt``."""
+                    group_size: int = 128, fp8_block_size=128) -> QuantizedWeight:
+    """Quantize a float [N, K] weight to ``fmt`` (fp8: ``fp8_block_size``, see :func:`fp8_block`)."""
     fmt = check_format(fmt)
     if w.dim() != 2:
         raise ValueError(f"quantize expects a 2-D weight [out, in]; got shape {tuple(w.shape)}")
@@ -280,6 +341,8 @@ def quantize_weight(w: Tensor, fmt: str, blocksize: int = 64, double_quant: bool
         return QuantizedWeight(**nf4_quantize(w, blocksize, double_quant))
     if fmt == "int8":
         return QuantizedWeight(**int8_quantize(w))
+    if fmt == "fp8":
+        return QuantizedWeight(**fp8_quantize(w, fp8_block_size))
     return QuantizedWeight(**int4_quantize(w, w.shape[1] if group_size == -1 else group_size))
 
 
@@ -291,13 +354,21 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tenso
         return int8_dequantize(qw, dtype)
     if qw.fmt == "int4":
         return int4_dequantize(qw, dtype)
+    if qw.fmt == "fp8":
+        return fp8_dequantize(qw, dtype)
     raise ValueError(f"unknown quantization format {qw.fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
 def expected_shapes(fmt: str, N: int, K: int, blocksize: int, double_quant: bool = False,
-                    act_order: bool = False) -> dict:
+                    act_order: bool = False, blocksize2: int = 0) -> dict:
     """Shapes (and dtypes where fixed) of every packed field for a [N, K] layer: used to check
-    buffers coming from checkpoints and importers, so a mismatch names the field and both shapes."""
+    buffers coming from checkpoints and importers, so a mismatch names the field and both shapes.
+    fp8: blocksize = block_k, blocksize2 = block_n."""
+    if fmt == "fp8":
+        if blocksize <= 0 or blocksize2 <= 0:
+            raise ValueError(f"fp8 [{N}, {K}] needs positive scale blocks; got block_n={blocksize2}, "
+                             f"block_k={blocksize}")
+        return {"qdata": ((N, K), FP8_DTYPE), "scales": (fp8_scale_shape(N, K, blocksize2, blocksize), torch.float32)}
     if fmt == "nf4":
         nb = -(-N * K // blocksize)
         out = {"qdata": ((-(-N * K // 2),), torch.uint8), "code": ((16,), torch.float32)}
@@ -329,4 +400,5 @@ def bits_per_param(qw: QuantizedWeight) -> float:
 
 
 __all__ = ["FORMATS", "NF4_CODE", "CODE2", "QuantizedWeight", "quantize_weight", "dequantize", "pack_nibbles",
-           "unpack_nibbles", "nf4_absmax", "expected_shapes", "packed_nbytes", "check_format"]
+           "unpack_nibbles", "nf4_absmax", "expected_shapes", "packed_nbytes", "check_format", "FP8_MAX", "FP8_DTYPE",
+           "fp8_block"]

@@ -1,4 +1,4 @@
-"""QuantLinear: an nn.Linear whose weight is stored packed (nf4 / int8 / int4, see formats.py).
+"""QuantLinear: an nn.Linear whose weight is stored packed (nf4 / int8 / int4 / fp8, see formats.py).
 
 The packed weight and its statistics are buffers, so they save and load with state_dict (and move
 with .to()); only the bias, if any, stays a (frozen) float parameter. Buffer names are the
@@ -7,6 +7,7 @@ QuantizedWeight field names, with the packed codes under ``weight``:
     nf4   weight (uint8 [ceil(N*K/2)]), scales, code[, absmax2, code2, offset]   (double quant)
     int8  weight (int8 [N, K]), scales
     int4  weight (uint8 [N, ceil(K/2)]), scales, zeros[, g_idx]                  (act order)
+    fp8   weight (float8_e4m3fn [N, K]), scales (fp32 [ceil(N/block_n), ceil(K/block_k)])
 
 It subclasses nn.Linear (as bitsandbytes' Linear4bit does) so that code looking for linear layers,
 such as LoRA's ``target_modules="all-linear"``, still finds it; it never holds a float weight.
@@ -31,7 +32,7 @@ class QuantLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, fmt: str = "nf4",
                  blocksize: int = 64, double_quant: bool = False, group_size: int = 128,
                  act_order: bool = False, compute_dtype: torch.dtype = torch.float32,
-                 scale_dtype: torch.dtype = torch.float32, device=None) -> None:
+                 scale_dtype: torch.dtype = torch.float32, device=None, fp8_block_size=128) -> None:
         nn.Module.__init__(self)  # not nn.Linear.__init__: there is no float weight to allocate
         fmt = check_format(fmt)
         self.in_features, self.out_features = int(in_features), int(out_features)
@@ -46,13 +47,18 @@ class QuantLinear(nn.Linear):
             if not isinstance(group_size, int) or group_size <= 0:
                 raise ValueError(f"int4 group_size must be a positive int or -1; got {group_size!r}")
             self.blocksize = int(group_size)
+        elif fmt == "fp8":
+            # fp8 scale blocks: blocksize along K, block_n along N (formats.fp8_block: None = per channel)
+            self.block_n, self.blocksize = formats.fp8_block(self.out_features, self.in_features, fp8_block_size)
         else:
             self.blocksize = self.in_features
+        if fmt != "fp8":
+            self.block_n = 0
         self.double_quant = bool(double_quant) and fmt == "nf4"
         self.act_order = bool(act_order) and fmt == "int4"
         self.compute_dtype = compute_dtype  # the dtype dequantize() returns by default (the original weight's)
         shapes = expected_shapes(fmt, self.out_features, self.in_features, self.blocksize, self.double_quant,
-                                 self.act_order)
+                                 self.act_order, self.block_n)
         for name in ("weight",) + _FIELDS:
             key = "qdata" if name == "weight" else name
             if key in shapes:
@@ -79,7 +85,8 @@ class QuantLinear(nn.Linear):
         m = cls(qw.K, qw.N, bias=bias is not None, fmt=qw.fmt, blocksize=qw.blocksize if qw.fmt == "nf4" else 64,
                 double_quant=qw.absmax2 is not None,
                 group_size=qw.blocksize if qw.fmt == "int4" else 128, act_order=qw.g_idx is not None,
-                compute_dtype=cdt, scale_dtype=qw.scales.dtype, device="meta")
+                compute_dtype=cdt, scale_dtype=qw.scales.dtype, device="meta",
+                fp8_block_size=(qw.blocksize2, qw.blocksize) if qw.fmt == "fp8" else 128)
         m.set_quantized(qw)
         if bias is not None:
             if tuple(bias.shape) != (qw.N,):
@@ -89,14 +96,14 @@ class QuantLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, blocksize: int = 64, double_quant: bool = False,
-                    group_size: int = 128) -> "QuantLinear":
-        """Quantize an nn.Linear (its weight [out, in]) to ``fmt``."""
+                    group_size: int = 128, fp8_block_size=128) -> "QuantLinear":
+        """Quantize an nn.Linear (its weight [out, in]) to ``fmt`` (fp8 scale blocks: formats.fp8_block)."""
         w = linear.weight
         if w.dim() != 2 or tuple(w.shape) != (linear.out_features, linear.in_features):
             raise ValueError(f"{type(linear).__name__} weight has shape {tuple(w.shape)}; expected "
                              f"[out_features={linear.out_features}, in_features={linear.in_features}]")
         qw = formats.quantize_weight(w.data, fmt, blocksize=blocksize, double_quant=double_quant,
-                                     group_size=group_size)
+                                     group_size=group_size, fp8_block_size=fp8_block_size)
         return cls.from_quantized(qw, linear.bias.data if linear.bias is not None else None, compute_dtype=w.dtype)
 
     def set_quantized(self, qw: QuantizedWeight) -> None:
@@ -104,7 +111,7 @@ class QuantLinear(nn.Linear):
         if qw.fmt != self.fmt or (qw.N, qw.K) != (self.out_features, self.in_features):
             raise ValueError(f"packed weight is {qw.fmt} [{qw.N}, {qw.K}] but this QuantLinear is {self.fmt} "
                              f"[{self.out_features}, {self.in_features}]")
-        check_packed(qw, self.blocksize, self.double_quant, self.act_order)
+        check_packed(qw, self.blocksize, self.double_quant, self.act_order, self.block_n)
         self.weight = qw.qdata
         for name in _FIELDS:
             setattr(self, name, getattr(qw, name))
@@ -114,7 +121,7 @@ class QuantLinear(nn.Linear):
         """The packed weight as a QuantizedWeight (views of the buffers, no copies)."""
         return QuantizedWeight(self.fmt, self.out_features, self.in_features, self.weight, self.scales, self.zeros,
                                self.code, self.absmax2, self.code2, self.offset, self.g_idx,
-                               self.blocksize, formats.NESTED_BLOCKSIZE if self.double_quant else 0)
+                               self.blocksize, formats.NESTED_BLOCKSIZE if self.double_quant else self.block_n)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The float weight [out, in] (in ``compute_dtype`` unless told), freshly from the buffers."""
@@ -156,7 +163,9 @@ class QuantLinear(nn.Linear):
         # Packed buffers are integer codes: a dtype mismatch is a different format, not something to cast.
         for name, buf in self._buffers.items():
             t = state_dict.get(prefix + name)
-            if buf is not None and t is not None and t.dtype != buf.dtype and not buf.is_floating_point():
+            # (fp8 codes are a float dtype but codes all the same: a bf16 "weight" there is a different checkpoint)
+            codes = not buf.is_floating_point() or buf.dtype == formats.FP8_DTYPE if buf is not None else False
+            if buf is not None and t is not None and t.dtype != buf.dtype and codes:
                 error_msgs.append(f"dtype mismatch for {prefix + name}: checkpoint has {t.dtype}, this {self.fmt} "
                                   f"QuantLinear [{self.out_features}, {self.in_features}] expects {buf.dtype}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -164,16 +173,20 @@ class QuantLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         extra = {"nf4": f"blocksize={self.blocksize}, double_quant={self.double_quant}",
-                 "int4": f"group_size={self.blocksize}, act_order={self.act_order}", "int8": ""}[self.fmt]
+                 "int4": f"group_size={self.blocksize}, act_order={self.act_order}", "int8": "",
+                 "fp8": f"block_size=[{self.block_n}, {self.blocksize}]"}[self.fmt]
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"fmt={self.fmt}" + (f", {extra}" if extra else ""))
 
 
-def check_packed(qw: QuantizedWeight, blocksize: int, double_quant: bool, act_order: bool) -> None:
+def check_packed(qw: QuantizedWeight, blocksize: int, double_quant: bool, act_order: bool, block_n: int = 0) -> None:
     """ValueError naming the field and both shapes when a packed tensor does not fit the layer."""
     if qw.fmt in ("nf4", "int4") and qw.blocksize != blocksize:
         raise ValueError(f"{qw.fmt} packed weight has block/group size {qw.blocksize}, the layer {blocksize}")
-    shapes = expected_shapes(qw.fmt, qw.N, qw.K, blocksize, double_quant, act_order)
+    if qw.fmt == "fp8" and (qw.blocksize2, qw.blocksize) != (block_n, blocksize):
+        raise ValueError(f"fp8 packed weight [{qw.N}, {qw.K}] has scale blocks [{qw.blocksize2}, {qw.blocksize}], "
+                         f"the layer [{block_n}, {blocksize}]")
+    shapes = expected_shapes(qw.fmt, qw.N, qw.K, blocksize, double_quant, act_order, block_n)
     for key, (shape, dt) in shapes.items():
         t = getattr(qw, key)
         if t is None:

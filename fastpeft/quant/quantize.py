@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..utils.modules import get_submodules, name_matches
-from .formats import NF4_BLOCKSIZES, check_format
+from .formats import NF4_BLOCKSIZES, check_format, fp8_block
 from .linear import QuantLinear
 
 
@@ -48,20 +48,25 @@ def _nbytes(*tensors) -> int:
 
 def quantize(model: nn.Module, fmt: str, target_modules: Union[None, str, Iterable[str]] = None,
              skip_modules: Union[None, str, Iterable[str]] = ("lm_head",), blocksize: int = 64,
-             double_quant: bool = False, group_size: int = 128, progressbar: bool = True) -> QuantizeReport:
-    """Quantize the nn.Linear layers of ``model`` in place to ``fmt`` ("nf4", "int8" or "int4").
+             double_quant: bool = False, group_size: int = 128, progressbar: bool = True,
+             fp8_block_size=128) -> QuantizeReport:
+    """Quantize the nn.Linear layers of ``model`` in place to ``fmt`` ("nf4", "int8", "int4" or "fp8").
 
     target_modules: None = every nn.Linear; else names/suffixes (list) or a full-match regex (str).
     skip_modules: layers never quantized (same matching), by default the output head.
     blocksize: nf4 block size (32..4096, a power of two); double_quant: nf4 8-bit absmax.
     group_size: int4 group along K (-1 = one group per row); a K it does not divide gets a partial
-    last group. Returns a QuantizeReport with bytes per parameter before and after.
+    last group. fp8_block_size: fp8 scale blocks, 128 (128x128, transformers' fine-grained FP8),
+    an int b (b x b), [block_n, block_k], None (one scale per output channel) or "tensor".
+    Returns a QuantizeReport with bytes per parameter before and after.
     """
     fmt = check_format(fmt)
     if fmt == "nf4" and blocksize not in NF4_BLOCKSIZES:
         raise ValueError(f"nf4 blocksize must be one of {NF4_BLOCKSIZES}; got {blocksize!r}")
     if fmt == "int4" and (not isinstance(group_size, int) or (group_size <= 0 and group_size != -1)):
         raise ValueError(f"int4 group_size must be a positive int or -1 (per row); got {group_size!r}")
+    if fmt == "fp8":
+        fp8_block(1, 1, fp8_block_size)  # a bad block size fails here, naming it, before any layer changes
     report = QuantizeReport(fmt=fmt)
     todo = []
     for name, mod in model.named_modules():
@@ -84,7 +89,8 @@ def quantize(model: nn.Module, fmt: str, target_modules: Union[None, str, Iterab
     for name in it:
         parent, lin, attr = get_submodules(model, name)
         with torch.no_grad():
-            q = QuantLinear.from_linear(lin, fmt, blocksize=blocksize, double_quant=double_quant, group_size=group_size)
+            q = QuantLinear.from_linear(lin, fmt, blocksize=blocksize, double_quant=double_quant, group_size=group_size,
+                                     fp8_block_size=fp8_block_size)
         report.layers.append(name)
         report.params += lin.weight.numel()
         report.bytes_before += _nbytes(lin.weight, lin.bias)

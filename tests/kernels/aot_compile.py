@@ -139,6 +139,15 @@ def _variants():
                 dict(qfwd, FORMAT=int8, PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=True,
                      COMPUTE_DTYPE=tl.float32,
                      INPUT_PRECISION="ieee", LORA_PRECISION="ieee"), qcfg, None, qprune))
+    # fp8 (e4m3fn codes as uint8 bits, decoded in registers; fp32 block / channel scales)
+    fp8 = lora_quant.FORMAT_IDS["fp8"]
+    fp8c = dict(PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32")
+    out.append(("lora_quant", "fwd_fp8_bf16_bias", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
+                dict(qfwd, **fp8c, FORMAT=fp8, HAS_BIAS=True), qcfg, "BLOCK_M", qprune))
+    out.append(("lora_quant", "bwd_dx_fp8_bf16_dropout", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
+                dict(qbwd, **fp8c, FORMAT=fp8), qcfg, "BLOCK_M", qprune))
+    out.append(("lora_quant", "fwd_fp8_bf16_decode", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
+                dict(qfwd, **fp8c, FORMAT=fp8, HAS_BIAS=False), qcfg, "BLOCK_M", qprune))
     # nf4 with odd K: rows start mid-byte, each element reads its own byte (no packed tile)
     out.append(("lora_quant", "fwd_nf4_oddk_bf16", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
                 dict(qfwd, FORMAT=nf4, PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=False,
@@ -278,6 +287,7 @@ def compile_one(fn, ptrs, consts, cfg, cap):
 # Default subset (CI time budget): one variant per kernel, forward + backward-side flags mixed.
 DEFAULT_VARIANTS = ("fwd_bf16_dropout", "bwd_dx_bf16_dropout", "fwd_bf16_dropout_r64", "dA_bf16_dropout",
                     "fwd_nf4_dq_bf16_bias", "bwd_dx_int4_gidx_bf16_dropout", "fwd_int8_fp16_decode",
+                    "fwd_fp8_bf16_bias",
                     # DoRA with dropout: the two-accumulator forward (dense, packed) and dX GEMMs
                     "fwd_dora_bf16_dropout", "fwd_dora_nf4_dq_bf16_dropout", "bwd_dx_dora_bf16_dropout",
                     # mixed batches: segment tiles in the dense and packed GEMMs, decode tiles (gathered B)

@@ -193,7 +193,7 @@ def test_supports_quant_reasons():
     assert why(qw) is None
     assert tb.supports(LoraCall(x, Base.quantized(qw), ())) is None  # rank 0: the dequant GEMM alone
     assert "int4 g_idx" in why(qw._replace(g_idx=torch.zeros(3, dtype=torch.int32)))
-    assert "format 'fp8'" in why(qw._replace(fmt="fp8"))
+    assert "format 'fp4'" in why(qw._replace(fmt="fp4"))  # a format without a kernel (fp8's: test_lora_quant_fp8)
     assert "r=300" in why(qw, randn(300, 8), randn(6, 300))
 
 

@@ -138,7 +138,9 @@ class LoraLayer(BaseTunerLayer):
         w = getattr(base, "weight", None)
         if w is None:
             return
-        dtype = w.dtype if w.dtype.is_floating_point else None
+        # fp8 codes (an fp8 QuantLinear's weight) are storage, not a compute dtype: adapters stay as created
+        # (fp32), which is where peft's autocast_adapter_dtype puts adapters it had cast to fp8
+        dtype = w.dtype if w.dtype.is_floating_point and w.dtype.itemsize > 1 else None
         device = torch.device("meta") if creating_on_meta() else w.device  # meta weights stay without storage
         for attr in self.adapter_layer_names:
             d = getattr(self, attr)

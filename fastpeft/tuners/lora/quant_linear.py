@@ -68,7 +68,8 @@ class QuantLoraLinear(Linear):
             if self.requantize_on_merge:
                 from ...quant.formats import dequantize, quantize_weight
                 qw = quantize_weight(w.to(dt), base.fmt, blocksize=base.blocksize, double_quant=base.double_quant,
-                                     group_size=base.blocksize)
+                                     group_size=base.blocksize,
+                                     fp8_block_size=(base.block_n, base.blocksize) if base.fmt == "fp8" else 128)
                 err = (dequantize(qw, torch.float32) - w).abs().max().item()
                 warnings.warn(f"Re-quantized the merged weight [{base.out_features}, {base.in_features}] to "
                               f"{base.fmt}: max abs error against the 16-bit merge {err:.3g}", UserWarning)
