@@ -78,6 +78,34 @@ at::Tensor unit_inner(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.co
     FP_CHECK((t).device() == x_in.device(), name, " is on ", (t).device(), " but x is on ", x_in.device()); \
   } while (0)
 
+// The outputs of a call: the caller's preallocated Y [M, N] in x's dtype and S [M, s_cols] float32, checked
+// (serving loops, CUDA graphs, and the tests, which poison them), or new ones. (Y, S, "") or the error.
+Result outputs(const at::Tensor& x_in, int64_t M, int64_t N, int64_t s_cols, const char* s_cols_name,
+               const std::optional<at::Tensor>& y_out, const std::optional<at::Tensor>& s_out) {
+  at::Tensor y, s;
+  if (y_out.has_value()) {
+    y = *y_out;
+    FP_CHECK_DEVICE(y, "out");
+    FP_CHECK(y.dim() == 2 && y.size(0) == M && y.size(1) == N && y.stride(1) == 1 &&
+             y.scalar_type() == x_in.scalar_type(),
+             "out must be [M=", M, ", N=", N, "] in ", x_in.scalar_type(),
+             " with unit inner stride, found ", y.sizes(), " ", y.scalar_type(), " strides ", y.strides());
+  } else {
+    y = at::empty({M, N}, x_in.options());
+  }
+  if (s_out.has_value()) {
+    s = *s_out;
+    FP_CHECK_DEVICE(s, "s_out");
+    FP_CHECK(s.dim() == 2 && s.size(0) == M && s.size(1) == s_cols && s.stride(1) == 1 &&
+             s.scalar_type() == at::kFloat,
+             "s_out must be float32 [M=", M, ", ", s_cols_name, "=", s_cols,
+             "] with unit inner stride, found ", s.sizes(), " ", s.scalar_type(), " strides ", s.strides());
+  } else {
+    s = at::empty({M, s_cols}, x_in.options().dtype(at::kFloat));
+  }
+  return Result{y, s, std::string()};
+}
+
 // (Y [M, N] in x.dtype, S [M, r] fp32, "") or (None, None, error message), where
 // Y = g * (x W^T + scale * S B^T) (+ bias) and S = x A^T; g = col_scale (float32 [N], DoRA's output column
 // scale) when given, else 1.
@@ -134,28 +162,9 @@ Result lora_gemv(const at::Tensor& x_in, const std::optional<at::Tensor>& w_in,
   }
 
   const c10::cuda::CUDAGuard guard(x.device());
-  // Optional preallocated outputs (serving loops, CUDA graphs, and the tests, which poison them).
-  at::Tensor y, s;
-  if (y_out.has_value()) {
-    y = *y_out;
-    FP_CHECK_DEVICE(y, "out");
-    FP_CHECK(y.dim() == 2 && y.size(0) == M && y.size(1) == N && y.stride(1) == 1 &&
-             y.scalar_type() == x.scalar_type(),
-             "out must be [M=", M, ", N=", N, "] in ", x.scalar_type(),
-             " with unit inner stride, found ", y.sizes(), " ", y.scalar_type(), " strides ", y.strides());
-  } else {
-    y = at::empty({M, N}, x.options());
-  }
-  if (s_out.has_value()) {
-    s = *s_out;
-    FP_CHECK_DEVICE(s, "s_out");
-    FP_CHECK(s.dim() == 2 && s.size(0) == M && s.size(1) == r && s.stride(1) == 1 &&
-             s.scalar_type() == at::kFloat,
-             "s_out must be float32 [M=", M, ", r=", r,
-             "] with unit inner stride, found ", s.sizes(), " ", s.scalar_type(), " strides ", s.strides());
-  } else {
-    s = at::empty({M, r}, x.options().dtype(at::kFloat));
-  }
+  Result out = outputs(x_in, M, N, r, "r", y_out, s_out);
+  if (!std::get<2>(out).empty()) return out;
+  at::Tensor y = std::get<0>(out), s = std::get<1>(out);
   if (M == 0) return Result{y, s, std::string()};
   if (N == 0) {  // nothing for the kernels to write into; S is still part of the contract
     s.copy_(at::matmul(x.to(at::kFloat), a.to(at::kFloat).t()));
@@ -271,27 +280,9 @@ Result lora_gemv_mixed(const at::Tensor& x_in, const std::optional<at::Tensor>& 
   }
 
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y, s;
-  if (y_out.has_value()) {
-    y = *y_out;
-    FP_CHECK_DEVICE(y, "out");
-    FP_CHECK(y.dim() == 2 && y.size(0) == M && y.size(1) == N && y.stride(1) == 1 &&
-             y.scalar_type() == x.scalar_type(),
-             "out must be [M=", M, ", N=", N, "] in ", x.scalar_type(),
-             " with unit inner stride, found ", y.sizes(), " ", y.scalar_type(), " strides ", y.strides());
-  } else {
-    y = at::empty({M, N}, x.options());
-  }
-  if (s_out.has_value()) {
-    s = *s_out;
-    FP_CHECK_DEVICE(s, "s_out");
-    FP_CHECK(s.dim() == 2 && s.size(0) == M && s.size(1) == s_cols && s.stride(1) == 1 &&
-             s.scalar_type() == at::kFloat,
-             "s_out must be float32 [M=", M, ", s_cols=", s_cols,
-             "] with unit inner stride, found ", s.sizes(), " ", s.scalar_type(), " strides ", s.strides());
-  } else {
-    s = at::empty({M, s_cols}, x.options().dtype(at::kFloat));
-  }
+  Result out = outputs(x_in, M, N, s_cols, "s_cols", y_out, s_out);
+  if (!std::get<2>(out).empty()) return out;
+  at::Tensor y = std::get<0>(out), s = std::get<1>(out);
   if (M == 0) return Result{y, s, std::string()};
   const int64_t ldx = M == 1 ? 0 : x.stride(0);
   const int err = fastpeft_lora_gemv_mixed(

@@ -117,6 +117,26 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // Programmatic Dependent Launch hooks (PTX griddepcontrol, sm_90+). Both are no-ops when the grid
 // was not launched with the programmatic-serialization attribute.
+// The shrink kernels' block reduction: acc[m] summed over the block's kShrinkThreads threads; thread m < MT
+// gets row m's total (the other threads 0). One __syncthreads, in every thread.
+template <int MT>
+__device__ __forceinline__ float block_row_sums(const float (&acc)[MT], int tid) {
+  __shared__ float part[kShrinkThreads / 32][MT];
+  const int warp = tid >> 5, lane = tid & 31;
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    const float v = warp_sum(acc[m]);
+    if (lane == 0) part[warp][m] = v;
+  }
+  __syncthreads();
+  float v = 0.f;
+  if (tid < MT) {
+#pragma unroll
+    for (int w = 0; w < kShrinkThreads / 32; ++w) v += part[w][tid];
+  }
+  return v;
+}
+
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -170,18 +190,8 @@ __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(const Param
       if (m < p.M) acc[m] = fmaf(ld1(x + m * p.ldx + k), av, acc[m]);
   }
 
-  __shared__ float part[kShrinkThreads / 32][MT];
-  const int warp = tid >> 5, lane = tid & 31;
-#pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    const float v = warp_sum(acc[m]);
-    if (lane == 0) part[warp][m] = v;
-  }
-  __syncthreads();
+  const float v = block_row_sums(acc, tid);
   if (tid < p.M) {
-    float v = 0.f;
-#pragma unroll
-    for (int w = 0; w < kShrinkThreads / 32; ++w) v += part[w][tid];
     p.s[tid * p.lds + j] = v;
   }
 }
@@ -482,18 +492,8 @@ __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_mixed_kernel(const
       if (arow[m] != nullptr) acc[m] = fmaf(ld1(x + m * p.ldx + k), ld1(arow[m] + k), acc[m]);
   }
 
-  __shared__ float part[kShrinkThreads / 32][MT];
-  const int warp = tid >> 5, lane = tid & 31;
-#pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    const float v = warp_sum(acc[m]);
-    if (lane == 0) part[warp][m] = v;
-  }
-  __syncthreads();
+  const float v = block_row_sums(acc, tid);
   if (tid < p.M) {
-    float v = 0.f;
-#pragma unroll
-    for (int w = 0; w < kShrinkThreads / 32; ++w) v += part[w][tid];
     // base rows and j >= r_k: 0; an adapter missing from the table: NaN (see "CUDA graphs" above)
     p.s[tid * p.lds + j] = find_slot(t, tid) == kSlotMissing ? __int_as_float(0x7fc00000) : v;
   }
