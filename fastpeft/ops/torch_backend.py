@@ -299,21 +299,27 @@ _OP_MACS = 150_000
 
 def _grouped_pool(call: LoraCall, Y: Tensor) -> bool:
     """Y += each row's s_k S B_k^T bucket by bucket (above); False (nothing done) when a DoRA slot has rows.
-    Everything derived from the plan and the pool is kept with the pool, so a decode step pays the GEMMs,
-    one gather and one scatter."""
+    The buckets and stacked weights are kept with the pool (they depend on its tables and the row counts),
+    the gather indices with the plan (they depend on which rows, not only how many), so a decode step pays
+    the GEMMs, one gather and one scatter."""
     plan, pool, cdt = call.plan, call.pool, call.compute_dtype()
-    run = pool.cached("grouped", lambda: _grouped_run(call, cdt), extra=(plan.offsets, cdt))
-    if run is None:
+    buckets = pool.cached("buckets", lambda: _buckets(call), extra=(plan.offsets,))
+    if buckets is None:
         return False
-    rows, pos, padded_rows, parts = run
-    if not parts:
+    if not buckets:
         return True
+    stacks = pool.cached("stacks", lambda: [_stack_groups(call, groups, cdt) for groups, _ in buckets],
+                         extra=(tuple(groups for groups, _ in buckets), cdt))
+    rows, pos, padded_rows = plan.cached("grouped rows", lambda: _group_rows(plan, buckets), extra=(buckets,))
     x = _as(call.x, cdt)
     X = x.index_select(0, rows)
     if pos is not None:
         X = x.new_zeros(padded_rows, x.shape[1]).index_copy_(0, pos, X)
-    outs = [torch.bmm(torch.bmm(X[a:b].view(n, c, -1), At), Bt).view(-1, Y.shape[1])
-            for At, Bt, n, c, a, b in parts]
+    outs, start = [], 0
+    for (groups, c), (At, Bt) in zip(buckets, stacks):
+        n = len(groups)
+        outs.append(torch.bmm(torch.bmm(X[start:start + n * c].view(n, c, -1), At), Bt).view(-1, Y.shape[1]))
+        start += n * c
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     if pos is not None:
         out = out.index_select(0, pos)
@@ -321,28 +327,18 @@ def _grouped_pool(call: LoraCall, Y: Tensor) -> bool:
     return True
 
 
-def _grouped_run(call: LoraCall, cdt: torch.dtype) -> Optional[tuple]:
-    """(rows of x in bucket order, their positions in the padded layout or None when nothing is padded, the
-    padded row count, [(stacked (s A)^T, stacked B^T, n, c, first and last padded row)] per bucket), or
-    None when a DoRA slot has rows."""
-    plan, pool = call.plan, call.pool
-    buckets = _buckets(call)
-    if buckets is None:
-        return None
-    rows, pos, parts, start = [], [], [], 0
-    for i, (groups, c) in enumerate(buckets):
-        At, Bt = pool.cached(("stacks", i), lambda: _stack_groups(call, groups, cdt), extra=(groups, cdt))
+def _group_rows(plan, buckets: tuple) -> tuple:
+    """(the rows of x in bucket order, their positions in the padded [sum n * c] layout or None when no group
+    is short, the padded row count)."""
+    rows, pos, start = [], [], 0
+    for groups, c in buckets:
         for g, k in enumerate(groups):
             seg = plan.segment(k)
             rows.append(seg)
             pos.append(torch.arange(start + g * c, start + g * c + seg.numel(), device=seg.device))
-        parts.append((At, Bt, len(groups), c, start, start + len(groups) * c))
         start += len(groups) * c
-    if not parts:
-        return None, None, 0, []
     rows = torch.cat(rows)
-    padded = start != rows.numel()
-    return rows, torch.cat(pos) if padded else None, start, parts
+    return rows, (torch.cat(pos) if start != rows.numel() else None), start
 
 
 def _buckets(call: LoraCall) -> Optional[tuple]:

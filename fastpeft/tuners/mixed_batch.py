@@ -76,11 +76,10 @@ def mixed_batch(batch: Optional[MixedBatch]):
         _CURRENT = previous
 
 
-def check_adapter_names(model: nn.Module, adapter_names, batch_size: Optional[int], known) -> list:
+def check_adapter_names(model: nn.Module, adapter_names, batch_size: Optional[int], known: dict) -> list:
     """peft's checks of ``adapter_names`` for a model, in peft's order and words; returns them as a list.
 
-    ``known``: the model's adapter configs by name (a list of names also works; DoRA is then found per layer).
-    A valid call does not walk the model: merged layers refuse the batch themselves when it reaches them
+    ``known``: the model's adapter configs by name. A valid call does not walk the model: merged layers refuse the batch themselves when it reaches them
     (layer_mixed_batch), and the walk that finds them runs only to report a merged model ahead of a later
     error, as peft orders its errors."""
     names = list(adapter_names)
@@ -89,10 +88,7 @@ def check_adapter_names(model: nn.Module, adapter_names, batch_size: Optional[in
     unknown = sorted({n for n in names if n != BASE_NAME and n not in known})
     wrong_length = batch_size is not None and len(names) != batch_size
     used = set(names) - {BASE_NAME}
-    if isinstance(known, dict):
-        dora = any(getattr(known[n], "use_dora", False) for n in used if n in known)
-    else:
-        dora = any(m.use_dora.get(n) for m in _tuner_layers(model) for n in used)
+    dora = any(getattr(known[n], "use_dora", False) for n in used if n in known)
     if unknown or wrong_length or dora:
         _refuse_state(False, any(m.merged for m in _tuner_layers(model)))
     if unknown:
@@ -135,7 +131,7 @@ def device_of(model: nn.Module):
     return None if p is None else p.device
 
 
-def adapter_names_context(model: nn.Module, args: tuple, kwargs: dict, known: Sequence[str]):
+def adapter_names_context(model: nn.Module, args: tuple, kwargs: dict, known: dict):
     """Pop ``adapter_names`` from a model call's kwargs; return the context to run the call in (the checked
     mixed batch as the current one, or a no-op context when the call has no adapter_names)."""
     names = kwargs.pop("adapter_names", None)

@@ -261,3 +261,17 @@ def test_pool_buckets_are_by_rank_and_uneven_rows_run_per_adapter():
         with torch.no_grad():
             y = ops.lora(x, ops.Base.dense(W, b), ops.AdapterSet(pool=pool, row_index=idx))
         torch.testing.assert_close(y, _rowwise(x, W, b, pool, idx), rtol=1e-12, atol=1e-12)
+
+
+def test_pool_call_with_the_same_counts_but_other_rows_recomputes_its_gather():
+    """Two batches through one pool whose adapters have the same row counts but other rows (a decode loop
+    whose requests change places): what the pool keeps between calls must not be keyed by the counts alone."""
+    g = torch.Generator().manual_seed(11)
+    K, N = 12, 7
+    pool = _pool([(4, 0.5), (4, 2.0), (4, 1.5)], K, N)
+    W, b = torch.randn(N, K, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+    x = torch.randn(6, K, generator=g, dtype=torch.float64)
+    for idx in (torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([2, 0, 1, 1, 2, 0]), torch.tensor([1, 1, 0, 2, 0, 2])):
+        with torch.no_grad():
+            y = ops.lora(x, ops.Base.dense(W, b), ops.AdapterSet(pool=pool, row_index=idx))
+        torch.testing.assert_close(y, _rowwise(x, W, b, pool, idx), rtol=1e-12, atol=1e-12)
