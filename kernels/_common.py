@@ -171,6 +171,36 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     return pid_n, rows, cols, rows < M, cols < N
 
 
+# -- split-K (decode: few rows, so the output tiles alone cannot fill the GPU) -----------------------
+# With SPLIT_K > 1 a GEMM launch gets a second grid axis: program (tile, k) sums only its stretch of the
+# inner axis and stores that fp32 partial tile, without the LoRA term, bias or column scale, into slice k
+# of a contiguous [SPLIT_K, M, N] workspace; kernels/lora_splitk.py then adds the slices in a fixed order
+# to the LoRA term and finishes the tile (finish_tile), so Y is still written once and the result does not
+# depend on which program ran first (no atomics). Every slice is fully written, also by programs whose
+# stretch is empty (they store zeros), so the workspace needs no fill.
+@triton.jit
+def split_k_range(Q, y_ptr, M, stride_ym, BLOCK_Q: tl.constexpr, SPLIT_K: tl.constexpr):
+    """(q_lo, q_hi, y_ptr) of this program: its stretch of the inner axis [0, Q), whole BLOCK_Q tiles so
+    that no tile straddles two programs, and its workspace slice. SPLIT_K == 1: all of Q, y unchanged."""
+    if SPLIT_K > 1:
+        pid_k = tl.program_id(1)
+        per = tl.cdiv(tl.cdiv(Q, BLOCK_Q), SPLIT_K) * BLOCK_Q
+        q_lo = pid_k * per
+        q_hi = tl.minimum(Q, q_lo + per)
+        y_ptr += pid_k.to(tl.int64) * M * stride_ym
+    else:
+        q_lo = 0
+        q_hi = Q
+    return q_lo, q_hi, y_ptr
+
+
+def split_grid(grid, split_k: int):
+    """The launch grid of a split-K launch: `grid`'s tiles times split_k on a second axis."""
+    if split_k == 1:
+        return grid
+    return lambda meta: (grid(meta)[0], split_k)
+
+
 @triton.jit
 def mma(a, b, acc, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """acc + a @ b with operands cast to COMPUTE_DTYPE, fp32 accumulation."""

@@ -29,9 +29,10 @@ from ._common import (
     ACT_DTYPES, DUAL_DX, DUAL_FWD, MAX_R, MIXED_GATHER, MIXED_SEGMENT, SMEM_LIMIT, base_step, check_2d, compute_dtype,
     dora_args, dot_precision, dropout_tile_ok, dual_start, dual_tile_ok, empty, finish_lora_tile, finish_tile,
     grouped_grid, grouped_tile, ieee_tile_ok, launch, lora_b_step, lora_tile, m_bucket, mixed_args, mixed_bucket,
-    mixed_grid, mma, out_dropout_scale, r_block, tl_dtype,
+    mixed_grid, mma, out_dropout_scale, r_block, split_grid, split_k_range, tl_dtype,
 )
 from .lora_shrink import lora_shrink, shrink_step
+from .lora_splitk import finish_split_k, split_k_for, split_workspace
 
 # r chunk of the extra LoRA step in the large-M kernel (r > 32 takes several chunks).
 MATMUL_BLOCK_R = 32
@@ -109,6 +110,7 @@ def lora_matmul_kernel(
     COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     LORA_DTYPE: tl.constexpr, LORA_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,
 ):
     """Y[M, N] = x[M, K] W[N, K]^T + scale * D_out * (S[M, R] B[N, R]^T) (+ bias[N]).
 
@@ -117,24 +119,30 @@ def lora_matmul_kernel(
     Mixed batches (MIXED, kernels/_common.py): row i's LoRA term is s_k S[i, :r_k] B_k^T with k its
     adapter; B [N, *] holds every adapter's columns (off_ptr: the first of each), R is unused.
     MIXED_SEGMENT: programs walk the tile table (tiles_ptr, order_ptr); MIXED_GATHER: rows in order,
-    row_index (ridx_ptr) picks each row's adapter."""
+    row_index (ridx_ptr) picks each row's adapter.
+    SPLIT_K > 1 (decode, `_common.split_k_range`): this program's stretch of K only, no LoRA step, the
+    raw fp32 partial into its slice of the workspace y; kernels/lora_splitk.py finishes."""
     # The tile (a mixed batch's segment tile: its adapter's rank, scale and columns of B)
     _, rows, cols, row_ok, col_ok, R, scale, b_ptr = lora_tile(
         M, N, R, scale, b_ptr, stride_br, tiles_ptr, order_ptr, rank_ptr, off_ptr, adscale_ptr, MIXED, AD_SCALE,
         BLOCK_M, BLOCK_N, GROUP_M)  # [BLOCK_M], [BLOCK_N]
 
+    k_lo, k_hi, y_ptr = split_k_range(K, y_ptr, M, stride_ym, BLOCK_K, SPLIT_K)
     # The LoRA step first (see lora_b_step), then the base GEMM joins the same accumulator.
-    acc = lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bn,
-                      scale, seed, p_drop, inv_keep, N, ridx_ptr, rank_ptr, off_ptr, adscale_ptr, OUT_DROPOUT,
-                      MIXED == MIXED_GATHER, AD_SCALE, LORA_DTYPE, LORA_PRECISION,
-                      BLOCK_M, BLOCK_N, BLOCK_R)  # [BLOCK_M, BLOCK_N] fp32
+    if SPLIT_K == 1:
+        acc = lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bn,
+                          scale, seed, p_drop, inv_keep, N, ridx_ptr, rank_ptr, off_ptr, adscale_ptr, OUT_DROPOUT,
+                          MIXED == MIXED_GATHER, AD_SCALE, LORA_DTYPE, LORA_PRECISION,
+                          BLOCK_M, BLOCK_N, BLOCK_R)  # [BLOCK_M, BLOCK_N] fp32
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # the finish kernel adds the LoRA term
     acc, acc2 = dual_start(acc, p_drop, DUAL)  # DoRA with dropout: the second accumulator
 
     if HAS_W:
         kk = tl.arange(0, BLOCK_K)
         x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
         w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn  # [1, BLOCK_N]
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             ks = k0 + kk
             k_ok = ks < K
             x = tl.load(x_rows + ks[None, :] * stride_xk,
@@ -153,7 +161,7 @@ lora_matmul_kernel_tuned = triton.autotune(
     # Flags and W's K-stride are in the key too: forward (W) and backward dX (W^T, output dropout) of a
     # square layer share M/N/K/R but want (and may only use, see the pruning) different configs.
     key=["M_BUCKET", "N", "K", "R", "stride_wk", "HAS_W", "HAS_BIAS", "OUT_DROPOUT", "HAS_COL_SCALE", "X_SCALE",
-         "DUAL", "MIXED", "INPUT_PRECISION", "LORA_PRECISION"],
+         "DUAL", "MIXED", "INPUT_PRECISION", "LORA_PRECISION", "SPLIT_K"],
     prune_configs_by={"early_config_prune": prune_lora_matmul_configs},
 )(lora_matmul_kernel)
 
@@ -279,7 +287,7 @@ lora_fused_kernel_tuned = triton.autotune(
 
 
 def launch_lora_matmul(x, w, s, b, bias, y, scale, out_dropout_p=0.0, seed=0, fp32_tf32=False, config=None,
-                       col_scale=None, x_col_scale=None, in_dropout_p=0.0, z=None, mixed=None):
+                       col_scale=None, x_col_scale=None, in_dropout_p=0.0, z=None, mixed=None, split_k=1):
     """y = x w^T + scale * D_out * (s b^T) (+ bias). Shapes: x [M, K], w [N, K] or None, s [M, R] fp32,
     b [N, R], y [M, N] (all may be strided views); R = 0: y = x w^T (+ bias).
 
@@ -288,29 +296,38 @@ def launch_lora_matmul(x, w, s, b, bias, y, scale, out_dropout_p=0.0, seed=0, fp
     y = x w^T - (D x) w^T + g z + bias. x_col_scale g [K] (dX): y = x w^T + D_out * (((g - 1) x) w^T +
     scale s b^T). mixed (`_common.MixedRows`, a mixed batch): row i's LoRA term is
     scale * s_k * s[i, :r_k] b[:, off_k : off_k + r_k]^T, k = its adapter (s_k when mixed.ad_scale);
-    b holds every adapter's columns. Shape checks are the callers'."""
+    b holds every adapter's columns. split_k > 1 (decode, no dropout): K split over split_k programs per
+    tile into an fp32 workspace, finished by kernels/lora_splitk.py. Shape checks are the callers'."""
     m, k = x.shape
     n, r = b.shape
     has_w, has_bias = w is not None, bias is not None
     cs, p, dora = dora_args("launch_lora_matmul", col_scale, x_col_scale, in_dropout_p, out_dropout_p, z, n, k,
                             x.device)
+    out = y
+    if split_k > 1:  # the partial sums go to the workspace; the finish kernel adds LoRA, g and bias
+        out = split_workspace("launch_lora_matmul", split_k, m, n, out_dropout_p, z is not None,
+                              mixed, x.device)
+        finish_cs, dora = (cs if dora["HAS_COL_SCALE"] else None), dict(dora, HAS_COL_SCALE=False)
     s_arg, b_arg = (s, b) if r else (x, x)  # R = 0: S and B are never read; pass live pointers anyway
     if mixed is not None:  # the LoRA step's R is each adapter's; R here keys the autotuner and sizes the chunks
         r = mixed.r_max
     mptrs, mconsts = mixed_args(mixed, x)
-    args = (x, w if has_w else x, s_arg, b_arg, bias if has_bias else b_arg, y, cs if cs is not None else y,
+    args = (x, w if has_w else x, s_arg, b_arg, bias if has_bias else b_arg, out, cs if cs is not None else y,
             z if z is not None else y, *mptrs, m, n, k, r,
             x.stride(0), x.stride(1), w.stride(0) if has_w else 0, w.stride(1) if has_w else 0,
-            s.stride(0), s.stride(1), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
+            s.stride(0), s.stride(1), b.stride(0), b.stride(1), out.stride(-2), out.stride(-1),
             z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
             float(scale), int(seed), float(p), 1.0 / (1.0 - p), mixed_bucket(mixed, m))
     main_dtypes = (x.dtype, w.dtype) if has_w else (x.dtype,)
-    consts = dict(dora, **mconsts, HAS_W=has_w, HAS_BIAS=has_bias,
+    lora_precision = dot_precision((x.dtype, b.dtype), fp32_tf32)
+    consts = dict(dora, **mconsts, HAS_W=has_w, HAS_BIAS=has_bias and split_k == 1,
                   COMPUTE_DTYPE=tl_dtype(compute_dtype(*main_dtypes)),
                   INPUT_PRECISION=dot_precision(main_dtypes, fp32_tf32),
-                  LORA_DTYPE=tl.float32, LORA_PRECISION=dot_precision((x.dtype, b.dtype), fp32_tf32),
-                  BLOCK_R=min(r_block(r), MATMUL_BLOCK_R))
-    launch(lora_matmul_kernel_tuned, mixed_grid(mixed, m, n), args, consts, config)
+                  LORA_DTYPE=tl.float32, LORA_PRECISION=lora_precision,
+                  BLOCK_R=min(r_block(r), MATMUL_BLOCK_R), SPLIT_K=split_k)
+    launch(lora_matmul_kernel_tuned, split_grid(mixed_grid(mixed, m, n), split_k), args, consts, config)
+    if split_k > 1:
+        finish_split_k(out, s, b, bias, y, scale, finish_cs, mixed, lora_precision)
     return y
 
 
@@ -389,7 +406,7 @@ def check_lora_args(fn, x, weight, bias, a, b, scale=1.0, dropout_p=0.0):
 
 
 def lora_fwd(x, weight, bias, a, b, scale, dropout_p=0.0, seed=0, variant="auto", fp32_tf32=False,
-             config=None, shrink_config=None, out=None, s_out=None, col_scale=None, zd_out=None):
+             config=None, shrink_config=None, out=None, s_out=None, col_scale=None, zd_out=None, split_k=None):
     """Y = x weight^T + scale * ((D x) a^T) b^T (+ bias), returns (Y [M, N] in x.dtype, S [M, r] fp32).
 
     x: [M, K] fp16/bf16/fp32, any strides; weight: [N, K] in x.dtype or None (LoRA term only);
@@ -406,6 +423,10 @@ def lora_fwd(x, weight, bias, a, b, scale, dropout_p=0.0, seed=0, variant="auto"
         Z_d = (D x) W^T + scale S b^T,   Y = x W^T - (D x) W^T + g * Z_d + bias,
     D the same mask as S's, on the split path (variant "fused" is refused); then the return is
     (Y, S, Z_d [M, N] in x.dtype), zd_out an optional preallocated Z_d.
+
+    split_k: K split of the split path's GEMM (decode, kernels/lora_splitk.py); None: `split_k_for`
+    picks it for a dense W (never for DoRA with dropout). Under "auto" a split > 1 takes the split path
+    (shrink + split GEMM + finish) instead of the fused kernel; "fused" refuses an explicit split_k > 1.
     """
     m, k, n, r = check_lora_args("lora_fwd", x, weight, bias, a, b, scale, dropout_p)
     dual = col_scale is not None and dropout_p > 0.0
@@ -441,11 +462,14 @@ def lora_fwd(x, weight, bias, a, b, scale, dropout_p=0.0, seed=0, variant="auto"
         if zd is not None:
             zd.zero_()
         return done
-    if not dual and use_fused(variant, m, r, (x.dtype, a.dtype, b.dtype), fp32_tf32):
+    if split_k is not None and split_k > 1 and variant == "fused":
+        raise ValueError(f"lora_fwd: split_k={split_k} runs on the split path, not 'fused'")
+    split = 1 if dual or weight is None else split_k if split_k is not None else split_k_for(m, n, k, x.device)
+    if split == 1 and not dual and use_fused(variant, m, r, (x.dtype, a.dtype, b.dtype), fp32_tf32):
         launch_lora_fused(x, weight, a, b, bias, y, s, 1.0, scale, in_dropout_p=dropout_p, seed=seed,
                           fp32_tf32=fp32_tf32, config=config, col_scale=col_scale)
     else:
         lora_shrink(x, a, 1.0, dropout_p, seed, out=s, fp32_tf32=fp32_tf32, config=shrink_config)  # r = 0: no launch
         launch_lora_matmul(x, weight, s, b, bias, y, scale, seed=seed, fp32_tf32=fp32_tf32, config=config,
-                           col_scale=col_scale, in_dropout_p=dropout_p if dual else 0.0, z=zd)
+                           col_scale=col_scale, in_dropout_p=dropout_p if dual else 0.0, z=zd, split_k=split)
     return done

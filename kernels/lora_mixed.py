@@ -49,6 +49,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from ._common import MIXED_GATHER, MIXED_SEGMENT, TILE_HEADER as _TILE_HEADER, MixedRows, empty, r_block
+from .lora_splitk import split_k_for
 
 # Row tiles the tile table is cut for: every BLOCK_M of the shrink / matmul / quant config spaces.
 TILE_BLOCKS = (16, 32, 64, 128)
@@ -250,13 +251,15 @@ def _shrink_block_r(r_max: int) -> int:
 
 # -- forward / backward -----------------------------------------------------------------------------
 def lora_mixed_fwd(x, weight, qw, bias, bank: AdapterBank, row_index, order, offsets, n: int, s_cols: int,
-                   variant="auto", fp32_tf32=False, config=None, shrink_config=None, out=None, s_out=None):
+                   variant="auto", fp32_tf32=False, config=None, shrink_config=None, out=None, s_out=None,
+                   split_k=None):
     """(Y [M, N] in x.dtype, S [M, s_cols] fp32) of a mixed batch: y_i = x_i W^T (+ bias) + s_k S_i B_k^T.
 
     weight [N, K] (dense, or None) or qw (a packed QuantizedWeight); row_index / order / offsets: the plan
     (fastpeft.ops.RowPlan); bank: `adapter_bank`. S row i holds x_i A_k^T in its first
     r_k columns and zeros in the rest (base rows: all zero); s_cols >= bank.r_max. variant: "auto"
     (gathered decode GEMM for M <= GATHER_MAX_M, else segment tiles), "segment" or "gather".
+    split_k: the gathered GEMM's K split (kernels/lora_splitk.py; None: `split_k_for` picks it).
     """
     from .lora_fwd import launch_lora_matmul
     from .lora_quant import launch_lora_quant
@@ -280,15 +283,19 @@ def lora_mixed_fwd(x, weight, qw, bias, bank: AdapterBank, row_index, order, off
         else:
             launch_lora_matmul(x, weight, s[:, :0], z, bias, y, 1.0, fp32_tf32=fp32_tf32, config=config)
         return y, s
-    rows = mixed_rows(bank, row_index, order, offsets, use_gather(variant, m))
+    gather = use_gather(variant, m)
+    rows = mixed_rows(bank, row_index, order, offsets, gather)
     if s_cols:
         lora_shrink(x, bank.a, 1.0, out=s, fp32_tf32=fp32_tf32, config=shrink_config,
                     mixed=rows._replace(mode=MIXED_SEGMENT.value), block_r=_shrink_block_r(bank.r_max))
     gemm = rows.with_operand(bank.b_off, True)
+    split = (split_k if split_k is not None else split_k_for(m, n, k, x.device)) if gather else 1
     if qw is not None:
-        launch_lora_quant(x, qw, s, bank.b, bias, y, 1.0, True, fp32_tf32=fp32_tf32, config=config, mixed=gemm)
+        launch_lora_quant(x, qw, s, bank.b, bias, y, 1.0, True, fp32_tf32=fp32_tf32, config=config, mixed=gemm,
+                          split_k=split)
     else:
-        launch_lora_matmul(x, weight, s, bank.b, bias, y, 1.0, fp32_tf32=fp32_tf32, config=config, mixed=gemm)
+        launch_lora_matmul(x, weight, s, bank.b, bias, y, 1.0, fp32_tf32=fp32_tf32, config=config, mixed=gemm,
+                           split_k=split)
     return y, s
 
 

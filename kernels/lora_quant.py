@@ -41,9 +41,10 @@ import triton.language as tl
 from ._common import (
     DUAL_DX, DUAL_FWD, MAX_R, MIXED_GATHER, MIXED_SEGMENT, SMEM_LIMIT, base_step, dora_args, dot_precision,
     dropout_tile_ok, dual_start, dual_tile_ok, empty, finish_lora_tile, ieee_tile_ok, launch, lora_b_step, lora_tile,
-    mixed_args, mixed_bucket, mixed_grid, mul_rn, r_block, tl_dtype,
+    mixed_args, mixed_bucket, mixed_grid, mul_rn, r_block, split_grid, split_k_range, tl_dtype,
 )
 from .lora_shrink import lora_shrink
+from .lora_splitk import finish_split_k, split_k_for, split_workspace
 
 # Values of the kernel's FORMAT constexpr, usable inside @triton.jit code (`FORMAT == FMT_NF4`).
 FMT_NF4 = tl.constexpr(0)
@@ -176,10 +177,16 @@ def e4m3fn_to_f32(bits):
 
 @triton.jit
 def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
-              n, k, mask, nib_in, K, stride_qn, stride_sn, stride_zn, blocksize, bs_shift, bs2_shift, block_n,
-              FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_GIDX: tl.constexpr, INDEX_64: tl.constexpr,
-              PACKED: tl.constexpr):
+              n, k, mask, n_ok, k_first, nib_in, K, stride_qn, stride_sn, stride_zn, blocksize, bs_shift, bs2_shift,
+              block_n, FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_GIDX: tl.constexpr,
+              INDEX_64: tl.constexpr, PACKED: tl.constexpr, SCALE_K: tl.constexpr, TILE_K: tl.constexpr):
     """fp32 values of W[n, k] (n, k: broadcastable int tensors, mask: in-bounds) for one format.
+
+    Scales per tile, not per element: when one scale covers SCALE_K consecutive k of a row (nf4 with
+    K % blocksize == 0, int4 without g_idx, fp8; 1 = not uniform, any element may differ) and the tile's TILE_K columns of k
+    start at k_first, a multiple of TILE_K that divides SCALE_K, every k of the tile shares its row's
+    scale: it is loaded once per row of W (n, masked by n_ok) and broadcast, instead of gathered for
+    every element. The values are the same either way (bit for bit), only the loads differ.
 
     PACKED (nf4 / int4): the 4-bit codes come in as nib_in (from `load_nibbles`); otherwise each
     element reads its own byte (nf4 with odd K, where rows start mid-byte).
@@ -197,6 +204,12 @@ def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr
           (128 x 128 blocks, per channel: block_n 1 and blocksize K, or per tensor).
     Masked-out elements are 0.
     """
+    if SCALE_K % TILE_K == 0:  # one scale per row of the tile (see above)
+        ks = k_first
+        smask = n_ok
+    else:
+        ks = k
+        smask = mask
     if FORMAT == FMT_NF4:
         if INDEX_64:
             flat = n.to(tl.int64) * K + k
@@ -208,14 +221,20 @@ def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr
             byte = tl.load(qdata_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
             nib = (byte >> (4 - (flat & 1).to(tl.int32) * 4)) & 0xF
         val = tl.load(code_ptr + nib, mask=mask, other=0.0)  # 16-entry code book: stays in L1
-        blk = flat >> bs_shift
+        if SCALE_K % TILE_K == 0:
+            if INDEX_64:
+                blk = (n.to(tl.int64) * K + k_first) >> bs_shift
+            else:
+                blk = (n * K + k_first) >> bs_shift
+        else:
+            blk = flat >> bs_shift
         if DOUBLE_QUANT:
-            q = tl.load(scales_ptr + blk, mask=mask, other=0).to(tl.int32)
-            c2 = tl.load(code2_ptr + q, mask=mask, other=0.0)
-            a2 = tl.load(absmax2_ptr + (blk >> bs2_shift), mask=mask, other=0.0)
+            q = tl.load(scales_ptr + blk, mask=smask, other=0).to(tl.int32)
+            c2 = tl.load(code2_ptr + q, mask=smask, other=0.0)
+            a2 = tl.load(absmax2_ptr + (blk >> bs2_shift), mask=smask, other=0.0)
             absmax = mul_rn(c2, a2) + tl.load(offset_ptr)
         else:
-            absmax = tl.load(scales_ptr + blk, mask=mask, other=0.0)
+            absmax = tl.load(scales_ptr + blk, mask=smask, other=0.0)
         w = val * absmax
     elif FORMAT == FMT_INT4:
         n64 = n.to(tl.int64)
@@ -227,17 +246,18 @@ def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr
         if HAS_GIDX:
             g = tl.load(gidx_ptr + k, mask=mask, other=0)
         else:
-            g = k // blocksize
-        z = tl.load(zeros_ptr + n64 * stride_zn + g, mask=mask, other=0).to(tl.int32)
-        sc = tl.load(scales_ptr + n64 * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
+            g = ks // blocksize
+        z = tl.load(zeros_ptr + n64 * stride_zn + g, mask=smask, other=0).to(tl.int32)
+        sc = tl.load(scales_ptr + n64 * stride_sn + g, mask=smask, other=0.0).to(tl.float32)
         w = (nib - z).to(tl.float32) * sc
+        w = tl.where(mask, w, 0.0)  # per-row zeros make masked-out codes (0) nonzero
     elif FORMAT == FMT_FP8:
         bits = tl.load(qdata_ptr + n.to(tl.int64) * stride_qn + k, mask=mask, other=0).to(tl.int32)
-        sc = tl.load(scales_ptr + (n // block_n) * stride_sn + k // blocksize, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(scales_ptr + (n // block_n) * stride_sn + ks // blocksize, mask=smask, other=0.0).to(tl.float32)
         w = e4m3fn_to_f32(bits) * sc
-    else:  # FMT_INT8
+    else:  # FMT_INT8: one scale per row of W whatever the tile
         q = tl.load(qdata_ptr + n.to(tl.int64) * stride_qn + k, mask=mask, other=0).to(tl.float32)
-        sc = tl.load(scales_ptr + n, mask=mask, other=0.0).to(tl.float32)
+        sc = tl.load(scales_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
         w = q * sc
     return w
 
@@ -257,29 +277,36 @@ def lora_quant_kernel(
     HAS_COL_SCALE: tl.constexpr, X_SCALE: tl.constexpr, DUAL: tl.constexpr, MIXED: tl.constexpr,
     AD_SCALE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr = 1, SCALE_K: tl.constexpr = 1,
 ):
     """y[M, P] = x[M, Q] Wop[Q, P] + scale * D_out * (S[M, R] Bt[R, P]) (+ bias[P]); Bt[r, p] = b[p, r].
 
     TRANS_W: Wop = deq(W)^T (forward, W [P, Q]); else Wop = deq(W) (dX, W [Q, P]). K is W's column
     count (the nf4 flat index n * K + k). DoRA: HAS_COL_SCALE / X_SCALE / DUAL (kernels/_common.py),
     cs_ptr the column scale, zd_ptr DUAL_FWD's Z_d output. Mixed batches: MIXED, as the dense GEMM
-    (kernels/lora_fwd.py lora_matmul_kernel)."""
+    (kernels/lora_fwd.py lora_matmul_kernel). SPLIT_K > 1 (decode, `_common.split_k_range`): this
+    program's stretch of Q only, no LoRA step, the raw fp32 partial into its slice of the workspace y
+    (the launcher passes no bias, no column scale; kernels/lora_splitk.py finishes)."""
     # The tile (a mixed batch's segment tile: its adapter's rank, scale and columns of Bt)
     pid_p, rows, cols, row_ok, col_ok, R, scale, b_ptr = lora_tile(
         M, P, R, scale, b_ptr, stride_br, tiles_ptr, order_ptr, rank_ptr, off_ptr, adscale_ptr, MIXED, AD_SCALE,
         BLOCK_M, BLOCK_P, GROUP_M)  # [BLOCK_M], [BLOCK_P]
 
+    q_lo, q_hi, y_ptr = split_k_range(Q, y_ptr, M, stride_ym, BLOCK_Q, SPLIT_K)
     # LoRA step first (see lora_b_step), then the dequantized base GEMM joins the accumulator.
-    acc = lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bp,
-                      scale, seed, p_drop, inv_keep, P, ridx_ptr, rank_ptr, off_ptr, adscale_ptr, OUT_DROPOUT,
-                      MIXED == MIXED_GATHER, AD_SCALE, tl.float32, LORA_PRECISION,
-                      BLOCK_M, BLOCK_P, BLOCK_R)  # [BLOCK_M, BLOCK_P] fp32
+    if SPLIT_K == 1:
+        acc = lora_b_step(s_ptr, b_ptr, rows, cols, row_ok, col_ok, R, stride_sm, stride_sr, stride_br, stride_bp,
+                          scale, seed, p_drop, inv_keep, P, ridx_ptr, rank_ptr, off_ptr, adscale_ptr, OUT_DROPOUT,
+                          MIXED == MIXED_GATHER, AD_SCALE, tl.float32, LORA_PRECISION,
+                          BLOCK_M, BLOCK_P, BLOCK_R)  # [BLOCK_M, BLOCK_P] fp32
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)  # the finish kernel adds the LoRA term
     acc, acc2 = dual_start(acc, p_drop, DUAL)  # DoRA with dropout: the second accumulator
 
     qq = tl.arange(0, BLOCK_Q)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm  # [BLOCK_M, 1]
-    for q0 in range(0, Q, BLOCK_Q):
+    TILE_K: tl.constexpr = BLOCK_Q if TRANS_W else BLOCK_P  # the tile's extent along W's k
+    for q0 in range(q_lo, q_hi, BLOCK_Q):
         qs = q0 + qq
         q_ok = qs < Q
         x = tl.load(x_rows + qs[None, :] * stride_xk,
@@ -290,13 +317,14 @@ def lora_quant_kernel(
                                BLOCK_P)  # [BLOCK_Q, BLOCK_P] int32 codes
         else:
             nib = 0  # unused: dequant_w reads bytes per element
-        if TRANS_W:  # Wop[q, p] = W[p, q]
-            wn, wk = cols[None, :], qs[:, None]  # [1, BLOCK_P], [BLOCK_Q, 1]
-        else:  # Wop[q, p] = W[q, p]
-            wn, wk = qs[:, None], cols[None, :]  # [BLOCK_Q, 1], [1, BLOCK_P]
+        if TRANS_W:  # Wop[q, p] = W[p, q]: W's k runs along q
+            wn, wk, n_ok, k_first = cols[None, :], qs[:, None], col_ok[None, :], q0  # [1, BLOCK_P], [BLOCK_Q, 1]
+        else:  # Wop[q, p] = W[q, p]: W's k runs along p
+            wn, wk, n_ok, k_first = qs[:, None], cols[None, :], q_ok[:, None], pid_p * BLOCK_P
         w = dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
-                      wn, wk, wmask, nib, K, stride_qn, stride_sn, stride_zn, blocksize, bs_shift, bs2_shift,
-                      block_n, FORMAT, DOUBLE_QUANT, HAS_GIDX, INDEX_64, PACKED)  # [BLOCK_Q, BLOCK_P] fp32
+                      wn, wk, wmask, n_ok, k_first, nib, K, stride_qn, stride_sn, stride_zn, blocksize, bs_shift,
+                      bs2_shift, block_n, FORMAT, DOUBLE_QUANT, HAS_GIDX, INDEX_64, PACKED, SCALE_K,
+                      TILE_K)  # [BLOCK_Q, BLOCK_P] fp32
         # Round W to x's dtype first (the reference's dequantize(qw, x.dtype)), then the dot(s).
         acc, acc2 = base_step(acc, acc2, x, w.to(x_ptr.dtype.element_ty), rows, qs, q_ok, Q, cs_ptr, seed, p_drop,
                               X_SCALE, DUAL, COMPUTE_DTYPE, INPUT_PRECISION)
@@ -308,7 +336,8 @@ def lora_quant_kernel(
 lora_quant_kernel_tuned = triton.autotune(
     configs=get_lora_quant_configs(),
     key=["M_BUCKET", "P", "Q", "R", "FORMAT", "DOUBLE_QUANT", "HAS_GIDX", "PACKED", "TRANS_W", "HAS_BIAS",
-         "OUT_DROPOUT", "HAS_COL_SCALE", "X_SCALE", "DUAL", "MIXED", "INPUT_PRECISION", "LORA_PRECISION"],
+         "OUT_DROPOUT", "HAS_COL_SCALE", "X_SCALE", "DUAL", "MIXED", "INPUT_PRECISION", "LORA_PRECISION",
+         "SPLIT_K", "SCALE_K"],
     prune_configs_by={"early_config_prune": prune_lora_quant_configs},
 )(lora_quant_kernel)
 
@@ -362,6 +391,19 @@ def quant_reason(qw, x_dtype=None):
     return None
 
 
+def scale_k(qw) -> int:
+    """How many consecutive k of a row of W share one scale, when that is the same for every row and
+    block (dequant_w then loads scales per tile row), else 1: nf4 blocks when K is a multiple of the
+    block size (else blocks straddle rows), int4 groups without g_idx, fp8's block_k."""
+    if qw.fmt == "nf4":
+        return qw.blocksize if qw.K % qw.blocksize == 0 else 1
+    if qw.fmt == "int4":
+        return qw.blocksize if qw.g_idx is None else 1
+    if qw.fmt == "fp8":
+        return qw.blocksize
+    return 1
+
+
 def _log2(v: int) -> int:
     """log2 of a power of two (nf4 block sizes); 0 for unused (0) sizes."""
     return max(0, int(v).bit_length() - 1)
@@ -384,36 +426,44 @@ def _packed_args(qw, dummy):
 
 
 def launch_lora_quant(x, qw, s, b, bias, y, scale, trans_w, out_dropout_p=0.0, seed=0, fp32_tf32=False,
-                      config=None, col_scale=None, x_col_scale=None, in_dropout_p=0.0, z=None, mixed=None):
+                      config=None, col_scale=None, x_col_scale=None, in_dropout_p=0.0, z=None, mixed=None, split_k=1):
     """y = x Wop + scale * D_out * (s b^T) (+ bias) with Wop = deq(W)^T (trans_w) or deq(W).
     x [M, Q], s [M, R] fp32, b [P, R], y [M, P] (strided views allowed); R = 0: y = x Wop (+ bias).
-    DoRA: col_scale / x_col_scale / in_dropout_p / z, and mixed (a mixed batch), as for
+    DoRA: col_scale / x_col_scale / in_dropout_p / z, mixed (a mixed batch) and split_k (decode), as for
     kernels.lora_fwd.launch_lora_matmul (`_common.dora_args`, `_common.MixedRows`). Callers check."""
     m, q = x.shape
     p, r = b.shape
     cs, pd, dora = dora_args("launch_lora_quant", col_scale, x_col_scale, in_dropout_p, out_dropout_p, z, p, q,
                              x.device)
+    out = y
+    if split_k > 1:  # the partial sums go to the workspace; the finish kernel adds LoRA, g and bias
+        out = split_workspace("launch_lora_quant", split_k, m, p, out_dropout_p, z is not None, mixed, x.device)
+        finish_cs, dora = (cs if dora["HAS_COL_SCALE"] else None), dict(dora, HAS_COL_SCALE=False)
     s_arg, b_arg = (s, b) if r else (x, x)  # R = 0: S and B are never read; pass live pointers anyway
     if mixed is not None:  # the LoRA step's R is each adapter's; R here keys the autotuner and sizes the chunks
         r = mixed.r_max
     ptrs, sqn, ssn, szn = _packed_args(qw, s_arg)
     mptrs, mconsts = mixed_args(mixed, x)
-    args = (x, *ptrs, s_arg, b_arg, bias if bias is not None else b_arg, y, cs if cs is not None else y,
+    args = (x, *ptrs, s_arg, b_arg, bias if bias is not None else b_arg, out, cs if cs is not None else y,
             z if z is not None else y, *mptrs,
             m, p, q, r, qw.K, max(1, qw.blocksize), _log2(qw.blocksize), _log2(qw.blocksize2),
             max(1, qw.blocksize2) if qw.fmt == "fp8" else 1,
             x.stride(0), x.stride(1), sqn, ssn, szn, s.stride(0), s.stride(1), b.stride(0), b.stride(1),
-            y.stride(0), y.stride(1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
+            out.stride(-2), out.stride(-1), z.stride(0) if z is not None else 0, z.stride(1) if z is not None else 0,
             float(scale), int(seed), float(pd), 1.0 / (1.0 - pd), mixed_bucket(mixed, m))
+    lora_precision = dot_precision((x.dtype, b.dtype), fp32_tf32)
     consts = dict(dora, **mconsts, FORMAT=FORMAT_IDS[qw.fmt], DOUBLE_QUANT=qw.fmt == "nf4" and qw.double_quant,
                   HAS_GIDX=qw.fmt == "int4" and qw.g_idx is not None,
                   INDEX_64=qw.N * qw.K + qw.blocksize >= 2 ** 31,
                   PACKED=qw.fmt == "int4" or (qw.fmt == "nf4" and qw.K % 2 == 0), TRANS_W=bool(trans_w),
-                  HAS_BIAS=bias is not None,
+                  HAS_BIAS=bias is not None and split_k == 1,
                   COMPUTE_DTYPE=tl_dtype(x.dtype), INPUT_PRECISION=dot_precision((x.dtype,), fp32_tf32),
-                  LORA_PRECISION=dot_precision((x.dtype, b.dtype), fp32_tf32),
-                  BLOCK_R=min(r_block(r), QUANT_BLOCK_R))
-    launch(lora_quant_kernel_tuned, mixed_grid(mixed, m, p, "BLOCK_M", "BLOCK_P"), args, consts, config)
+                  LORA_PRECISION=lora_precision, BLOCK_R=min(r_block(r), QUANT_BLOCK_R), SPLIT_K=split_k,
+                  SCALE_K=scale_k(qw))
+    launch(lora_quant_kernel_tuned, split_grid(mixed_grid(mixed, m, p, "BLOCK_M", "BLOCK_P"), split_k), args,
+           consts, config)
+    if split_k > 1:
+        finish_split_k(out, s, b, bias, y, scale, finish_cs, mixed, lora_precision)
     return y
 
 
@@ -434,7 +484,7 @@ def _check(fn, x, qw, a, b, dropout_p):
 
 
 def lora_quant_fwd(x, qw, bias, a, b, scale, dropout_p=0.0, seed=0, fp32_tf32=False, config=None,
-                   shrink_config=None, col_scale=None):
+                   shrink_config=None, col_scale=None, split_k=None):
     """(Y [M, N] in x.dtype, S [M, r] fp32): Y = x deq(W)^T + scale * ((D x) a^T) b^T (+ bias).
 
     qw: fastpeft.quant.formats.QuantizedWeight (nf4 / int4 / int8 / fp8). config / shrink_config: explicit
@@ -442,7 +492,9 @@ def lora_quant_fwd(x, qw, bias, a, b, scale, dropout_p=0.0, seed=0, fp32_tf32=Fa
     r = 0 (a: [0, K], b: [N, 0], a quantized layer without adapter): Y = x deq(W)^T (+ bias) by the
     same fused dequant GEMM, whose LoRA step runs no iteration; S is the empty fp32 [M, 0].
     col_scale: DoRA's g [N], as for kernels.lora_fwd.lora_fwd: with dropout_p > 0 the return is
-    (Y, S, Z_d), Z_d = (D x) deq(W)^T + scale S b^T, Y = x deq(W)^T - (D x) deq(W)^T + g Z_d + bias."""
+    (Y, S, Z_d), Z_d = (D x) deq(W)^T + scale S b^T, Y = x deq(W)^T - (D x) deq(W)^T + g Z_d + bias.
+    split_k: K split of the GEMM (decode, kernels/lora_splitk.py); None: `split_k_for` picks it (never
+    for DoRA with dropout)."""
     _check("lora_quant_fwd", x, qw, a, b, dropout_p)
     m, n = x.shape[0], qw.N
     dual = col_scale is not None and dropout_p > 0.0
@@ -455,8 +507,10 @@ def lora_quant_fwd(x, qw, bias, a, b, scale, dropout_p=0.0, seed=0, fp32_tf32=Fa
             if zd is not None:
                 zd.zero_()
         else:
+            split = 1 if dual else split_k if split_k is not None else split_k_for(m, n, qw.K, x.device)
             launch_lora_quant(x, qw, s, b, bias, y, scale, True, fp32_tf32=fp32_tf32, config=config,
-                              col_scale=col_scale, in_dropout_p=dropout_p if dual else 0.0, seed=seed, z=zd)
+                              col_scale=col_scale, in_dropout_p=dropout_p if dual else 0.0, seed=seed, z=zd,
+                              split_k=split)
     return (y, s) if zd is None else (y, s, zd)
 
 

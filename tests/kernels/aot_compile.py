@@ -21,7 +21,7 @@ def _variants():
     """(kernel, variant, JITFunction, pointer dtypes, constexprs, configs, dot-rows meta key, pruning rule)."""
     import triton.language as tl
 
-    from fastpeft.kernels import lora_bwd, lora_fwd, lora_quant, lora_shrink
+    from fastpeft.kernels import lora_bwd, lora_fwd, lora_quant, lora_shrink, lora_splitk
 
     bf, f32 = "bf16", "fp32"
     out = []
@@ -117,7 +117,7 @@ def _variants():
 
     out.append(("lora_quant", "fwd_nf4_dq_bf16_bias", lora_quant.lora_quant_kernel, qptrs(bf, u8, u8, bf),
                 dict(qfwd, FORMAT=nf4, DOUBLE_QUANT=True, HAS_GIDX=False, HAS_BIAS=True, COMPUTE_DTYPE=tl.bfloat16,
-                     INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
+                     INPUT_PRECISION="tf32", SCALE_K=64), qcfg, "BLOCK_M", qprune))
     out.append(("lora_quant", "bwd_dx_int4_gidx_bf16_dropout", lora_quant.lora_quant_kernel,
                 qptrs(bf, u8, "fp16", bf, z=u8),
                 dict(qbwd, stride_sn=1, FORMAT=int4, DOUBLE_QUANT=False, HAS_GIDX=True, COMPUTE_DTYPE=tl.bfloat16,
@@ -131,7 +131,7 @@ def _variants():
                      INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
     out.append(("lora_quant", "fwd_int4_fp16", lora_quant.lora_quant_kernel, qptrs("fp16", u8, "fp16", "fp16", z=u8),
                 dict(qfwd, stride_sn=1, FORMAT=int4, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=True,
-                     COMPUTE_DTYPE=tl.float16, INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
+                     COMPUTE_DTYPE=tl.float16, INPUT_PRECISION="tf32", SCALE_K=128), qcfg, "BLOCK_M", qprune))
     out.append(("lora_quant", "bwd_dx_nf4_dq_bf16_dropout", lora_quant.lora_quant_kernel, qptrs(bf, u8, u8, bf),
                 dict(qbwd, FORMAT=nf4, DOUBLE_QUANT=True, HAS_GIDX=False, COMPUTE_DTYPE=tl.bfloat16,
                      INPUT_PRECISION="tf32"), qcfg, "BLOCK_M", qprune))
@@ -143,9 +143,9 @@ def _variants():
     fp8 = lora_quant.FORMAT_IDS["fp8"]
     fp8c = dict(PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, COMPUTE_DTYPE=tl.bfloat16, INPUT_PRECISION="tf32")
     out.append(("lora_quant", "fwd_fp8_bf16_bias", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
-                dict(qfwd, **fp8c, FORMAT=fp8, HAS_BIAS=True), qcfg, "BLOCK_M", qprune))
+                dict(qfwd, **fp8c, FORMAT=fp8, HAS_BIAS=True, SCALE_K=128), qcfg, "BLOCK_M", qprune))
     out.append(("lora_quant", "bwd_dx_fp8_bf16_dropout", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
-                dict(qbwd, **fp8c, FORMAT=fp8), qcfg, "BLOCK_M", qprune))
+                dict(qbwd, **fp8c, FORMAT=fp8, SCALE_K=128), qcfg, "BLOCK_M", qprune))
     out.append(("lora_quant", "fwd_fp8_bf16_decode", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
                 dict(qfwd, **fp8c, FORMAT=fp8, HAS_BIAS=False), qcfg, "BLOCK_M", qprune))
     # nf4 with odd K: rows start mid-byte, each element reads its own byte (no packed tile)
@@ -236,6 +236,22 @@ def _variants():
                 dict(lhs_ptr=f32, rhs_ptr=bf, out_ptr=f32),
                 dict(wg, stride_lhs_p=1, stride_rhs_q=1, stride_oq=1, HAS_DROPOUT=False, ATOMIC=False, MIXED=1,
                      AD_SCALE=False), lora_bwd.get_wgrad_configs(), "BLOCK_P", lora_bwd.prune_wgrad_configs))
+    # split-K decode (kernels/lora_splitk.py): the GEMMs' partial-sum programs and the finish kernel (plain,
+    # DoRA's column scale and bias; a mixed batch's gathered rows)
+    out.append(("lora_quant", "fwd_nf4_bf16_split_decode", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, f32),
+                dict(qfwd, FORMAT=nf4, DOUBLE_QUANT=True, HAS_GIDX=False, HAS_BIAS=False, COMPUTE_DTYPE=tl.bfloat16,
+                     INPUT_PRECISION="tf32", SPLIT_K=4, SCALE_K=64), qcfg, "BLOCK_M", qprune))
+    out.append(("lora_matmul", "fwd_bf16_split_decode", lora_fwd.lora_matmul_kernel,
+                dict(mmp, y_ptr=f32), dict(mmf, HAS_BIAS=False, SPLIT_K=4), mcfg, "BLOCK_M", mprune))
+    fin = [lora_splitk.get_finish_config()]
+    finp = dict(part_ptr=f32, s_ptr=f32, b_ptr=bf, bias_ptr=bf, y_ptr=bf, cs_ptr=f32, ridx_ptr="i64")
+    out.append(("lora_splitk", "finish_bf16_colscale_bias_decode", lora_splitk.lora_splitk_finish_kernel, finp,
+                dict(stride_sr=1, stride_br=1, stride_yn=1, SPLIT_K=4, HAS_BIAS=True, HAS_COL_SCALE=True, GATHER=False,
+                     AD_SCALE=False, LORA_PRECISION="tf32", BLOCK_R=32), fin, "BLOCK_M", lambda c, named, **kw: c))
+    out.append(("lora_splitk", "finish_bf16_mixed_gather_decode", lora_splitk.lora_splitk_finish_kernel, finp,
+                dict(stride_sr=1, stride_br=1, stride_yn=1, SPLIT_K=8, HAS_BIAS=False, HAS_COL_SCALE=False,
+                     GATHER=True, AD_SCALE=True, LORA_PRECISION="tf32", BLOCK_R=32), fin, None,
+                lambda c, named, **kw: c))
     # every other variant of a kernel that takes mixed batches: none
     return [(k, v, fn, ptrs, dict(dict(MIXED=0, AD_SCALE=False) if "MIXED" in fn.arg_names else {}, **consts), cfgs,
              rows, prune) for k, v, fn, ptrs, consts, cfgs, rows, prune in out]
@@ -264,6 +280,10 @@ def compile_one(fn, ptrs, consts, cfg, cap):
     from triton.compiler import ASTSource
 
     consts = dict(consts, **cfg.kwargs)
+    # constexprs with a default (SPLIT_K, SCALE_K) that the variant does not set: their default, as a launch
+    # that omits them gets (ASTSource would otherwise take them for runtime i32 arguments)
+    consts.update({p.name: p.default for p in fn.params
+                   if p.is_constexpr and p.has_default and p.name not in consts})
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
@@ -291,7 +311,9 @@ DEFAULT_VARIANTS = ("fwd_bf16_dropout", "bwd_dx_bf16_dropout", "fwd_bf16_dropout
                     # DoRA with dropout: the two-accumulator forward (dense, packed) and dX GEMMs
                     "fwd_dora_bf16_dropout", "fwd_dora_nf4_dq_bf16_dropout", "bwd_dx_dora_bf16_dropout",
                     # mixed batches: segment tiles in the dense and packed GEMMs, decode tiles (gathered B)
-                    "fwd_mixed_segment_bf16", "fwd_mixed_segment_nf4_bf16", "fwd_mixed_gather_bf16_decode")
+                    "fwd_mixed_segment_bf16", "fwd_mixed_segment_nf4_bf16", "fwd_mixed_gather_bf16_decode",
+                    # split-K decode: the packed GEMM's partial sums and the finish kernel
+                    "fwd_nf4_bf16_split_decode", "finish_bf16_colscale_bias_decode")
 
 
 TORCH = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "u8": "uint8", "i8": "int8", "i32": "int32",

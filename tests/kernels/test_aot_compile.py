@@ -53,7 +53,8 @@ def _check(rows):
 
 def test_aot_compile_representative_configs():
     rows = _compile("default")
-    assert {d["kernel"] for d in rows} == {"lora_shrink", "lora_matmul", "lora_fused", "lora_wgrad", "lora_quant"}
+    assert {d["kernel"] for d in rows} == {"lora_shrink", "lora_matmul", "lora_fused", "lora_wgrad", "lora_quant",
+                                           "lora_splitk"}
     # every default variant compiled: one representative config, once per arch
     assert sorted(d["variant"] for d in rows) == sorted(2 * list(aot_compile.DEFAULT_VARIANTS))
     # the quant GEMM: a 64+-row prefill tile on wgmma, and the decode variant on 16-row tiles
