@@ -1,5 +1,6 @@
 """Quantized base weights for fastpeft: formats (nf4 / int8 / int4 / fp8), QuantLinear, ``quantize(model, fmt)``
-and importers for bitsandbytes, GPTQ, AWQ and transformers' FP8 weights. See formats.py for the packed layouts.
+and importers for bitsandbytes, GPTQ, AWQ, transformers' FP8 and compressed-tensors weights. See formats.py for
+the packed layouts.
 
 The submodules load on first use (PEP 562): fastpeft.ops imports fastpeft.quant.formats, a torch-only
 leaf, and must not pull QuantLinear, quantize or the importers along with it.
@@ -21,6 +22,8 @@ _EXPORTS = {
     "quantize": "quantize",
     "from_awq": "importers",
     "from_bnb": "importers",
+    "from_ctensors": "ctensors_import",
+    "load_ctensors_checkpoint": "ctensors_import",
     "from_fp8": "fp8_import",
     "import_fp8": "fp8_import",
     "load_fp8_checkpoint": "fp8_import",

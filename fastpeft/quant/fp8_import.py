@@ -22,8 +22,8 @@ Three entry points:
                                                             gets the checkpoint's weights, fp8 layers
                                                             as QuantLinear (on CPU, where transformers
                                                             itself would dequantize everything to bf16)
-compressed-tensors FP8 checkpoints ("quant_method": "compressed-tensors") are refused with a clear error:
-the compressed_tensors package is not available here to build or check one.
+compressed-tensors checkpoints ("quant_method": "compressed-tensors") are read by ctensors_import.py:
+load_fp8_checkpoint hands them to load_ctensors_checkpoint; import_fp8 refuses them (other tensor names).
 """
 from __future__ import annotations
 
@@ -87,8 +87,8 @@ def _block_size_of(quantization_config) -> object:
     cfg = quantization_config.to_dict() if hasattr(quantization_config, "to_dict") else dict(quantization_config)
     method = str(cfg.get("quant_method", "")).lower()
     if method == "compressed-tensors":
-        raise ValueError("compressed-tensors FP8 checkpoints are not supported by fastpeft's importer yet "
-                         "(only transformers' FineGrainedFP8 layout: quant_method 'fp8' with weight_scale_inv)")
+        raise ValueError("compressed-tensors checkpoints (weight + weight_scale) are not transformers' FP8 layout: "
+                         "load them with fastpeft.quant.load_ctensors_checkpoint (or load_fp8_checkpoint)")
     if method != "fp8":
         raise ValueError(f"quantization_config has quant_method {cfg.get('quant_method')!r}; the FP8 importer "
                          f"reads quant_method 'fp8' (transformers' FineGrainedFP8Config)")
@@ -141,7 +141,12 @@ def load_fp8_checkpoint(model: nn.Module, checkpoint: Union[str, dict], quantiza
 
     checkpoint: a directory (config.json + *.safetensors, as save_pretrained writes) or a state dict
     (then quantization_config is required). strict: as load_state_dict's, for the remaining tensors.
+    A compressed-tensors checkpoint goes to ctensors_import.load_ctensors_checkpoint (fp8, int8, int4 layers).
     """
+    if _is_ctensors(checkpoint, quantization_config):
+        from .ctensors_import import load_ctensors_checkpoint
+
+        return load_ctensors_checkpoint(model, checkpoint, quantization_config, strict)
     if isinstance(checkpoint, str):
         sd, config = _read_checkpoint(checkpoint)
         quantization_config = quantization_config or config.get("quantization_config")
@@ -190,6 +195,19 @@ def load_fp8_checkpoint(model: nn.Module, checkpoint: Union[str, dict], quantiza
     if strict and (missing or unexpected):
         raise ValueError(f"load_fp8_checkpoint: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
     return done
+
+
+def _is_ctensors(checkpoint, quantization_config) -> bool:
+    """Whether the config (given, or the checkpoint directory's config.json) is compressed-tensors'."""
+    if quantization_config is None and isinstance(checkpoint, str):
+        cfg_path = os.path.join(checkpoint, "config.json")
+        if os.path.exists(cfg_path):
+            with open(cfg_path, encoding="utf-8") as f:
+                quantization_config = json.load(f).get("quantization_config")
+    if quantization_config is None:
+        return False
+    cfg = quantization_config.to_dict() if hasattr(quantization_config, "to_dict") else dict(quantization_config)
+    return str(cfg.get("quant_method", "")).lower() == "compressed-tensors"
 
 
 def _tied(model: nn.Module, key: str) -> bool:

@@ -264,8 +264,14 @@ def test_load_fp8_checkpoint_matches_transformers(tmp_path, block):
     ours = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="quant_method 'fp8'"):  # a non-FP8 config is refused, naming it
         load_fp8_checkpoint(ours, str(tmp_path), quantization_config={"quant_method": "gptq"})
-    with pytest.raises(ValueError, match="compressed-tensors"):
+    # a compressed-tensors config goes to load_ctensors_checkpoint (tests/quant/test_quant_ctensors.py), which
+    # finds no config group in this one; import_fp8 (FP8Linear's weight_scale_inv) refuses it, naming the loader
+    with pytest.raises(ValueError, match="quantization_config has no config_groups"):
         load_fp8_checkpoint(ours, str(tmp_path), quantization_config={"quant_method": "compressed-tensors"})
+    ours.config.quantization_config = {"quant_method": "compressed-tensors"}
+    with pytest.raises(ValueError, match="load_ctensors_checkpoint"):
+        import_fp8(ours)
+    ours.config.quantization_config = None
     names = load_fp8_checkpoint(ours, str(tmp_path))
     assert len(names) == 2 * 7 and "lm_head" not in names
     q = ours.model.layers[1].mlp.down_proj
