@@ -252,14 +252,15 @@ def _shrink_block_r(r_max: int) -> int:
 # -- forward / backward -----------------------------------------------------------------------------
 def lora_mixed_fwd(x, weight, qw, bias, bank: AdapterBank, row_index, order, offsets, n: int, s_cols: int,
                    variant="auto", fp32_tf32=False, config=None, shrink_config=None, out=None, s_out=None,
-                   split_k=None):
+                   split_k=None, fp8_dot=False):
     """(Y [M, N] in x.dtype, S [M, s_cols] fp32) of a mixed batch: y_i = x_i W^T (+ bias) + s_k S_i B_k^T.
 
     weight [N, K] (dense, or None) or qw (a packed QuantizedWeight); row_index / order / offsets: the plan
     (fastpeft.ops.RowPlan); bank: `adapter_bank`. S row i holds x_i A_k^T in its first
     r_k columns and zeros in the rest (base rows: all zero); s_cols >= bank.r_max. variant: "auto"
     (gathered decode GEMM for M <= GATHER_MAX_M, else segment tiles), "segment" or "gather".
-    split_k: the gathered GEMM's K split (kernels/lora_splitk.py; None: `split_k_for` picks it).
+    split_k: the gathered GEMM's K split (kernels/lora_splitk.py; None: `split_k_for` picks it). fp8_dot:
+    an fp8 base as W8A8 on the tensor cores (kernels/lora_quant.py `fp8_w8a8_step`).
     """
     from .lora_fwd import launch_lora_matmul
     from .lora_quant import launch_lora_quant
@@ -279,7 +280,8 @@ def lora_mixed_fwd(x, weight, qw, bias, bank: AdapterBank, row_index, order, off
         s.zero_()
         z = x.new_empty((n, 0))
         if qw is not None:
-            launch_lora_quant(x, qw, s[:, :0], z, bias, y, 1.0, True, fp32_tf32=fp32_tf32, config=config)
+            launch_lora_quant(x, qw, s[:, :0], z, bias, y, 1.0, True, fp32_tf32=fp32_tf32, config=config,
+                              fp8_dot=fp8_dot)
         else:
             launch_lora_matmul(x, weight, s[:, :0], z, bias, y, 1.0, fp32_tf32=fp32_tf32, config=config)
         return y, s
@@ -292,7 +294,7 @@ def lora_mixed_fwd(x, weight, qw, bias, bank: AdapterBank, row_index, order, off
     split = (split_k if split_k is not None else split_k_for(m, n, k, x.device)) if gather else 1
     if qw is not None:
         launch_lora_quant(x, qw, s, bank.b, bias, y, 1.0, True, fp32_tf32=fp32_tf32, config=config, mixed=gemm,
-                          split_k=split)
+                          split_k=split, fp8_dot=fp8_dot)
     else:
         launch_lora_matmul(x, weight, s, bank.b, bias, y, 1.0, fp32_tf32=fp32_tf32, config=config, mixed=gemm,
                            split_k=split)

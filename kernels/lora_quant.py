@@ -66,13 +66,34 @@ def get_lora_quant_configs():
         (32, 64, 32, 4, 3), (32, 128, 32, 8, 3),
         (16, 32, 64, 4, 3), (16, 64, 64, 4, 3), (16, 64, 32, 4, 3), (16, 128, 32, 4, 3), (16, 32, 128, 4, 2),
         (16, 32, 32, 4, 3),  # exact fp32 ("ieee") decode with N or K <= 32: the only tile its rule allows
+        # fp8 W8A8 (FP8_DOT): K tiles of 128, one activation group each; the W tile goes to the tensor cores
+        # as stored codes, not built in registers, so only these pass its rule (and none the others')
+        (128, 64, 128, 8, 3), (64, 64, 128, 4, 3), (16, 64, 128, 4, 3), (16, 128, 128, 4, 3),
     ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_P": bp, "BLOCK_Q": bq, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bp, bq, w, s in shapes]
 
 
-def _quant_config_ok(c, mb, p, q, elt, out_dropout=False, precision="tf32", dual=0, mixed=0, fmt=0):
+def _fp8_dot_config_ok(c, mb, p, elt):
+    """fp8 W8A8 (FP8_DOT): BLOCK_Q = 128 (one activation group per K tile, inside one 128-wide scale
+    block); decode on 16-row tiles; the x tile in fp32 registers (its scale, its codes) next to the
+    accumulator at most 96 values per thread (ptxas -v, sm_90: 128x128x128 on 8 warps and 64x128x128 on 4,
+    128 each, spilled 116 B; 64x64x128 on 4, 96, did not); the pipelined x (16-bit) and W (1-byte) tiles in
+    shared memory."""
     bm, bp, bq = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]
+    if bq != 128 or (mb <= DECODE_MAX_M and bm != 16) or bm > max(16, mb) or bp > max(32, triton.next_power_of_2(p)):
+        return False
+    if bm * bp + bm * bq > 96 * 32 * c.num_warps:
+        return False
+    return c.num_stages * (bm * bq * elt + bq * bp) <= SMEM_LIMIT
+
+
+def _quant_config_ok(c, mb, p, q, elt, out_dropout=False, precision="tf32", dual=0, mixed=0, fmt=0, fp8_dot=False):
+    if fp8_dot:
+        return _fp8_dot_config_ok(c, mb, p, elt)
+    bm, bp, bq = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]
+    if bq == 128 and bm > 16:  # W8A8's tiles: a register-built W tile this deep spilled (128x64x128, ptxas -v)
+        return False
     out_dropout = out_dropout or dual == DUAL_DX  # DUAL_DX draws dX's mask at the end
     if mb <= DECODE_MAX_M and bm != 16:
         return False  # decode: only 16-row tiles (no work on padding rows, many programs along P)
@@ -125,7 +146,7 @@ def prune_lora_quant_configs(configs, named_args, **kwargs):
     kept = [c for c in configs if _quant_config_ok(c, named_args["M_BUCKET"], named_args["P"], named_args["Q"], elt,
                                                    bool(kwargs.get("OUT_DROPOUT")), kwargs.get("INPUT_PRECISION"),
                                                    int(kwargs.get("DUAL", 0)), int(kwargs.get("MIXED", 0)),
-                                                   int(kwargs.get("FORMAT", 0)))]
+                                                   int(kwargs.get("FORMAT", 0)), bool(kwargs.get("FP8_DOT")))]
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_P"], c.kwargs["BLOCK_Q"]))]
 
 
@@ -173,6 +194,51 @@ def e4m3fn_to_f32(bits):
     sub = tl.where((bits & 0x80) != 0, -sub, sub)
     val = tl.where(e == 0, sub, normal)
     return tl.where((bits & 0x7F) == 0x7F, float("nan"), val)
+
+
+@triton.jit
+def f32_to_e4m3fn_bits(v):
+    """float8_e4m3fn codes (int32 0..255) of fp32 values |v| <= 448, rounded to nearest even, by
+    integer arithmetic: the bits torch's v.to(torch.float8_e4m3fn) gives.
+
+    Why not v.to(tl.float8e4nv): Triton's CPU interpreter rounds wrongly when the rounding carries
+    into the exponent (1.9656 -> 1.0), so the interpreter tests could not check the kernel; this is
+    exact on both. Normal results (|v| >= 2^-6): round fp32's 23-bit mantissa to 3 bits (add half an
+    ulp minus one, plus the kept lsb: ties to even), a carry moving into the exponent as it should,
+    then rebias the exponent (127 -> 7); 448 < |v| saturates to 448 (0x7E). Subnormal results: the
+    24-bit significand shifted to units of 2^-9, ties to even; a round-up to 8 is the code of 2^-6.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = bits & 0x7FFFFFFF
+    e = a >> 23
+    normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3)
+    normal = tl.minimum(normal, 0x7E)
+    mant = (a & 0x7FFFFF) | 0x800000
+    shift = tl.minimum(141 - e, 31)
+    sub = (mant + (1 << (shift - 1)) - 1 + ((mant >> shift) & 1)) >> shift
+    sub = tl.where(shift >= 25, 0, sub)
+    return tl.where(e >= 121, normal, sub) | sign
+
+
+@triton.jit
+def fp8_w8a8_step(acc, x, qdata_ptr, scales_ptr, qs, q_ok, q0, cols, col_ok, stride_qn, stride_sn, blocksize,
+                  block_n):
+    """acc + deq8(x) deq(W)^T for one [BLOCK_Q, BLOCK_P] tile of fp8 W, on fp8 tensor cores (W8A8).
+
+    The x tile becomes e4m3 codes with one fp32 scale per row (amax / 448 over the tile's BLOCK_Q = 128
+    columns: transformers' and DeepSeek's 1 x 128 activation groups), W's codes are used as stored, and
+    the fp32 dot of the codes is scaled by x's row scales and W's block scale of each column (the tile
+    lies inside one 128-wide scale block: the launcher checks). Divisions are IEEE (div_rn) so that the
+    codes equal the torch reference's x / s.
+    """
+    xf = x.to(tl.float32)
+    xs = tl.math.div_rn(tl.maximum(tl.max(tl.abs(xf), axis=1), 1e-30), 448.0)  # [BLOCK_M]
+    xq = f32_to_e4m3fn_bits(tl.math.div_rn(xf, xs[:, None])).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    wq = tl.load(qdata_ptr + cols.to(tl.int64)[None, :] * stride_qn + qs[:, None],
+                 mask=q_ok[:, None] & col_ok[None, :], other=0).to(tl.float8e4nv, bitcast=True)  # [BLOCK_Q, BLOCK_P]
+    ws = tl.load(scales_ptr + (cols // block_n) * stride_sn + q0 // blocksize, mask=col_ok, other=0.0)  # [BLOCK_P]
+    return acc + tl.dot(xq, wq, out_dtype=tl.float32) * (xs[:, None] * ws[None, :])
 
 
 @triton.jit
@@ -277,7 +343,7 @@ def lora_quant_kernel(
     HAS_COL_SCALE: tl.constexpr, X_SCALE: tl.constexpr, DUAL: tl.constexpr, MIXED: tl.constexpr,
     AD_SCALE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr = 1, SCALE_K: tl.constexpr = 1,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr = 1, SCALE_K: tl.constexpr = 1, FP8_DOT: tl.constexpr = False,
 ):
     """y[M, P] = x[M, Q] Wop[Q, P] + scale * D_out * (S[M, R] Bt[R, P]) (+ bias[P]); Bt[r, p] = b[p, r].
 
@@ -312,22 +378,26 @@ def lora_quant_kernel(
         x = tl.load(x_rows + qs[None, :] * stride_xk,
                     mask=row_ok[:, None] & q_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_Q]
         wmask = q_ok[:, None] & col_ok[None, :]  # [BLOCK_Q, BLOCK_P]
-        if PACKED:
-            nib = load_nibbles(qdata_ptr, q0, pid_p * BLOCK_P, Q, P, stride_qn, TRANS_W, BLOCK_Q,
-                               BLOCK_P)  # [BLOCK_Q, BLOCK_P] int32 codes
+        if FP8_DOT:  # fp8 W8A8 on the tensor cores (forward, fp8, no DoRA dropout: the launcher checks)
+            acc = fp8_w8a8_step(acc, x, qdata_ptr, scales_ptr, qs, q_ok, q0, cols, col_ok, stride_qn, stride_sn,
+                                blocksize, block_n)
         else:
-            nib = 0  # unused: dequant_w reads bytes per element
-        if TRANS_W:  # Wop[q, p] = W[p, q]: W's k runs along q
-            wn, wk, n_ok, k_first = cols[None, :], qs[:, None], col_ok[None, :], q0  # [1, BLOCK_P], [BLOCK_Q, 1]
-        else:  # Wop[q, p] = W[q, p]: W's k runs along p
-            wn, wk, n_ok, k_first = qs[:, None], cols[None, :], q_ok[:, None], pid_p * BLOCK_P
-        w = dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
-                      wn, wk, wmask, n_ok, k_first, nib, K, stride_qn, stride_sn, stride_zn, blocksize, bs_shift,
-                      bs2_shift, block_n, FORMAT, DOUBLE_QUANT, HAS_GIDX, INDEX_64, PACKED, SCALE_K,
-                      TILE_K)  # [BLOCK_Q, BLOCK_P] fp32
-        # Round W to x's dtype first (the reference's dequantize(qw, x.dtype)), then the dot(s).
-        acc, acc2 = base_step(acc, acc2, x, w.to(x_ptr.dtype.element_ty), rows, qs, q_ok, Q, cs_ptr, seed, p_drop,
-                              X_SCALE, DUAL, COMPUTE_DTYPE, INPUT_PRECISION)
+            if PACKED:
+                nib = load_nibbles(qdata_ptr, q0, pid_p * BLOCK_P, Q, P, stride_qn, TRANS_W, BLOCK_Q,
+                                   BLOCK_P)  # [BLOCK_Q, BLOCK_P] int32 codes
+            else:
+                nib = 0  # unused: dequant_w reads bytes per element
+            if TRANS_W:  # Wop[q, p] = W[p, q]: W's k runs along q
+                wn, wk, n_ok, k_first = cols[None, :], qs[:, None], col_ok[None, :], q0  # [1, BLOCK_P], [BLOCK_Q, 1]
+            else:  # Wop[q, p] = W[q, p]: W's k runs along p
+                wn, wk, n_ok, k_first = qs[:, None], cols[None, :], q_ok[:, None], pid_p * BLOCK_P
+            w = dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
+                          wn, wk, wmask, n_ok, k_first, nib, K, stride_qn, stride_sn, stride_zn, blocksize, bs_shift,
+                          bs2_shift, block_n, FORMAT, DOUBLE_QUANT, HAS_GIDX, INDEX_64, PACKED, SCALE_K,
+                          TILE_K)  # [BLOCK_Q, BLOCK_P] fp32
+            # Round W to x's dtype first (the reference's dequantize(qw, x.dtype)), then the dot(s).
+            acc, acc2 = base_step(acc, acc2, x, w.to(x_ptr.dtype.element_ty), rows, qs, q_ok, Q, cs_ptr, seed,
+                                  p_drop, X_SCALE, DUAL, COMPUTE_DTYPE, INPUT_PRECISION)
 
     finish_lora_tile(acc, acc2, y_ptr, zd_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, P, stride_ym, stride_yn,
                      stride_zdm, stride_zdn, seed, p_drop, inv_keep, HAS_BIAS, HAS_COL_SCALE, DUAL)
@@ -337,7 +407,7 @@ lora_quant_kernel_tuned = triton.autotune(
     configs=get_lora_quant_configs(),
     key=["M_BUCKET", "P", "Q", "R", "FORMAT", "DOUBLE_QUANT", "HAS_GIDX", "PACKED", "TRANS_W", "HAS_BIAS",
          "OUT_DROPOUT", "HAS_COL_SCALE", "X_SCALE", "DUAL", "MIXED", "INPUT_PRECISION", "LORA_PRECISION",
-         "SPLIT_K", "SCALE_K"],
+         "SPLIT_K", "SCALE_K", "FP8_DOT"],
     prune_configs_by={"early_config_prune": prune_lora_quant_configs},
 )(lora_quant_kernel)
 
@@ -404,6 +474,17 @@ def scale_k(qw) -> int:
     return 1
 
 
+def fp8_dot_reason(qw) -> "str | None":
+    """None when fp8 W8A8 (`fp8_w8a8_step`) can serve this weight, else why not: fp8 codes, K a multiple of
+    128 and scale blocks 128 (or a multiple) wide along K, so that each 128-wide K tile, one activation
+    group, has one scale per column."""
+    if qw.fmt != "fp8":
+        return f"W8A8 runs on fp8 weights, not {qw.fmt}"
+    if qw.K % 128 or qw.blocksize % 128:
+        return f"W8A8 needs K ({qw.K}) and the scale blocks along K ({qw.blocksize}) to be multiples of 128"
+    return None
+
+
 def _log2(v: int) -> int:
     """log2 of a power of two (nf4 block sizes); 0 for unused (0) sizes."""
     return max(0, int(v).bit_length() - 1)
@@ -426,15 +507,22 @@ def _packed_args(qw, dummy):
 
 
 def launch_lora_quant(x, qw, s, b, bias, y, scale, trans_w, out_dropout_p=0.0, seed=0, fp32_tf32=False,
-                      config=None, col_scale=None, x_col_scale=None, in_dropout_p=0.0, z=None, mixed=None, split_k=1):
+                      config=None, col_scale=None, x_col_scale=None, in_dropout_p=0.0, z=None, mixed=None, split_k=1,
+                      fp8_dot=False):
     """y = x Wop + scale * D_out * (s b^T) (+ bias) with Wop = deq(W)^T (trans_w) or deq(W).
     x [M, Q], s [M, R] fp32, b [P, R], y [M, P] (strided views allowed); R = 0: y = x Wop (+ bias).
     DoRA: col_scale / x_col_scale / in_dropout_p / z, mixed (a mixed batch) and split_k (decode), as for
-    kernels.lora_fwd.launch_lora_matmul (`_common.dora_args`, `_common.MixedRows`). Callers check."""
+    kernels.lora_fwd.launch_lora_matmul (`_common.dora_args`, `_common.MixedRows`). fp8_dot: fp8 W8A8 on
+    the tensor cores (`fp8_w8a8_step`; forward only, `fp8_dot_reason`). Callers check shapes."""
     m, q = x.shape
     p, r = b.shape
     cs, pd, dora = dora_args("launch_lora_quant", col_scale, x_col_scale, in_dropout_p, out_dropout_p, z, p, q,
                              x.device)
+    if fp8_dot:
+        reason = fp8_dot_reason(qw) or (None if trans_w else "dX (trans_w False) dequantizes W") or (
+            "DoRA's dX or dropout forward" if dora["X_SCALE"] or dora["DUAL"] else None)
+        if reason is not None:
+            raise ValueError(f"launch_lora_quant: fp8_dot (W8A8) cannot run this launch: {reason}")
     out = y
     if split_k > 1:  # the partial sums go to the workspace; the finish kernel adds LoRA, g and bias
         out = split_workspace("launch_lora_quant", split_k, m, p, out_dropout_p, z is not None, mixed, x.device)
@@ -459,7 +547,7 @@ def launch_lora_quant(x, qw, s, b, bias, y, scale, trans_w, out_dropout_p=0.0, s
                   HAS_BIAS=bias is not None and split_k == 1,
                   COMPUTE_DTYPE=tl_dtype(x.dtype), INPUT_PRECISION=dot_precision((x.dtype,), fp32_tf32),
                   LORA_PRECISION=lora_precision, BLOCK_R=min(r_block(r), QUANT_BLOCK_R), SPLIT_K=split_k,
-                  SCALE_K=scale_k(qw))
+                  SCALE_K=scale_k(qw), FP8_DOT=bool(fp8_dot))
     launch(lora_quant_kernel_tuned, split_grid(mixed_grid(mixed, m, p, "BLOCK_M", "BLOCK_P"), split_k), args,
            consts, config)
     if split_k > 1:
@@ -484,7 +572,7 @@ def _check(fn, x, qw, a, b, dropout_p):
 
 
 def lora_quant_fwd(x, qw, bias, a, b, scale, dropout_p=0.0, seed=0, fp32_tf32=False, config=None,
-                   shrink_config=None, col_scale=None, split_k=None):
+                   shrink_config=None, col_scale=None, split_k=None, fp8_dot=False):
     """(Y [M, N] in x.dtype, S [M, r] fp32): Y = x deq(W)^T + scale * ((D x) a^T) b^T (+ bias).
 
     qw: fastpeft.quant.formats.QuantizedWeight (nf4 / int4 / int8 / fp8). config / shrink_config: explicit
@@ -494,7 +582,9 @@ def lora_quant_fwd(x, qw, bias, a, b, scale, dropout_p=0.0, seed=0, fp32_tf32=Fa
     col_scale: DoRA's g [N], as for kernels.lora_fwd.lora_fwd: with dropout_p > 0 the return is
     (Y, S, Z_d), Z_d = (D x) deq(W)^T + scale S b^T, Y = x deq(W)^T - (D x) deq(W)^T + g Z_d + bias.
     split_k: K split of the GEMM (decode, kernels/lora_splitk.py); None: `split_k_for` picks it (never
-    for DoRA with dropout)."""
+    for DoRA with dropout). fp8_dot: x W^T as fp8 W8A8 on the tensor cores (x quantized per row and 128
+    columns, `fp8_w8a8_step`) instead of W dequantized to x's dtype; the LoRA term stays exact. DoRA with
+    dropout (two accumulators over one x tile) runs the dequantized path whatever fp8_dot says."""
     _check("lora_quant_fwd", x, qw, a, b, dropout_p)
     m, n = x.shape[0], qw.N
     dual = col_scale is not None and dropout_p > 0.0
@@ -510,7 +600,7 @@ def lora_quant_fwd(x, qw, bias, a, b, scale, dropout_p=0.0, seed=0, fp32_tf32=Fa
             split = 1 if dual else split_k if split_k is not None else split_k_for(m, n, qw.K, x.device)
             launch_lora_quant(x, qw, s, b, bias, y, scale, True, fp32_tf32=fp32_tf32, config=config,
                               col_scale=col_scale, in_dropout_p=dropout_p if dual else 0.0, seed=seed, z=zd,
-                              split_k=split)
+                              split_k=split, fp8_dot=fp8_dot and not dual)
     return (y, s) if zd is None else (y, s, zd)
 
 

@@ -49,6 +49,7 @@ unless several adapters use dropout):
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -83,6 +84,37 @@ def _mixed_kernels():
 def _fp32_tf32(x: Tensor) -> bool:
     """fp32 dots use TF32 exactly when torch's own fp32 matmuls would (F.linear parity)."""
     return x.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+
+
+FP8_DOT_ENV = "FASTPEFT_FP8_DOT"
+
+
+def _fp8_dot(call: LoraCall) -> bool:
+    """Whether an fp8 base runs its forward as W8A8 on fp8 tensor cores (kernels/lora_quant.py
+    `fp8_w8a8_step`: x quantized to e4m3 per row and 128 columns, as transformers' and vLLM's fp8 linears
+    do) rather than W dequantized to x's dtype. Automatic: on GPUs with fp8 tensor cores (sm_89+: Ada,
+    Hopper) when the weight allows it (`fp8_dot_reason`) and the call has more than DECODE_MAX_M rows;
+    elsewhere, or FASTPEFT_FP8_DOT=0, the exact dequantized path. Decode is left exact because it gains
+    nothing there: its 16-row tiles get no fp8 MMA from Triton on sm_90 (ptxas: mma.sync on converted
+    operands, not wgmma e4m3), and both paths read the same fp8 bytes. FASTPEFT_FP8_DOT=1 forces W8A8 at
+    any M (also under the interpreter: the CI tests), and raises when the weight cannot take it.
+    Backward (dX) always dequantizes."""
+    qw = call.base.packed
+    if qw is None or qw.fmt != "fp8":
+        return False
+    env = os.environ.get(FP8_DOT_ENV, "").strip()
+    if env not in ("", "0", "1"):
+        raise RuntimeError(f"{FP8_DOT_ENV}={env!r}: expected 0, 1 or unset")
+    if env == "0":
+        return False
+    reason = _kernels()[3].fp8_dot_reason(qw)
+    if env == "1":
+        if reason is not None:
+            raise RuntimeError(f"{FP8_DOT_ENV}=1 forces fp8 W8A8, which cannot run this {call.describe()}: {reason}")
+        return True
+    x = call.x
+    return (reason is None and call.M > _kernels()[3].DECODE_MAX_M and x.device.type == "cuda"
+            and torch.cuda.get_device_capability(x.device) >= (8, 9))
 
 
 def supports(call: LoraCall) -> Optional[str]:
@@ -162,7 +194,7 @@ def _mixed_forward(call: LoraCall) -> tuple:
     plan, base = call.plan, call.base
     return _mixed_kernels().lora_mixed_fwd(call.x, base.weight, base.packed, base.bias, _bank(call), plan.row_index,
                                            plan.order, plan.offsets, call.N, call.r_total,
-                                           fp32_tf32=_fp32_tf32(call.x))
+                                           fp32_tf32=_fp32_tf32(call.x), fp8_dot=_fp8_dot(call))
 
 
 def _mixed_backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, needs_dA: list,
@@ -194,7 +226,7 @@ def forward(call: LoraCall) -> tuple:
         a, g = call.adapters[0], _col_scale(call)
         if base.packed is not None:
             return quant.lora_quant_fwd(x, base.packed, base.bias, a.A, a.B, a.scale, a.dropout_p, call.seed,
-                                        fp32_tf32=tf32, col_scale=g)
+                                        fp32_tf32=tf32, col_scale=g, fp8_dot=_fp8_dot(call))
         return fwd.lora_fwd(x, base.weight, base.bias, a.A, a.B, a.scale, a.dropout_p, call.seed, fp32_tf32=tf32,
                             col_scale=g)
     if len(call.adapters) <= 1:
@@ -204,7 +236,8 @@ def forward(call: LoraCall) -> tuple:
         else:
             (A, B), s, p = _empty_adapter(call), 1.0, 0.0
         if base.packed is not None:
-            return quant.lora_quant_fwd(x, base.packed, base.bias, A, B, s, p, call.seed, fp32_tf32=tf32)
+            return quant.lora_quant_fwd(x, base.packed, base.bias, A, B, s, p, call.seed, fp32_tf32=tf32,
+                                        fp8_dot=_fp8_dot(call))
         return fwd.lora_fwd(x, base.weight, base.bias, A, B, s, p, call.seed, fp32_tf32=tf32)
     S = common.empty((call.M, call.r_total), torch.float32, x.device)
     for a, seed, sl in zip(call.adapters, call.seeds(), call.r_slices()):
@@ -212,7 +245,8 @@ def forward(call: LoraCall) -> tuple:
     Y = common.empty((call.M, call.N), x.dtype, x.device)
     if call.M and call.N:
         if base.packed is not None:
-            quant.launch_lora_quant(x, base.packed, S, _stacked_b(call), base.bias, Y, 1.0, True, fp32_tf32=tf32)
+            quant.launch_lora_quant(x, base.packed, S, _stacked_b(call), base.bias, Y, 1.0, True, fp32_tf32=tf32,
+                                    fp8_dot=_fp8_dot(call))
         else:
             fwd.launch_lora_matmul(x, base.weight, S, _stacked_b(call), base.bias, Y, 1.0, fp32_tf32=tf32)
     return Y, S

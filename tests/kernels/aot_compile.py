@@ -148,6 +148,12 @@ def _variants():
                 dict(qbwd, **fp8c, FORMAT=fp8, SCALE_K=128), qcfg, "BLOCK_M", qprune))
     out.append(("lora_quant", "fwd_fp8_bf16_decode", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
                 dict(qfwd, **fp8c, FORMAT=fp8, HAS_BIAS=False), qcfg, "BLOCK_M", qprune))
+    # fp8 W8A8 (FP8_DOT): x quantized to e4m3 in registers, fp8 x fp8 dots (sm_90: wgmma on e4m3 operands)
+    out.append(("lora_quant", "fwd_fp8_w8a8_bf16_bias", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
+                dict(qfwd, **fp8c, FORMAT=fp8, HAS_BIAS=True, SCALE_K=128, FP8_DOT=True), qcfg, "BLOCK_M", qprune))
+    out.append(("lora_quant", "fwd_fp8_w8a8_bf16_decode", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
+                dict(qfwd, **fp8c, FORMAT=fp8, HAS_BIAS=False, SCALE_K=128, FP8_DOT=True, SPLIT_K=4), qcfg, "BLOCK_M",
+                qprune))
     # nf4 with odd K: rows start mid-byte, each element reads its own byte (no packed tile)
     out.append(("lora_quant", "fwd_nf4_oddk_bf16", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
                 dict(qfwd, FORMAT=nf4, PACKED=False, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=False,
@@ -313,7 +319,9 @@ DEFAULT_VARIANTS = ("fwd_bf16_dropout", "bwd_dx_bf16_dropout", "fwd_bf16_dropout
                     # mixed batches: segment tiles in the dense and packed GEMMs, decode tiles (gathered B)
                     "fwd_mixed_segment_bf16", "fwd_mixed_segment_nf4_bf16", "fwd_mixed_gather_bf16_decode",
                     # split-K decode: the packed GEMM's partial sums and the finish kernel
-                    "fwd_nf4_bf16_split_decode", "finish_bf16_colscale_bias_decode")
+                    "fwd_nf4_bf16_split_decode", "finish_bf16_colscale_bias_decode",
+                    # fp8 W8A8 on e4m3 tensor cores (sm_90 only)
+                    "fwd_fp8_w8a8_bf16_bias")
 
 
 TORCH = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "u8": "uint8", "i8": "int8", "i32": "int32",
@@ -342,6 +350,12 @@ def representative(configs, dot_rows_key):
     return [max(configs, key=key)]
 
 
+def arches(variant: str) -> tuple:
+    """The compute capabilities a variant compiles for: fp8 W8A8 needs fp8 tensor cores (sm_89+; Triton has
+    no e4m3 type on sm_80, where fastpeft.ops runs the dequantized path instead), the rest sm_80 and sm_90."""
+    return (90,) if "_w8a8_" in variant else (80, 90)
+
+
 def main(mode: str, only: str = ""):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("run without TRITON_INTERPRET: the interpreter replaces kernels by Python")
@@ -352,7 +366,7 @@ def main(mode: str, only: str = ""):
                           m_bucket=16 if variant.endswith("_decode") else None)
         chosen = configs if mode == "all" else representative(configs, rows_key)
         for cfg in chosen:
-            for cap in (80, 90):
+            for cap in arches(variant):
                 arch = "sm_90a" if cap == 90 else f"sm_{cap}"
                 c = compile_one(fn, ptrs, consts, cfg, cap)
                 ptx = c.asm["ptx"]
@@ -361,6 +375,7 @@ def main(mode: str, only: str = ""):
                 print(json.dumps(dict(kernel=kname, variant=variant, config=str(cfg), cap=cap, target=target,
                                       arch=arch, shared=c.metadata.shared, wgmma="wgmma" in ptx,
                                       mma=("mma.sync" in ptx) or ("wgmma" in ptx),
+                                      fp8_mma=bool(re.search(r"(wgmma|mma)\S*e4m3", ptx)),
                                       dot_rows=cfg.kwargs[rows_key] if rows_key else None,
                                       spill_stores=stores, spill_loads=loads, regs=regs)), flush=True)
 
