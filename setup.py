@@ -20,7 +20,7 @@ if os.environ.get("FASTPEFT_BUILD_CUDA") == "1":
     ext_modules = [
         CUDAExtension(
             "fastpeft._C",
-            ["csrc/binding.cpp", "csrc/lora_gemv.cu"],
+            ["csrc/binding.cpp", "csrc/lora_gemv.cu", "csrc/lora_qgemv.cu"],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17"]},
         )
     ]
@@ -48,7 +48,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "peft==0.21.2", "transformers==5.24.0", "bitsandbytes", "accelerate==1.15.0",
-                 "matplotlib", "trl==1.16.0", "deepspeed==0.19.8"],
+                 "matplotlib", "trl==1.16.0", "deepspeed==0.19.8", "compressed-tensors==0.20.1"],
     },
     entry_points={"console_scripts": ["fastpeft=fastpeft.cli:main"]},
     ext_modules=ext_modules,

@@ -621,6 +621,22 @@ cudaError_t launch_mixed_ab(const Params& p, const MixedTable& t, int ab_dtype, 
   return launch_mixed_m<T, T>(p, t, use_pdl, stream);
 }
 
+// The shrink kernel alone (fastpeft_lora_shrink, for lora_qgemv.cu): the same instantiations launch_typed uses.
+template <typename T, typename TA>
+cudaError_t launch_shrink_m(const Params& p, cudaStream_t stream) {
+  if (p.M <= 1) lora_shrink_kernel<T, TA, 1><<<p.r, kShrinkThreads, 0, stream>>>(p);
+  else if (p.M <= 2) lora_shrink_kernel<T, TA, 2><<<p.r, kShrinkThreads, 0, stream>>>(p);
+  else if (p.M <= 4) lora_shrink_kernel<T, TA, 4><<<p.r, kShrinkThreads, 0, stream>>>(p);
+  else lora_shrink_kernel<T, TA, 8><<<p.r, kShrinkThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_shrink_ab(const Params& p, int ab_dtype, cudaStream_t stream) {
+  if (ab_dtype == kDtypeF32) return launch_shrink_m<T, float>(p, stream);
+  return launch_shrink_m<T, T>(p, stream);
+}
+
 }  // namespace
 
 // Returns a cudaError_t value (0 = success). x, w, y, bias share x_dtype (1 = fp16, 2 = bf16); A and B
@@ -705,4 +721,27 @@ extern "C" int fastpeft_lora_gemv_mixed(const void* x, int64_t ldx, const void* 
 
   if (x_dtype == kDtypeBF16) return (int)launch_mixed_ab<__nv_bfloat16>(p, t, ab_dtype, use_pdl != 0, stream);
   return (int)launch_mixed_ab<__half>(p, t, ab_dtype, use_pdl != 0, stream);
+}
+
+
+// S = x A^T alone (fp32 [M, r], row stride lds): the shrink kernel above, shared with the quantized decode GEMV
+// (csrc/lora_qgemv.cu), which launches its own GEMV behind it (the shrink triggers programmatic dependents at
+// its start, so a PDL launch after it overlaps as it does here). Returns a cudaError_t value (0 = success).
+extern "C" int fastpeft_lora_shrink(const void* x, int64_t ldx, const void* a, int64_t lda, float* s, int64_t lds,
+                                    int M, int K, int r, int x_dtype, int ab_dtype, cudaStream_t stream) {
+  if (M < 0 || M > kMaxM || K < 0 || r < 1 || r > kMaxR) return (int)cudaErrorInvalidValue;
+  if (x_dtype != kDtypeF16 && x_dtype != kDtypeBF16) return (int)cudaErrorInvalidValue;
+  if (ab_dtype != kDtypeF32 && ab_dtype != x_dtype) return (int)cudaErrorInvalidValue;
+  if (x == nullptr || a == nullptr || s == nullptr) return (int)cudaErrorInvalidValue;
+  if (M == 0) return (int)cudaSuccess;
+
+  Params p = {};
+  p.x = x; p.ldx = ldx; p.a = a; p.lda = lda; p.s = s; p.lds = lds;
+  p.M = M; p.N = 0; p.K = K; p.r = r; p.scale = 1.f;
+  const int ab_bytes = ab_dtype == kDtypeF32 ? 4 : 2;
+  p.vec_x = rows_aligned(x, ldx, 2);
+  p.vec_shrink = rows_aligned(x, ldx, 2) && rows_aligned(a, lda, ab_bytes);
+
+  if (x_dtype == kDtypeBF16) return (int)launch_shrink_ab<__nv_bfloat16>(p, ab_dtype, stream);
+  return (int)launch_shrink_ab<__half>(p, ab_dtype, stream);
 }

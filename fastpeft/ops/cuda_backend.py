@@ -28,6 +28,10 @@ columns and zeros after them (the contract). Backward: torch_backend's _mixed_ba
 CUDA graphs: a captured mixed launch keeps the adapter table it was captured with (see csrc/lora_gemv.cu);
 rows that later name other adapters come out NaN, so recapture when the set of adapters changes.
 
+Quantized base weights (call.base.packed: nf4 with or without double quant, int4 with or without g_idx, int8,
+fp8) run csrc/lora_qgemv.cu's decode GEMV (fastpeft/ops/cuda_quant.py says what it takes): one adapter as above
+or none (r = 0), no mixed batches; backward as for the dense GEMV (the torch backend's, W dequantized).
+
 Environment: FASTPEFT_CUDA_JIT=0 forbids the just-in-time build; FASTPEFT_CUDA_PDL=0 turns off
 programmatic dependent launch (Hopper) between the shrink and GEMV kernels; FASTPEFT_CUDA_VERBOSE=1
 shows the build log.
@@ -43,13 +47,15 @@ from typing import Optional
 
 import torch
 
+from . import cuda_quant
+
 MAX_M = 8
 # Automatic dispatch picks this kernel only up to AUTO_MAX_M rows. Measured on an H100 (bf16, K=N=4096,
 # r in {16, 64}, CUDA graphs; benchmarks/results/h100_lora_gemv.json): M=1 16.2 us vs F.linear 15.7 us,
 # M=4 25 us (peft-style eager 29-39 us), but M=8 37-43 us, slower than the unfused path (29-38 us).
 AUTO_MAX_M = 4
 GEMV_MAX_R = 128  # kMaxR of csrc/lora_gemv.cu (the Triton kernels go to kernels._common.MAX_R)
-CSRC_FILES = ("binding.cpp", "lora_gemv.cu")  # setup.py lists the same two files
+CSRC_FILES = ("binding.cpp", "lora_gemv.cu", "lora_qgemv.cu")  # setup.py lists the same files
 
 _lock = threading.Lock()
 _PDL_ENABLED = os.environ.get("FASTPEFT_CUDA_PDL", "1") != "0"  # read once, at import
@@ -160,8 +166,10 @@ def _shape_reason(x2d, weight, bias, A, B) -> Optional[str]:
 
 def _call_reason(call) -> Optional[str]:
     """What the decode kernel cannot take about the call's base and adapter set (no GPU needed to ask)."""
-    if call.base.packed is not None:
-        return "the CUDA decode kernel has no quantized base weights yet (the triton backend runs them)"
+    if call.base.packed is not None:  # csrc/lora_qgemv.cu (cuda_quant): also without an adapter (r = 0)
+        reason = cuda_quant.call_reason(call)
+        if reason is not None or not call.adapters:
+            return reason
     if call.plan is not None:
         return _mixed_call_reason(call)
     if len(call.adapters) != 1:
@@ -234,6 +242,9 @@ def _module_reason(mod, call) -> Optional[str]:
     if call.is_dora and "col_scale" not in getattr(mod, "FEATURES", ()):
         return ("the loaded fastpeft._C predates DoRA's column scale in the CUDA decode kernel (its FEATURES "
                 "lack 'col_scale'); rebuild it (FASTPEFT_BUILD_CUDA=1) or remove it to use the just-in-time build")
+    if call.base.packed is not None and "qgemv" not in getattr(mod, "FEATURES", ()):
+        return ("the loaded fastpeft._C predates the quantized decode GEMV (its FEATURES lack 'qgemv'); rebuild it "
+                "(FASTPEFT_BUILD_CUDA=1) or remove it to use the just-in-time build")
     if call.plan is not None and "mixed" not in getattr(mod, "FEATURES", ()):
         return ("the loaded fastpeft._C predates mixed batches (row_index) in the CUDA decode kernel (its FEATURES "
                 "lack 'mixed'); rebuild it (FASTPEFT_BUILD_CUDA=1) or remove it to use the just-in-time build")
@@ -249,6 +260,9 @@ def supports(call) -> Optional[str]:
         return reason
     if call.plan is not None:
         reason = _mixed_shape_reason(call)
+    elif call.base.packed is not None:
+        reason = (_shape_reason(call.x, None, call.base.bias, None, None) or cuda_quant.adapter_reason(call)
+                  or cuda_quant.quant_reason(call.base.packed, call.x))
     else:
         a = call.adapters[0]
         reason = _shape_reason(call.x, call.base.weight, call.base.bias, a.A, a.B)
@@ -332,6 +346,11 @@ def forward(call):
     repeated; gemv() / gemv_mixed() still raise the binding's own message."""
     if call.plan is not None:
         return gemv_mixed(call.x, call.base.weight, call.base.bias, *mixed_args(call))
+    if call.base.packed is not None:
+        mod = load(call.x.device)
+        if isinstance(mod, str):
+            raise RuntimeError(f"fastpeft cuda backend is unavailable: {mod}")
+        return cuda_quant.forward(call, mod, _use_pdl(call.x.device, call.M), col_scale_arg(call))
     a = call.adapters[0]
     return gemv(call.x, call.base.weight, call.base.bias, a.A, a.B, a.scale, col_scale=col_scale_arg(call))
 
@@ -347,5 +366,6 @@ def backward(call, dY, S, needs_dx, needs_dA, needs_dB):
 
 
 def auto_ok(call) -> bool:
-    """Whether automatic dispatch should pick this backend (see AUTO_MAX_M); forcing it still runs M <= 8."""
-    return call.M <= AUTO_MAX_M
+    """Whether automatic dispatch should pick this backend (see AUTO_MAX_M; a packed base:
+    cuda_quant.QUANT_AUTO_MAX_M); forcing it still runs M <= 8."""
+    return call.M <= (cuda_quant.QUANT_AUTO_MAX_M if call.base.packed is not None else AUTO_MAX_M)

@@ -8,6 +8,11 @@ stays a separate kernel parameter, out of the 128-byte Params (growing Params ch
 allocation and spilled, see csrc/lora_gemv.cu), and the extern "C" launchers that binding.cpp declares
 must match their definitions word for word (C linkage: a mismatch would link and then corrupt arguments).
 
+The quantized decode GEMV (csrc/lora_qgemv.cu, lora_qgemv_kernel) compiles in its own file: x dtype {bf16, fp16}
+x format {nf4, int4, int4 with g_idx, int8, fp8} x M bound {1, 2, 4, 8}, parameters QParams and QuantView by
+value; its launcher reuses lora_gemv.cu's shrink kernel through the extern "C" fastpeft_lora_shrink (declared in
+lora_qgemv.cu, so that declaration is checked against the definition too).
+
 Mixed batches (BGMV) have their own two kernels (lora_shrink_mixed_kernel, lora_gemv_mixed_kernel) taking
 Params and the by-value adapter table MixedTable; the single-adapter kernels must keep the register counts
 they had before (recorded below for the nvcc they were measured with).
@@ -25,7 +30,7 @@ import pytest
 from fastpeft.ops.cuda_backend import nvcc_flags
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-KERNEL_FILES = ["lora_gemv.cu"]
+KERNEL_FILES = ["lora_gemv.cu", "lora_qgemv.cu"]
 # the flags of the just-in-time build (cuda_backend.nvcc_flags), so the test checks what users compile
 TARGETS = {"sm_80": nvcc_flags("80"), "sm_90a": nvcc_flags("90a")}
 # Instantiations: x dtype {bf16, fp16} x A/B dtype {fp32, x's} x M bound {1, 2, 4, 8}, for each kernel
@@ -43,7 +48,15 @@ KERNEL_PARAMS = {
     "lora_shrink_mixed_kernel": [(str(PARAMS_BYTES), ""), (str(MIXED_TABLE_BYTES), "")],
     "lora_gemv_mixed_kernel": [(str(PARAMS_BYTES), ""), (str(MIXED_TABLE_BYTES), "")],
 }
-LAUNCHERS = ("fastpeft_lora_gemv", "fastpeft_lora_gemv_mixed")
+# The quantized GEMV: 2 x dtypes x 5 format variants (nf4, int4, int4 + g_idx, int8, fp8) x 4 M bounds.
+QGEMV_KERNELS = {"lora_qgemv_kernel": 40}
+FILE_KERNELS = {"lora_gemv.cu": EXPECTED_KERNELS, "lora_qgemv.cu": QGEMV_KERNELS}
+QGEMV_PARAMS = [("136", ""), ("96", "")]  # sizeof(QParams), sizeof(fastpeft_qd::QuantView), by value
+# extern "C" launcher -> (the file defining it, the file declaring it)
+LAUNCHERS = {"fastpeft_lora_gemv": ("lora_gemv.cu", "binding.cpp"),
+             "fastpeft_lora_gemv_mixed": ("lora_gemv.cu", "binding.cpp"),
+             "fastpeft_lora_qgemv": ("lora_qgemv.cu", "binding.cpp"),
+             "fastpeft_lora_shrink": ("lora_gemv.cu", "lora_qgemv.cu")}
 
 # Registers of the single-adapter kernels as `ptxas -v` reported them (nvcc 13.0) before the mixed kernels were
 # added beside them (sharing base_gemv / store_y, force-inlined): they must not grow. Per arch, kernel and
@@ -168,10 +181,12 @@ def test_compiles_without_spills(src_name, compiled):
         assert "warning" not in log.lower(), f"nvcc warnings for {src_name} ({arch}):\n{log}"
         kernels = parse_ptxas(log)
         assert kernels, f"no kernels found in the ptxas -v output for {src_name} ({arch}):\n{log}"
-        for base, count in EXPECTED_KERNELS.items():
+        expected = FILE_KERNELS[src_name]
+        for base, count in expected.items():
             found = [k for k in kernels if base in k]
             assert len(found) == count, f"{arch}: expected {count} instantiations of {base}, found {len(found)}"
         for name, info in kernels.items():
+            assert any(base in name for base in expected), f"{src_name} ({arch}): unexpected kernel {name}"
             assert info["arch"] == arch, f"{name}: compiled for {info['arch']}, expected {arch}"
             assert "spill_stores" in info and "regs" in info, f"{name} ({arch}): incomplete ptxas report {info}"
             assert info["spill_stores"] == 0 and info["spill_loads"] == 0, f"{name} ({arch}) spills: {info}"
@@ -217,16 +232,37 @@ def launcher_signature(text, name="fastpeft_lora_gemv"):
     return [" ".join(p.split()) for p in m.group("params").split(",")]
 
 
-@pytest.mark.parametrize("name", LAUNCHERS)
+def launcher_definition(text, name):
+    """The parameters of the extern "C" function `name` that has a body (a definition, not a declaration)."""
+    m = re.search(r'extern "C" int ' + re.escape(name) + r'\((?P<params>[^)]*)\)\s*\{', text)
+    assert m, f"no extern \"C\" {name} definition found"
+    return [" ".join(p.split()) for p in m.group("params").split(",")]
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHERS))
 def test_binding_declares_the_launcher_as_defined(name):
-    # extern "C" names carry no parameter types, so a stale declaration in binding.cpp would still link.
-    defined = launcher_signature((CSRC / "lora_gemv.cu").read_text(), name)
-    declared = launcher_signature((CSRC / "binding.cpp").read_text(), name)
-    assert declared == defined, f"binding.cpp declares\n  {declared}\nbut lora_gemv.cu defines\n  {defined}"
+    # extern "C" names carry no parameter types, so a stale declaration would still link.
+    def_file, decl_file = LAUNCHERS[name]
+    defined = launcher_definition((CSRC / def_file).read_text(), name)
+    declared = launcher_signature((CSRC / decl_file).read_text(), name)
+    assert declared == defined, f"{decl_file} declares\n  {declared}\nbut {def_file} defines\n  {defined}"
     if name == "fastpeft_lora_gemv":
         assert "const float* col_scale" in defined, defined
-    else:
+    elif name == "fastpeft_lora_gemv_mixed":
         assert "const int64_t* row_index" in defined and "const void* const* a" in defined, defined
+    elif name == "fastpeft_lora_qgemv":
+        assert "const void* qdata" in defined and "const int* g_idx" in defined, defined
+    else:
+        assert "float* s" in defined and "const void* a" in defined, defined
+
+
+def test_qgemv_kernels_take_params_and_quant_view_by_value(compiled):
+    cmd, proc, ptx = compiled("lora_qgemv.cu")[1]
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}{proc.stderr}"
+    entries = {m.group("name"): PARAM_PTX.findall(m.group("params")) for m in ENTRY_PTX.finditer(ptx.read_text())}
+    assert len(entries) == QGEMV_KERNELS["lora_qgemv_kernel"], sorted(entries)
+    for name, params in entries.items():
+        assert "lora_qgemv_kernel" in name and params == QGEMV_PARAMS, f"{name}: parameters {params}"
 
 
 ENTRY_PTX = re.compile(r"\.entry (?P<name>\w+)\((?P<params>[^)]*)\)")
