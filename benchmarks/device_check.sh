@@ -10,13 +10,15 @@
 # (`fastpeft bench --only dora --dropout 0`: base, fastpeft LoRA/DoRA, peft LoRA/DoRA interleaved; layer
 # M = K = N = 4096, r = 16, bf16, and the decoder step), the mixed-batch rows (`fastpeft bench --only mixed`:
 # one layer K = N = 4096, 64 decode rows, bf16, with 64 distinct r = 16 adapters and with one, vs the base layer
-# and peft; a determinism check), an FSDP2 smoke step (`fastpeft bench --only fsdp2` on one GPU; output in the
+# and peft; a determinism check), the decode rows (benchmarks/decode_check.py: quantized decode nf4/int4/int8/fp8
+# at M = 1, 4, 16 against the bf16 base and bitsandbytes + peft, LoRA's cost over rank 0, 16-bit decode at
+# M = 1..64 with the split-K counts side by side, fp8 W8A8 against the dequantized path), an FSDP2 smoke step (`fastpeft bench --only fsdp2` on one GPU; output in the
 # log only), the pytest-benchmark suite (with its DoRA module at dropout 0 and 0.1, and its mixed-batch
 # module), the plot. Every step runs under `timeout`, sized from one overall deadline, so the whole script ends
-# within DEVICE_CHECK_BUDGET_S seconds (default 450, under 8 minutes) even if a step hangs; a failed
-# step is reported and the next one still runs. At most 9 files are written to $OUT:
+# within DEVICE_CHECK_BUDGET_S seconds (default 540, 9 minutes) even if a step hangs; a failed
+# step is reported and the next one still runs. At most 10 files are written to $OUT:
 #   device_check.log  pytest_cuda.xml  bench_<gpu>.json  bench_dora_<gpu>.json  bench_mixed_<gpu>.json
-#   bench_<gpu>.png  bench_suite.json  bench_suite.xml  summary.txt
+#   bench_decode_<gpu>.json  bench_<gpu>.png  bench_suite.json  bench_suite.xml  summary.txt
 set -u
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -26,7 +28,7 @@ exec > >(tee -a "$OUT/device_check.log") 2>&1
 set -x
 
 PY="${PYTHON:-python3}"
-BUDGET="${DEVICE_CHECK_BUDGET_S:-450}"
+BUDGET="${DEVICE_CHECK_BUDGET_S:-540}"
 T0=$(date +%s)
 DEADLINE=$((T0 + BUDGET))
 # Build caches stay off $OUT (it must hold only the files listed above).
@@ -36,7 +38,7 @@ SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
 # DEVICE_CHECK_STEPS=name,name,... runs only those steps (names as below), for a short lease.
-STEPS=",${DEVICE_CHECK_STEPS:-install,gpu-summary,csrc-build,pytest-cuda,fastpeft-bench,dora-bench,mixed-bench,fsdp2-smoke,bench-suite,plot},"
+STEPS=",${DEVICE_CHECK_STEPS:-install,gpu-summary,csrc-build,pytest-cuda,fastpeft-bench,dora-bench,mixed-bench,decode-bench,fsdp2-smoke,bench-suite,plot},"
 
 # step NAME MAX_SECONDS CMD...: run CMD with timeout min(MAX, time left - 5 s); record rc and seconds.
 step() {
@@ -108,6 +110,12 @@ step dora-bench 100 "$PY" -m fastpeft bench --device cuda --only dora --dropout 
 #     <= 1.04x the base layer, 64 adapters <= 1.5x, identical outputs on a rerun (the table prints "... met").
 step mixed-bench 90 "$PY" -m fastpeft bench --device cuda --only mixed --no-progress \
     --json "$OUT/bench_mixed_${GPU_TAG}.json"
+
+# 5c'. Decode (issue 14), every row in CUDA graphs: quantized decode vs the bf16 base (targets at M = 1: nf4 >= 3.0x,
+#     int4 >= 3.3x, fp8 >= 1.8x; LoRA <= 5% over rank 0), 16-bit decode at M = 1..64 (<= 1.10x F.linear) with the
+#     triton split-K counts 1/2/4/8 and the csrc GEMV side by side (the crossovers dispatch should follow), fp8 W8A8
+#     vs the dequantized path at M = 4096. Rows are saved as they are measured.
+step decode-bench 150 "$PY" benchmarks/decode_check.py "$OUT/bench_decode_${GPU_TAG}.json"
 
 # 5d. FSDP2 smoke: one training step per impl under fully_shard on this one GPU (torchrun, 1 rank, nccl),
 #     fastpeft vs peft side by side; dropout 0, so the printed first-step loss rel. diff should be ~1e-3 (bf16).
