@@ -245,7 +245,8 @@ def fp8_w8a8_step(acc, x, qdata_ptr, scales_ptr, qs, q_ok, q0, cols, col_ok, str
 def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
               n, k, mask, n_ok, k_first, nib_in, K, stride_qn, stride_sn, stride_zn, blocksize, bs_shift, bs2_shift,
               block_n, FORMAT: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_GIDX: tl.constexpr,
-              INDEX_64: tl.constexpr, PACKED: tl.constexpr, SCALE_K: tl.constexpr, TILE_K: tl.constexpr):
+              INDEX_64: tl.constexpr, PACKED: tl.constexpr, SCALE_K: tl.constexpr, TILE_K: tl.constexpr,
+              FP8_CVT: tl.constexpr):
     """fp32 values of W[n, k] (n, k: broadcastable int tensors, mask: in-bounds) for one format.
 
     Scales per tile, not per element: when one scale covers SCALE_K consecutive k of a row (nf4 with
@@ -267,7 +268,9 @@ def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr
           value (nibble - zeros[n, g]) * scales[n, g].
     int8: qdata[n, k] * scales[n].
     fp8:  e4m3fn code qdata[n, k] (passed as its uint8 bits) * scales[n // block_n, k // blocksize]
-          (128 x 128 blocks, per channel: block_n 1 and blocksize K, or per tensor).
+          (128 x 128 blocks, per channel: block_n 1 and blocksize K, or per tensor). The code becomes fp32
+          by the GPU's conversion where it has one (FP8_CVT: sm_89+), else by `e4m3fn_to_f32`: the same
+          values either way (every e4m3fn value is an fp32).
     Masked-out elements are 0.
     """
     if SCALE_K % TILE_K == 0:  # one scale per row of the tile (see above)
@@ -318,9 +321,12 @@ def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr
         w = (nib - z).to(tl.float32) * sc
         w = tl.where(mask, w, 0.0)  # per-row zeros make masked-out codes (0) nonzero
     elif FORMAT == FMT_FP8:
-        bits = tl.load(qdata_ptr + n.to(tl.int64) * stride_qn + k, mask=mask, other=0).to(tl.int32)
+        raw = tl.load(qdata_ptr + n.to(tl.int64) * stride_qn + k, mask=mask, other=0)  # uint8 codes
         sc = tl.load(scales_ptr + (n // block_n) * stride_sn + ks // blocksize, mask=smask, other=0.0).to(tl.float32)
-        w = e4m3fn_to_f32(bits) * sc
+        if FP8_CVT:  # the hardware conversion (sm_89+): one cvt per pair of codes instead of integer ops
+            w = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32) * sc
+        else:
+            w = e4m3fn_to_f32(raw.to(tl.int32)) * sc
     else:  # FMT_INT8: one scale per row of W whatever the tile
         q = tl.load(qdata_ptr + n.to(tl.int64) * stride_qn + k, mask=mask, other=0).to(tl.float32)
         sc = tl.load(scales_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
@@ -344,6 +350,7 @@ def lora_quant_kernel(
     AD_SCALE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr = 1, SCALE_K: tl.constexpr = 1, FP8_DOT: tl.constexpr = False,
+    FP8_CVT: tl.constexpr = False,
 ):
     """y[M, P] = x[M, Q] Wop[Q, P] + scale * D_out * (S[M, R] Bt[R, P]) (+ bias[P]); Bt[r, p] = b[p, r].
 
@@ -394,7 +401,7 @@ def lora_quant_kernel(
             w = dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, gidx_ptr,
                           wn, wk, wmask, n_ok, k_first, nib, K, stride_qn, stride_sn, stride_zn, blocksize, bs_shift,
                           bs2_shift, block_n, FORMAT, DOUBLE_QUANT, HAS_GIDX, INDEX_64, PACKED, SCALE_K,
-                          TILE_K)  # [BLOCK_Q, BLOCK_P] fp32
+                          TILE_K, FP8_CVT)  # [BLOCK_Q, BLOCK_P] fp32
             # Round W to x's dtype first (the reference's dequantize(qw, x.dtype)), then the dot(s).
             acc, acc2 = base_step(acc, acc2, x, w.to(x_ptr.dtype.element_ty), rows, qs, q_ok, Q, cs_ptr, seed,
                                   p_drop, X_SCALE, DUAL, COMPUTE_DTYPE, INPUT_PRECISION)
@@ -407,7 +414,7 @@ lora_quant_kernel_tuned = triton.autotune(
     configs=get_lora_quant_configs(),
     key=["M_BUCKET", "P", "Q", "R", "FORMAT", "DOUBLE_QUANT", "HAS_GIDX", "PACKED", "TRANS_W", "HAS_BIAS",
          "OUT_DROPOUT", "HAS_COL_SCALE", "X_SCALE", "DUAL", "MIXED", "INPUT_PRECISION", "LORA_PRECISION",
-         "SPLIT_K", "SCALE_K", "FP8_DOT"],
+         "SPLIT_K", "SCALE_K", "FP8_DOT", "FP8_CVT"],
     prune_configs_by={"early_config_prune": prune_lora_quant_configs},
 )(lora_quant_kernel)
 
@@ -474,6 +481,13 @@ def scale_k(qw) -> int:
     return 1
 
 
+def fp8_hw_convert(device) -> bool:
+    """Whether Triton can convert e4m3 codes in hardware on this device (sm_89+; its fp8e4nv type does not
+    exist for sm_80, and the interpreter's path is exercised by the tests through fp8_cvt=True)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 def fp8_dot_reason(qw) -> "str | None":
     """None when fp8 W8A8 (`fp8_w8a8_step`) can serve this weight, else why not: fp8 codes, K a multiple of
     128 and scale blocks 128 (or a multiple) wide along K, so that each 128-wide K tile, one activation
@@ -508,12 +522,13 @@ def _packed_args(qw, dummy):
 
 def launch_lora_quant(x, qw, s, b, bias, y, scale, trans_w, out_dropout_p=0.0, seed=0, fp32_tf32=False,
                       config=None, col_scale=None, x_col_scale=None, in_dropout_p=0.0, z=None, mixed=None, split_k=1,
-                      fp8_dot=False):
+                      fp8_dot=False, fp8_cvt=None):
     """y = x Wop + scale * D_out * (s b^T) (+ bias) with Wop = deq(W)^T (trans_w) or deq(W).
     x [M, Q], s [M, R] fp32, b [P, R], y [M, P] (strided views allowed); R = 0: y = x Wop (+ bias).
     DoRA: col_scale / x_col_scale / in_dropout_p / z, mixed (a mixed batch) and split_k (decode), as for
     kernels.lora_fwd.launch_lora_matmul (`_common.dora_args`, `_common.MixedRows`). fp8_dot: fp8 W8A8 on
-    the tensor cores (`fp8_w8a8_step`; forward only, `fp8_dot_reason`). Callers check shapes."""
+    the tensor cores (`fp8_w8a8_step`; forward only, `fp8_dot_reason`). fp8_cvt: decode fp8 codes with the
+    GPU's conversion (`dequant_w`); None: where the device has one (`fp8_hw_convert`). Callers check shapes."""
     m, q = x.shape
     p, r = b.shape
     cs, pd, dora = dora_args("launch_lora_quant", col_scale, x_col_scale, in_dropout_p, out_dropout_p, z, p, q,
@@ -547,7 +562,8 @@ def launch_lora_quant(x, qw, s, b, bias, y, scale, trans_w, out_dropout_p=0.0, s
                   HAS_BIAS=bias is not None and split_k == 1,
                   COMPUTE_DTYPE=tl_dtype(x.dtype), INPUT_PRECISION=dot_precision((x.dtype,), fp32_tf32),
                   LORA_PRECISION=lora_precision, BLOCK_R=min(r_block(r), QUANT_BLOCK_R), SPLIT_K=split_k,
-                  SCALE_K=scale_k(qw), FP8_DOT=bool(fp8_dot))
+                  SCALE_K=scale_k(qw), FP8_DOT=bool(fp8_dot),
+                  FP8_CVT=qw.fmt == "fp8" and (fp8_hw_convert(x.device) if fp8_cvt is None else bool(fp8_cvt)))
     launch(lora_quant_kernel_tuned, split_grid(mixed_grid(mixed, m, p, "BLOCK_M", "BLOCK_P"), split_k), args,
            consts, config)
     if split_k > 1:
@@ -572,7 +588,7 @@ def _check(fn, x, qw, a, b, dropout_p):
 
 
 def lora_quant_fwd(x, qw, bias, a, b, scale, dropout_p=0.0, seed=0, fp32_tf32=False, config=None,
-                   shrink_config=None, col_scale=None, split_k=None, fp8_dot=False):
+                   shrink_config=None, col_scale=None, split_k=None, fp8_dot=False, fp8_cvt=None):
     """(Y [M, N] in x.dtype, S [M, r] fp32): Y = x deq(W)^T + scale * ((D x) a^T) b^T (+ bias).
 
     qw: fastpeft.quant.formats.QuantizedWeight (nf4 / int4 / int8 / fp8). config / shrink_config: explicit
@@ -584,7 +600,8 @@ def lora_quant_fwd(x, qw, bias, a, b, scale, dropout_p=0.0, seed=0, fp32_tf32=Fa
     split_k: K split of the GEMM (decode, kernels/lora_splitk.py); None: `split_k_for` picks it (never
     for DoRA with dropout). fp8_dot: x W^T as fp8 W8A8 on the tensor cores (x quantized per row and 128
     columns, `fp8_w8a8_step`) instead of W dequantized to x's dtype; the LoRA term stays exact. DoRA with
-    dropout (two accumulators over one x tile) runs the dequantized path whatever fp8_dot says."""
+    dropout (two accumulators over one x tile) runs the dequantized path whatever fp8_dot says. fp8_cvt: as
+    `launch_lora_quant`'s."""
     _check("lora_quant_fwd", x, qw, a, b, dropout_p)
     m, n = x.shape[0], qw.N
     dual = col_scale is not None and dropout_p > 0.0
@@ -600,7 +617,7 @@ def lora_quant_fwd(x, qw, bias, a, b, scale, dropout_p=0.0, seed=0, fp32_tf32=Fa
             split = 1 if dual else split_k if split_k is not None else split_k_for(m, n, qw.K, x.device)
             launch_lora_quant(x, qw, s, b, bias, y, scale, True, fp32_tf32=fp32_tf32, config=config,
                               col_scale=col_scale, in_dropout_p=dropout_p if dual else 0.0, seed=seed, z=zd,
-                              split_k=split, fp8_dot=fp8_dot and not dual)
+                              split_k=split, fp8_dot=fp8_dot and not dual, fp8_cvt=fp8_cvt)
     return (y, s) if zd is None else (y, s, zd)
 
 

@@ -151,6 +151,8 @@ def _variants():
     # fp8 W8A8 (FP8_DOT): x quantized to e4m3 in registers, fp8 x fp8 dots (sm_90: wgmma on e4m3 operands)
     out.append(("lora_quant", "fwd_fp8_w8a8_bf16_bias", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
                 dict(qfwd, **fp8c, FORMAT=fp8, HAS_BIAS=True, SCALE_K=128, FP8_DOT=True), qcfg, "BLOCK_M", qprune))
+    out.append(("lora_quant", "fwd_fp8_e4m3cvt_bf16_decode", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
+                dict(qfwd, **fp8c, FORMAT=fp8, HAS_BIAS=False, SCALE_K=128, FP8_CVT=True), qcfg, "BLOCK_M", qprune))
     out.append(("lora_quant", "fwd_fp8_w8a8_bf16_decode", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
                 dict(qfwd, **fp8c, FORMAT=fp8, HAS_BIAS=False, SCALE_K=128, FP8_DOT=True, SPLIT_K=4), qcfg, "BLOCK_M",
                 qprune))
@@ -351,9 +353,10 @@ def representative(configs, dot_rows_key):
 
 
 def arches(variant: str) -> tuple:
-    """The compute capabilities a variant compiles for: fp8 W8A8 needs fp8 tensor cores (sm_89+; Triton has
-    no e4m3 type on sm_80, where fastpeft.ops runs the dequantized path instead), the rest sm_80 and sm_90."""
-    return (90,) if "_w8a8_" in variant else (80, 90)
+    """The compute capabilities a variant compiles for: fp8 W8A8 and the e4m3 type's conversion need sm_89+
+    (Triton has no e4m3 type on sm_80, where the launchers use the integer decode and fastpeft.ops the
+    dequantized path), the rest sm_80 and sm_90."""
+    return (90,) if "_w8a8_" in variant or "_e4m3cvt_" in variant else (80, 90)
 
 
 def main(mode: str, only: str = ""):
