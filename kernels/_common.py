@@ -406,10 +406,11 @@ def dual_tile_ok(rows: int, cols: int, mask_cols: int, num_warps: int) -> bool:
     return 2 * rows * cols + rows * mask_cols <= 80 * 32 * num_warps
 
 
-def dora_args(fn, col_scale, x_col_scale, in_dropout_p, out_dropout_p, z, n_out, n_in, device):
+def dora_args(fn, col_scale, x_col_scale, in_dropout_p, out_dropout_p, z, n_out, n_in, device, table_rows=0):
     """The DoRA constexprs and column-scale vector of one launch of the matmul / quant kernels.
 
-    col_scale: g [n_out] (forward: y = g * (...) + bias); with in_dropout_p > 0, DoRA's forward with
+    col_scale: g [n_out] (forward: y = g * (...) + bias), or with table_rows a mixed batch's table of them
+    [table_rows, n_out] (`col_scale_rows`); with in_dropout_p > 0, DoRA's forward with
     dropout (DUAL_FWD: z, the [M, n_out] Z_d output, is required). x_col_scale: g [n_in] of the
     input's columns (dX: y = x w + D_out * (((g - 1) x) w + S b^T), which is (g x) w + S b^T without
     dropout: X_SCALE; with out_dropout_p > 0: DUAL_DX, the kernel reads g - 1).
@@ -430,8 +431,10 @@ def dora_args(fn, col_scale, x_col_scale, in_dropout_p, out_dropout_p, z, n_out,
     if x_col_scale is not None:
         cs, n = x_col_scale, n_in
     if cs is not None:
-        if cs.dim() != 1 or cs.shape[0] != n or not cs.is_floating_point() or cs.device != device:
-            raise ValueError(f"{fn}: the column scale must be a float [{n}] vector on {device}, found "
+        want = (table_rows, n) if table_rows and col_scale is not None else (n,)
+        if tuple(cs.shape) != want or not cs.is_floating_point() or cs.device != device:
+            raise ValueError(f"{fn}: the column scale must be a float {list(want)} "
+                             f"{'table' if len(want) == 2 else 'vector'} on {device}, found "
                              f"{cs.dtype} {tuple(cs.shape)} on {cs.device}")
         cs = cs.detach().to(torch.float32).contiguous()
     if in_dropout_p > 0.0:
@@ -553,12 +556,24 @@ def base_step(acc, acc2, x, w, rows, ks, k_ok, n_k, cs_ptr, seed, p_drop, X_SCAL
 
 
 @triton.jit
-def finish_tile(acc, rest, y_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn,
+def col_scale_rows(ridx_ptr, rows, row_ok, n_cols, MIXED: tl.constexpr, HAS_COL_SCALE: tl.constexpr):
+    """Where each row's column scale starts in cs (the `cs_row` of `finish_tile`): a mixed batch with DoRA
+    slots reads a table [n + 1, n_cols], row ridx[row] + 1 (row 0: ones, for base rows and adapters without
+    a magnitude), so each row gets its adapter's g; otherwise 0 (one g for every row)."""
+    if MIXED != MIXED_NONE and HAS_COL_SCALE:
+        return ((tl.load(ridx_ptr + rows.to(tl.int64), mask=row_ok, other=-1) + 1) * n_cols)[:, None]
+    else:
+        return 0
+
+
+@triton.jit
+def finish_tile(acc, rest, y_ptr, bias_ptr, cs_ptr, cs_row, rows, cols, row_ok, col_ok, stride_ym, stride_yn,
                 HAS_BIAS: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_REST: tl.constexpr):
     """The last step of an output tile of the LoRA GEMMs: y[rows, cols] = g * acc (+ rest) (+ bias).
 
     acc: the fp32 [BLOCK_M, BLOCK_N] accumulator holding x W^T + scale * D_out * (S B^T) (or DoRA's
-    Z_d). HAS_COL_SCALE: DoRA's column scale, acc * g[cols] (cs_ptr: g [N] fp32), before the bias;
+    Z_d). HAS_COL_SCALE: DoRA's column scale, acc * g[cols] (cs_ptr: g [N] fp32; cs_row: 0, or a mixed
+    batch's [BLOCK_M, 1] offsets of each row's g in a table, `col_scale_rows`), before the bias;
     HAS_REST: a further fp32 tile added unscaled (DoRA with dropout: x W^T - (D x) W^T; else rest
     is unused, pass anything). The bias (any float dtype) is added in fp32, the sum is cast to y's
     dtype once and stored, masked to the matrix. This is the one place where per-output scaling of
@@ -567,7 +582,7 @@ def finish_tile(acc, rest, y_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, 
     once, in place.
     """
     if HAS_COL_SCALE:
-        acc = acc * tl.load(cs_ptr + cols, mask=col_ok, other=0.0)[None, :]  # [1, BLOCK_N] fp32
+        acc = acc * tl.load(cs_ptr + cs_row + cols[None, :], mask=col_ok[None, :], other=0.0)  # [1 or BLOCK_M, BLOCK_N]
     if HAS_REST:
         acc += rest
     if HAS_BIAS:
@@ -577,7 +592,7 @@ def finish_tile(acc, rest, y_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, 
 
 
 @triton.jit
-def finish_lora_tile(acc, acc2, y_ptr, z_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, n_cols, stride_ym,
+def finish_lora_tile(acc, acc2, y_ptr, z_ptr, bias_ptr, cs_ptr, cs_row, rows, cols, row_ok, col_ok, n_cols, stride_ym,
                      stride_yn, stride_zm, stride_zn, seed, p_drop, inv_keep, HAS_BIAS: tl.constexpr,
                      HAS_COL_SCALE: tl.constexpr, DUAL: tl.constexpr):
     """The end of a tile of the matmul / quant kernels after their main loop (see DUAL above):
@@ -585,14 +600,14 @@ def finish_lora_tile(acc, acc2, y_ptr, z_ptr, bias_ptr, cs_ptr, rows, cols, row_
     otherwise y = (g *) acc (+ bias)."""
     if DUAL == DUAL_FWD:
         z = acc2 * inv_keep  # Z_d = (D x) W^T + s S B^T
-        finish_tile(z, z, z_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, stride_zm, stride_zn,
+        finish_tile(z, z, z_ptr, bias_ptr, cs_ptr, cs_row, rows, cols, row_ok, col_ok, stride_zm, stride_zn,
                     False, False, False)
-        finish_tile(z, acc - z, y_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn,
+        finish_tile(z, acc - z, y_ptr, bias_ptr, cs_ptr, cs_row, rows, cols, row_ok, col_ok, stride_ym, stride_yn,
                     HAS_BIAS, True, True)
     else:
         if DUAL == DUAL_DX:
             acc += out_dropout_scale(acc2, rows, cols, n_cols, 1.0, seed, p_drop, inv_keep, True)
-        finish_tile(acc, acc, y_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn,
+        finish_tile(acc, acc, y_ptr, bias_ptr, cs_ptr, cs_row, rows, cols, row_ok, col_ok, stride_ym, stride_yn,
                     HAS_BIAS, HAS_COL_SCALE, False)
 
 

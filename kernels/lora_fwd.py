@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    ACT_DTYPES, DUAL_DX, DUAL_FWD, MAX_R, MIXED_GATHER, MIXED_SEGMENT, SMEM_LIMIT, base_step, check_2d, compute_dtype,
+    ACT_DTYPES, DUAL_DX, DUAL_FWD, MAX_R, MIXED_GATHER, MIXED_SEGMENT, SMEM_LIMIT, base_step, check_2d, col_scale_rows,
+    compute_dtype,
     dora_args, dot_precision, dropout_tile_ok, dual_start, dual_tile_ok, empty, finish_lora_tile, finish_tile,
     grouped_grid, grouped_tile, ieee_tile_ok, launch, lora_b_step, lora_tile, m_bucket, mixed_args, mixed_bucket,
     mixed_grid, mma, out_dropout_scale, r_block, split_grid, split_k_range, tl_dtype,
@@ -152,7 +153,8 @@ def lora_matmul_kernel(
             acc, acc2 = base_step(acc, acc2, x, wt, rows, ks, k_ok, K, cs_ptr, seed, p_drop, X_SCALE, DUAL,
                                   COMPUTE_DTYPE, INPUT_PRECISION)
 
-    finish_lora_tile(acc, acc2, y_ptr, z_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, N, stride_ym, stride_yn,
+    cs_row = col_scale_rows(ridx_ptr, rows, row_ok, N, MIXED, HAS_COL_SCALE)  # a mixed batch's DoRA slots
+    finish_lora_tile(acc, acc2, y_ptr, z_ptr, bias_ptr, cs_ptr, cs_row, rows, cols, row_ok, col_ok, N, stride_ym, stride_yn,
                      stride_zm, stride_zn, seed, p_drop, inv_keep, HAS_BIAS, HAS_COL_SCALE, DUAL)
 
 
@@ -274,7 +276,7 @@ def lora_fused_kernel(
                  mask=r_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
     lora = mma(s_acc, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), tl.float32, LORA_PRECISION)
     acc += out_dropout_scale(lora, rows, cols, N, out_scale, seed, p_drop, inv_keep, OUT_DROPOUT)
-    finish_tile(acc, acc, y_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn, HAS_BIAS,
+    finish_tile(acc, acc, y_ptr, bias_ptr, cs_ptr, 0, rows, cols, row_ok, col_ok, stride_ym, stride_yn, HAS_BIAS,
                 HAS_COL_SCALE, False)
 
 
@@ -302,7 +304,7 @@ def launch_lora_matmul(x, w, s, b, bias, y, scale, out_dropout_p=0.0, seed=0, fp
     n, r = b.shape
     has_w, has_bias = w is not None, bias is not None
     cs, p, dora = dora_args("launch_lora_matmul", col_scale, x_col_scale, in_dropout_p, out_dropout_p, z, n, k,
-                            x.device)
+                            x.device, table_rows=mixed.rank.numel() if mixed is not None else 0)
     out = y
     if split_k > 1:  # the partial sums go to the workspace; the finish kernel adds LoRA, g and bias
         out = split_workspace("launch_lora_matmul", split_k, m, n, out_dropout_p, z is not None,

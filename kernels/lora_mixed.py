@@ -252,7 +252,7 @@ def _shrink_block_r(r_max: int) -> int:
 # -- forward / backward -----------------------------------------------------------------------------
 def lora_mixed_fwd(x, weight, qw, bias, bank: AdapterBank, row_index, order, offsets, n: int, s_cols: int,
                    variant="auto", fp32_tf32=False, config=None, shrink_config=None, out=None, s_out=None,
-                   split_k=None, fp8_dot=False):
+                   split_k=None, fp8_dot=False, col_scales=None):
     """(Y [M, N] in x.dtype, S [M, s_cols] fp32) of a mixed batch: y_i = x_i W^T (+ bias) + s_k S_i B_k^T.
 
     weight [N, K] (dense, or None) or qw (a packed QuantizedWeight); row_index / order / offsets: the plan
@@ -260,7 +260,10 @@ def lora_mixed_fwd(x, weight, qw, bias, bank: AdapterBank, row_index, order, off
     r_k columns and zeros in the rest (base rows: all zero); s_cols >= bank.r_max. variant: "auto"
     (gathered decode GEMM for M <= GATHER_MAX_M, else segment tiles), "segment" or "gather".
     split_k: the gathered GEMM's K split (kernels/lora_splitk.py; None: `split_k_for` picks it). fp8_dot:
-    an fp8 base as W8A8 on the tensor cores (kernels/lora_quant.py `fp8_w8a8_step`).
+    an fp8 base as W8A8 on the tensor cores (kernels/lora_quant.py `fp8_w8a8_step`). col_scales: DoRA slots
+    (inference): fp32 [n + 1, N], row k + 1 adapter k's g = m_k / ||W + s_k B_k A_k||_row (ones for the base
+    row 0 and adapters without a magnitude): y_i = g_k * (x_i W^T + s_k S_i B_k^T) + bias, in the GEMM's
+    epilogue (`_common.col_scale_rows`); adapters with a magnitude need rank > 0 (the caller checks).
     """
     from .lora_fwd import launch_lora_matmul
     from .lora_quant import launch_lora_quant
@@ -276,7 +279,7 @@ def lora_mixed_fwd(x, weight, qw, bias, bank: AdapterBank, row_index, order, off
         if n:
             y.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(y))
         return y, s
-    if bank.r_max == 0:  # no adapter with rows and rank > 0: the base GEMM alone (rank 0), S = 0
+    if bank.r_max == 0:  # no adapter with rows and rank > 0 (so no DoRA slot): the base GEMM alone, S = 0
         s.zero_()
         z = x.new_empty((n, 0))
         if qw is not None:
@@ -294,10 +297,10 @@ def lora_mixed_fwd(x, weight, qw, bias, bank: AdapterBank, row_index, order, off
     split = (split_k if split_k is not None else split_k_for(m, n, k, x.device)) if gather else 1
     if qw is not None:
         launch_lora_quant(x, qw, s, bank.b, bias, y, 1.0, True, fp32_tf32=fp32_tf32, config=config, mixed=gemm,
-                          split_k=split, fp8_dot=fp8_dot)
+                          split_k=split, fp8_dot=fp8_dot, col_scale=col_scales)
     else:
         launch_lora_matmul(x, weight, s, bank.b, bias, y, 1.0, fp32_tf32=fp32_tf32, config=config, mixed=gemm,
-                           split_k=split)
+                           split_k=split, col_scale=col_scales)
     return y, s
 
 

@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    DUAL_DX, DUAL_FWD, MAX_R, MIXED_GATHER, MIXED_SEGMENT, SMEM_LIMIT, base_step, dora_args, dot_precision,
+    DUAL_DX, DUAL_FWD, MAX_R, MIXED_GATHER, MIXED_SEGMENT, SMEM_LIMIT, base_step, col_scale_rows, dora_args,
+    dot_precision,
     dropout_tile_ok, dual_start, dual_tile_ok, empty, finish_lora_tile, ieee_tile_ok, launch, lora_b_step, lora_tile,
     mixed_args, mixed_bucket, mixed_grid, mul_rn, r_block, split_grid, split_k_range, tl_dtype,
 )
@@ -406,7 +407,8 @@ def lora_quant_kernel(
             acc, acc2 = base_step(acc, acc2, x, w.to(x_ptr.dtype.element_ty), rows, qs, q_ok, Q, cs_ptr, seed,
                                   p_drop, X_SCALE, DUAL, COMPUTE_DTYPE, INPUT_PRECISION)
 
-    finish_lora_tile(acc, acc2, y_ptr, zd_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, P, stride_ym, stride_yn,
+    cs_row = col_scale_rows(ridx_ptr, rows, row_ok, P, MIXED, HAS_COL_SCALE)  # a mixed batch's DoRA slots
+    finish_lora_tile(acc, acc2, y_ptr, zd_ptr, bias_ptr, cs_ptr, cs_row, rows, cols, row_ok, col_ok, P, stride_ym, stride_yn,
                      stride_zdm, stride_zdn, seed, p_drop, inv_keep, HAS_BIAS, HAS_COL_SCALE, DUAL)
 
 
@@ -532,7 +534,7 @@ def launch_lora_quant(x, qw, s, b, bias, y, scale, trans_w, out_dropout_p=0.0, s
     m, q = x.shape
     p, r = b.shape
     cs, pd, dora = dora_args("launch_lora_quant", col_scale, x_col_scale, in_dropout_p, out_dropout_p, z, p, q,
-                             x.device)
+                             x.device, table_rows=mixed.rank.numel() if mixed is not None else 0)
     if fp8_dot:
         reason = fp8_dot_reason(qw) or (None if trans_w else "dX (trans_w False) dequantizes W") or (
             "DoRA's dX or dropout forward" if dora["X_SCALE"] or dora["DUAL"] else None)

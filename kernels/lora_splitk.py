@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MIXED_GATHER, empty, finish_tile, lora_b_step, r_block
+from ._common import MIXED_GATHER, col_scale_rows, empty, finish_tile, lora_b_step, r_block
 
 SPLIT_K_ENV = "FASTPEFT_SPLIT_K"
 # Split only while each program keeps at least this much of K (whole tiles of the decode configs).
@@ -124,7 +124,11 @@ def lora_splitk_finish_kernel(
     slice_elems = M.to(tl.int64) * N
     for k in tl.static_range(SPLIT_K):  # fixed order: the same sum on every run
         acc += tl.load(part + k * slice_elems, mask=mask, other=0.0)
-    finish_tile(acc, acc, y_ptr, bias_ptr, cs_ptr, rows, cols, row_ok, col_ok, stride_ym, stride_yn,
+    if GATHER:  # a mixed batch's DoRA slots: each row its adapter's g (`col_scale_rows`)
+        cs_row = col_scale_rows(ridx_ptr, rows, row_ok, N, MIXED_GATHER, HAS_COL_SCALE)
+    else:
+        cs_row = 0
+    finish_tile(acc, acc, y_ptr, bias_ptr, cs_ptr, cs_row, rows, cols, row_ok, col_ok, stride_ym, stride_yn,
                 HAS_BIAS, HAS_COL_SCALE, False)
 
 

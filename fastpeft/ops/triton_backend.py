@@ -35,8 +35,10 @@ unless several adapters use dropout):
   dB_k by lora_wgrad_kernel over each adapter's rows (one program per output element: no atomics, no
   split over M; deterministic, simpler than the training path). The tile table (one entry per row
   tile: positions in `order` and the adapter) is built on the host from the plan's offsets, for every
-  BLOCK_M the configs use, once per plan (cached). No dropout and no DoRA slots (supports() says so;
-  the torch backend runs those).
+  BLOCK_M the configs use, once per plan (cached). No dropout (supports() says so; the torch backend
+  runs it). DoRA slots (a pool's adapters with a magnitude, inference): each row's g from a [n + 1, N]
+  table in the GEMM's epilogue, Y still written once (`_common.col_scale_rows`); their backward is the
+  torch backend's, on the same S.
   Adapter storage: the kernels address every adapter of the batch in one A [*, K] and one B [N, *]
   through an int32 table (rank, first row of A_k, first column of B_k; column 0 = base rows) and an
   fp32 table of scales (`lora_mixed.adapter_bank`, tables cached by content across layers). When the
@@ -55,7 +57,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .contract import PACKED_FIELDS, LoraCall
+from .contract import PACKED_FIELDS, LoraCall, dora_column_scale
 from .dispatch import triton_interpreting
 
 try:
@@ -135,9 +137,9 @@ def supports(call: LoraCall) -> Optional[str]:
             return f"r={a.r} is outside the kernels' range {0 if mixed else 1}..{common.MAX_R}"
         if mixed and a.dropout_p > 0.0:
             return "LoRA dropout in a mixed batch (row_index) has no Triton kernel (mixed batches are for inference)"
-        if mixed and a.magnitude is not None:
-            return (f"a DoRA adapter (slot {i}) in a mixed batch (row_index) has no Triton kernel (the torch "
-                    f"backend runs it)")
+        if mixed and a.magnitude is not None and (a.r == 0 or a.weight_norm is None):
+            return (f"a DoRA adapter (slot {i}) in a mixed batch (row_index) needs rank > 0 and its weight_norm "
+                    f"on the Triton kernels (the torch backend runs it)")
         for name, t in (("lora_A", a.A), ("lora_B", a.B)):
             if t.dtype not in (torch.float32, x.dtype):
                 return f"{name} dtype {t.dtype} not supported with x {x.dtype} (fp32 or x's dtype)"
@@ -189,16 +191,39 @@ def _bank(call: LoraCall):
                                          [plan.count(k) > 0 for k in range(len(ads))], call.x.device)
 
 
+def _dora_rows(call: LoraCall) -> bool:
+    """Whether a DoRA adapter (a pool's DoRA slot) has rows in this mixed batch."""
+    return any(a.magnitude is not None and call.plan.count(k) for k, a in enumerate(call.adapters))
+
+
+def _col_scale_table(call: LoraCall) -> Optional[Tensor]:
+    """A mixed batch's DoRA scales, fp32 [n + 1, N]: row k + 1 = adapter k's g (ones without a magnitude or
+    rows), row 0 ones (base rows); None when no DoRA adapter has rows."""
+    if not _dora_rows(call):
+        return None
+    table = torch.ones(len(call.adapters) + 1, call.N, dtype=torch.float32, device=call.x.device)
+    for k, a in enumerate(call.adapters):
+        if a.magnitude is not None and call.plan.count(k):
+            table[k + 1] = dora_column_scale(a.magnitude, a.weight_norm).float()
+    return table
+
+
 def _mixed_forward(call: LoraCall) -> tuple:
-    """(Y, S [M, max r] fp32): row i of S holds its adapter's r_k values first, zeros after (base rows: 0)."""
+    """(Y, S [M, max r] fp32): row i of S holds its adapter's r_k values first, zeros after (base rows: 0).
+    DoRA slots with rows: their g in the GEMM's epilogue, per row (`_col_scale_table`)."""
     plan, base = call.plan, call.base
     return _mixed_kernels().lora_mixed_fwd(call.x, base.weight, base.packed, base.bias, _bank(call), plan.row_index,
                                            plan.order, plan.offsets, call.N, call.r_total,
-                                           fp32_tf32=_fp32_tf32(call.x), fp8_dot=_fp8_dot(call))
+                                           fp32_tf32=_fp32_tf32(call.x), fp8_dot=_fp8_dot(call),
+                                           col_scales=_col_scale_table(call))
 
 
 def _mixed_backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, needs_dA: list,
                     needs_dB: list) -> tuple[Optional[Tensor], list, list]:
+    if _dora_rows(call):  # DoRA slots are an inference feature: their backward is the torch backend's (same S)
+        from . import torch_backend
+
+        return torch_backend.backward(call, dY, S, needs_dx, needs_dA, needs_dB)
     plan, base, x = call.plan, call.base, call.x
     bank = _bank(call)
     dX, da, dbt = _mixed_kernels().lora_mixed_bwd(dY, x, base.weight, base.packed, bank, plan.row_index, plan.order,

@@ -236,6 +236,13 @@ def _variants():
     out.append(("lora_quant", "fwd_mixed_segment_nf4_bf16", lora_quant.lora_quant_kernel, qptrs(bf, u8, f32, bf),
                 dict(qfwd, FORMAT=nf4, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=True, COMPUTE_DTYPE=tl.bfloat16,
                      INPUT_PRECISION="tf32", **seg), qcfg, "BLOCK_M", qprune))
+    # DoRA slots in a mixed batch: each row's g from a table in the epilogue (_common.col_scale_rows)
+    out.append(("lora_matmul", "fwd_mixed_gather_slotscale_bf16_decode", lora_fwd.lora_matmul_kernel, mmp,
+                dict(mmf, **gat, HAS_COL_SCALE=True), mcfg, "BLOCK_M", mprune))
+    out.append(("lora_quant", "fwd_mixed_segment_slotscale_nf4_bf16", lora_quant.lora_quant_kernel,
+                qptrs(bf, u8, f32, bf),
+                dict(qfwd, FORMAT=nf4, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=True, COMPUTE_DTYPE=tl.bfloat16,
+                     INPUT_PRECISION="tf32", HAS_COL_SCALE=True, SCALE_K=64, **seg), qcfg, "BLOCK_M", qprune))
     out.append(("lora_quant", "fwd_mixed_gather_nf4_bf16_decode", lora_quant.lora_quant_kernel,
                 qptrs(bf, u8, f32, bf),
                 dict(qfwd, FORMAT=nf4, DOUBLE_QUANT=False, HAS_GIDX=False, HAS_BIAS=False, COMPUTE_DTYPE=tl.bfloat16,

@@ -266,7 +266,50 @@ def test_supports_mixed_calls():
     assert tb.supports(LoraCall(x, Base(weight=w), tuple(ads), 0, plan)) is None
     drop = (Adapter(ads[0].A, ads[0].B, 1.0, 0.1), ads[1])
     assert "dropout in a mixed batch" in tb.supports(LoraCall(x, Base(weight=w), drop, 0, plan))
-    dora = (Adapter(ads[0].A, ads[0].B, 1.0, magnitude=torch.ones(6), weight_norm=torch.ones(6)), ads[1])
-    assert "DoRA" in tb.supports(LoraCall(x, Base(weight=w), dora, 0, plan))
+    ones = torch.ones(6, device=DEVICE)
+    dora = (Adapter(ads[0].A, ads[0].B, 1.0, magnitude=ones, weight_norm=ones), ads[1])
+    assert tb.supports(LoraCall(x, Base(weight=w), dora, 0, plan)) is None  # DoRA slots: the epilogue's table
+    no_norm = (Adapter(ads[0].A, ads[0].B, 1.0, magnitude=ones), ads[1])
+    assert "weight_norm" in tb.supports(LoraCall(x, Base(weight=w), no_norm, 0, plan))
+    rank0 = (ads[0], Adapter(ads[1].A, ads[1].B, 1.0, magnitude=ones, weight_norm=ones))
+    assert "needs rank > 0" in tb.supports(LoraCall(x, Base(weight=w), rank0, 0, plan))
     big = (Adapter(randn(300, 8), randn(6, 300), 1.0), ads[1])
     assert "r=300" in tb.supports(LoraCall(x, Base(weight=w), big, 0, plan))
+
+
+@pytest.mark.parametrize("m,base,split", [(5, "dense", 1), (7, "nf4", 3), (37, "int8", 1), (29, "dense", 1)])
+def test_dora_slots_in_a_mixed_batch_match_the_torch_backend(m, base, split, monkeypatch, poison_outputs):
+    """DoRA adapters next to plain ones and base rows (a pool's DoRA slots): each row scaled by its own
+    adapter's g in the GEMM epilogue (decode rows, with and without split-K, and segment tiles), against the
+    torch backend in float64; the backward (the torch backend's, on the triton forward's S) too."""
+    from fastpeft.ops.dora import weight_norm
+
+    dtype = torch.bfloat16
+    x, weight, qw, bias, adapters, idx = _batch(m, 46, (16, 5, 64, 3), dtype, torch.float32, base, True, seed=m + 1)
+    w_base = Base(weight=weight, packed=qw, bias=bias)
+    for i in (0, 2):  # two DoRA slots among the adapters with rows
+        a = adapters[i]
+        norm = weight_norm(w_base, a.A, a.B, a.scale).detach()
+        adapters[i] = Adapter(a.A, a.B, a.scale, magnitude=(norm * (1.0 + 0.3 * torch.rand_like(norm))),
+                              weight_norm=norm)
+    monkeypatch.setenv("FASTPEFT_SPLIT_K", str(split))
+    call = LoraCall(x, w_base, tuple(adapters), 0, RowPlan.build(idx, len(adapters)))
+    assert tb.supports(call) is None
+    y, s = tb.forward(call)
+    w64 = weight.double() if qw is None else dequantize(qw, dtype).double()
+    a64 = [Adapter(a.A.double(), a.B.double(), a.scale,
+                   magnitude=None if a.magnitude is None else a.magnitude.double(),
+                   weight_norm=None if a.weight_norm is None else a.weight_norm.double()) for a in adapters]
+    call64 = LoraCall(x.double(), Base.dense(w64, bias.double()), tuple(a64), 0, RowPlan.build(idx, len(adapters)))
+    from fastpeft.ops import torch_backend
+
+    yr, sr = torch_backend.forward(call64)
+    assert_close("Y (DoRA slots)", y, yr, dtype)
+    assert_close("S", s, sr[:, :s.shape[1]], dtype)
+    dy = randn(m, N, dtype=dtype)
+    dx, das, dbs = tb.backward(call, dy, s, True, [True] * 4, [True] * 4)
+    dxr, dar, dbr = torch_backend.backward(call64, dy.double(), sr, True, [True] * 4, [True] * 4)
+    assert_close("dX (DoRA slots)", dx, dxr, dtype)
+    for k in range(4):
+        assert_close(f"dA_{k}", das[k], dar[k], dtype)
+        assert_close(f"dB_{k}", dbs[k], dbr[k], dtype)
