@@ -10,10 +10,14 @@ by the custom ops of lora_op.py on the backend :func:`dispatch.choose` picks per
 |   bf16/fp16, no dropout (decode)       |   the fused GEMV                                    |                   |
 | dense or no base, other calls          | kernels/lora_fwd.py: lora_fused_kernel (M <= 64, one| torch_backend.py  |
 |                                        |   adapter) or kernels/lora_shrink.py +              |                   |
-|                                        |   lora_matmul_kernel; backward kernels/lora_bwd.py  |                   |
+|                                        |   lora_matmul_kernel (decode: K split, finished by  |                   |
+|                                        |   kernels/lora_splitk.py); backward lora_bwd.py     |                   |
 |                                        |   (triton_backend.py)                               |                   |
-| packed base (nf4/int8/int4/fp8), with  | kernels/lora_quant.py (lora_quant_kernel)           | torch_backend.py, |
-|   or without adapters (QuantLinear)    |                                                     |   dequant + GEMM  |
+| packed base (nf4/int8/int4/fp8), one   | csrc/lora_qgemv.cu (cuda_backend.py, cuda_quant.py) | torch_backend.py, |
+|   adapter or none, M <= 4, bf16/fp16   |                                                     |   dequant + GEMM  |
+| packed base, other calls (QuantLinear) | kernels/lora_quant.py (lora_quant_kernel; decode:   | torch_backend.py, |
+|                                        |   K split as above; fp8 on sm_89+ beyond 16 rows:   |   dequant + GEMM  |
+|                                        |   W8A8 on e4m3 tensor cores, FASTPEFT_FP8_DOT)      |                   |
 | DoRA (one adapter with a magnitude),   | decode as above (csrc, g in its epilogue); else the | torch_backend.py  |
 |   dense or packed base                 |   kernels above with g in their shared epilogue;    |   (_dora_forward, |
 |                                        |   with dropout lora_matmul_kernel or                |   _dora_backward) |
@@ -21,8 +25,8 @@ by the custom ops of lora_op.py on the backend :func:`dispatch.choose` picks per
 | mixed batch (row_index / an adapter    | dense base, bf16/fp16, M <= 4 rows (8 when forced): | torch_backend.py  |
 |   pool: each row its own adapter, -1 = |   csrc/lora_gemv.cu BGMV (each row reads its own    |   (_mixed_forward,|
 |   base), dense or packed base, no      |   adapter from a table passed by value); else       |   _mixed_backward)|
-|   dropout; DoRA slots: torch           |   kernels/lora_mixed.py on the kernels above (MIXED |                   |
-|                                        |   constexpr): segmented shrink, then                |                   |
+|   dropout (DoRA slots: g per row in the|   kernels/lora_mixed.py on the kernels above (MIXED |                   |
+|   epilogue; their backward: torch)     |   constexpr): segmented shrink, then                |                   |
 |                                        |   lora_matmul_kernel / lora_quant_kernel on segment |                   |
 |                                        |   tiles (one adapter per row tile, any M) or decode |                   |
 |                                        |   tiles (M <= 16, each row its own B); backward the |                   |
