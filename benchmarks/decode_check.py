@@ -30,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fastpeft.bench.timing import cuda_graph_time_us
 from fastpeft.ops import Adapter, Base, lora
 from fastpeft.quant.formats import quantize_weight
 
@@ -57,34 +58,16 @@ def env(**kw):
 
 
 def time_us(fn, sets, device):
-    """Median microseconds per call of fn over the argument tuples `sets` (cycled)."""
-    if device.type != "cuda":  # the CPU smoke: wall clock, a few calls
-        for s in sets[:2]:
-            fn(*s)
-        t = time.perf_counter()
-        for i in range(4):
-            fn(*sets[i % len(sets)])
-        return (time.perf_counter() - t) / 4 * 1e6
-    torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: Triton's autotuning and the csrc build happen here, not in capture
-        for i in range(3):
-            fn(*sets[i % len(sets)])
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(ITERS):
-            fn(*sets[i % len(sets)])
-    times = []
-    for _ in range(REPEATS):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1) * 1000 / ITERS)
-    return sorted(times)[len(times) // 2]
+    """Median microseconds per call of fn over the argument tuples `sets` (cycled): CUDA graphs on a GPU
+    (fastpeft.bench.timing.cuda_graph_time_us); on CPU (the smoke) the wall clock of a few calls."""
+    if device.type == "cuda":
+        return cuda_graph_time_us(fn, sets, iters=ITERS, repeats=REPEATS)
+    for s in sets[:2]:
+        fn(*s)
+    t = time.perf_counter()
+    for i in range(4):
+        fn(*sets[i % len(sets)])
+    return (time.perf_counter() - t) / 4 * 1e6
 
 
 def measure(row, name, fn, sets, device, **environ):

@@ -114,6 +114,28 @@ Result outputs(const at::Tensor& x_in, int64_t M, int64_t N, int64_t s_cols, con
   return Result{y, s, std::string()};
 }
 
+// The epilogue tensors of both GEMV ops, each optional: bias [N] in x's dtype and DoRA's col_scale [N]
+// float32, made contiguous. (bias, col_scale, "") - undefined tensors where absent - or the error.
+Result epilogue(const at::Tensor& x_in, int64_t N, const std::optional<at::Tensor>& bias_in,
+                const std::optional<at::Tensor>& col_scale_in) {
+  at::Tensor bias, col_scale;
+  if (bias_in.has_value()) {
+    bias = bias_in->contiguous();
+    FP_CHECK_DEVICE(bias, "bias");
+    FP_CHECK(bias.dim() == 1 && bias.size(0) == N, "bias must be [N=", N, "], found ", bias.sizes());
+    FP_CHECK(bias.scalar_type() == x_in.scalar_type(), "bias dtype ", bias.scalar_type(), " must equal x dtype ",
+             x_in.scalar_type());
+  }
+  if (col_scale_in.has_value()) {
+    col_scale = col_scale_in->contiguous();
+    FP_CHECK_DEVICE(col_scale, "col_scale");
+    FP_CHECK(col_scale.dim() == 1 && col_scale.size(0) == N, "col_scale must be [N=", N, "], found ",
+             col_scale.sizes());
+    FP_CHECK(col_scale.scalar_type() == at::kFloat, "col_scale must be float32, found ", col_scale.scalar_type());
+  }
+  return Result{bias, col_scale, std::string()};
+}
+
 // (Y [M, N] in x.dtype, S [M, r] fp32, "") or (None, None, error message), where
 // Y = g * (x W^T + scale * S B^T) (+ bias) and S = x A^T; g = col_scale (float32 [N], DoRA's output column
 // scale) when given, else 1.
@@ -152,22 +174,10 @@ Result lora_gemv(const at::Tensor& x_in, const std::optional<at::Tensor>& w_in,
     FP_CHECK(w.scalar_type() == x.scalar_type(), "weight dtype ", w.scalar_type(),
              " must equal x dtype ", x.scalar_type());
   }
-  if (bias_in.has_value()) {
-    bias = bias_in->contiguous();
-    FP_CHECK_DEVICE(bias, "bias");
-    FP_CHECK(bias.dim() == 1 && bias.size(0) == N, "bias must be [N=", N, "], found ",
-             bias.sizes());
-    FP_CHECK(bias.scalar_type() == x.scalar_type(), "bias dtype ", bias.scalar_type(),
-             " must equal x dtype ", x.scalar_type());
-  }
-  at::Tensor col_scale;
-  if (col_scale_in.has_value()) {
-    col_scale = col_scale_in->contiguous();
-    FP_CHECK_DEVICE(col_scale, "col_scale");
-    FP_CHECK(col_scale.dim() == 1 && col_scale.size(0) == N, "col_scale must be [N=", N, "], found ",
-             col_scale.sizes());
-    FP_CHECK(col_scale.scalar_type() == at::kFloat, "col_scale must be float32, found ", col_scale.scalar_type());
-  }
+  Result ep = epilogue(x_in, N, bias_in, col_scale_in);
+  if (!std::get<2>(ep).empty()) return ep;
+  bias = std::get<0>(ep);
+  at::Tensor col_scale = std::get<1>(ep);
 
   const c10::cuda::CUDAGuard guard(x.device());
   Result out = outputs(x_in, M, N, r, "r", y_out, s_out);
@@ -279,13 +289,9 @@ Result lora_gemv_mixed(const at::Tensor& x_in, const std::optional<at::Tensor>& 
     FP_CHECK(w.scalar_type() == x.scalar_type(), "weight dtype ", w.scalar_type(), " must equal x dtype ",
              x.scalar_type());
   }
-  if (bias_in.has_value()) {
-    bias = bias_in->contiguous();
-    FP_CHECK_DEVICE(bias, "bias");
-    FP_CHECK(bias.dim() == 1 && bias.size(0) == N, "bias must be [N=", N, "], found ", bias.sizes());
-    FP_CHECK(bias.scalar_type() == x.scalar_type(), "bias dtype ", bias.scalar_type(), " must equal x dtype ",
-             x.scalar_type());
-  }
+  Result ep = epilogue(x_in, N, bias_in, std::nullopt);
+  if (!std::get<2>(ep).empty()) return ep;
+  bias = std::get<0>(ep);
 
   const c10::cuda::CUDAGuard guard(x.device());
   Result out = outputs(x_in, M, N, s_cols, "s_cols", y_out, s_out);
@@ -439,20 +445,10 @@ Result lora_qgemv(const at::Tensor& x_in, const std::string& fmt, const at::Tens
     FP_CHECK_DEVICE(a, "lora_A");
     FP_CHECK_DEVICE(b, "lora_B");
   }
-  if (bias_in.has_value()) {
-    bias = bias_in->contiguous();
-    FP_CHECK_DEVICE(bias, "bias");
-    FP_CHECK(bias.dim() == 1 && bias.size(0) == N, "bias must be [N=", N, "], found ", bias.sizes());
-    FP_CHECK(bias.scalar_type() == x.scalar_type(), "bias dtype ", bias.scalar_type(), " must equal x dtype ",
-             x.scalar_type());
-  }
-  if (col_scale_in.has_value()) {
-    col_scale = col_scale_in->contiguous();
-    FP_CHECK_DEVICE(col_scale, "col_scale");
-    FP_CHECK(col_scale.dim() == 1 && col_scale.size(0) == N, "col_scale must be [N=", N, "], found ",
-             col_scale.sizes());
-    FP_CHECK(col_scale.scalar_type() == at::kFloat, "col_scale must be float32, found ", col_scale.scalar_type());
-  }
+  Result ep = epilogue(x_in, N, bias_in, col_scale_in);
+  if (!std::get<2>(ep).empty()) return ep;
+  bias = std::get<0>(ep);
+  col_scale = std::get<1>(ep);
 
   const c10::cuda::CUDAGuard guard(x.device());
   Result out = outputs(x_in, M, N, r, "r", y_out, s_out);

@@ -34,6 +34,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "pdl_launch.cuh"
+
 namespace {
 
 constexpr int kDtypeF32 = 0, kDtypeF16 = 1, kDtypeBF16 = 2;
@@ -554,17 +556,8 @@ cudaError_t launch_typed(const Params& p, const float* col_scale, bool use_pdl, 
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((p.N + kRowsPerBlock - 1) / kRowsPerBlock);
-  cfg.blockDim = dim3(kGemvThreads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = use_pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, lora_gemv_kernel<T, TA, MT>, p, col_scale);
+  return fastpeft_launch::launch(lora_gemv_kernel<T, TA, MT>, dim3((p.N + kRowsPerBlock - 1) / kRowsPerBlock),
+                                 dim3(kGemvThreads), use_pdl, stream, p, col_scale);
 }
 
 template <typename T, typename TA>
@@ -592,19 +585,10 @@ cudaError_t launch_mixed_typed(const Params& p, const MixedTable& t, bool use_pd
   }
   if (p.N == 0) return cudaSuccess;  // S only
 
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((p.N + kRowsPerBlock - 1) / kRowsPerBlock);
-  cfg.blockDim = dim3(kGemvThreads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
   // PDL only behind the shrink grid: the GEMV reads x before griddepcontrol.wait, which is safe because the
   // shrink grid (launched without the attribute) started only after everything before it had finished.
-  cfg.numAttrs = use_pdl && p.r > 0 ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, lora_gemv_mixed_kernel<T, TA, MT>, p, t);
+  return fastpeft_launch::launch(lora_gemv_mixed_kernel<T, TA, MT>, dim3((p.N + kRowsPerBlock - 1) / kRowsPerBlock),
+                                 dim3(kGemvThreads), use_pdl && p.r > 0, stream, p, t);
 }
 
 template <typename T, typename TA>

@@ -44,6 +44,7 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "pdl_launch.cuh"
 #include "quant_decode.cuh"
 
 using namespace fastpeft_qd;
@@ -310,17 +311,8 @@ int log2_exact(int v) {  // log2 of a power of two, -1 otherwise
 
 template <typename T, int FMT, bool GIDX, int MT>
 cudaError_t launch_typed(const QParams& p, const QuantView& q, int blocks, bool use_pdl, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(blocks);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = use_pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, lora_qgemv_kernel<T, FMT, GIDX, MT>, p, q);
+  return fastpeft_launch::launch(lora_qgemv_kernel<T, FMT, GIDX, MT>, dim3(blocks), dim3(kThreads), use_pdl, stream,
+                                 p, q);
 }
 
 template <typename T, int FMT, bool GIDX>

@@ -418,12 +418,7 @@ def load_ctensors_checkpoint(model: nn.Module, checkpoint: Union[str, dict], qua
             del sd[k]
     if not done:
         raise ValueError(f"{source}: no layer of the checkpoint is quantized by its config groups")
-    from .fp8_import import _tied
+    from .fp8_import import load_rest
 
-    own = {f"{n}.{k}" for n in done for k in model.get_submodule(n).state_dict()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k not in own and not _tied(model, k)]
-    if strict and (missing or unexpected):
-        raise ValueError(f"load_ctensors_checkpoint: missing keys {missing[:10]}, unexpected keys "
-                         f"{[f'{k} (in {files.get(k, source)})' for k in unexpected[:10]]}")
+    load_rest(model, sd, done, strict, "load_ctensors_checkpoint", lambda k: f"{k} (in {files.get(k, source)})")
     return done

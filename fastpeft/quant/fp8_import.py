@@ -189,12 +189,20 @@ def load_fp8_checkpoint(model: nn.Module, checkpoint: Union[str, dict], quantiza
         raise ValueError(f"the checkpoint has no '*.{SCALE_KEY}' tensor: not a transformers FP8 checkpoint")
     # the rest (embeddings, norms, unquantized layers): through load_state_dict, with the fp8 layers' own
     # tensors already loaded, so they are reported missing only if the model expected something else
+    load_rest(model, sd, done, strict, "load_fp8_checkpoint")
+    return done
+
+
+def load_rest(model: nn.Module, sd: dict, done: list, strict: bool, fn: str, where=lambda key: key) -> None:
+    """Load what a checkpoint holds beyond its quantized layers (embeddings, norms, unquantized layers) with
+    load_state_dict, the layers named in `done` already replaced and loaded: their own tensors are not
+    reported missing, nor parameters transformers ties to another. strict: missing or unexpected keys raise,
+    naming them (`where(key)`: the key as the error shows it, e.g. with its file)."""
     own = {f"{n}.{k}" for n in done for k in model.get_submodule(n).state_dict()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if k not in own and not _tied(model, k)]
     if strict and (missing or unexpected):
-        raise ValueError(f"load_fp8_checkpoint: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
-    return done
+        raise ValueError(f"{fn}: missing keys {missing[:10]}, unexpected keys {[where(k) for k in unexpected[:10]]}")
 
 
 def _is_ctensors(checkpoint, quantization_config) -> bool:

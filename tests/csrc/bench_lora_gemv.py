@@ -11,33 +11,14 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from fastpeft.bench.timing import cuda_graph_time_us
 from fastpeft.ops import Adapter, Base, LoraCall, RowPlan, cuda_backend, torch_backend
 
 ITERS, REPEATS = 64, 25
 
 
 def graph_time_us(fn, sets):
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(3):
-            fn(*sets[i % len(sets)])
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(ITERS):
-            fn(*sets[i % len(sets)])
-    times = []
-    for _ in range(REPEATS):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1) * 1000 / ITERS)
-    times.sort()
-    return times[len(times) // 2]
+    return cuda_graph_time_us(fn, sets, iters=ITERS, repeats=REPEATS)
 
 
 def main(out_path=None):

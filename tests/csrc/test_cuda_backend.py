@@ -64,13 +64,6 @@ def make_inputs(M, K, N, r, dtype, ab_dtype, with_bias, device="cuda", seed=0):
     return x, w, bias, a, b
 
 
-@pytest.fixture(scope="module")
-def module():
-    mod = cuda_backend.load(torch.device("cuda"))
-    assert not isinstance(mod, str), mod
-    return mod
-
-
 def run_poisoned(mod, x, w, bias, a, b, scale, use_pdl, col_scale=None):
     M, N, r = x.shape[0], b.shape[0], a.shape[0]
     y = torch.full((M, N), float("nan"), device=x.device, dtype=x.dtype)

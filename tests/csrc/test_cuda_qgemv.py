@@ -85,13 +85,6 @@ def assert_close(y, s, ref_y, ref_s, dtype, what):
         assert (s_err <= 1e-4 * ref_s.abs() + 1e-4).all(), f"{what}: S max error {s_err.max().item()}"
 
 
-@pytest.fixture(scope="module")
-def module():
-    mod = cuda_backend.load(torch.device("cuda"))
-    assert not isinstance(mod, str), mod
-    return mod
-
-
 def run_poisoned(mod, x, qw, bias, a, b, scale, use_pdl, col_scale=None):
     M, N, r = x.shape[0], qw.N, 0 if a is None else a.shape[0]
     y = torch.full((M, N), float("nan"), device=x.device, dtype=x.dtype)
