@@ -38,8 +38,9 @@ MAX_SPLIT_K = 16
 SPLIT_MAX_M = 64
 # The output tile the heuristic assumes (the decode configs' typical BLOCK_M x BLOCK_N).
 _TILE_M, _TILE_N = 16, 64
-# r chunk of the finish kernel's LoRA step.
-FINISH_BLOCK_R = 32
+# r chunk of the finish kernel's LoRA step: 32 spilled 8 B on sm_90 with a mixed batch's gathered rows
+# (ptxas of triton 3.6, the GPU machine's; 4 warps, 128 registers); 16 did not (80-90 registers)
+FINISH_BLOCK_R = 16
 
 
 

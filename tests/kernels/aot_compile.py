@@ -262,10 +262,10 @@ def _variants():
     finp = dict(part_ptr=f32, s_ptr=f32, b_ptr=bf, bias_ptr=bf, y_ptr=bf, cs_ptr=f32, ridx_ptr="i64")
     out.append(("lora_splitk", "finish_bf16_colscale_bias_decode", lora_splitk.lora_splitk_finish_kernel, finp,
                 dict(stride_sr=1, stride_br=1, stride_yn=1, SPLIT_K=4, HAS_BIAS=True, HAS_COL_SCALE=True, GATHER=False,
-                     AD_SCALE=False, LORA_PRECISION="tf32", BLOCK_R=32), fin, "BLOCK_M", lambda c, named, **kw: c))
+                     AD_SCALE=False, LORA_PRECISION="tf32", BLOCK_R=lora_splitk.FINISH_BLOCK_R), fin, "BLOCK_M", lambda c, named, **kw: c))
     out.append(("lora_splitk", "finish_bf16_mixed_gather_decode", lora_splitk.lora_splitk_finish_kernel, finp,
                 dict(stride_sr=1, stride_br=1, stride_yn=1, SPLIT_K=8, HAS_BIAS=False, HAS_COL_SCALE=False,
-                     GATHER=True, AD_SCALE=True, LORA_PRECISION="tf32", BLOCK_R=32), fin, None,
+                     GATHER=True, AD_SCALE=True, LORA_PRECISION="tf32", BLOCK_R=lora_splitk.FINISH_BLOCK_R), fin, None,
                 lambda c, named, **kw: c))
     # every other variant of a kernel that takes mixed batches: none
     return [(k, v, fn, ptrs, dict(dict(MIXED=0, AD_SCALE=False) if "MIXED" in fn.arg_names else {}, **consts), cfgs,
