@@ -192,7 +192,11 @@ class LoraCall:
     def compute_dtype(self) -> torch.dtype:
         if self.pool is not None:  # every adapter is a view of the pool's A and B
             return compute_dtype(self.x.dtype, self.pool.A.dtype, self.pool.B.dtype)
-        return compute_dtype(self.x.dtype, *(t.dtype for a in self.adapters for t in (a.A, a.B)))
+        ads = self.adapters
+        if len(ads) == 1:  # the common call, without building a generator
+            a = ads[0]
+            return _promoted(torch.float32, self.x.dtype, a.A.dtype, a.B.dtype)
+        return compute_dtype(self.x.dtype, *(t.dtype for a in ads for t in (a.A, a.B)))
 
     @property
     def is_dora(self) -> bool:

@@ -60,9 +60,28 @@ def load_backend(name: str) -> tuple:
     return _loaded[name]
 
 
+# FASTPEFT_BACKEND is read on every call (tests and users set it between calls). os.environ.get costs three
+# Python calls (Mapping.get, __getitem__, encodekey); CPython's os.environ keeps its values in a dict keyed by
+# the encoded name, so while os.environ is that mapping one dict lookup reads the same value.
+_ENVIRON = os.environ
+_ENV_DATA = getattr(_ENVIRON, "_data", None)
+_ENV_KEY = _ENVIRON.encodekey(ENV_VAR) if type(_ENV_DATA) is dict and hasattr(_ENVIRON, "encodekey") else None
+
+
+def _forced_value() -> Optional[str]:
+    """os.environ.get(FASTPEFT_BACKEND)."""
+    if _ENV_KEY is not None and os.environ is _ENVIRON:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        return None if raw is None else _ENVIRON.decodevalue(raw)
+    return os.environ.get(ENV_VAR)
+
+
 def forced_backend() -> Optional[str]:
     """The backend named by FASTPEFT_BACKEND, or None when unset/empty/auto (= automatic choice)."""
-    val = os.environ.get(ENV_VAR, "").strip().lower()
+    val = _forced_value()
+    if not val:  # unset: the common case
+        return None
+    val = val.strip().lower()
     if not val or val == "auto":
         return None
     if val not in BACKENDS:
@@ -110,6 +129,17 @@ def _wins(name: str, call: LoraCall) -> bool:
     return auto_ok is None or bool(auto_ok(call))
 
 
+def _runs(impl, call: LoraCall) -> bool:
+    """why_not(...) is None and _wins(...) for a loaded backend whose device rule holds."""
+    try:
+        if impl.supports(call) is not None:
+            return False
+    except Exception:  # a backend bug must not take down the automatic choice (why_not words it)
+        return False
+    auto_ok = getattr(impl, "auto_ok", None)
+    return auto_ok is None or bool(auto_ok(call))
+
+
 def choose(call: LoraCall) -> str:
     """The backend for one call; every rule is here.
 
@@ -123,17 +153,39 @@ def choose(call: LoraCall) -> str:
             raise RuntimeError(f"{ENV_VAR}={forced} forces the {forced} backend, which cannot run this "
                                f"{call.describe()}: {reason}")
         return forced
-    on_cuda = call.x.device.type == "cuda"
-    for name in BACKENDS:
-        if name != "torch" and not on_cuda:
-            continue  # the device rule of why_not, without building its message on every CPU call
-        if why_not(name, call) is None and _wins(name, call):
-            return name
+    if not call.x.is_cuda:
+        # off CUDA only torch runs automatically (the device rule of why_not, without its messages): its
+        # supports() and auto_ok() asked directly, as why_not and _wins would
+        impl = _registered.get("torch") or load_backend("torch")[0]
+        if impl is not None and _runs(impl, call):
+            return "torch"
+    else:
+        for name in BACKENDS:
+            if why_not(name, call) is None and _wins(name, call):
+                return name
     # torch runs every valid call; reaching here means a backend-independent problem.
     raise RuntimeError(f"no fastpeft backend can run this {call.describe()}: {why_not('torch', call)}")
 
 
+def pick(call: LoraCall):
+    """``get(choose(call))``: the implementation of the backend for one call, the automatic CPU case (no
+    FASTPEFT_BACKEND, not CUDA: torch) in one step; every other case through choose()."""
+    if not _forced_value() and not call.x.is_cuda:
+        impl = _registered.get("torch")
+        if impl is None:
+            impl = _loaded.get("torch", (None,))[0]
+        if impl is not None and _runs(impl, call):
+            return impl
+    return get(choose(call))
+
+
 def get(name: str):
+    impl = _registered.get(name)  # (the common case in one lookup: a registered or an already loaded backend)
+    if impl is not None:
+        return impl
+    hit = _loaded.get(name)
+    if hit is not None and hit[0] is not None:
+        return hit[0]
     impl, reason = load_backend(name)
     if impl is None:
         raise RuntimeError(f"fastpeft backend {name!r} is unavailable: {reason}")

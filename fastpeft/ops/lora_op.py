@@ -3,7 +3,9 @@
 
 The ops are opaque to torch.compile (fake impls give shapes), so ``torch.compile(fullgraph=True)``
 traces a LoRA model without graph breaks; their autograd is :class:`_LoraFunction` (see there why it
-is not register_autograd).
+is not register_autograd). In plain eager mode (nothing traces the call: eager.py) the Function calls the
+ops' Python functions directly, and the common call (dense base, plain adapters) skips the flattening too:
+eager.plain_call. Both give the same results as the ops; tracers and dispatch modes still see the ops.
 
 Custom ops take tensors, lists of tensors, numbers and strings, so a call travels flattened:
 
@@ -37,7 +39,8 @@ import torch
 from torch import Tensor
 
 from ..quant.formats import QuantizedWeight
-from . import dispatch, dora
+from . import dispatch, dora, eager
+from .eager import param_layout as _param_layout
 from .contract import (PACKED_FIELDS, SEED_HIGH, Adapter, AdapterSet, Base, LoraCall, compute_dtype, out_features,
                        prepare, s_columns, validate)
 from .plan import RowPlan, plan_from
@@ -84,13 +87,12 @@ def _call(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout
 
 
 # -- forward ------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastpeft::lora_fwd", mutates_args=())
-def lora_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], packed: Sequence[Optional[Tensor]],
-                fmt: str, qmeta: Sequence[int], lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor],
-                scales: Sequence[float], dropout_ps: Sequence[float], magnitudes: Sequence[Optional[Tensor]],
-                weight_norms: Sequence[Optional[Tensor]], seed: Optional[Tensor], row_index: Optional[Tensor],
-                row_order: Optional[Tensor], row_offsets: Sequence[int], pool: Sequence[Optional[Tensor]],
-                pool_max_rank: int) -> tuple[Tensor, Tensor, Tensor]:
+def _lora_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], packed: Sequence[Optional[Tensor]],
+              fmt: str, qmeta: Sequence[int], lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor],
+              scales: Sequence[float], dropout_ps: Sequence[float], magnitudes: Sequence[Optional[Tensor]],
+              weight_norms: Sequence[Optional[Tensor]], seed: Optional[Tensor], row_index: Optional[Tensor],
+              row_order: Optional[Tensor], row_offsets: Sequence[int], pool: Sequence[Optional[Tensor]],
+              pool_max_rank: int) -> tuple[Tensor, Tensor, Tensor]:
     call = _call(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, weight_norms,
                  seed, row_index, row_order, row_offsets, pool, pool_max_rank)
     Y, S, *aux = dispatch.get(dispatch.choose(call)).forward(call)
@@ -102,6 +104,10 @@ def lora_fwd_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], pac
         S = torch.nn.functional.pad(S, (0, pool_max_rank - S.shape[1]))
     Zd = aux[0].to(x.dtype) if _returns_zd(magnitudes, dropout_ps) else x.new_empty(0)
     return Y.reshape(*x.shape[:-1], Y.shape[-1]), S, Zd
+
+
+# The op wraps the plain function, which _LoraFunction also calls directly when nothing traces it (eager.direct).
+lora_fwd_op = torch.library.custom_op("fastpeft::lora_fwd", _lora_fwd, mutates_args=())
 
 
 def _fake_cdt(x, lora_As, lora_Bs, pool) -> torch.dtype:
@@ -130,15 +136,14 @@ def _(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps,
 
 
 # -- backward -----------------------------------------------------------------------------------------
-@torch.library.custom_op("fastpeft::lora_bwd", mutates_args=())
-def lora_bwd_op(dY: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], dora_saved: Optional[Tensor],
-                packed: Sequence[Optional[Tensor]], fmt: str,
-                qmeta: Sequence[int], lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor], S: Tensor,
-                scales: Sequence[float], dropout_ps: Sequence[float], magnitudes: Sequence[Optional[Tensor]],
-                weight_norms: Sequence[Optional[Tensor]], seed: Optional[Tensor], row_index: Optional[Tensor],
-                row_order: Optional[Tensor], row_offsets: Sequence[int], pool: Sequence[Optional[Tensor]],
-                pool_max_rank: int, needs_dx: bool, needs_dA: Sequence[bool], needs_dB: Sequence[bool],
-                needs_dm: bool) -> list[Tensor]:
+def _lora_bwd(dY: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], dora_saved: Optional[Tensor],
+              packed: Sequence[Optional[Tensor]], fmt: str,
+              qmeta: Sequence[int], lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor], S: Tensor,
+              scales: Sequence[float], dropout_ps: Sequence[float], magnitudes: Sequence[Optional[Tensor]],
+              weight_norms: Sequence[Optional[Tensor]], seed: Optional[Tensor], row_index: Optional[Tensor],
+              row_order: Optional[Tensor], row_offsets: Sequence[int], pool: Sequence[Optional[Tensor]],
+              pool_max_rank: int, needs_dx: bool, needs_dA: Sequence[bool], needs_dB: Sequence[bool],
+              needs_dm: bool) -> list[Tensor]:
     """[dX, dA_0, .., dB_0, ..]; a grad that is not needed comes back as an empty tensor (custom ops
     cannot return None), each its own (outputs of a custom op must not alias each other).
 
@@ -164,6 +169,9 @@ def lora_bwd_op(dY: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[
     return out
 
 
+lora_bwd_op = torch.library.custom_op("fastpeft::lora_bwd", _lora_bwd, mutates_args=())
+
+
 @lora_bwd_op.register_fake
 def _(dY, x, weight, bias, dora_saved, packed, fmt, qmeta, lora_As, lora_Bs, S, scales, dropout_ps, magnitudes,
       weight_norms, seed, row_index, row_order, row_offsets, pool, pool_max_rank, needs_dx, needs_dA, needs_dB,
@@ -174,14 +182,6 @@ def _(dY, x, weight, bias, dora_saved, packed, fmt, qmeta, lora_As, lora_Bs, S, 
     if needs_dm:
         out.append(torch.empty_like(magnitudes[0]))
     return out
-
-
-def _param_layout(g: Tensor, p: Tensor) -> Tensor:
-    """``g`` with ``p``'s strides (contiguous for a contiguous parameter): DDP buckets, FSDP2's
-    reduce-scatter and ZeRO's partitioning read gradients as flat views of the parameter's layout."""
-    if g.stride() == p.stride() or g.numel() <= 1:
-        return g
-    return torch.empty_like(p, dtype=g.dtype).copy_(g)
 
 
 class _LoraFunction(torch.autograd.Function):
@@ -198,9 +198,11 @@ class _LoraFunction(torch.autograd.Function):
         fmt, qmeta, scales, dropout_ps, offsets, max_rank = meta
         n = len(scales)
         lora_As, lora_Bs, magnitudes, norms, packed, pool = _split(tensors, n, fmt)
-        Y, S, Zd = torch.ops.fastpeft.lora_fwd(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales,
-                                               dropout_ps, magnitudes, norms, seed, row_index, row_order, offsets,
-                                               pool, max_rank)
+        # the custom op for tracers, its function itself in plain eager mode (eager.direct: same result)
+        fwd = _lora_fwd if eager.direct((x, weight, bias, row_index, row_order, *tensors)) else \
+            torch.ops.fastpeft.lora_fwd
+        Y, S, Zd = fwd(x, weight, bias, packed, fmt, qmeta, lora_As, lora_Bs, scales, dropout_ps, magnitudes, norms,
+                       seed, row_index, row_order, offsets, pool, max_rank)
         ctx.meta = meta
         ctx.bias_dtype = None if bias is None else bias.dtype
         # DoRA's magnitude gradient reads Y (a reference to the output) or, under dropout, Z_d (dora.py)
@@ -225,9 +227,10 @@ class _LoraFunction(torch.autograd.Function):
         dAs, dBs, dms = [None] * n, [None] * n, [None] * n
         need_dm = any(need_m)  # one DoRA adapter per call (contract.validate)
         if need_x or any(need_A) or any(need_B) or need_dm:
-            out = torch.ops.fastpeft.lora_bwd(dY, x, weight, bias, keep, packed, fmt, qmeta, lora_As, lora_Bs, S,
-                                              scales, dropout_ps, magnitudes, norms, seed, row_index, row_order,
-                                              offsets, pool, max_rank, need_x, need_A, need_B, need_dm)
+            bwd = _lora_bwd if eager.direct((dY, x, weight, bias, S, keep, *tensors)) else \
+                torch.ops.fastpeft.lora_bwd
+            out = bwd(dY, x, weight, bias, keep, packed, fmt, qmeta, lora_As, lora_Bs, S, scales, dropout_ps, magnitudes,
+                      norms, seed, row_index, row_order, offsets, pool, max_rank, need_x, need_A, need_B, need_dm)
             dX = out[0] if need_x else None
             dAs = [_param_layout(g, A) if nd else None for g, A, nd in zip(out[1:1 + n], lora_As, need_A)]
             dBs = [_param_layout(g, B) if nd else None for g, B, nd in zip(out[1 + n:1 + 2 * n], lora_Bs, need_B)]
@@ -263,6 +266,12 @@ def lora(x: Tensor, base: Base, adapters: Union[AdapterSet, Sequence[Adapter]] =
     alone, through the same kernels). Dropout applies to each adapter's input only, and only when
     ``training``. ``fn`` names the caller in error messages.
     """
+    if type(adapters) is not AdapterSet:
+        # the common eager call (a layer's forward: decode steps, small training steps) skips what it does
+        # not need: eager.py
+        y = eager.plain_call(x, base, adapters, training, draw_seed)
+        if y is not None:
+            return y
     aset = adapters if isinstance(adapters, AdapterSet) else AdapterSet(tuple(adapters))
     x, base, aset = prepare(x, base, aset)
     validate(fn, x, base, aset)

@@ -42,14 +42,18 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..quant.formats import dequantize
-from .contract import LoraCall, dora_column_scale
+from .contract import LoraCall, adapter_seed, dora_column_scale
 
 
 def supports(call: LoraCall) -> Optional[str]:
     """None: this backend runs every valid call, on any device and float dtype torch itself can do."""
+    w, b = call.base.weight, call.base.bias
+    if call.x.is_floating_point() and (w is None or w.is_floating_point()) and (b is None or b.is_floating_point()):
+        return None  # (asked on every call: the common answer without building the loop below)
     for name, t in (("x", call.x), ("weight", call.base.weight), ("bias", call.base.bias)):
         if t is not None and not t.is_floating_point():
             return f"{name} has non-float dtype {t.dtype}"
@@ -122,26 +126,31 @@ def forward(call: LoraCall) -> tuple:
         return _dora_forward(call)
     if call.plan is not None:
         return _mixed_forward(call)
+    # (a decode step's host time is this function's too: no helper calls or temporaries a call without dropout
+    # and with matching dtypes does not need)
     x2d, bias = call.x, call.base.bias
     cdt, dt = call.compute_dtype(), x2d.dtype
     W = _base_weight(call)
     Y = None
-    if W is not None:
-        Y = torch.mm(x2d, W.t()) if bias is None else torch.addmm(_as(bias, dt), x2d, W.t())
+    if W is not None:  # F.linear on 2-D x is addmm(bias, x, W^T) / mm(x, W^T), without the transposed views
+        Y = F.linear(x2d, W) if bias is None else F.linear(x2d, W, _as(bias, dt))
     del W
     S_parts = []
-    for a, seed in zip(call.adapters, call.seeds()):
-        p = a.dropout_p
-        keep = _keep01(seed, x2d.shape, p, x2d.device) if p > 0.0 else None
-        S = torch.mm(_masked(x2d, cdt, keep), _as(a.A, cdt).t())
-        del keep
+    xc = x2d if dt == cdt else x2d.to(cdt)  # x in the compute dtype, cast once for every adapter
+    for i, a in enumerate(call.adapters):
+        p, A, B = a.dropout_p, a.A, a.B
         if p > 0.0:
+            keep = _keep01(adapter_seed(call.seed, i), x2d.shape, p, x2d.device)
+            S = torch.mm(xc * keep, _as(A, cdt).t())
+            del keep
             S.mul_(_keep_scale(p))
+        else:
+            S = F.linear(xc, A if A.dtype == cdt else A.to(cdt))
         S_parts.append(S)
         # The GEMM's operands must share Y's dtype; S and B are small ([M, r], [N, r]) so casting them
         # down is cheap, while Y itself is never copied to a wider dtype.
         S_o = S if S.dtype == dt else S.to(dt)
-        Bt = _as(a.B, dt).t()
+        Bt = (B if B.dtype == dt else B.to(dt)).t()
         if Y is not None:
             Y.addmm_(S_o, Bt, alpha=a.scale)
         elif bias is not None:
@@ -169,24 +178,31 @@ def backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, needs_dA: li
     # dY in the compute dtype: the dS and dB GEMMs need it; for 16-bit dY this is the one [M, N] upcast.
     dYc = dY if dY.dtype == cdt or not call.adapters else dY.to(cdt)
     W = _base_weight(call) if needs_dx else None
-    any_dropout = any(a.dropout_p > 0.0 for a in call.adapters)
+    any_dropout = False
+    for a in call.adapters:
+        any_dropout = any_dropout or a.dropout_p > 0.0
     dX = None
     if needs_dx and W is not None and not any_dropout:
         dX = torch.mm(dY, W)  # the LoRA terms then accumulate into it in place
     dAs, dBs = [], []
-    for a, seed, sl, need_A, need_B in zip(call.adapters, call.seeds(), call.r_slices(), needs_dA, needs_dB):
-        p = a.dropout_p
+    start = 0  # adapter i's columns of S: [start, start + r_i)
+    # (casts only where dtypes differ: a skipped .to() is one dispatched op less, which counts at small M)
+    for i, (a, need_A, need_B) in enumerate(zip(call.adapters, needs_dA, needs_dB)):
+        p, r = a.dropout_p, a.A.shape[0]
+        sl = slice(start, start + r)
+        start += r
         # One regeneration of the mask serves both dX and dA.
-        keep = _keep01(seed, x2d.shape, p, x2d.device) if p > 0.0 and (needs_dx or need_A) else None
+        keep = (_keep01(adapter_seed(call.seed, i), x2d.shape, p, x2d.device) if p > 0.0 and (needs_dx or need_A)
+                else None)
         dS = None
         if needs_dx or need_A:
             # dS carries the 1/(1-p) of D too: D * (dS A) = keep * ((dS/(1-p)) A), and likewise for dA.
-            dS = torch.mm(dYc, a.B.to(cdt))
+            dS = torch.mm(dYc, _as(a.B, cdt))
             ds_scale = a.scale * (_keep_scale(p) if p > 0.0 else 1.0)
             if ds_scale != 1.0:
                 dS.mul_(ds_scale)
         if needs_dx:
-            dS_o, A_o = dS.to(dt), a.A.to(dt)
+            dS_o, A_o = _as(dS, dt), _as(a.A, dt)
             if keep is not None:
                 term = torch.mm(dS_o, A_o)
                 term.mul_(keep)
@@ -195,14 +211,14 @@ def backward(call: LoraCall, dY: Tensor, S: Tensor, needs_dx: bool, needs_dA: li
                 dX = torch.mm(dS_o, A_o)
             else:
                 dX.addmm_(dS_o, A_o)
-        dAs.append(torch.mm(dS.t(), _masked(x2d, cdt, keep)).to(a.A.dtype) if need_A else None)
+        dAs.append(_as(torch.mm(dS.t(), _masked(x2d, cdt, keep)), a.A.dtype) if need_A else None)
         del keep
         if need_B:
-            Si = S[:, sl]
+            Si = S if r == S.shape[1] else S[:, sl]  # (one adapter: all of S, without a slice view)
             dB = torch.mm(dYc.t(), Si if Si.dtype == cdt else Si.to(cdt))
             if a.scale != 1.0:
                 dB.mul_(a.scale)
-            dBs.append(dB.to(a.B.dtype))
+            dBs.append(_as(dB, a.B.dtype))
         else:
             dBs.append(None)
     if needs_dx and W is not None and any_dropout:

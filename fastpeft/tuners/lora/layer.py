@@ -163,7 +163,7 @@ class LoraLayer(BaseTunerLayer):
         return adapter_name in self._modules["lora_A"]._modules or adapter_name in self.lora_embedding_A
 
     def _dropout_p(self, adapter_name: str) -> float:
-        mod = self.lora_dropout[adapter_name]
+        mod = self._modules["lora_dropout"]._modules[adapter_name]  # (self.lora_dropout[name], in dict lookups)
         return float(mod.p) if isinstance(mod, nn.Dropout) else 0.0
 
     def _unmerged_active(self) -> list[str]:

@@ -69,7 +69,9 @@ class Linear(nn.Module, LoraLayer):
 
     def _adapter_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         # attribute access, not _parameters lookups: DeepSpeed ZeRO-3 gathers a partitioned weight on access
-        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        # (the submodules themselves by dict lookups, as Module.__getattr__ and ModuleDict would find them)
+        mods = self._modules
+        return mods["lora_A"]._modules[adapter_name].weight, mods["lora_B"]._modules[adapter_name].weight
 
     def _to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.t() if self.fan_in_fan_out else delta
@@ -81,7 +83,7 @@ class Linear(nn.Module, LoraLayer):
         torch.autocast fastpeft.ops casts x, weight and bias as autocast casts nn.Linear's inputs.
         """
         base = self.get_base_layer()
-        return ops.Base.dense(base.weight.t() if self.fan_in_fan_out else base.weight, base.bias)
+        return ops.Base(base.weight.t() if self.fan_in_fan_out else base.weight, None, base.bias)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         batch = layer_mixed_batch(self, kwargs)
@@ -90,16 +92,20 @@ class Linear(nn.Module, LoraLayer):
             return self._mixed_forward(x, batch)
         if not names:
             return self.base_layer(x)
-        if any(isinstance(self.lora_variant[n], ALora) for n in names):  # aLoRA: variants/alora.py
-            return alora_forward(self, x, names)
+        # (plain loops, no generators: an eager decode step pays this code's host time once per layer)
+        variants = [self.lora_variant[n] for n in names]
+        for v in variants:
+            if isinstance(v, ALora):  # aLoRA: variants/alora.py
+                return alora_forward(self, x, names)
         # one op: the base GEMM and every active adapter's term (each adapter's entry from its variant)
         if len(names) > 1 and any(self.use_dora.get(n) for n in names):
             out = chained_forward(self, x, names)  # several adapters with DoRA among them: peft's order
         else:
-            adapters = [self.lora_variant[name].op_adapter(self, name) for name in names]
+            adapters = [v.op_adapter(self, n) for v, n in zip(variants, names)]
             out = ops.lora(x, self._op_base(), adapters, self.training, fn=f"lora.{type(self).__name__}.forward")
+        lora_bias = self.lora_bias
         for name in names:
-            if self.lora_bias.get(name):
+            if lora_bias.get(name):
                 out = out + (self.lora_B[name].bias * self.scaling[name]).to(out.dtype)
         return out
 
