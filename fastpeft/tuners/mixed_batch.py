@@ -114,16 +114,22 @@ def _refuse_state(training: bool, merged: bool) -> None:
                          "`unmerge_adapter` first.")
 
 
-def batch_size_of(args: tuple, kwargs: dict) -> Optional[int]:
-    """The number of samples of a model call (its first tensor input's first dim), for peft's length check."""
+def first_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """A model call's first tensor input (input_ids, inputs_embeds, ... or the first positional tensor)."""
     for key in ("input_ids", "inputs_embeds", "pixel_values", "input_features", "x"):
         t = kwargs.get(key)
         if isinstance(t, torch.Tensor):
-            return t.shape[0]
+            return t
     for t in args:
         if isinstance(t, torch.Tensor):
-            return t.shape[0]
+            return t
     return None
+
+
+def batch_size_of(args: tuple, kwargs: dict) -> Optional[int]:
+    """The number of samples of a model call (its first tensor input's first dim), for peft's length check."""
+    t = first_input(args, kwargs)
+    return None if t is None else t.shape[0]
 
 
 def device_of(model: nn.Module):
@@ -133,12 +139,15 @@ def device_of(model: nn.Module):
 
 def adapter_names_context(model: nn.Module, args: tuple, kwargs: dict, known: dict):
     """Pop ``adapter_names`` from a model call's kwargs; return the context to run the call in (the checked
-    mixed batch as the current one, or a no-op context when the call has no adapter_names)."""
+    mixed batch as the current one, or a no-op context when the call has no adapter_names). The batch's
+    plan lives on the device of the call's input (the model's, or the model would fail on it), found without
+    walking the model's parameters on every decode step."""
     names = kwargs.pop("adapter_names", None)
     if names is None:
         return contextlib.nullcontext()
-    names = check_adapter_names(model, names, batch_size_of(args, kwargs), known)
-    return mixed_batch(_batch_for(names, device_of(model)))
+    x = first_input(args, kwargs)
+    names = check_adapter_names(model, names, None if x is None else x.shape[0], known)
+    return mixed_batch(_batch_for(names, x.device if x is not None else device_of(model)))
 
 
 # The last batch built from names: a decode loop passes the same adapter_names at every step, and reusing the

@@ -147,6 +147,8 @@ def calculate_alora_offsets(peft_config: dict, active_adapter, input_ids: Option
 
 
 def _relevant(configs: dict, active, adapter_names) -> bool:
+    if not any(getattr(c, "alora_invocation_tokens", None) for c in configs.values()):
+        return False  # no aLoRA adapter at all: the common case, without a walk over a batch's names
     names = [active] if isinstance(active, str) else list(active or [])
     if any(getattr(configs.get(n), "alora_invocation_tokens", None) for n in names[:1]):
         return True
