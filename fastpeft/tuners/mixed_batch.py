@@ -175,7 +175,8 @@ def layer_mixed_batch(layer: nn.Module, kwargs: dict) -> Optional[MixedBatch]:
             if dora and any(dora.values()) and any(dora.get(n) for n in batch.names):
                 raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
         return batch
-    if any(getattr(layer, "use_dora", {}).get(n) for n in names):
+    dora = getattr(layer, "use_dora", None)
+    if dora and any(dora.values()) and any(dora.get(n) for n in names):  # (no DoRA adapter: no walk of the names)
         raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
     _refuse_state(layer.training, getattr(layer, "merged", False))
     dev = next((p.device for p in layer.parameters()), None)
