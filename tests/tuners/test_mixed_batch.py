@@ -120,6 +120,27 @@ def test_packed_base_mixed_batch_equals_each_adapter_alone():
             assert max_abs_diff(mixed[i:i + 1], _alone(pm, _logits, inputs, i, name)) < 1e-4, (i, name)
 
 
+def test_every_row_on_one_adapter_runs_the_plain_call_and_equals_peft(monkeypatch):
+    """adapter_names naming one adapter for every row (lora_bias too, and a layer the adapter does not target):
+    each layer makes the plain one-adapter op call, no row plan or pool, and the logits are the adapter's
+    alone, bit for bit, and peft's."""
+    ours, theirs = _twins("opt", ["q_proj", "v_proj"], extra_targets=["v_proj"], lora_bias=True)
+    inputs = tiny_inputs("opt", batch=3)
+    calls = []
+    real = ops.lora
+    monkeypatch.setattr(ops, "lora", lambda x, base, adapters=(), *a, **k: calls.append(adapters) or
+                        real(x, base, adapters, *a, **k))
+    with torch.no_grad():
+        for name in ("default", "other"):
+            calls.clear()
+            y = ours(**inputs, adapter_names=[name] * 3).logits
+            assert calls and all(not isinstance(c, ops.AdapterSet) for c in calls)  # no row plan, no pool
+            ours.set_adapter(name)
+            assert torch.equal(y, ours(**inputs).logits)
+            ours.set_adapter("default")
+            assert max_abs_diff(y, theirs(**inputs, adapter_names=[name] * 3).logits) < 1e-5
+
+
 def test_one_plan_per_forward(monkeypatch):
     ours, _ = _twins("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"])
     built = []

@@ -110,9 +110,19 @@ class Linear(nn.Module, LoraLayer):
         return out
 
     def _mixed_forward(self, x: torch.Tensor, batch) -> torch.Tensor:
-        """Each sample with its own adapter (peft's adapter_names): one op call with a row plan."""
+        """Each sample with its own adapter (peft's adapter_names): one op call with a row plan. When every row
+        names the same adapter (a server's batch for one client), the plain one-adapter call: the decode
+        kernels without a plan, the same result as the adapter alone."""
         rows = batch.rows(x.numel() // x.shape[-1], f"the input of lora.{type(self).__name__}")
         rows = alora_mixed_rows(self, batch, rows, x)  # aLoRA adapters: base outside their invocation
+        if len(batch.names) == 1 and rows.count(-1) == 0:
+            name = batch.names[0]
+            adapters = [self.lora_variant[name].op_adapter(self, name)] if self._has_adapter(name) else []
+            out = ops.lora(x, self._op_base(), adapters, False,
+                           fn=f"lora.{type(self).__name__}.forward (adapter_names)")
+            if adapters and self.lora_bias.get(name):
+                out = out + (self.lora_B[name].bias * self.scaling[name]).to(out.dtype)
+            return out
         pool = self._mixed_pool(batch.names, self.in_features, self.out_features)
         out = ops.lora(x, self._op_base(), ops.AdapterSet(row_index=rows, pool=pool), False,
                        fn=f"lora.{type(self).__name__}.forward (adapter_names)")
