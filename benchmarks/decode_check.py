@@ -161,7 +161,10 @@ def quant_rows(device, dtype, k, n, ms, emit):
         w16s = [w16.to(device, dtype) for _ in range(copies(n * k * 2, device))]
         a = torch.randn(R, k, device=device, dtype=dtype) / 64
         b = torch.randn(n, R, device=device, dtype=dtype) / 8
-        bnb_fn = _bnb_peft(fmt, w16.to(device, dtype), a, b, dtype)
+        try:
+            bnb_fn = _bnb_peft(fmt, w16.to(device, dtype), a, b, dtype)
+        except Exception as exc:  # noqa: BLE001 - bitsandbytes/peft setup failed: recorded in the row
+            bnb_fn = f"failed: {type(exc).__name__}: {exc}"[:300]
         for m in ms:
             x = torch.randn(m, k, device=device, dtype=dtype)
             row = {"section": "quant", "format": fmt, "M": m, "K": k, "N": n, "r": R, "dtype": str(dtype)}
