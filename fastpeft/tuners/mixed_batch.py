@@ -163,9 +163,10 @@ def _batch_for(names: list, device) -> MixedBatch:
     return _LAST[1]
 
 
-def layer_mixed_batch(layer: nn.Module, kwargs: dict) -> Optional[MixedBatch]:
+def layer_mixed_batch(layer: nn.Module, kwargs: dict, x: Optional[torch.Tensor] = None) -> Optional[MixedBatch]:
     """The mixed batch a layer's forward runs: ``adapter_names`` passed to the layer itself (popped from
-    ``kwargs``; peft's layer-level call), else the model's current one, else None."""
+    ``kwargs``; peft's layer-level call), else the model's current one, else None. ``x``: the layer's input,
+    whose device the plan of a layer-level call takes (else the layer's first parameter's)."""
     names = kwargs.pop("adapter_names", None)
     if names is None:
         batch = current()
@@ -179,7 +180,7 @@ def layer_mixed_batch(layer: nn.Module, kwargs: dict) -> Optional[MixedBatch]:
     if dora and any(dora.values()) and any(dora.get(n) for n in names):  # (no DoRA adapter: no walk of the names)
         raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
     _refuse_state(layer.training, getattr(layer, "merged", False))
-    dev = next((p.device for p in layer.parameters()), None)
+    dev = x.device if x is not None else next((p.device for p in layer.parameters()), None)
     return _batch_for(list(names), dev)
 
 

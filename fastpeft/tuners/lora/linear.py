@@ -86,7 +86,7 @@ class Linear(nn.Module, LoraLayer):
         return ops.Base(base.weight.t() if self.fan_in_fan_out else base.weight, None, base.bias)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        batch = layer_mixed_batch(self, kwargs)
+        batch = layer_mixed_batch(self, kwargs, x)
         names = self._adapters_for_forward(args, kwargs)
         if batch is not None and not self.disable_adapters:
             return self._mixed_forward(x, batch)
