@@ -43,7 +43,6 @@ _TILE_M, _TILE_N = 16, 64
 FINISH_BLOCK_R = 16
 
 
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
