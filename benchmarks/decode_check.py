@@ -129,12 +129,11 @@ def _bnb_peft(fmt, w, a, b, dtype):
     """A callable x -> peft LoRA over a bitsandbytes layer holding w (nf4 / int8), or the reason it is absent."""
     try:
         import bitsandbytes as bnb
-        from peft.tuners.lora import Linear as PeftLinear  # noqa: F401
+        import peft
     except Exception as e:  # noqa: BLE001
         return f"bitsandbytes/peft not importable: {type(e).__name__}: {e}"[:200]
     if fmt not in ("nf4", "int8") or w.device.type != "cuda":
         return "bitsandbytes has no such format here"
-    import peft
 
     n, k = w.shape
     if fmt == "nf4":

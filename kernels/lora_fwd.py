@@ -26,11 +26,10 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    ACT_DTYPES, DUAL_DX, DUAL_FWD, MAX_R, MIXED_GATHER, MIXED_SEGMENT, SMEM_LIMIT, base_step, check_2d, col_scale_rows,
-    compute_dtype,
-    dora_args, dot_precision, dropout_tile_ok, dual_start, dual_tile_ok, empty, finish_lora_tile, finish_tile,
-    grouped_grid, grouped_tile, ieee_tile_ok, launch, lora_b_step, lora_tile, m_bucket, mixed_args, mixed_bucket,
-    mixed_grid, mma, out_dropout_scale, r_block, split_grid, split_k_range, tl_dtype,
+    ACT_DTYPES, DUAL_DX, DUAL_FWD, MAX_R, MIXED_GATHER, MIXED_SEGMENT, SMEM_LIMIT, base_step, check_2d,
+    col_scale_rows, compute_dtype, dora_args, dot_precision, dropout_tile_ok, dual_start, dual_tile_ok, empty,
+    finish_lora_tile, finish_tile, grouped_grid, grouped_tile, ieee_tile_ok, launch, lora_b_step, lora_tile, m_bucket,
+    mixed_args, mixed_bucket, mixed_grid, mma, out_dropout_scale, r_block, split_grid, split_k_range, tl_dtype,
 )
 from .lora_shrink import lora_shrink, shrink_step
 from .lora_splitk import finish_split_k, split_k_for, split_workspace

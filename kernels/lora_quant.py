@@ -34,15 +34,17 @@ dequantized W tile: W is unpacked once per tile for both accumulators.
 Mixed batches (kernels/lora_mixed.py): the MIXED constexpr, as the dense GEMM's (kernels/lora_fwd.py):
 segment tiles of one adapter's rows, or decode tiles whose rows each read their own adapter's B.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
     DUAL_DX, DUAL_FWD, MAX_R, MIXED_GATHER, MIXED_SEGMENT, SMEM_LIMIT, base_step, col_scale_rows, dora_args,
-    dot_precision,
-    dropout_tile_ok, dual_start, dual_tile_ok, empty, finish_lora_tile, ieee_tile_ok, launch, lora_b_step, lora_tile,
-    mixed_args, mixed_bucket, mixed_grid, mul_rn, r_block, split_grid, split_k_range, tl_dtype,
+    dot_precision, dropout_tile_ok, dual_start, dual_tile_ok, empty, finish_lora_tile, ieee_tile_ok, launch,
+    lora_b_step, lora_tile, mixed_args, mixed_bucket, mixed_grid, mul_rn, r_block, split_grid, split_k_range,
+    tl_dtype,
 )
 from .lora_shrink import lora_shrink
 from .lora_splitk import finish_split_k, split_k_for, split_workspace
@@ -320,7 +322,8 @@ def dequant_w(qdata_ptr, scales_ptr, zeros_ptr, code_ptr, absmax2_ptr, code2_ptr
         z = tl.load(zeros_ptr + n64 * stride_zn + g, mask=smask, other=0).to(tl.int32)
         sc = tl.load(scales_ptr + n64 * stride_sn + g, mask=smask, other=0.0).to(tl.float32)
         w = (nib - z).to(tl.float32) * sc
-        w = tl.where(mask, w, 0.0)  # per-row zeros make masked-out codes (0) nonzero
+        if SCALE_K % TILE_K == 0:  # a row's zero and scale were loaded for masked-out k too: (0 - z) * sc != 0
+            w = tl.where(mask, w, 0.0)
     elif FORMAT == FMT_FP8:
         raw = tl.load(qdata_ptr + n.to(tl.int64) * stride_qn + k, mask=mask, other=0)  # uint8 codes
         sc = tl.load(scales_ptr + (n // block_n) * stride_sn + ks // blocksize, mask=smask, other=0.0).to(tl.float32)
@@ -483,11 +486,17 @@ def scale_k(qw) -> int:
     return 1
 
 
+@functools.lru_cache(maxsize=None)
+def _has_fp8_type(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
 def fp8_hw_convert(device) -> bool:
-    """Whether Triton can convert e4m3 codes in hardware on this device (sm_89+; its fp8e4nv type does not
-    exist for sm_80, and the interpreter's path is exercised by the tests through fp8_cvt=True)."""
+    """Whether the GPU has fp8 (e4m3) types: Triton converts codes in hardware and has fp8 dots there (sm_89+;
+    its fp8e4nv type does not exist for sm_80; the interpreter's path is tested through fp8_cvt=True)."""
     device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and _has_fp8_type(device.index if device.index is not None
+                                                   else torch.cuda.current_device())
 
 
 def fp8_dot_reason(qw) -> "str | None":

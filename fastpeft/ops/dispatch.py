@@ -60,25 +60,9 @@ def load_backend(name: str) -> tuple:
     return _loaded[name]
 
 
-# FASTPEFT_BACKEND is read on every call (tests and users set it between calls). os.environ.get costs three
-# Python calls (Mapping.get, __getitem__, encodekey); CPython's os.environ keeps its values in a dict keyed by
-# the encoded name, so while os.environ is that mapping one dict lookup reads the same value.
-_ENVIRON = os.environ
-_ENV_DATA = getattr(_ENVIRON, "_data", None)
-_ENV_KEY = _ENVIRON.encodekey(ENV_VAR) if type(_ENV_DATA) is dict and hasattr(_ENVIRON, "encodekey") else None
-
-
-def _forced_value() -> Optional[str]:
-    """os.environ.get(FASTPEFT_BACKEND)."""
-    if _ENV_KEY is not None and os.environ is _ENVIRON:
-        raw = _ENV_DATA.get(_ENV_KEY)
-        return None if raw is None else _ENVIRON.decodevalue(raw)
-    return os.environ.get(ENV_VAR)
-
-
 def forced_backend() -> Optional[str]:
     """The backend named by FASTPEFT_BACKEND, or None when unset/empty/auto (= automatic choice)."""
-    val = _forced_value()
+    val = os.environ.get(ENV_VAR)
     if not val:  # unset: the common case
         return None
     val = val.strip().lower()
@@ -170,7 +154,7 @@ def choose(call: LoraCall) -> str:
 def pick(call: LoraCall):
     """``get(choose(call))``: the implementation of the backend for one call, the automatic CPU case (no
     FASTPEFT_BACKEND, not CUDA: torch) in one step; every other case through choose()."""
-    if not _forced_value() and not call.x.is_cuda:
+    if not os.environ.get(ENV_VAR) and not call.x.is_cuda:
         impl = _registered.get("torch")
         if impl is None:
             impl = _loaded.get("torch", (None,))[0]

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 POOL_FIELDS = ("A", "B", "start", "rank", "scale", "magnitude", "weight_norm", "dora")

@@ -114,9 +114,8 @@ def _fp8_dot(call: LoraCall) -> bool:
         if reason is not None:
             raise RuntimeError(f"{FP8_DOT_ENV}=1 forces fp8 W8A8, which cannot run this {call.describe()}: {reason}")
         return True
-    x = call.x
-    return (reason is None and call.M > _kernels()[3].DECODE_MAX_M and x.device.type == "cuda"
-            and torch.cuda.get_device_capability(x.device) >= (8, 9))
+    quant = _kernels()[3]
+    return reason is None and call.M > quant.DECODE_MAX_M and quant.fp8_hw_convert(call.x.device)
 
 
 def supports(call: LoraCall) -> Optional[str]:

@@ -6,12 +6,15 @@ decode rows; outputs and the workspace NaN-poisoned (a slice some program does n
 a split count that leaves programs with an empty stretch of K; the same bits on a second run; the
 refusals (dropout, DoRA with dropout, segment tiles) and the split_k_for rule.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from _support.reference import DEVICE, assert_close, randn, ref_forward
 
 from fastpeft.kernels import lora_mixed, lora_splitk
+from fastpeft.kernels._common import MIXED_SEGMENT
 from fastpeft.kernels.lora_fwd import launch_lora_matmul, lora_fwd
 from fastpeft.kernels.lora_quant import launch_lora_quant, lora_quant_fwd
 from fastpeft.ops import RowPlan
@@ -142,6 +145,8 @@ def test_split_refuses_training_cases_and_segment_tiles():
         launch_lora_matmul(x, w, s, b, None, y, 1.0, config=MM, split_k=lora_splitk.MAX_SPLIT_K + 1)
     with pytest.raises(ValueError, match="not 'fused'"):
         lora_fwd(x, w, None, randn(4, 64), b, 1.0, variant="fused", split_k=2)
+    with pytest.raises(ValueError, match="decode \\(gather\\) tiles"):  # segment tiles (prefill) never split
+        lora_splitk.split_workspace("f", 2, 2, 8, 0.0, False, SimpleNamespace(mode=MIXED_SEGMENT.value), DEVICE)
     qw = _qw("int8", 8, 64)
     with pytest.raises(ValueError, match="runs without dropout"):
         launch_lora_quant(x, qw, s, b, None, y, 1.0, True, config=QC, col_scale=torch.ones(8, device=DEVICE),

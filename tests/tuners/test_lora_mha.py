@@ -16,12 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.nn import functional as F
 
 import fastpeft
 from fastpeft.tuners.lora.mha import MultiheadAttention as LoraMHA
 
-from _support.twins import max_abs_diff
+from _support.twins import max_abs_diff, peft_model_twins
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 E, H = 16, 4
@@ -48,15 +47,7 @@ def _x(batch_first: bool, seed: int = 3) -> torch.Tensor:
 def _twins(base: nn.Module, extra=(), **cfg):
     """(fastpeft PeftModel, peft PeftModel) with identical weights (peft's copied into fastpeft, strict)."""
     cfg = dict(dict(target_modules=["mha"], r=4, lora_alpha=8), **cfg)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
-        ours = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**cfg))
-        for name, c in extra:
-            theirs.add_adapter(name, peft.LoraConfig(**c))
-            ours.add_adapter(name, fastpeft.LoraConfig(**c))
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    return ours, theirs
+    return peft_model_twins(base, cfg, extra)
 
 
 def _perturb(model: nn.Module, seed: int, out_proj_B: bool) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 import fastpeft
 
-from _support.twins import max_abs_diff
+from _support.twins import max_abs_diff, peft_model_twins
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -60,15 +60,7 @@ def _x(seed: int = 2) -> torch.Tensor:
 
 def _twins(base: nn.Module, extra=(), **cfg):
     cfg = dict(dict(target_parameters=TARGETS, r=2, lora_alpha=4, init_lora_weights=False), **cfg)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
-        ours = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**cfg))
-        for name, c in extra:
-            theirs.add_adapter(name, peft.LoraConfig(**c))
-            ours.add_adapter(name, fastpeft.LoraConfig(**c))
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    return ours, theirs
+    return peft_model_twins(base, cfg, extra)
 
 
 def _shapes(model) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 
-import peft
 import pytest
 import torch
 from _support.models import tiny_inputs, tiny_model

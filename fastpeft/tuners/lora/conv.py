@@ -26,7 +26,6 @@ from torch import nn
 from ... import ops
 from ...ops.contract import dora_column_scale
 from ...ops.lora_conv import ConvSpec, lora_conv, lora_conv_delta_weight
-from ..mixed_batch import layer_mixed_batch
 from ..tuners_utils import adapters_to_merge
 from .layer import LoraLayer
 from .linear import init_lora_pair
@@ -217,12 +216,9 @@ class _ConvNd(nn.Module, LoraLayer):
         return (self.lora_B[name].bias * self.scaling[name]).to(like.dtype).view(1, -1, *([1] * self._dims))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        batch = layer_mixed_batch(self, kwargs)
-        names = self._adapters_for_forward(args, kwargs)
-        if batch is not None and not self.disable_adapters:
-            return self._mixed_forward(x, batch)
-        if not names:
-            return self.base_layer(x)
+        out, names = self._forward_route(x, args, kwargs)
+        if names is None:
+            return out
         fn = f"lora.{type(self).__name__}.forward"
         base, spec = self.get_base_layer(), self._spec()
         if any(self.use_dora.get(n) for n in names):

@@ -13,7 +13,6 @@ from torch import nn
 
 from ... import ops
 from ...ops.dora import column_scale as dora_column_scale
-from ..mixed_batch import layer_mixed_batch
 from .layer import LoraLayer
 
 
@@ -69,12 +68,9 @@ class Embedding(nn.Module, LoraLayer):
                     scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        batch = layer_mixed_batch(self, kwargs)
-        names = self._adapters_for_forward(args, kwargs)
-        if batch is not None and not self.disable_adapters:
-            return self._mixed_forward(x, batch)
-        if not names:
-            return self.base_layer(x)
+        out, names = self._forward_route(x, args, kwargs)
+        if names is None:
+            return out
         base = self.get_base_layer()
         opts = self._lookup_options()
         # Adapters apply in order, as in peft: plain LoRA adds its rows; DoRA scales all so far and its own

@@ -20,6 +20,7 @@ from torch import nn
 from ... import ops
 from ...utils.meta_init import creating_on_meta
 from ...utils.warning import PeftWarning
+from ..mixed_batch import layer_mixed_batch
 from ..tuners_utils import BaseTunerLayer, adapters_to_merge
 from .variants import LoraVariant, variant_for, variant_options
 from .loftq import loftq_layer_init
@@ -221,10 +222,11 @@ class LoraLayer(BaseTunerLayer):
                 if bias_delta is not None:
                     base.bias.data -= bias_delta.to(base.bias.dtype)
 
-    def _adapters_for_forward(self, args: tuple = (), kwargs: Optional[dict] = None) -> list[str]:
-        """Common start of forward: the adapters to apply, in order; [] when the plain base layer
-        output is the answer (adapters disabled or merged). (``adapter_names`` was taken out of kwargs
-        by layer_mixed_batch.)"""
+    def _forward_route(self, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple:
+        """Common start of forward: (output, None) when the answer needs none of the layer's own adapter
+        math (a mixed batch, adapter_names: its _mixed_forward; adapters disabled or merged: the base layer),
+        else (None, the adapters to apply, in order)."""
+        batch = layer_mixed_batch(self, kwargs, x)  # takes adapter_names out of kwargs
         if args or kwargs:
             # the fused op has no place for them; dropping them silently would change results
             raise TypeError(f"{type(self).__name__}.forward takes only the input tensor; got extra positional "
@@ -232,8 +234,13 @@ class LoraLayer(BaseTunerLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return []
-        return [] if self.merged else self._unmerged_active()
+            return self.base_layer(x), None
+        if batch is not None:
+            return self._mixed_forward(x, batch), None
+        if self.merged:
+            return self.base_layer(x), None
+        names = self._unmerged_active()
+        return (self.base_layer(x), None) if not names else (None, names)
 
     # -- mixed batches (tuners/mixed_batch.py) ------------------------------------------------------
     def _mixed_pool(self, names: tuple, in_features: int, out_features: int) -> ops.AdapterPool:

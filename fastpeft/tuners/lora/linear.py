@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from ... import ops
-from ..mixed_batch import layer_mixed_batch
 from .layer import LoraLayer
 from .variants.alora import ALora, alora_forward, alora_mixed_rows
 from .variants.dora import chained_forward
@@ -86,12 +85,9 @@ class Linear(nn.Module, LoraLayer):
         return ops.Base(base.weight.t() if self.fan_in_fan_out else base.weight, None, base.bias)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        batch = layer_mixed_batch(self, kwargs, x)
-        names = self._adapters_for_forward(args, kwargs)
-        if batch is not None and not self.disable_adapters:
-            return self._mixed_forward(x, batch)
-        if not names:
-            return self.base_layer(x)
+        out, names = self._forward_route(x, args, kwargs)
+        if names is None:
+            return out
         # (plain loops, no generators: an eager decode step pays this code's host time once per layer)
         variants = [self.lora_variant[n] for n in names]
         for v in variants:
