@@ -24,13 +24,14 @@ by the custom ops of lora_op.py on the backend :func:`dispatch.choose` picks per
 |                                        |   lora_quant_kernel, two accumulators per W tile    |                   |
 | mixed batch (row_index / an adapter    | dense base, bf16/fp16, M <= 4 rows (8 when forced): | torch_backend.py  |
 |   pool: each row its own adapter, -1 = |   csrc/lora_gemv.cu BGMV (each row reads its own    |   (_mixed_forward,|
-|   base), dense or packed base, no      |   adapter from a table passed by value); else       |   _mixed_backward)|
-|   dropout (DoRA slots: g per row in the|   kernels/lora_mixed.py on the kernels above (MIXED |                   |
-|   epilogue; their backward: torch)     |   constexpr): segmented shrink, then                |                   |
-|                                        |   lora_matmul_kernel / lora_quant_kernel on segment |                   |
-|                                        |   tiles (one adapter per row tile, any M) or decode |                   |
-|                                        |   tiles (M <= 16, each row its own B); backward the |                   |
-|                                        |   same GEMMs for dX, lora_wgrad_kernel per adapter  |                   |
+|   base), dense or packed base, no      |   adapter from a table passed by value); else       |  _mixed_backward);|
+|   dropout (DoRA slots: g per row in the|   kernels/lora_mixed.py on the kernels above (MIXED |   a pool call in  |
+|   epilogue; their backward: torch)     |   constexpr): segmented shrink, then                |  fp32/bf16, <= 256|
+|                                        |   lora_matmul_kernel / lora_quant_kernel on segment |   rows, no DoRA:  |
+|                                        |   tiles (one adapter per row tile, any M) or decode |   its LoRA terms  |
+|                                        |   tiles (M <= 16, each row its own B); backward the |   by csrc/lora_   |
+|                                        |   same GEMMs for dX, lora_wgrad_kernel per adapter  |   mixed_cpu.cpp   |
+|                                        |                                                     |   (cpu_mixed.py)  |
 | lora_embedding, lora_delta_weight      | torch (a lookup and a small matmul: nothing to fuse)| torch             |
 | token_embedding, token_linear,         | torch (trainable tokens: a lookup + row replace, no | torch             |
 |   token_merged_weight                  |   [V, D] table copy; see trainable_tokens.py)       |                   |

@@ -26,6 +26,11 @@ rows R_k only (a segment of the plan: a GEMM per adapter at its own rank, never 
     backward  dS = s_k dY[R_k] B_k;   dX = dY W;   dX[R_k] += dS A_k;   dA_k = dS^T x[R_k];
               dB_k = s_k dY[R_k]^T S[R_k, :r_k]
 
+A pool call on CPU (fp32 or bf16 activations, at most cpu_mixed.MAX_ROWS rows, no DoRA slots) adds the
+s_k S B_k^T terms with csrc/lora_mixed_cpu.cpp (cpu_mixed.py) after the base GEMM: the same math per row, in
+one pass that reads each adapter at its own rank and touches no other row; other pool calls run the grouped
+GEMMs below (_grouped_pool), and float64 calls (the test oracle) never leave torch.
+
 Where the work is saved over a plain "base(x) + B(A(dropout(x)))": every LoRA add is folded into the
 GEMM with ``addmm_`` (Y is the only [M, N] tensor written, whatever the number of adapters), and D_i is
 regenerated from an integer seed in backward instead of keeping ``dropout(x)`` alive. A quantized W is
@@ -46,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..quant.formats import dequantize
+from . import cpu_mixed
 from .contract import LoraCall, adapter_seed, dora_column_scale
 
 
@@ -385,6 +391,15 @@ def _stack_groups(call: LoraCall, groups: tuple, cdt: torch.dtype) -> tuple:
     return At, Bt
 
 
+def _cpu_kernel_runs(call: LoraCall, Y: Tensor) -> bool:
+    """The CPU kernel (cpu_mixed.py) takes a pool call: CPU float32/bfloat16 activations, a decode-sized batch,
+    no DoRA slots in the pool, ranks the kernel holds, and the kernel built (else the grouped path)."""
+    x = call.x
+    return (x.device.type == "cpu" and x.dtype in cpu_mixed.ACT_DTYPES and Y.dtype == x.dtype
+            and call.M <= cpu_mixed.MAX_ROWS and call.pool.dora is None and call.pool.max_rank <= cpu_mixed.MAX_RANK
+            and x.stride(1) == 1 and cpu_mixed.unavailable() is None)
+
+
 def _mixed_forward(call: LoraCall) -> tuple[Tensor, Tensor]:
     x2d, bias = call.x, call.base.bias
     cdt, dt = call.compute_dtype(), x2d.dtype
@@ -394,6 +409,13 @@ def _mixed_forward(call: LoraCall) -> tuple[Tensor, Tensor]:
     else:
         Y = x2d.new_zeros((call.M, call.N)) if bias is None else bias.to(dt).expand(call.M, call.N).clone()
     del W
+    if call.pool is not None and _cpu_kernel_runs(call, Y):
+        plan, pool = call.plan, call.pool
+        tables = pool.cached("cpu tables", lambda: cpu_mixed.slot_tables(pool.A, pool.B, pool.start, pool.rank,
+                                                                          pool.scale))
+        offsets = plan.cached("cpu offsets", lambda: cpu_mixed.plan_offsets(plan.offsets))
+        cpu_mixed.mixed_add_(Y, x2d, tables, plan.order, offsets, fn="torch_backend mixed forward")
+        return Y, x2d.new_empty((call.M, pool.max_rank), dtype=cdt)  # a pool gets no gradients: S unset
     if call.pool is not None and _grouped_pool(call, Y):
         # a pool's slots get no gradients, so S (for dB) is not needed: its contents are left unset
         return Y, x2d.new_empty((call.M, call.pool.max_rank), dtype=cdt)

@@ -219,6 +219,7 @@ def test_pool_rows_run_as_batched_gemms_per_adapter_group(monkeypatch, counts, d
     staying in that row."""
     from fastpeft.ops import torch_backend
 
+    monkeypatch.setenv("FASTPEFT_CPU_KERNEL", "0")  # this test is about the grouped GEMMs (test_cpu_mixed: the kernel)
     taken = []
     real = torch_backend._grouped_pool
     monkeypatch.setattr(torch_backend, "_grouped_pool", lambda call, Y: taken.append(real(call, Y)) or taken[-1])

@@ -1,0 +1,239 @@
+"""The CPU kernel of mixed batches: csrc/lora_mixed_cpu.cpp, each row's adapter term added into Y in one pass.
+
+The torch backend's mixed forward on CPU (torch_backend._mixed_forward, an adapter pool's call) computes the
+base GEMM with torch and then, for decode-sized batches, hands Y to this kernel instead of its grouped path
+(gather x, two batched GEMMs per rank bucket, scatter-add into Y): at a few rows per adapter every one of those
+ops costs more in fixed overhead than in arithmetic, and rank buckets make mixed ranks cost extra ops. The
+kernel reads each adapter's A and B^T once per block of up to four of its rows, at its own rank, and writes
+Y in place (see the source for the tiling). Same values as the grouped path up to fp32 summation order, and
+the same bits from run to run.
+
+Build: just in time on first use, with the host C++ compiler ($CXX, else c++ / g++ / clang++), ``-O3
+-march=native -fopenmp`` (see FLAG_SETS), no torch headers (a plain C function called through ctypes; about
+two seconds to build). The
+shared object is cached under $FASTPEFT_CACHE_DIR (else ~/.cache/fastpeft)/cpu, named by a hash of the source,
+the compiler, the flags and this CPU's model and feature flags, so a cache shared between machines never
+serves code built for another CPU. It is written under a temporary name and renamed into place. When there is
+no compiler or the build fails, :func:`unavailable` says why and the torch backend keeps its grouped path.
+
+FASTPEFT_CPU_KERNEL=0 turns the kernel off (the grouped path runs; benchmarks compare the two this way).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+SOURCE = "lora_mixed_cpu.cpp"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+# OpenMP: the library then needs libgomp.so.1, which resolves to the one torch has already loaded (torch's
+# wheels bundle it under that soname), so the kernel's blocks run on torch's threads and follow
+# torch.set_num_threads. A compiler without OpenMP (or a torch built on another runtime) gets a
+# single-threaded build: the second set of flags.
+FLAG_SETS = (FLAGS + ("-fopenmp",), FLAGS)
+ENV_VAR = "FASTPEFT_CPU_KERNEL"
+# Rows up to which the torch backend prefers this kernel to its grouped GEMMs. The kernel runs on one core;
+# beyond a few hundred rows two-core batched GEMMs are faster (benchmarks/results/cpu-2core-mixed.json).
+MAX_ROWS = 256
+ACT_DTYPES = (torch.float32, torch.bfloat16)
+MAX_RANK = 1024  # kMaxRank of the source (checked against the loaded library's on every call)
+
+_lock = threading.Lock()
+_state: dict = {}  # "lib": the loaded function, or "reason": why there is none
+
+
+def _csrc_file() -> Optional[Path]:
+    here = Path(__file__).resolve()
+    for cand in (here.parents[2] / "csrc" / SOURCE, here.parents[1] / "csrc" / SOURCE):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _compiler() -> Optional[str]:
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx) or cxx
+    for name in ("c++", "g++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_signature() -> str:
+    """The CPU model and feature flags (what -march=native compiles for), as far as the OS tells them."""
+    sig = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part"):
+                    sig.append(line.strip())
+                if len(sig) > 6:
+                    break
+    except OSError:
+        pass
+    return "\n".join(sig)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FASTPEFT_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fastpeft")
+    return Path(root) / "cpu"
+
+
+def _compile(cxx: str, flags: tuple, src: Path, target: Path) -> Optional[str]:
+    """Build ``target``; None, or why it failed. Written under a temporary name and renamed into place (a
+    concurrent build of the same key writes the same bytes)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
+        os.close(fd)
+        proc = subprocess.run([cxx, *flags, str(src), "-o", tmp], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            return f"building csrc/{SOURCE} with {cxx} {' '.join(flags)} failed:\n{proc.stderr[-2000:]}"
+        os.replace(tmp, target)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"building csrc/{SOURCE} into {target.parent} failed ({type(e).__name__}: {e})"
+    return None
+
+
+def _build() -> tuple:
+    """(the loaded function, None) or (None, why not)."""
+    src = _csrc_file()
+    if src is None:
+        return None, f"csrc/{SOURCE} was not found next to the fastpeft package"
+    cxx = _compiler()
+    if cxx is None:
+        return None, "no C++ compiler found ($CXX, c++, g++ or clang++) to build csrc/" + SOURCE
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"the C++ compiler {cxx} does not run ({type(e).__name__}: {e})"
+    code = src.read_bytes()
+    threaded = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    errors = []
+    for flags in FLAG_SETS if threaded else FLAG_SETS[1:]:
+        key = hashlib.sha256(b"\0".join([code, cxx.encode(), version.encode(), " ".join(flags).encode(),
+                                         _cpu_signature().encode()])).hexdigest()[:20]
+        target = cache_dir() / f"lora_mixed_cpu_{key}.so"
+        err = None if target.is_file() else _compile(cxx, flags, src, target)
+        if err is None:
+            break
+        errors.append(err)
+    else:
+        return None, "\n".join(errors)
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as e:
+        return None, f"loading {target} failed: {e}"
+    fn = lib.fastpeft_lora_mixed_cpu
+    fn.restype = ctypes.c_int
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64]
+    lib.fastpeft_lora_mixed_cpu_max_rank.restype = ctypes.c_int
+    fn.max_rank = int(lib.fastpeft_lora_mixed_cpu_max_rank())
+    fn.openmp = "-fopenmp" in flags
+    fn.path = str(target)
+    return fn, None
+
+
+def _load():
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"], _state["reason"] = _build()
+    return _state["lib"]
+
+
+def unavailable() -> Optional[str]:
+    """None when the kernel is built and loaded (building it on first call), else why it cannot run."""
+    if os.environ.get(ENV_VAR, "1") == "0":
+        return f"{ENV_VAR}=0 turns the CPU mixed-batch kernel off"
+    fn = _state.get("lib") if "lib" in _state else _load()
+    return None if fn is not None else _state["reason"]
+
+
+@dataclass(frozen=True)
+class SlotTables:
+    """An adapter pool in the kernel's layout (built once per pool and kept with it: :func:`slot_tables`)."""
+    A: Tensor      # [R, K] float32 contiguous: slot k's rank rows start[k] .. start[k] + rank[k] - 1
+    Bt: Tensor     # [R, N] float32 contiguous: B transposed, the same rows
+    start: Tensor  # [S] int64
+    rank: Tensor   # [S] int64
+    scale: Tensor  # [S] float32
+    max_rank: int  # the largest rank among the slots
+
+
+def slot_tables(A: Tensor, B: Tensor, start: Tensor, rank: Tensor, scale: Tensor) -> SlotTables:
+    """The kernel's tables for a pool's A [R, K], B [N, R] and slot tables (copies only where the layout or
+    dtype differs: B is always transposed)."""
+    if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"cpu_mixed.slot_tables: A must be [R, K] and B [N, R]; got A {tuple(A.shape)}, "
+                         f"B {tuple(B.shape)}")
+    S = start.shape[0]
+    if start.dim() != 1 or tuple(rank.shape) != (S,) or tuple(scale.shape) != (S,):
+        raise ValueError(f"cpu_mixed.slot_tables: start, rank and scale must be [S]; got {tuple(start.shape)}, "
+                         f"{tuple(rank.shape)}, {tuple(scale.shape)}")
+    ranks = rank.tolist()
+    return SlotTables(A.detach().to(torch.float32).contiguous(), B.detach().t().to(torch.float32).contiguous(),
+                      start.to(torch.int64).contiguous(), rank.to(torch.int64).contiguous(),
+                      scale.to(torch.float32).contiguous(), max(ranks, default=0))
+
+
+def plan_offsets(offsets: tuple) -> Tensor:
+    """A plan's segment offsets (host ints) as the kernel's int64 tensor."""
+    return torch.tensor(offsets, dtype=torch.int64)
+
+
+def built_with_openmp() -> bool:
+    """Whether the loaded kernel runs its blocks on torch's OpenMP threads (False: one thread, or not loaded)."""
+    fn = _load()
+    return bool(fn is not None and fn.openmp)
+
+
+def mixed_add_(Y: Tensor, x: Tensor, tables: SlotTables, order: Tensor, offsets: Tensor,
+               fn: str = "lora (mixed batch, cpu kernel)") -> Tensor:
+    """Y[i] += scale_k * (x[i] A_k^T) B_k for every row i of slot k (segment k + 1 of the plan), in place.
+
+    Y [M, N] and x [M, K]: CPU, float32 or bfloat16 (one dtype), unit column stride; ``tables`` from
+    :func:`slot_tables` (K and N matching); order [M] int64 (rows sorted by slot) and offsets [S + 2] int64
+    (:func:`plan_offsets`). Base rows (segment 0) and empty slots keep Y."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"{fn}: the CPU mixed-batch kernel is unavailable: {_state['reason']}")
+    if Y.dim() != 2 or x.dim() != 2:
+        raise ValueError(f"{fn}: x and Y must be 2-D; got x {tuple(x.shape)}, Y {tuple(Y.shape)}")
+    (M, N), K, S = Y.shape, x.shape[1], tables.start.shape[0]
+    if x.dtype != Y.dtype or Y.dtype not in ACT_DTYPES:
+        raise ValueError(f"{fn}: x and Y must share a dtype among {ACT_DTYPES}; got x {x.dtype}, Y {Y.dtype}")
+    if x.shape[0] != M or x.stride(1) != 1 or Y.stride(1) != 1:
+        raise ValueError(f"{fn}: x must be [M={M}, K] and Y [M, N] with unit column strides; got x "
+                         f"{tuple(x.shape)} strides {x.stride()}, Y strides {Y.stride()}")
+    if tables.A.shape[1] != K or tables.Bt.shape[1] != N:
+        raise ValueError(f"{fn}: the slot tables are for K={tables.A.shape[1]}, N={tables.Bt.shape[1]}; "
+                         f"x and Y have K={K}, N={N}")
+    if order.dtype != torch.int64 or tuple(order.shape) != (M,) or not order.is_contiguous():
+        raise ValueError(f"{fn}: order must be contiguous int64 [{M}]; got {tuple(order.shape)} {order.dtype}")
+    if offsets.dtype != torch.int64 or tuple(offsets.shape) != (S + 2,):
+        raise ValueError(f"{fn}: offsets must be int64 [{S + 2}] (the plan's segments for {S} slots); got "
+                         f"{tuple(offsets.shape)} {offsets.dtype}")
+    if Y.device.type != "cpu" or x.device.type != "cpu" or order.device.type != "cpu":
+        raise ValueError(f"{fn}: x, Y and the plan must be CPU tensors; got {x.device}, {Y.device}, {order.device}")
+    if tables.max_rank > lib.max_rank:
+        raise ValueError(f"{fn}: a slot has rank {tables.max_rank}, above the kernel's {lib.max_rank}")
+    if M and N:
+        lib(int(Y.dtype == torch.bfloat16), x.data_ptr(), x.stride(0), Y.data_ptr(), Y.stride(0), tables.A.data_ptr(),
+            tables.Bt.data_ptr(), order.data_ptr(), offsets.data_ptr(), S, tables.start.data_ptr(),
+            tables.rank.data_ptr(), tables.scale.data_ptr(), K, N)
+    return Y

@@ -1,0 +1,206 @@
+"""The CPU mixed-batch kernel (csrc/lora_mixed_cpu.cpp through fastpeft/ops/cpu_mixed.py) against a float64
+row-by-row reference: odd shapes (M = 1, primes, K and N off the 16 / 32 tiles), ranks 1..128 mixed in one
+call, empty slots, base rows, both activation dtypes; rows that must keep the base output are compared bit for
+bit, so a kernel that writes where it must not (or skips what it must write) fails."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastpeft import ops
+from fastpeft.ops import cpu_mixed, torch_backend
+
+
+@pytest.fixture(autouse=True)
+def _kernel_on(monkeypatch):
+    monkeypatch.delenv(cpu_mixed.ENV_VAR, raising=False)
+
+
+def test_the_kernel_builds_on_this_machine():
+    assert cpu_mixed.unavailable() is None, cpu_mixed.unavailable()
+
+
+def _case(M, K, N, ranks, dtype, seed, base_rows=2):
+    g = torch.Generator().manual_seed(seed)
+    R = sum(ranks)
+    A = torch.randn(R, K, generator=g)
+    B = torch.randn(N, R, generator=g)
+    start = torch.tensor([sum(ranks[:j]) for j in range(len(ranks))], dtype=torch.int64)
+    rank = torch.tensor(ranks, dtype=torch.int64)
+    scale = torch.rand(len(ranks), generator=g) + 0.25
+    idx = torch.randint(0, len(ranks), (M,), generator=g)
+    idx[torch.randperm(M, generator=g)[:min(base_rows, M - 1)]] = -1  # some base rows (never all)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    Y = torch.randn(M, N, generator=g).to(dtype)  # "the base output": the kernel adds into it
+    return x, Y, A, B, start, rank, scale, idx
+
+
+def _reference(x, Y, A, B, start, rank, scale, idx):
+    ref = Y.double().clone()
+    for i in range(x.shape[0]):
+        k = int(idx[i])
+        if k < 0 or int(rank[k]) == 0:
+            continue
+        st, r = int(start[k]), int(rank[k])
+        ref[i] += float(scale[k]) * (x[i].double() @ A[st:st + r].double().t()) @ B[:, st:st + r].double().t()
+    return ref
+
+
+def _run(x, Y, A, B, start, rank, scale, idx):
+    plan = ops.RowPlan.build(idx, start.shape[0])
+    tables = cpu_mixed.slot_tables(A, B, start, rank, scale)
+    out = Y.clone()
+    cpu_mixed.mixed_add_(out, x, tables, plan.order, cpu_mixed.plan_offsets(plan.offsets))
+    return out
+
+
+SHAPES = [(1, 1, 1), (1, 17, 13), (5, 16, 32), (7, 31, 37), (13, 67, 101), (37, 130, 47), (64, 97, 129)]
+RANK_SETS = [(1,), (3, 0, 5), (8, 16, 32, 64), (128, 1, 7), (2, 13, 4, 0, 9, 16, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ranks", RANK_SETS, ids=lambda r: "r" + "-".join(map(str, r)))
+@pytest.mark.parametrize("M,K,N", SHAPES, ids=lambda v: str(v))
+def test_rows_get_their_own_adapter_and_the_others_keep_the_base(M, K, N, ranks, dtype):
+    x, Y, A, B, start, rank, scale, idx = _case(M, K, N, list(ranks), dtype, seed=M * 1000 + K + N + sum(ranks))
+    out = _run(x, Y, A, B, start, rank, scale, idx)
+    ref = _reference(x, Y, A, B, start, rank, scale, idx)
+    assert not torch.isnan(out).any()
+    untouched = torch.tensor([int(k) < 0 or int(rank[int(k)]) == 0 for k in idx])
+    assert torch.equal(out[untouched], Y[untouched])  # bit for bit: base rows and rank-0 slots
+    if dtype == torch.float32:
+        tol = 2e-5 * max(K, N, max(ranks))
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=tol * 1e-2)
+    else:  # fp32 sums of bf16 inputs, rounded once: within a bf16 step of the exact value (plus fp32 noise)
+        err = (out.double() - ref).abs()
+        assert (err <= ref.abs() * 2 ** -8 + 1e-3 * (1 + max(ranks))).all(), err.max()
+
+
+def test_bf16_outputs_round_to_nearest_even_once():
+    """bf16 Y: the fp32 sum (Y's value plus the LoRA term) rounded once, to nearest even, as torch rounds. The
+    inputs make every sum exact in fp32 and land many of them on ties (odd integers in [256, 512), where bf16
+    steps by 2), in the vector body (the first 32 columns) and the scalar tail (8 more)."""
+    M, K, N = 9, 16, 40
+    A = torch.zeros(1, K)
+    A[0, 0] = 1.0                                            # S_i = x[i, 0]
+    B = torch.ones(N, 1)
+    x = torch.zeros(M, K)
+    x[:, 0] = torch.arange(1, M + 1, dtype=torch.float32)   # deltas 1..9: odd ones tie
+    Y32 = 256.0 + 2.0 * torch.arange(N, dtype=torch.float32).expand(M, N)  # bf16-exact, even mantissas and odd
+    Y = Y32.bfloat16()
+    idx = torch.zeros(M, dtype=torch.int64)
+    out = _run(x.bfloat16(), Y, A, B, torch.tensor([0]), torch.tensor([1]), torch.tensor([1.0]), idx)
+    assert torch.equal(out, (Y32 + x[:, :1]).bfloat16())
+    assert not torch.equal(out.float(), Y32 + x[:, :1])     # ties were rounded, not kept
+
+
+def test_nan_stays_in_its_row_and_results_repeat_bit_for_bit_at_any_thread_count():
+    M, K, N = 24, 200, 72
+    x, Y, A, B, start, rank, scale, idx = _case(M, K, N, [16, 8, 32], torch.float32, seed=7, base_rows=3)
+    lora_row = int((idx >= 0).nonzero()[0])
+    x[lora_row, 5] = float("nan")
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (before, 1, before):
+            torch.set_num_threads(threads)
+            outs.append(_run(x, Y, A, B, start, rank, scale, idx))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.isnan(outs[0][lora_row]).all()
+    others = torch.arange(M) != lora_row
+    assert not torch.isnan(outs[0][others]).any()
+    for o in outs[1:]:
+        assert torch.equal(torch.nan_to_num(o), torch.nan_to_num(outs[0]))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("dtype", "must share a dtype"), ("fp16", "must share a dtype"), ("K", "slot tables are for K=16"),
+    ("stride", "unit column strides"), ("order", "order must be contiguous int64"),
+    ("offsets", r"offsets must be int64 \[4\]"), ("rank", "above the kernel's"),
+])
+def test_bad_calls_are_refused_naming_the_tensor(case, match):
+    x, Y, A, B, start, rank, scale, idx = _case(5, 16, 8, [2, 3], torch.float32, seed=1)
+    plan = ops.RowPlan.build(idx, 2)
+    order, offsets = plan.order, cpu_mixed.plan_offsets(plan.offsets)
+    tables = cpu_mixed.slot_tables(A, B, start, rank, scale)
+    if case == "dtype":
+        x = x.double()
+    elif case == "fp16":
+        x, Y = x.half(), Y.half()
+    elif case == "K":
+        x = torch.randn(5, 17)
+    elif case == "stride":
+        x = torch.randn(16, 5).t()
+    elif case == "order":
+        order = order.int()
+    elif case == "offsets":
+        offsets = offsets[:3]
+    else:
+        tables = cpu_mixed.slot_tables(torch.randn(2000, 16), torch.randn(8, 2000), torch.tensor([0, 0]),
+                                       torch.tensor([2000, 3]), scale)
+    before = Y.clone()
+    with pytest.raises(ValueError, match=match):
+        cpu_mixed.mixed_add_(Y, x, tables, order, offsets)
+    assert torch.equal(Y, before)
+
+
+def test_a_missing_compiler_is_reported_and_the_pool_call_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_mixed, "_state", {})
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("FASTPEFT_CACHE_DIR", str(tmp_path))
+    reason = cpu_mixed.unavailable()
+    assert reason is not None and "no-such-compiler" in reason
+    x, Y, A, B, start, rank, scale, idx = _case(9, 20, 11, [3, 5], torch.float32, seed=4)
+    pool = ops.AdapterPool(A, B, start, rank, scale, 5)
+    W = torch.randn(11, 20)
+    with torch.no_grad():
+        y = ops.lora(x, ops.Base.dense(W), ops.AdapterSet(pool=pool, row_index=idx))
+    torch.testing.assert_close(y.double(), _reference(x, x.double() @ W.double().t(), A, B, start, rank, scale, idx),
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_the_switch_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv(cpu_mixed.ENV_VAR, "0")
+    assert "FASTPEFT_CPU_KERNEL=0" in cpu_mixed.unavailable()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_torch_backend_runs_pool_calls_on_the_kernel_and_agrees_with_its_grouped_path(monkeypatch, dtype):
+    """A decode-sized pool call on CPU goes to the kernel (spied), a float64 call and a prefill-sized one to the
+    grouped GEMMs; both paths give the row-wise reference."""
+    calls = []
+    real = cpu_mixed.mixed_add_
+    monkeypatch.setattr(cpu_mixed, "mixed_add_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(2)
+    K, N, M = 40, 24, 19
+    x, _, A, B, start, rank, scale, idx = _case(M, K, N, [4, 0, 9, 16], dtype, seed=12)
+    A, B = A.to(dtype), B.to(dtype)
+    pool = ops.AdapterPool(A, B, start, rank, scale, 16)
+    W, b = torch.randn(N, K, generator=g).to(dtype), torch.randn(N, generator=g).to(dtype)
+    with torch.no_grad():
+        y = ops.lora(x, ops.Base.dense(W, b), ops.AdapterSet(pool=pool, row_index=idx))
+        assert calls == [1]
+        monkeypatch.setenv(cpu_mixed.ENV_VAR, "0")
+        y_grouped = ops.lora(x, ops.Base.dense(W, b), ops.AdapterSet(pool=pool, row_index=idx))
+        assert calls == [1]
+    ref = _reference(x, (x.double() @ W.double().t() + b.double()).to(dtype), A, B, start, rank, scale, idx)
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.1)
+    torch.testing.assert_close(y.double(), ref, **tol)
+    torch.testing.assert_close(y, y_grouped, **tol)
+    monkeypatch.delenv(cpu_mixed.ENV_VAR)
+    big = torch.randint(0, 4, (cpu_mixed.MAX_ROWS + 1,), generator=g)
+    with torch.no_grad():
+        ops.lora(torch.randn(big.numel(), K).to(dtype), ops.Base.dense(W, b), ops.AdapterSet(pool=pool, row_index=big))
+        ops.lora(x.double(), ops.Base.dense(W.double(), b.double()),
+                 ops.AdapterSet(pool=ops.AdapterPool(A.double(), B.double(), start, rank, scale, 16), row_index=idx))
+    assert calls == [1]
+
+
+def test_cpu_kernel_rule_refuses_dora_pools():
+    x, _, A, B, start, rank, scale, idx = _case(4, 8, 6, [2, 3], torch.float32, seed=5)
+    pool = ops.AdapterPool(A, B, start, rank, scale, 3, torch.ones(2, 6), torch.ones(2, 6), torch.tensor([False, True]))
+    from fastpeft.ops.contract import LoraCall
+
+    call = LoraCall(x, ops.Base.dense(torch.randn(6, 8)), pool.views(), 0, ops.RowPlan.build(idx, 2), pool)
+    assert not torch_backend._cpu_kernel_runs(call, torch.empty(4, 6))
