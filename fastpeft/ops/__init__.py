@@ -26,8 +26,8 @@ by the custom ops of lora_op.py on the backend :func:`dispatch.choose` picks per
 |   pool: each row its own adapter, -1 = |   csrc/lora_gemv.cu BGMV (each row reads its own    |   (_mixed_forward,|
 |   base), dense or packed base, no      |   adapter from a table passed by value); else       |  _mixed_backward);|
 |   dropout (DoRA slots: g per row in the|   kernels/lora_mixed.py on the kernels above (MIXED |   a pool call in  |
-|   epilogue; their backward: torch)     |   constexpr): segmented shrink, then                |  fp32/bf16, <= 256|
-|                                        |   lora_matmul_kernel / lora_quant_kernel on segment |   rows, no DoRA:  |
+|   epilogue; their backward: torch)     |   constexpr): segmented shrink, then                |  fp32/bf16, no   |
+|                                        |   lora_matmul_kernel / lora_quant_kernel on segment |   DoRA slots:     |
 |                                        |   tiles (one adapter per row tile, any M) or decode |   its LoRA terms  |
 |                                        |   tiles (M <= 16, each row its own B); backward the |   by csrc/lora_   |
 |                                        |   same GEMMs for dX, lora_wgrad_kernel per adapter  |   mixed_cpu.cpp   |
