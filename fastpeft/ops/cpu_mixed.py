@@ -140,7 +140,7 @@ def _build() -> tuple:
     fn = lib.fastpeft_lora_mixed_cpu
     fn.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64]
+    fn.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64]
     lib.fastpeft_lora_mixed_cpu_max_rank.restype = ctypes.c_int
     fn.max_rank = int(lib.fastpeft_lora_mixed_cpu_max_rank())
     fn.openmp = "-fopenmp" in flags
@@ -163,11 +163,15 @@ def unavailable() -> Optional[str]:
     return None if fn is not None else _state["reason"]
 
 
+PANEL = 32  # columns of B^T per panel (the kernel's expand chunk)
+
+
 @dataclass(frozen=True)
 class SlotTables:
     """An adapter pool in the kernel's layout (built once per pool and kept with it: :func:`slot_tables`)."""
     A: Tensor      # [R, K] float32 contiguous: slot k's rank rows start[k] .. start[k] + rank[k] - 1
-    Bt: Tensor     # [R, N] float32 contiguous: B transposed, the same rows
+    Bp: Tensor     # [ceil(N / 32), R, 32] float32 contiguous: B^T in panels of 32 columns, the last zero-padded
+    N: int
     start: Tensor  # [S] int64
     rank: Tensor   # [S] int64
     scale: Tensor  # [S] float32
@@ -175,8 +179,8 @@ class SlotTables:
 
 
 def slot_tables(A: Tensor, B: Tensor, start: Tensor, rank: Tensor, scale: Tensor) -> SlotTables:
-    """The kernel's tables for a pool's A [R, K], B [N, R] and slot tables (copies only where the layout or
-    dtype differs: B is always transposed)."""
+    """The kernel's tables for a pool's A [R, K], B [N, R] and slot tables (A copied only where its dtype or
+    layout differs; B always rearranged into panels, see the source)."""
     if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
         raise ValueError(f"cpu_mixed.slot_tables: A must be [R, K] and B [N, R]; got A {tuple(A.shape)}, "
                          f"B {tuple(B.shape)}")
@@ -184,10 +188,13 @@ def slot_tables(A: Tensor, B: Tensor, start: Tensor, rank: Tensor, scale: Tensor
     if start.dim() != 1 or tuple(rank.shape) != (S,) or tuple(scale.shape) != (S,):
         raise ValueError(f"cpu_mixed.slot_tables: start, rank and scale must be [S]; got {tuple(start.shape)}, "
                          f"{tuple(rank.shape)}, {tuple(scale.shape)}")
+    (N, R), panels = B.shape, -(-B.shape[0] // PANEL)
+    Bt = B.detach().new_zeros((R, panels * PANEL), dtype=torch.float32)
+    Bt[:, :N] = B.detach().t()
+    Bp = Bt.view(R, panels, PANEL).transpose(0, 1).contiguous()
     ranks = rank.tolist()
-    return SlotTables(A.detach().to(torch.float32).contiguous(), B.detach().t().to(torch.float32).contiguous(),
-                      start.to(torch.int64).contiguous(), rank.to(torch.int64).contiguous(),
-                      scale.to(torch.float32).contiguous(), max(ranks, default=0))
+    return SlotTables(A.detach().to(torch.float32).contiguous(), Bp, int(N), start.to(torch.int64).contiguous(),
+                      rank.to(torch.int64).contiguous(), scale.to(torch.float32).contiguous(), max(ranks, default=0))
 
 
 def plan_offsets(offsets: tuple) -> Tensor:
@@ -219,8 +226,8 @@ def mixed_add_(Y: Tensor, x: Tensor, tables: SlotTables, order: Tensor, offsets:
     if x.shape[0] != M or x.stride(1) != 1 or Y.stride(1) != 1:
         raise ValueError(f"{fn}: x must be [M={M}, K] and Y [M, N] with unit column strides; got x "
                          f"{tuple(x.shape)} strides {x.stride()}, Y strides {Y.stride()}")
-    if tables.A.shape[1] != K or tables.Bt.shape[1] != N:
-        raise ValueError(f"{fn}: the slot tables are for K={tables.A.shape[1]}, N={tables.Bt.shape[1]}; "
+    if tables.A.shape[1] != K or tables.N != N:
+        raise ValueError(f"{fn}: the slot tables are for K={tables.A.shape[1]}, N={tables.N}; "
                          f"x and Y have K={K}, N={N}")
     if order.dtype != torch.int64 or tuple(order.shape) != (M,) or not order.is_contiguous():
         raise ValueError(f"{fn}: order must be contiguous int64 [{M}]; got {tuple(order.shape)} {order.dtype}")
@@ -233,6 +240,6 @@ def mixed_add_(Y: Tensor, x: Tensor, tables: SlotTables, order: Tensor, offsets:
         raise ValueError(f"{fn}: a slot has rank {tables.max_rank}, above the kernel's {lib.max_rank}")
     if M and N:
         lib(int(Y.dtype == torch.bfloat16), x.data_ptr(), x.stride(0), Y.data_ptr(), Y.stride(0), tables.A.data_ptr(),
-            tables.Bt.data_ptr(), order.data_ptr(), offsets.data_ptr(), S, tables.start.data_ptr(),
+            tables.Bp.data_ptr(), tables.A.shape[0], order.data_ptr(), offsets.data_ptr(), S, tables.start.data_ptr(),
             tables.rank.data_ptr(), tables.scale.data_ptr(), K, N)
     return Y

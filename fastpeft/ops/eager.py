@@ -10,6 +10,8 @@ cut it:
   :class:`_PlainLora` (the backend's forward and backward, without the custom ops). Any input those checks
   do not pass (or any case outside the lane) returns None and the caller takes the general path, whose
   :func:`contract.validate` then raises its error naming the tensor: the lane never has to word one.
+- :func:`pool_call`: the same for an adapter pool call with a prepared row plan (a mixed batch: adapter_names,
+  a serving bank) when nothing needs a gradient: straight to the backend's forward.
 - :func:`direct`: whether lora_op's autograd Function may call the custom ops' implementations as plain
   Python functions instead of through ``torch.ops.fastpeft.*`` (for the calls outside the plain lane:
   packed bases, DoRA, pools, ...).
@@ -27,6 +29,7 @@ from torch import Tensor
 
 from . import dispatch
 from .contract import Adapter, Base, LoraCall
+from .plan import RowPlan
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _SCALARS = (float, int)
@@ -102,6 +105,39 @@ def plain_call(x: Tensor, base: Base, adapters: Sequence[Adapter], training: boo
     if drop:
         return None  # inference in training mode: the general path draws the seed (and consumes the RNG)
     call = LoraCall(x2d, base, tuple(adapters))
+    Y = dispatch.pick(call).forward(call)[0]
+    if Y.dtype != x.dtype:
+        Y = Y.to(x.dtype)
+    return Y if x.dim() == 2 else Y.reshape(*x.shape[:-1], N)
+
+
+def pool_call(x: Tensor, base: Base, plan, pool) -> Optional[Tensor]:
+    """An adapter pool call (a mixed batch: a layer's adapter_names, a serving bank) with nothing to trace and no
+    gradient to build, run on its backend directly; None for anything else (the general path then runs it, or
+    raises validate()'s error). ``plan`` must already be a RowPlan for x's rows (a layer's or a bank's); the
+    pool's own checks are pool.check's, kept with the pool. No dropout, no seed: pools are inference."""
+    W, bias = base.weight, base.bias
+    if W is None or base.packed is not None or type(plan) is not RowPlan or type(x) not in _PLAIN:
+        return None
+    if type(W) not in _PLAIN or (bias is not None and (type(bias) not in _PLAIN or bias.shape != (W.shape[0],))):
+        return None
+    if _is_compiling() or _is_tracing() or _dispatch_depth():
+        return None
+    if _any_autocast() if _any_autocast is not None else torch.is_autocast_enabled(x.device.type):
+        return None
+    if x.dim() < 1 or W.dim() != 2 or W.dtype != x.dtype or not x.is_floating_point():
+        return None
+    N, K = W.shape
+    if x.shape[-1] != K or plan.n_adapters != pool.slots:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad or pool.A.requires_grad
+                                    or pool.B.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    x2d = x if x.dim() == 2 else x.reshape(-1, K)
+    if x2d.shape[0] != plan.M:
+        return None
+    pool.check("fastpeft.ops.lora", N, K, x.device)
+    call = LoraCall(x2d, base, pool.views(), 0, plan, pool)
     Y = dispatch.pick(call).forward(call)[0]
     if Y.dtype != x.dtype:
         Y = Y.to(x.dtype)

@@ -272,6 +272,10 @@ def lora(x: Tensor, base: Base, adapters: Union[AdapterSet, Sequence[Adapter]] =
         y = eager.plain_call(x, base, adapters, training, draw_seed)
         if y is not None:
             return y
+    elif adapters.pool is not None and not adapters.adapters:
+        y = eager.pool_call(x, base, adapters.row_index, adapters.pool)  # a mixed batch's decode step: eager.py
+        if y is not None:
+            return y
     aset = adapters if isinstance(adapters, AdapterSet) else AdapterSet(tuple(adapters))
     x, base, aset = prepare(x, base, aset)
     validate(fn, x, base, aset)

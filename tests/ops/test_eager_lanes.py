@@ -244,3 +244,53 @@ def test_registered_backend_runs_the_lanes_calls_forward_and_backward():
     finally:
         dispatch.register_backend("torch", None)
     assert rec == ["fwd", "bwd", "fwd"]
+
+
+def _pool_inputs(M=9, K=12, N=10, dtype=torch.float32):
+    g = torch.Generator().manual_seed(8)
+    ranks = [3, 0, 5]
+    pool = ops.AdapterPool(torch.randn(sum(ranks), K, generator=g, dtype=dtype),
+                           torch.randn(N, sum(ranks), generator=g, dtype=dtype),
+                           torch.tensor([0, 3, 3]), torch.tensor(ranks), torch.tensor([0.5, 1.0, 2.0]), 5)
+    x = torch.randn(3, M // 3, K, generator=g, dtype=dtype)
+    W, b = torch.randn(N, K, generator=g, dtype=dtype), torch.randn(N, generator=g, dtype=dtype)
+    plan = ops.RowPlan.build(torch.tensor([0, 2, -1, 1, 0, 2, 2, -1, 0]), 3)
+    return x, W, b, pool, plan
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pool_lane_matches_the_general_path_bit_for_bit(monkeypatch, dtype):
+    """A pool call with a prepared plan and nothing needing a gradient runs eager.pool_call; the general path
+    (reached here with a row_index tensor instead of the plan, which the lane does not take) gives the same
+    bits."""
+    x, W, b, pool, plan = _pool_inputs(dtype=dtype)
+    taken = []
+    real = eager.pool_call
+    monkeypatch.setattr(eager, "pool_call", lambda *a: taken.append(real(*a)) or taken[-1])
+    with torch.no_grad():
+        fast = ops.lora(x, Base(W, None, b), AdapterSet(row_index=plan, pool=pool))
+        slow = ops.lora(x, Base(W, None, b), AdapterSet(row_index=plan.row_index, pool=pool))
+    assert taken[0] is not None and taken[1] is None
+    assert fast.shape == x.shape[:-1] + (10,) and torch.equal(fast, slow)
+
+
+def test_pool_lane_stays_out_of_the_way_of_gradients_autocast_and_tracers(monkeypatch):
+    x, W, b, pool, plan = _pool_inputs()
+    base = Base(W, None, b)
+    assert eager.pool_call(x, base, plan, pool) is not None
+    xg = x.clone().requires_grad_(True)
+    assert eager.pool_call(xg, base, plan, pool) is None  # x needs a gradient: the autograd path
+    y = ops.lora(xg, base, AdapterSet(row_index=plan, pool=pool))
+    assert y.grad_fn is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert eager.pool_call(x, base, plan, pool) is None
+    assert eager.pool_call(x[:2], base, plan, pool) is None  # rows != the plan's: validate() words the error
+    with pytest.raises(ValueError, match="row plan is for 9 rows"):
+        ops.lora(x[:2], base, AdapterSet(row_index=plan, pool=pool))
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert eager.pool_call(x, base, plan, pool) is None

@@ -253,11 +253,15 @@ class LoraLayer(BaseTunerLayer):
         # and scale, so a changed weight rebuilds the pool and an unchanged decode step costs these lookups.
         # It reads the stored tensors, not op_weights: a variant's expanded copy (QA-LoRA, BD-LoRA) is new on
         # every call, and a freed copy's id and address can come back (version 0) for changed weights.
+        # (the layer's lora_A / lora_B submodules' parameter dicts read directly: the same Parameter objects as
+        # _adapter_weights gives, at a fraction of nn.Module.__getattr__'s cost, paid per adapter per decode step)
         key = [names]
+        mods_A, mods_B, scaling = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules, self.scaling
         for n in names:
-            if self._has_adapter(n):
-                A, B = self._adapter_weights(n)
-                key += (id(A), A._version, A.data_ptr(), id(B), B._version, B.data_ptr(), self.scaling[n])
+            mod_A = mods_A.get(n)
+            if mod_A is not None:
+                A, B = mod_A._parameters["weight"], mods_B[n]._parameters["weight"]
+                key += (id(A), A._version, A.data_ptr(), id(B), B._version, B.data_ptr(), scaling[n])
             else:
                 key.append(None)
         cached = self.__dict__.get("_mixed_pool_cache")

@@ -245,8 +245,8 @@ def _add_lora_bias(layer, out: Tensor, names: list, mask: Optional[Tensor]) -> T
 def alora_mixed_rows(layer, batch, rows: RowPlan, x: Tensor) -> RowPlan:
     """A mixed batch (adapter_names) whose adapters include aLoRA ones: their rows outside the invocation get
     the base (-1). ``rows`` is returned unchanged when no aLoRA adapter of this layer is in the batch."""
-    al = [k for k, n in enumerate(batch.names)
-          if n in getattr(layer, "lora_variant", {}) and isinstance(layer.lora_variant[n], ALora)]
+    variants = getattr(layer, "lora_variant", None) or {}
+    al = [k for k, n in enumerate(batch.names) if isinstance(variants.get(n), ALora)]
     if not al:
         return rows
     ctx = current_offsets() or _Offsets(None)
