@@ -179,3 +179,37 @@ def test_refusals_are_peft_s(case):
             model(**tiny_inputs("llama", batch=4), adapter_names=names)
         results.append(str(info.value))
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("change", ["copy_", "data_swap", "new_parameter", "optimizer_step", "scaling"])
+def test_the_layers_adapter_pool_follows_weight_changes_between_decode_steps(change):
+    """A layer keeps its mixed batch's adapter pool (copies of the adapters' weights) from one forward to the next
+    with the same names; any change to the weights a layer can observe rebuilds it: an in-place write (version
+    counter), a `.data =` swap (new storage), a new Parameter, an optimizer step, a new scale. The mixed output then
+    equals the changed adapter's own output."""
+    ours, _ = _twins("llama", ["q_proj"])
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(4, 3, 16)
+    with torch.no_grad():
+        before = layer(x, adapter_names=NAMES)
+    A = layer.lora_A["other"].weight
+    if change == "copy_":
+        with torch.no_grad():
+            A.copy_(A * 2)
+    elif change == "data_swap":
+        A.data = A.data * 2
+    elif change == "new_parameter":
+        layer.lora_A["other"].weight = torch.nn.Parameter(A.detach() * 2)
+    elif change == "optimizer_step":
+        A.grad = torch.ones_like(A)
+        torch.optim.SGD([A], lr=0.5).step()
+    else:
+        layer.scaling["other"] *= 3
+    with torch.no_grad():
+        after = layer(x, adapter_names=NAMES)
+        layer.set_adapter("other")
+        alone = layer(x[2:3])
+        layer.set_adapter("default")
+    assert not torch.equal(after[2], before[2])
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    assert max_abs_diff(after[2:3], alone) < 1e-6 * (1 + float(alone.abs().max()))

@@ -253,6 +253,8 @@ class LoraLayer(BaseTunerLayer):
         # and scale, so a changed weight rebuilds the pool and an unchanged decode step costs these lookups.
         # It reads the stored tensors, not op_weights: a variant's expanded copy (QA-LoRA, BD-LoRA) is new on
         # every call, and a freed copy's id and address can come back (version 0) for changed weights.
+        # A write through `.data` (p.data.mul_(2)) goes around the version counter and is NOT seen: write to the
+        # parameter itself under torch.no_grad() (optimizers, load_state_dict and hotswap_adapter all do).
         # (the layer's lora_A / lora_B submodules' parameter dicts read directly: the same Parameter objects as
         # _adapter_weights gives, at a fraction of nn.Module.__getattr__'s cost, paid per adapter per decode step)
         key = [names]
