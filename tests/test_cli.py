@@ -356,16 +356,21 @@ def test_time_interleaved_setup_and_calls_per_sample():
     calls = []
     fns = {n: (lambda n=n: calls.append(n)) for n in ("a", "b")}
     timing.time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=2, setup={"a": lambda: calls.append("setup")})
-    assert calls == ["setup", "a", "b"] + ["setup", "a", "b", "b", "setup", "a"]
+    expect = ["setup", "a", "b"]  # warm-up in the given order, then each round's order
+    for i in range(2):
+        expect += [c for n in timing._round_order(["a", "b"], i) for c in (["setup", "a"] if n == "a" else ["b"])]
+    assert calls == expect
     calls.clear()
     samples = timing.time_interleaved(fns, torch.device("cpu"), warmup=0, repeats=2, number=3)
-    assert calls == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3 and len(samples["a"]) == 2
+    assert calls == [n for i in range(2) for n in timing._round_order(["a", "b"], i) for _ in range(3)]
+    assert len(samples["a"]) == 2
     with pytest.raises(ValueError, match="setup"):
         timing.time_interleaved(fns, torch.device("cpu"), warmup=0, repeats=1, number=2, setup={"a": lambda: None})
 
 
 def test_time_interleaved_round_robin(monkeypatch):
-    """Each round runs every callable once, the first one rotating; on CUDA rounds of do_bench measurements."""
+    """Each round runs every callable once, in an order drawn per round (seeded), so a callable does not always
+    follow the same one; on CUDA rounds of do_bench measurements."""
     from fastpeft.bench import timing
 
     calls = []
@@ -373,7 +378,13 @@ def test_time_interleaved_round_robin(monkeypatch):
     x = torch.zeros(2, requires_grad=True)
     x.grad = torch.ones(2)
     samples = timing.time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=3, grad_to_none={"a": [x]})
-    assert calls == ["a", "b", "c"] + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    rounds = [calls[3 + 3 * i:6 + 3 * i] for i in range(3)]
+    assert calls[:3] == ["a", "b", "c"] and all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert rounds == [timing._round_order(["a", "b", "c"], i) for i in range(3)]
+    # over many rounds every callable runs right after each of the others (a fixed cyclic order would not)
+    follows = {(o[j - 1], o[j]) for i in range(40) for o in [timing._round_order(["a", "b", "c"], i)]
+               for j in range(1, 3)}
+    assert follows == {(p, q) for p in "abc" for q in "abc" if p != q}
     assert {n: len(v) for n, v in samples.items()} == {"a": 3, "b": 3, "c": 3} and x.grad is None
     p = timing.paired([2.0, 4.0, 6.0], [1.0, 2.0, 2.0])
     assert p["median"] == 2.0 and p["p20"] <= p["median"] <= p["p80"] == pytest.approx(2.6)
@@ -389,7 +400,7 @@ def test_time_interleaved_round_robin(monkeypatch):
     samples = timing.time_interleaved(fns, torch.device("cuda"), warmup=3, repeats=50)
     assert len(seen) == 5 * 3 and {r for _, _, r in seen} == {10}
     assert [w for _, w, _ in seen] == [3] * 3 + [1] * 12  # warm-up in the first round only
-    assert samples["a"] == [1.0, 6.0, 8.0, 10.0, 15.0]
+    assert samples["a"] == [float(1 + 3 * i + timing._round_order(["a", "b", "c"], i).index("a")) for i in range(5)]
 
 
 @pytest.mark.parametrize("argv, message", [

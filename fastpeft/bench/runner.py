@@ -189,13 +189,13 @@ def run(opts: BenchOptions) -> dict:
               "layer": [], "decoder": [], "fsdp2": []}
     if opts.dora:
         result["settings"]["dora_timing"] = (
-            "DoRA section: each round runs every row once (rotating which goes first); per row the median and "
+            "DoRA section: each round runs every row once (in a fresh seeded order per round); per row the median and "
             "20th/80th percentiles over rounds; 'paired' values are medians over rounds of the per-round "
             "ratio or difference")
         result["dora"] = []
     if opts.mixed:
         result["settings"]["mixed_timing"] = (
-            "mixed section: eval mode, torch.no_grad; each round runs every row once (rotating which goes first); "
+            "mixed section: eval mode, torch.no_grad; each round runs every row once (in a fresh seeded order per round); "
             "per row the median and 20th/80th percentiles over rounds (CPU layer: each sample the mean of several "
             "calls in one span); work = row minus base; 'paired' values are medians over rounds of the per-round "
             "difference or ratio")

@@ -9,6 +9,7 @@ import contextlib
 import gc
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -162,13 +163,23 @@ def summarize(samples: Sequence[float], method: str) -> Timing:
     return Timing(statistics.median(vals), _quantile(vals, 0.2), _quantile(vals, 0.8), len(vals), method)
 
 
+def _round_order(names: list, i: int) -> list:
+    """Round i's order of the callables: a permutation drawn from a generator seeded by i."""
+    order = list(names)
+    random.Random(i).shuffle(order)
+    return order
+
+
 def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device, *, warmup: int, repeats: int,
                      grad_to_none: Optional[Mapping[str, Iterable[torch.Tensor]]] = None,
                      setup: Optional[Mapping[str, Callable[[], None]]] = None,
                      number: int = 1) -> Dict[str, List[float]]:
-    """Time several callables round-robin: round i runs each of them once (the starting one rotating from
-    round to round), so a drift in the machine's speed (another process, clocks, thermals) reaches all of
-    them alike, and run i of one callable can be paired with run i of another (same round, seconds apart).
+    """Time several callables round-robin: round i runs each of them once, so a drift in the machine's speed
+    (another process, clocks, thermals) reaches all of them alike, and run i of one callable can be paired with
+    run i of another (same round, seconds apart). The order within a round is a fresh permutation each round
+    (seeded: reruns repeat it), so no callable always runs right after the same one: a fixed cyclic order let
+    a row that follows its twin (the same code, the same caches) run warmer than the twin did, which biased
+    ratios between them by 10-15% on a 2-core CPU.
 
     Returns {name: [ms of round 0, round 1, ...]}; :func:`summarize` makes a Timing of one list, and the
     ratio of two callables is best taken as the median of the per-round ratios (:func:`paired`).
@@ -203,7 +214,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.devi
         rounds = min(repeats, 5)
         per_round = max(3, repeats // rounds)
         for i in range(rounds):
-            order = names[i % len(names):] + names[:i % len(names)]
+            order = _round_order(names, i)
             for n in order:
                 kw = {"before_each": setups[n]} if setups[n] is not None else {}
                 t = time_cuda(fns[n], warmup=warmup if i == 0 else 1, repeats=per_round, grad_to_none=grads[n], **kw)
@@ -220,7 +231,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.devi
         for i in range(repeats):
             gc.collect()
             gc.disable()
-            order = names[i % len(names):] + names[:i % len(names)]
+            order = _round_order(names, i)
             for n in order:
                 drop(n)
                 if setups[n] is not None:
