@@ -15,7 +15,7 @@ Build: just in time on first use, with the host C++ compiler ($CXX, else c++ / g
 two seconds to build). The
 shared object is cached under $FASTPEFT_CACHE_DIR (else ~/.cache/fastpeft)/cpu, named by a hash of the source,
 the compiler, the flags and this CPU's model and feature flags, so a cache shared between machines never
-serves code built for another CPU. It is written under a temporary name and renamed into place. When there is
+serves code built for another CPU (a read-only cache folder: a per-user folder under the temporary directory). It is written under a temporary name and renamed into place. When there is
 no compiler or the build fails, :func:`unavailable` says why and the torch backend keeps its grouped path.
 
 FASTPEFT_CPU_KERNEL=0 turns the kernel off (the grouped path runs; benchmarks compare the two this way).
@@ -91,6 +91,13 @@ def cache_dir() -> Path:
     return Path(root) / "cpu"
 
 
+def _cache_dirs() -> list:
+    """Where a build is looked for, in order: cache_dir(), then a per-user folder under the temporary directory
+    (for a home that is read-only or absent, as in some CI and container setups)."""
+    uid = os.getuid() if hasattr(os, "getuid") else os.getpid()
+    return [cache_dir(), Path(tempfile.gettempdir()) / f"fastpeft-{uid}" / "cpu"]
+
+
 def _compile(cxx: str, flags: tuple, src: Path, target: Path) -> Optional[str]:
     """Build ``target``; None, or why it failed. Written under a temporary name and renamed into place (a
     concurrent build of the same key writes the same bytes)."""
@@ -103,7 +110,9 @@ def _compile(cxx: str, flags: tuple, src: Path, target: Path) -> Optional[str]:
             os.unlink(tmp)
             return f"building csrc/{SOURCE} with {cxx} {' '.join(flags)} failed:\n{proc.stderr[-2000:]}"
         os.replace(tmp, target)
-    except (OSError, subprocess.SubprocessError) as e:
+    except OSError as e:
+        return f"writing the build of csrc/{SOURCE} into {target.parent} failed ({type(e).__name__}: {e})"
+    except subprocess.SubprocessError as e:
         return f"building csrc/{SOURCE} into {target.parent} failed ({type(e).__name__}: {e})"
     return None
 
@@ -126,8 +135,15 @@ def _build() -> tuple:
     for flags in FLAG_SETS if threaded else FLAG_SETS[1:]:
         key = hashlib.sha256(b"\0".join([code, cxx.encode(), version.encode(), " ".join(flags).encode(),
                                          _cpu_signature().encode()])).hexdigest()[:20]
-        target = cache_dir() / f"lora_mixed_cpu_{key}.so"
-        err = None if target.is_file() else _compile(cxx, flags, src, target)
+        name = f"lora_mixed_cpu_{key}.so"
+        target = next((d / name for d in _cache_dirs() if (d / name).is_file()), None)
+        err = None
+        if target is None:
+            for d in _cache_dirs():
+                target = d / name
+                err = _compile(cxx, flags, src, target)
+                if err is None or not err.startswith("writing"):
+                    break  # built, or the compiler failed (another folder will not help)
         if err is None:
             break
         errors.append(err)

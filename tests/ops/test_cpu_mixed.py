@@ -202,3 +202,16 @@ def test_cpu_kernel_rule_refuses_dora_pools():
 
     call = LoraCall(x, ops.Base.dense(torch.randn(6, 8)), pool.views(), 0, ops.RowPlan.build(idx, 2), pool)
     assert not torch_backend._cpu_kernel_runs(call, torch.empty(4, 6))
+
+
+def test_an_unwritable_cache_folder_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("FASTPEFT_CACHE_DIR", str(blocker))
+    monkeypatch.setattr(cpu_mixed.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(cpu_mixed, "_state", {})
+    assert cpu_mixed.unavailable() is None, cpu_mixed.unavailable()
+    built = list((tmp_path / "tmp").glob("fastpeft-*/cpu/lora_mixed_cpu_*.so"))
+    assert len(built) == 1 and cpu_mixed._state["lib"].path == str(built[0])
+    assert not list((tmp_path / "tmp").glob("fastpeft-*/cpu/*.tmp.so"))  # no half-written leftovers
