@@ -1,22 +1,23 @@
 """The CPU kernel of mixed batches: csrc/lora_mixed_cpu.cpp, each row's adapter term added into Y in one pass.
 
 The torch backend's mixed forward on CPU (torch_backend._mixed_forward, an adapter pool's call) computes the
-base GEMM with torch and then hands Y to this kernel instead of its grouped path
-(gather x, two batched GEMMs per rank bucket, scatter-add into Y): at a few rows per adapter every one of those
-ops costs more in fixed overhead than in arithmetic, and rank buckets make mixed ranks cost extra ops. The
-kernel reads each adapter's A and B^T once per block of up to four of its rows, at its own rank, and writes
-Y in place (see the source for the tiling). On 2 CPU cores (benchmarks/mixed_rows_check.py,
-benchmarks/results/cpu-2core-mixed-rows.json: 2 or 8 adapters, r 16 or 64, K = N = 1024) its adapter work is
-1.2x to 10x below the grouped path's at every batch from 32 to 4096 rows, and within noise of it at one row. Same values as the grouped path up to fp32 summation order, and
-the same bits from run to run.
+base GEMM with torch and then hands Y to this kernel instead of its grouped path (gather x, two batched GEMMs
+per rank bucket, scatter-add into Y): at a few rows per adapter each of those ops costs more in fixed overhead
+than in arithmetic, and rank buckets make mixed ranks cost extra ops. The kernel reads each adapter's A and B^T
+once per block of up to four of its rows, at its own rank, and writes Y in place (the source explains the
+tiling). Same values as the grouped path up to fp32 summation order, and the same bits from run to run.
+
+Measured on 2 CPU cores (benchmarks/mixed_rows_check.py, benchmarks/results/cpu-2core-mixed-rows.json: 2 or 8
+adapters, r 16 or 64, K = N = 1024): its adapter work is 1.2x to 10x below the grouped path's at every batch
+from 32 to 4096 rows, and within noise of it at one row.
 
 Build: just in time on first use, with the host C++ compiler ($CXX, else c++ / g++ / clang++), ``-O3
--march=native -fopenmp`` (see FLAG_SETS), no torch headers (a plain C function called through ctypes; about
-two seconds to build). The
-shared object is cached under $FASTPEFT_CACHE_DIR (else ~/.cache/fastpeft)/cpu, named by a hash of the source,
-the compiler, the flags and this CPU's model and feature flags, so a cache shared between machines never
-serves code built for another CPU (a read-only cache folder: a per-user folder under the temporary directory). It is written under a temporary name and renamed into place. When there is
-no compiler or the build fails, :func:`unavailable` says why and the torch backend keeps its grouped path.
+-march=native -fopenmp`` (FLAG_SETS), no torch headers: a plain C function called through ctypes, about two
+seconds to build. The shared object is cached under $FASTPEFT_CACHE_DIR (else ~/.cache/fastpeft)/cpu, or a
+per-user folder under the temporary directory when that cannot be written, named by a hash of the source, the
+compiler, the flags and this CPU's model and feature flags (a cache shared between machines never serves code
+built for another CPU). It is written under a temporary name and renamed into place. When there is no
+compiler or the build fails, :func:`unavailable` says why and the torch backend keeps its grouped path.
 
 FASTPEFT_CPU_KERNEL=0 turns the kernel off (the grouped path runs; benchmarks compare the two this way).
 """
