@@ -17,7 +17,8 @@
 // K, N and r (not on which other rows or adapters are in the batch): results are the same from run to run.
 //
 // Activations x and Y are float32 or bfloat16 (decoded by a 16-bit shift; Y rounded to nearest-even once, after
-// the fp32 sum). A [R, K] is float32, rows start_k .. start_k + r_k - 1 belong to adapter k. B^T is float32 in
+// the fp32 sum). Weights are float32 or bfloat16 (a bf16 pool is read as it is: half the bytes, which decode is
+// bound by), and every sum is fp32. A [R, K], rows start_k .. start_k + r_k - 1 belong to adapter k. B^T is in
 // panels of 32 columns, Bp [ceil(N / 32), R, 32] (the last panel zero-padded): the expand of a 32-column chunk
 // then reads its adapter's r_k x 32 values as one contiguous run. Plain B^T [R, N] would put the r_k rows of a
 // chunk one page apart at N = 1024 (fp32), and at r = 64 that many pages per chunk overflows the L1 TLB and the
@@ -86,8 +87,8 @@ inline float hsum(v16 v) {
 }
 
 // s[i][j] = x_i . A_j for RB rows of x and JB consecutive rank rows of A (A_j at a + j K)
-template <int RB, int JB, typename T>
-inline void dot_tile(const T* const* xr, const float* a, int64_t K, float s[][JB]) {
+template <int RB, int JB, typename T, typename W>
+inline void dot_tile(const T* const* xr, const W* a, int64_t K, float s[][JB]) {
   v16 acc[RB][JB];
   for (int i = 0; i < RB; ++i)
     for (int j = 0; j < JB; ++j) acc[i][j] = v16{};
@@ -102,14 +103,14 @@ inline void dot_tile(const T* const* xr, const float* a, int64_t K, float s[][JB
   for (int i = 0; i < RB; ++i)
     for (int j = 0; j < JB; ++j) {
       float t = hsum(acc[i][j]);
-      for (int64_t qq = q; qq < K; ++qq) t += load1(xr[i] + qq) * a[j * K + qq];
+      for (int64_t qq = q; qq < K; ++qq) t += load1(xr[i] + qq) * load1(a + j * K + qq);
       s[i][j] = t;
     }
 }
 
 // S[i * r + j] = scale * x_i . A_j for j < r (the shrink of RB rows)
-template <int RB, typename T>
-void shrink(const T* const* xr, const float* A, int64_t r, int64_t K, float scale, float* S) {
+template <int RB, typename T, typename W>
+void shrink(const T* const* xr, const W* A, int64_t r, int64_t K, float scale, float* S) {
   int64_t j = 0;
   for (; j + 4 <= r; j += 4) {
     float s[RB][4];
@@ -126,8 +127,8 @@ void shrink(const T* const* xr, const float* A, int64_t r, int64_t K, float scal
 
 // y_i[n] += sum_j S[i * r + j] B^T_j[n] for RB rows (the expand). bp: the adapter's first row in panel 0,
 // panel_stride: R * 32 (one panel). The last chunk is computed on its zero padding and stored to n < N only.
-template <int RB, typename T>
-void expand(T* const* yr, const float* bp, int64_t panel_stride, int64_t r, int64_t N, const float* S) {
+template <int RB, typename T, typename W>
+void expand(T* const* yr, const W* bp, int64_t panel_stride, int64_t r, int64_t N, const float* S) {
   for (int64_t n = 0; n < N; n += 32, bp += panel_stride) {
     v16 acc[RB][2];
     for (int i = 0; i < RB; ++i) acc[i][0] = acc[i][1] = v16{};
@@ -155,8 +156,8 @@ void expand(T* const* yr, const float* bp, int64_t panel_stride, int64_t r, int6
   }
 }
 
-template <int RB, typename T>
-void row_block(const T* x, int64_t ldx, T* y, int64_t ldy, const int64_t* rows, const float* A, const float* bp,
+template <int RB, typename T, typename W>
+void row_block(const T* x, int64_t ldx, T* y, int64_t ldy, const int64_t* rows, const W* A, const W* bp,
                int64_t panel_stride, int64_t r, int64_t K, int64_t N, float scale, float* S) {
   const T* xr[RB];
   T* yr[RB];
@@ -173,14 +174,14 @@ struct Block {
   int64_t slot, t, rows;
 };
 
-template <typename T>
-void run_block(const Block& b, const T* x, int64_t ldx, T* y, int64_t ldy, const float* A, const float* Bp,
+template <typename T, typename W>
+void run_block(const Block& b, const T* x, int64_t ldx, T* y, int64_t ldy, const W* A, const W* Bp,
                int64_t R, const int64_t* order, const int64_t* start, const int64_t* rank, const float* scale,
                int64_t K, int64_t N) {
   float S[4 * kMaxRank];
   const int64_t k = b.slot, r = rank[k];
-  const float* a = A + start[k] * K;
-  const float* bp = Bp + start[k] * 32;
+  const W* a = A + start[k] * K;
+  const W* bp = Bp + start[k] * 32;
   const int64_t* rows = order + b.t;
   switch (b.rows) {
     case 4: row_block<4>(x, ldx, y, ldy, rows, a, bp, R * 32, r, K, N, scale[k], S); break;
@@ -195,8 +196,8 @@ void run_block(const Block& b, const T* x, int64_t ldx, T* y, int64_t ldy, const
 // element and the result does not depend on their number. Small calls stay on the calling thread.
 constexpr int64_t kParallelMacs = 1 << 15;
 
-template <typename T>
-int run(const T* x, int64_t ldx, T* y, int64_t ldy, const float* A, const float* Bp, int64_t R, const int64_t* order,
+template <typename T, typename W>
+int run(const T* x, int64_t ldx, T* y, int64_t ldy, const W* A, const W* Bp, int64_t R, const int64_t* order,
         const int64_t* offsets, int64_t slots, const int64_t* start, const int64_t* rank, const float* scale,
         int64_t K, int64_t N) {
   std::vector<Block> blocks;
@@ -223,19 +224,26 @@ int run(const T* x, int64_t ldx, T* y, int64_t ldy, const float* A, const float*
 }  // namespace
 
 // The one entry point. x [M, K] and y [M, N] with row strides ldx / ldy (elements; unit column stride),
-// bf16 = 1 for bfloat16 activations, 0 for float32. order [M] and offsets [slots + 2]: the plan (rows sorted
+// bf16_act = 1 for bfloat16 activations (0: float32), bf16_w = 1 for bfloat16 A and Bp (0: float32). order [M] and offsets [slots + 2]: the plan (rows sorted
 // by slot; segment 0 the base rows, left alone; segment k + 1 slot k's rows). start / rank / scale [slots]:
 // slot k's first row in A and in each panel of Bp [ceil(N / 32), R, 32], its rank, its scale. Returns 0, or 1
 // when a slot with rows has a rank above kMaxRank (then nothing is written).
-extern "C" int fastpeft_lora_mixed_cpu(int bf16_act, const void* x, int64_t ldx, void* y, int64_t ldy,
-                                       const float* A, const float* Bp, int64_t R, const int64_t* order,
+extern "C" int fastpeft_lora_mixed_cpu(int bf16_act, int bf16_w, const void* x, int64_t ldx, void* y, int64_t ldy,
+                                       const void* A, const void* Bp, int64_t R, const int64_t* order,
                                        const int64_t* offsets, int64_t slots, const int64_t* start,
                                        const int64_t* rank, const float* scale, int64_t K, int64_t N) {
+  // (the four combinations of activation and weight type: one template, instantiated here)
+  if (bf16_act && bf16_w)
+    return run(static_cast<const bf16*>(x), ldx, static_cast<bf16*>(y), ldy, static_cast<const bf16*>(A),
+               static_cast<const bf16*>(Bp), R, order, offsets, slots, start, rank, scale, K, N);
   if (bf16_act)
-    return run(static_cast<const bf16*>(x), ldx, static_cast<bf16*>(y), ldy, A, Bp, R, order, offsets, slots, start,
-               rank, scale, K, N);
-  return run(static_cast<const float*>(x), ldx, static_cast<float*>(y), ldy, A, Bp, R, order, offsets, slots, start,
-             rank, scale, K, N);
+    return run(static_cast<const bf16*>(x), ldx, static_cast<bf16*>(y), ldy, static_cast<const float*>(A),
+               static_cast<const float*>(Bp), R, order, offsets, slots, start, rank, scale, K, N);
+  if (bf16_w)
+    return run(static_cast<const float*>(x), ldx, static_cast<float*>(y), ldy, static_cast<const bf16*>(A),
+               static_cast<const bf16*>(Bp), R, order, offsets, slots, start, rank, scale, K, N);
+  return run(static_cast<const float*>(x), ldx, static_cast<float*>(y), ldy, static_cast<const float*>(A),
+             static_cast<const float*>(Bp), R, order, offsets, slots, start, rank, scale, K, N);
 }
 
 extern "C" int fastpeft_lora_mixed_cpu_max_rank() { return static_cast<int>(kMaxRank); }

@@ -47,6 +47,7 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 FLAG_SETS = (FLAGS + ("-fopenmp",), FLAGS)
 ENV_VAR = "FASTPEFT_CPU_KERNEL"
 ACT_DTYPES = (torch.float32, torch.bfloat16)
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 MAX_RANK = 1024  # kMaxRank of the source (checked against the loaded library's on every call)
 
 _lock = threading.Lock()
@@ -157,7 +158,8 @@ def _build() -> tuple:
     fn = lib.fastpeft_lora_mixed_cpu
     fn.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64, i64]
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64,
+                   i64]
     lib.fastpeft_lora_mixed_cpu_max_rank.restype = ctypes.c_int
     fn.max_rank = int(lib.fastpeft_lora_mixed_cpu_max_rank())
     fn.openmp = "-fopenmp" in flags
@@ -186,8 +188,8 @@ PANEL = 32  # columns of B^T per panel (the kernel's expand chunk)
 @dataclass(frozen=True)
 class SlotTables:
     """An adapter pool in the kernel's layout (built once per pool and kept with it: :func:`slot_tables`)."""
-    A: Tensor      # [R, K] float32 contiguous: slot k's rank rows start[k] .. start[k] + rank[k] - 1
-    Bp: Tensor     # [ceil(N / 32), R, 32] float32 contiguous: B^T in panels of 32 columns, the last zero-padded
+    A: Tensor      # [R, K] contiguous, float32 or bfloat16: slot k's rank rows start[k] .. start[k] + rank[k] - 1
+    Bp: Tensor     # [ceil(N / 32), R, 32] contiguous, A's dtype: B^T in panels of 32 columns, the last zero-padded
     N: int
     start: Tensor  # [S] int64
     rank: Tensor   # [S] int64
@@ -196,8 +198,9 @@ class SlotTables:
 
 
 def slot_tables(A: Tensor, B: Tensor, start: Tensor, rank: Tensor, scale: Tensor) -> SlotTables:
-    """The kernel's tables for a pool's A [R, K], B [N, R] and slot tables (A copied only where its dtype or
-    layout differs; B always rearranged into panels, see the source)."""
+    """The kernel's tables for a pool's A [R, K], B [N, R] and slot tables. A bfloat16 pool (A and B) stays
+    bfloat16, read as it is (half the bytes of a float32 copy); any other dtype is copied to float32. A is copied
+    only where its dtype or layout differs; B is always rearranged into panels (see the source)."""
     if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
         raise ValueError(f"cpu_mixed.slot_tables: A must be [R, K] and B [N, R]; got A {tuple(A.shape)}, "
                          f"B {tuple(B.shape)}")
@@ -206,11 +209,12 @@ def slot_tables(A: Tensor, B: Tensor, start: Tensor, rank: Tensor, scale: Tensor
         raise ValueError(f"cpu_mixed.slot_tables: start, rank and scale must be [S]; got {tuple(start.shape)}, "
                          f"{tuple(rank.shape)}, {tuple(scale.shape)}")
     (N, R), panels = B.shape, -(-B.shape[0] // PANEL)
-    Bt = B.detach().new_zeros((R, panels * PANEL), dtype=torch.float32)
+    wdt = torch.bfloat16 if A.dtype == B.dtype == torch.bfloat16 else torch.float32
+    Bt = B.detach().new_zeros((R, panels * PANEL), dtype=wdt)
     Bt[:, :N] = B.detach().t()
     Bp = Bt.view(R, panels, PANEL).transpose(0, 1).contiguous()
     ranks = rank.tolist()
-    return SlotTables(A.detach().to(torch.float32).contiguous(), Bp, int(N), start.to(torch.int64).contiguous(),
+    return SlotTables(A.detach().to(wdt).contiguous(), Bp, int(N), start.to(torch.int64).contiguous(),
                       rank.to(torch.int64).contiguous(), scale.to(torch.float32).contiguous(), max(ranks, default=0))
 
 
@@ -230,7 +234,7 @@ def mixed_add_(Y: Tensor, x: Tensor, tables: SlotTables, order: Tensor, offsets:
     """Y[i] += scale_k * (x[i] A_k^T) B_k for every row i of slot k (segment k + 1 of the plan), in place.
 
     Y [M, N] and x [M, K]: CPU, float32 or bfloat16 (one dtype), unit column stride; ``tables`` from
-    :func:`slot_tables` (K and N matching); order [M] int64 (rows sorted by slot) and offsets [S + 2] int64
+    :func:`slot_tables` (K and N matching; float32 or bfloat16 weights, either with either activation dtype); order [M] int64 (rows sorted by slot) and offsets [S + 2] int64
     (:func:`plan_offsets`). Base rows (segment 0) and empty slots keep Y."""
     lib = _load()
     if lib is None:
@@ -253,10 +257,13 @@ def mixed_add_(Y: Tensor, x: Tensor, tables: SlotTables, order: Tensor, offsets:
                          f"{tuple(offsets.shape)} {offsets.dtype}")
     if Y.device.type != "cpu" or x.device.type != "cpu" or order.device.type != "cpu":
         raise ValueError(f"{fn}: x, Y and the plan must be CPU tensors; got {x.device}, {Y.device}, {order.device}")
+    if tables.A.dtype not in WEIGHT_DTYPES or tables.Bp.dtype != tables.A.dtype:
+        raise ValueError(f"{fn}: the slot tables' A and Bp must share a dtype among {WEIGHT_DTYPES}; got "
+                         f"{tables.A.dtype}, {tables.Bp.dtype}")
     if tables.max_rank > lib.max_rank:
         raise ValueError(f"{fn}: a slot has rank {tables.max_rank}, above the kernel's {lib.max_rank}")
     if M and N:
-        lib(int(Y.dtype == torch.bfloat16), x.data_ptr(), x.stride(0), Y.data_ptr(), Y.stride(0), tables.A.data_ptr(),
-            tables.Bp.data_ptr(), tables.A.shape[0], order.data_ptr(), offsets.data_ptr(), S, tables.start.data_ptr(),
-            tables.rank.data_ptr(), tables.scale.data_ptr(), K, N)
+        lib(int(Y.dtype == torch.bfloat16), int(tables.A.dtype == torch.bfloat16), x.data_ptr(), x.stride(0),
+            Y.data_ptr(), Y.stride(0), tables.A.data_ptr(), tables.Bp.data_ptr(), tables.A.shape[0], order.data_ptr(),
+            offsets.data_ptr(), S, tables.start.data_ptr(), tables.rank.data_ptr(), tables.scale.data_ptr(), K, N)
     return Y

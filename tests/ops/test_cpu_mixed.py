@@ -4,6 +4,8 @@ call, empty slots, base rows, both activation dtypes; rows that must keep the ba
 bit, so a kernel that writes where it must not (or skips what it must write) fails."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -49,6 +51,7 @@ def _reference(x, Y, A, B, start, rank, scale, idx):
 def _run(x, Y, A, B, start, rank, scale, idx):
     plan = ops.RowPlan.build(idx, start.shape[0])
     tables = cpu_mixed.slot_tables(A, B, start, rank, scale)
+    assert tables.A.dtype == (torch.bfloat16 if A.dtype == B.dtype == torch.bfloat16 else torch.float32)
     out = Y.clone()
     cpu_mixed.mixed_add_(out, x, tables, plan.order, cpu_mixed.plan_offsets(plan.offsets))
     return out
@@ -58,11 +61,15 @@ SHAPES = [(1, 1, 1), (1, 17, 13), (5, 16, 32), (7, 31, 37), (13, 67, 101), (37, 
 RANK_SETS = [(1,), (3, 0, 5), (8, 16, 32, 64), (128, 1, 7), (2, 13, 4, 0, 9, 16, 1)]
 
 
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=["w32", "wbf16"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ranks", RANK_SETS, ids=lambda r: "r" + "-".join(map(str, r)))
 @pytest.mark.parametrize("M,K,N", SHAPES, ids=lambda v: str(v))
-def test_rows_get_their_own_adapter_and_the_others_keep_the_base(M, K, N, ranks, dtype):
+def test_rows_get_their_own_adapter_and_the_others_keep_the_base(M, K, N, ranks, dtype, wdtype):
+    """Weights float32 or bfloat16 (a bf16 pool is read as it is), with either activation dtype; the reference
+    takes the weights the kernel reads."""
     x, Y, A, B, start, rank, scale, idx = _case(M, K, N, list(ranks), dtype, seed=M * 1000 + K + N + sum(ranks))
+    A, B = A.to(wdtype), B.to(wdtype)
     out = _run(x, Y, A, B, start, rank, scale, idx)
     ref = _reference(x, Y, A, B, start, rank, scale, idx)
     assert not torch.isnan(out).any()
@@ -118,6 +125,7 @@ def test_nan_stays_in_its_row_and_results_repeat_bit_for_bit_at_any_thread_count
     ("dtype", "must share a dtype"), ("fp16", "must share a dtype"), ("K", "slot tables are for K=16"),
     ("stride", "unit column strides"), ("order", "order must be contiguous int64"),
     ("offsets", r"offsets must be int64 \[4\]"), ("rank", "above the kernel's"),
+    ("wdtype", "A and Bp must share a dtype"),
 ])
 def test_bad_calls_are_refused_naming_the_tensor(case, match):
     x, Y, A, B, start, rank, scale, idx = _case(5, 16, 8, [2, 3], torch.float32, seed=1)
@@ -136,6 +144,8 @@ def test_bad_calls_are_refused_naming_the_tensor(case, match):
         order = order.int()
     elif case == "offsets":
         offsets = offsets[:3]
+    elif case == "wdtype":
+        tables = dataclasses.replace(tables, Bp=tables.Bp.bfloat16())
     else:
         tables = cpu_mixed.slot_tables(torch.randn(2000, 16), torch.randn(8, 2000), torch.tensor([0, 0]),
                                        torch.tensor([2000, 3]), scale)
