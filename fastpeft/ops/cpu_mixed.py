@@ -199,7 +199,7 @@ class SlotTables:
 
 def slot_tables(A: Tensor, B: Tensor, start: Tensor, rank: Tensor, scale: Tensor) -> SlotTables:
     """The kernel's tables for a pool's A [R, K], B [N, R] and slot tables. A bfloat16 pool (A and B) stays
-    bfloat16, read as it is (half the bytes of a float32 copy); any other dtype is copied to float32. A is copied
+    bfloat16, read as it is (no float32 copy beside the pool); any other dtype is copied to float32. A is copied
     only where its dtype or layout differs; B is always rearranged into panels (see the source)."""
     if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
         raise ValueError(f"cpu_mixed.slot_tables: A must be [R, K] and B [N, R]; got A {tuple(A.shape)}, "
