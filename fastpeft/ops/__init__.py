@@ -27,11 +27,11 @@ by the custom ops of lora_op.py on the backend :func:`dispatch.choose` picks per
 |   base), dense or packed base, no      |   adapter from a table passed by value); else       |  _mixed_backward);|
 |   dropout (DoRA slots: g per row in the|   kernels/lora_mixed.py on the kernels above (MIXED |   a pool call in  |
 |   epilogue; their backward: torch)     |   constexpr): segmented shrink, then                |  fp32/bf16, no   |
-|                                        |   lora_matmul_kernel / lora_quant_kernel on segment |   DoRA slots:     |
-|                                        |   tiles (one adapter per row tile, any M) or decode |   its LoRA terms  |
-|                                        |   tiles (M <= 16, each row its own B); backward the |   by csrc/lora_   |
-|                                        |   same GEMMs for dX, lora_wgrad_kernel per adapter  |   mixed_cpu.cpp   |
-|                                        |                                                     |   (cpu_mixed.py)  |
+|                                        |   lora_matmul_kernel / lora_quant_kernel on segment |   rows on a DoRA  |
+|                                        |   tiles (one adapter per row tile, any M) or decode |   slot: its LoRA  |
+|                                        |   tiles (M <= 16, each row its own B); backward the |   terms by csrc/  |
+|                                        |   same GEMMs for dX, lora_wgrad_kernel per adapter  |   lora_mixed_cpu. |
+|                                        |                                                     |   cpp (cpu_mixed) |
 | lora_embedding, lora_delta_weight      | torch (a lookup and a small matmul: nothing to fuse)| torch             |
 | token_embedding, token_linear,         | torch (trainable tokens: a lookup + row replace, no | torch             |
 |   token_merged_weight                  |   [V, D] table copy; see trainable_tokens.py)       |                   |

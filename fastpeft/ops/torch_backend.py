@@ -26,7 +26,7 @@ rows R_k only (a segment of the plan: a GEMM per adapter at its own rank, never 
     backward  dS = s_k dY[R_k] B_k;   dX = dY W;   dX[R_k] += dS A_k;   dA_k = dS^T x[R_k];
               dB_k = s_k dY[R_k]^T S[R_k, :r_k]
 
-A pool call on CPU (fp32 or bf16 activations, no DoRA slots) adds the
+A pool call on CPU (fp32 or bf16 activations, no DoRA slot with rows) adds the
 s_k S B_k^T terms with csrc/lora_mixed_cpu.cpp (cpu_mixed.py) after the base GEMM: the same math per row, in
 one pass that reads each adapter at its own rank and touches no other row; other pool calls run the grouped
 GEMMs below (_grouped_pool), and float64 calls (the test oracle) never leave torch.
@@ -392,13 +392,21 @@ def _stack_groups(call: LoraCall, groups: tuple, cdt: torch.dtype) -> tuple:
 
 
 def _cpu_kernel_runs(call: LoraCall, Y: Tensor) -> bool:
-    """The CPU kernel (cpu_mixed.py) takes a pool call: CPU float32/bfloat16 activations, no DoRA slots in the
-    pool, ranks the kernel holds, and the kernel built (else the grouped path). Any number of rows: it beats the
+    """The CPU kernel (cpu_mixed.py) takes a pool call: CPU float32/bfloat16 activations, no DoRA slot with rows,
+    ranks the kernel holds, and the kernel built (else the grouped path). Any number of rows: it beats the
     grouped GEMMs from decode to a 4096-row prefill (benchmarks/mixed_rows_check.py)."""
-    x = call.x
+    x, pool = call.x, call.pool
     return (x.device.type == "cpu" and x.dtype in cpu_mixed.ACT_DTYPES and Y.dtype == x.dtype
-            and call.pool.dora is None and call.pool.max_rank <= cpu_mixed.MAX_RANK
-            and x.stride(1) == 1 and cpu_mixed.unavailable() is None)
+            and pool.max_rank <= cpu_mixed.MAX_RANK and x.stride(1) == 1
+            and (pool.dora is None or not _dora_rows(call)) and cpu_mixed.unavailable() is None)
+
+
+def _dora_rows(call: LoraCall) -> bool:
+    """Whether a DoRA slot of the pool has rows in this call (kept with the pool per set of segment sizes: a
+    serving bank's pool always carries the DoRA tables, and most of its batches use no DoRA slot)."""
+    plan = call.plan
+    return call.pool.cached("dora rows", lambda: any(a.magnitude is not None and plan.count(k)
+                                                     for k, a in enumerate(call.adapters)), extra=(plan.offsets,))
 
 
 def _mixed_forward(call: LoraCall) -> tuple[Tensor, Tensor]:

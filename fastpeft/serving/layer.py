@@ -106,8 +106,17 @@ class BankLayer(nn.Module):
         return ops.Base.dense(base.weight, base.bias)
 
     def pool(self) -> ops.AdapterPool:
-        return ops.AdapterPool(self.pool_A, self.pool_B, self.pool_start, self.pool_rank, self.pool_scale,
-                               self.max_rank, self.pool_magnitude, self.pool_weight_norm, self.pool_dora)
+        """The layer's pool: one AdapterPool object while its buffers stay the same tensors. What backends derive
+        from a pool (per-slot views, a CPU kernel's layout) is kept on that object and rebuilt when a load writes
+        the buffers (their version counters move), so a decode step between loads rebuilds nothing. Moving the
+        layer (.to()) replaces the buffers, and then the object."""
+        tensors = (self.pool_A, self.pool_B, self.pool_start, self.pool_rank, self.pool_scale, self.pool_magnitude,
+                   self.pool_weight_norm, self.pool_dora)
+        held = self.__dict__.get("_pool_object")
+        if held is None or any(a is not b for a, b in zip(held[0], tensors)):
+            held = (tensors, ops.AdapterPool(*tensors[:5], self.max_rank, *tensors[5:]))
+            self.__dict__["_pool_object"] = held
+        return held[1]
 
     def forward(self, x: Tensor) -> Tensor:
         rows = self._rows.rows(x.numel() // x.shape[-1], f"the input of bank layer {self.name}")

@@ -205,13 +205,16 @@ def test_the_torch_backend_runs_pool_calls_on_the_kernel_and_agrees_with_its_gro
     assert calls == [1]
 
 
-def test_cpu_kernel_rule_refuses_dora_pools():
-    x, _, A, B, start, rank, scale, idx = _case(4, 8, 6, [2, 3], torch.float32, seed=5)
-    pool = ops.AdapterPool(A, B, start, rank, scale, 3, torch.ones(2, 6), torch.ones(2, 6), torch.tensor([False, True]))
+def test_cpu_kernel_rule_refuses_calls_whose_dora_slots_have_rows():
+    """A pool that carries DoRA tables (a serving bank's always does) runs on the kernel while no DoRA slot has
+    rows in the call; rows on a DoRA slot send the call to the grouped path, which applies g."""
     from fastpeft.ops.contract import LoraCall
 
-    call = LoraCall(x, ops.Base.dense(torch.randn(6, 8)), pool.views(), 0, ops.RowPlan.build(idx, 2), pool)
-    assert not torch_backend._cpu_kernel_runs(call, torch.empty(4, 6))
+    x, _, A, B, start, rank, scale, _ = _case(4, 8, 6, [2, 3], torch.float32, seed=5)
+    pool = ops.AdapterPool(A, B, start, rank, scale, 3, torch.ones(2, 6), torch.ones(2, 6), torch.tensor([False, True]))
+    for idx, runs in ((torch.tensor([0, -1, 0, 0]), True), (torch.tensor([0, 1, -1, 0]), False)):
+        call = LoraCall(x, ops.Base.dense(torch.randn(6, 8)), pool.views(), 0, ops.RowPlan.build(idx, 2), pool)
+        assert torch_backend._cpu_kernel_runs(call, torch.empty(4, 6)) is runs
 
 
 def test_an_unwritable_cache_folder_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):

@@ -160,3 +160,35 @@ def test_conv1d_and_packed_bases(kind, tmp_path):
             else:
                 ref = refs[n](**one).logits
             torch.testing.assert_close(got[i:i + 1], ref, rtol=1e-5, atol=1e-5, msg=f"sample {i} ({n})")
+
+
+def test_a_layer_keeps_one_pool_object_and_its_cpu_tables_follow_loads(adapters, base_model, monkeypatch):
+    """Between loads a decode step rebuilds nothing: each BankLayer hands the op the same AdapterPool object, so
+    what the CPU kernel derived from it (its slot tables) is reused; a load into a slot writes the pool buffers,
+    and the next forward uses the new adapter (checked against peft). Batches without a DoRA slot's rows run on
+    the CPU kernel even though the bank's pool carries DoRA tables."""
+    from fastpeft.ops import cpu_mixed
+
+    monkeypatch.delenv(cpu_mixed.ENV_VAR, raising=False)
+    built = []
+    real = cpu_mixed.slot_tables
+    monkeypatch.setattr(cpu_mixed, "slot_tables", lambda *a: built.append(1) or real(*a))
+    model = tiny_model("llama").eval()
+    bank = AdapterBank(model, TARGETS, max_slots=2, max_rank=8, page_rows=4)
+    bank.load(adapters["a"][0], "a")
+    bank.load(adapters["b"][0], "b")
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    inputs = tiny_inputs("llama", batch=2)
+    with torch.no_grad(), bank.batch(["a", "b"]):
+        model(**inputs)
+        first, n_built = layer.pool(), len(built)
+        assert n_built > 0  # the kernel ran (the pool's DoRA tables are there, no DoRA slot has rows)
+        model(**inputs)
+        assert layer.pool() is first and len(built) == n_built  # nothing rebuilt between loads
+    bank.unload("a")
+    bank.load(adapters["d"][0], "d")  # into the freed slot
+    with torch.no_grad(), bank.batch(["d", "b"]):
+        out = model(**inputs).logits
+    assert layer.pool() is first and len(built) > n_built
+    for i, name in enumerate(["d", "b"]):
+        torch.testing.assert_close(out[i:i + 1], _alone(adapters, base_model, inputs, i, name), rtol=1e-5, atol=1e-5)
