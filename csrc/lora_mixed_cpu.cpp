@@ -19,12 +19,12 @@
 // Activations x and Y are float32 or bfloat16 (decoded by a 16-bit shift; Y rounded to nearest-even once, after
 // the fp32 sum). Weights are float32 or bfloat16 (a bf16 pool is read as it is, with no float32 copy beside it;
 // reading half the bytes measured only ~5% faster cold at K = N = 1024, 8 adapters of r 16, bf16 x), and every
-// sum is fp32. A [R, K], rows start_k .. start_k + r_k - 1 belong to adapter k. B^T is in
-// panels of 32 columns, Bp [ceil(N / 32), R, 32] (the last panel zero-padded): the expand of a 32-column chunk
-// then reads its adapter's r_k x 32 values as one contiguous run. Plain B^T [R, N] would put the r_k rows of a
-// chunk one page apart at N = 1024 (fp32), and at r = 64 that many pages per chunk overflows the L1 TLB and the
-// hardware prefetcher's streams: ranks 8..64 in one batch ran 22% slower than the same total rank at 30 (one
-// thread, adapters in L2; 7% with panels).
+// sum is fp32. A [R, K], rows start_k .. start_k + r_k - 1 belong to adapter k. B_k^T comes in panels of 32
+// columns, one contiguous run per adapter at the address bptr[k]: [Np / 32, r_k, 32] with Np = N rounded up to
+// 32 (zero-padded). The expand of a 32-column chunk reads its r_k x 32 values in one run, then the next chunk's.
+// Plain B^T [R, N] would put a chunk's r_k rows a page apart at N = 1024 (fp32), and at r = 64 that many pages
+// per chunk overflow the L1 TLB and the prefetcher's streams: ranks 8..64 in one batch ran 22% slower than the
+// same total rank at 30 (one thread, adapters in L2). The caller lays out only the adapters a batch uses.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -126,11 +126,11 @@ void shrink(const T* const* xr, const W* A, int64_t r, int64_t K, float scale, f
   }
 }
 
-// y_i[n] += sum_j S[i * r + j] B^T_j[n] for RB rows (the expand). bp: the adapter's first row in panel 0,
-// panel_stride: R * 32 (one panel). The last chunk is computed on its zero padding and stored to n < N only.
+// y_i[n] += sum_j S[i * r + j] B^T_j[n] for RB rows (the expand). bp: the adapter's panels, r x 32 values each.
+// The last chunk is computed on its zero padding and stored to n < N only.
 template <int RB, typename T, typename W>
-void expand(T* const* yr, const W* bp, int64_t panel_stride, int64_t r, int64_t N, const float* S) {
-  for (int64_t n = 0; n < N; n += 32, bp += panel_stride) {
+void expand(T* const* yr, const W* bp, int64_t r, int64_t N, const float* S) {
+  for (int64_t n = 0; n < N; n += 32, bp += r * 32) {
     v16 acc[RB][2];
     for (int i = 0; i < RB; ++i) acc[i][0] = acc[i][1] = v16{};
     for (int64_t j = 0; j < r; ++j) {
@@ -158,8 +158,8 @@ void expand(T* const* yr, const W* bp, int64_t panel_stride, int64_t r, int64_t 
 }
 
 template <int RB, typename T, typename W>
-void row_block(const T* x, int64_t ldx, T* y, int64_t ldy, const int64_t* rows, const W* A, const W* bp,
-               int64_t panel_stride, int64_t r, int64_t K, int64_t N, float scale, float* S) {
+void row_block(const T* x, int64_t ldx, T* y, int64_t ldy, const int64_t* rows, const W* A, const W* bp, int64_t r,
+               int64_t K, int64_t N, float scale, float* S) {
   const T* xr[RB];
   T* yr[RB];
   for (int i = 0; i < RB; ++i) {
@@ -167,7 +167,7 @@ void row_block(const T* x, int64_t ldx, T* y, int64_t ldy, const int64_t* rows, 
     yr[i] = y + rows[i] * ldy;
   }
   shrink<RB>(xr, A, r, K, scale, S);
-  expand<RB>(yr, bp, panel_stride, r, N, S);
+  expand<RB>(yr, bp, r, N, S);
 }
 
 // One unit of work: up to four rows of one slot (order[t] .. order[t + rows - 1]).
@@ -176,19 +176,19 @@ struct Block {
 };
 
 template <typename T, typename W>
-void run_block(const Block& b, const T* x, int64_t ldx, T* y, int64_t ldy, const W* A, const W* Bp,
-               int64_t R, const int64_t* order, const int64_t* start, const int64_t* rank, const float* scale,
+void run_block(const Block& b, const T* x, int64_t ldx, T* y, int64_t ldy, const W* A, const int64_t* bptr,
+               const int64_t* order, const int64_t* start, const int64_t* rank, const float* scale,
                int64_t K, int64_t N) {
   float S[4 * kMaxRank];
   const int64_t k = b.slot, r = rank[k];
   const W* a = A + start[k] * K;
-  const W* bp = Bp + start[k] * 32;
+  const W* bp = reinterpret_cast<const W*>(bptr[k]);
   const int64_t* rows = order + b.t;
   switch (b.rows) {
-    case 4: row_block<4>(x, ldx, y, ldy, rows, a, bp, R * 32, r, K, N, scale[k], S); break;
-    case 3: row_block<3>(x, ldx, y, ldy, rows, a, bp, R * 32, r, K, N, scale[k], S); break;
-    case 2: row_block<2>(x, ldx, y, ldy, rows, a, bp, R * 32, r, K, N, scale[k], S); break;
-    default: row_block<1>(x, ldx, y, ldy, rows, a, bp, R * 32, r, K, N, scale[k], S); break;
+    case 4: row_block<4>(x, ldx, y, ldy, rows, a, bp, r, K, N, scale[k], S); break;
+    case 3: row_block<3>(x, ldx, y, ldy, rows, a, bp, r, K, N, scale[k], S); break;
+    case 2: row_block<2>(x, ldx, y, ldy, rows, a, bp, r, K, N, scale[k], S); break;
+    default: row_block<1>(x, ldx, y, ldy, rows, a, bp, r, K, N, scale[k], S); break;
   }
 }
 
@@ -198,7 +198,7 @@ void run_block(const Block& b, const T* x, int64_t ldx, T* y, int64_t ldy, const
 constexpr int64_t kParallelMacs = 1 << 15;
 
 template <typename T, typename W>
-int run(const T* x, int64_t ldx, T* y, int64_t ldy, const W* A, const W* Bp, int64_t R, const int64_t* order,
+int run(const T* x, int64_t ldx, T* y, int64_t ldy, const W* A, const int64_t* bptr, const int64_t* order,
         const int64_t* offsets, int64_t slots, const int64_t* start, const int64_t* rank, const float* scale,
         int64_t K, int64_t N) {
   std::vector<Block> blocks;
@@ -207,6 +207,7 @@ int run(const T* x, int64_t ldx, T* y, int64_t ldy, const W* A, const W* Bp, int
     const int64_t r = rank[k], first = offsets[k + 1], end = offsets[k + 2];
     if (r <= 0 || end <= first) continue;  // an empty slot or one without rows: its rows keep the base output
     if (r > kMaxRank) return 1;
+    if (bptr[k] == 0) return 2;  // a slot with rows whose panels were not laid out
     for (int64_t t = first; t < end; t += 4) blocks.push_back({k, t, end - t < 4 ? end - t : 4});
     macs += (end - first) * r * (K + N);
   }
@@ -218,33 +219,34 @@ int run(const T* x, int64_t ldx, T* y, int64_t ldy, const W* A, const W* Bp, int
   const int64_t n = static_cast<int64_t>(blocks.size());
 #pragma omp parallel for schedule(dynamic, 1) if (n > 1 && macs >= kParallelMacs)
   for (int64_t i = 0; i < n; ++i)
-    run_block(blocks[i], x, ldx, y, ldy, A, Bp, R, order, start, rank, scale, K, N);
+    run_block(blocks[i], x, ldx, y, ldy, A, bptr, order, start, rank, scale, K, N);
   return 0;
 }
 
 }  // namespace
 
 // The one entry point. x [M, K] and y [M, N] with row strides ldx / ldy (elements; unit column stride),
-// bf16_act = 1 for bfloat16 activations (0: float32), bf16_w = 1 for bfloat16 A and Bp (0: float32). order [M] and offsets [slots + 2]: the plan (rows sorted
-// by slot; segment 0 the base rows, left alone; segment k + 1 slot k's rows). start / rank / scale [slots]:
-// slot k's first row in A and in each panel of Bp [ceil(N / 32), R, 32], its rank, its scale. Returns 0, or 1
-// when a slot with rows has a rank above kMaxRank (then nothing is written).
+// bf16_act = 1 for bfloat16 activations (0: float32), bf16_w = 1 for bfloat16 A and panels (0: float32).
+// order [M] and offsets [slots + 2]: the plan (rows sorted by slot; segment 0 the base rows, left alone;
+// segment k + 1 slot k's rows). start / rank / scale / bptr [slots]: slot k's first row in A, its rank, its
+// scale, the address of its B panels. Returns 0; 1 when a slot with rows has a rank above kMaxRank, 2 when it
+// has no panels (bptr 0); in both cases nothing is written.
 extern "C" int fastpeft_lora_mixed_cpu(int bf16_act, int bf16_w, const void* x, int64_t ldx, void* y, int64_t ldy,
-                                       const void* A, const void* Bp, int64_t R, const int64_t* order,
+                                       const void* A, const int64_t* bptr, const int64_t* order,
                                        const int64_t* offsets, int64_t slots, const int64_t* start,
                                        const int64_t* rank, const float* scale, int64_t K, int64_t N) {
   // (the four combinations of activation and weight type: one template, instantiated here)
   if (bf16_act && bf16_w)
-    return run(static_cast<const bf16*>(x), ldx, static_cast<bf16*>(y), ldy, static_cast<const bf16*>(A),
-               static_cast<const bf16*>(Bp), R, order, offsets, slots, start, rank, scale, K, N);
+    return run(static_cast<const bf16*>(x), ldx, static_cast<bf16*>(y), ldy, static_cast<const bf16*>(A), bptr,
+               order, offsets, slots, start, rank, scale, K, N);
   if (bf16_act)
-    return run(static_cast<const bf16*>(x), ldx, static_cast<bf16*>(y), ldy, static_cast<const float*>(A),
-               static_cast<const float*>(Bp), R, order, offsets, slots, start, rank, scale, K, N);
+    return run(static_cast<const bf16*>(x), ldx, static_cast<bf16*>(y), ldy, static_cast<const float*>(A), bptr,
+               order, offsets, slots, start, rank, scale, K, N);
   if (bf16_w)
-    return run(static_cast<const float*>(x), ldx, static_cast<float*>(y), ldy, static_cast<const bf16*>(A),
-               static_cast<const bf16*>(Bp), R, order, offsets, slots, start, rank, scale, K, N);
-  return run(static_cast<const float*>(x), ldx, static_cast<float*>(y), ldy, static_cast<const float*>(A),
-             static_cast<const float*>(Bp), R, order, offsets, slots, start, rank, scale, K, N);
+    return run(static_cast<const float*>(x), ldx, static_cast<float*>(y), ldy, static_cast<const bf16*>(A), bptr,
+               order, offsets, slots, start, rank, scale, K, N);
+  return run(static_cast<const float*>(x), ldx, static_cast<float*>(y), ldy, static_cast<const float*>(A), bptr,
+             order, offsets, slots, start, rank, scale, K, N);
 }
 
 extern "C" int fastpeft_lora_mixed_cpu_max_rank() { return static_cast<int>(kMaxRank); }

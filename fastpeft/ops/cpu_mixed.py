@@ -158,8 +158,7 @@ def _build() -> tuple:
     fn = lib.fastpeft_lora_mixed_cpu
     fn.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ptr, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i64, ptr, ptr, ptr, i64,
-                   i64]
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64]
     lib.fastpeft_lora_mixed_cpu_max_rank.restype = ctypes.c_int
     fn.max_rank = int(lib.fastpeft_lora_mixed_cpu_max_rank())
     fn.openmp = "-fopenmp" in flags
@@ -187,20 +186,38 @@ PANEL = 32  # columns of B^T per panel (the kernel's expand chunk)
 
 @dataclass(frozen=True)
 class SlotTables:
-    """An adapter pool in the kernel's layout (built once per pool and kept with it: :func:`slot_tables`)."""
+    """An adapter pool in the kernel's layout, kept with the pool until its tables change (:func:`slot_tables`).
+    Only the slots a batch uses get their B panels (:meth:`lay_out`): a load into a large serving bank
+    re-lays the adapters of the next batch, not the whole pool."""
     A: Tensor      # [R, K] contiguous, float32 or bfloat16: slot k's rank rows start[k] .. start[k] + rank[k] - 1
-    Bp: Tensor     # [ceil(N / 32), R, 32] contiguous, A's dtype: B^T in panels of 32 columns, the last zero-padded
+    B: Tensor      # the pool's B [N, R], the source of the panels
     N: int
     start: Tensor  # [S] int64
     rank: Tensor   # [S] int64
     scale: Tensor  # [S] float32
     max_rank: int  # the largest rank among the slots
+    bptr: Tensor   # [S] int64: the address of slot k's panels, 0 while not laid out
+    panels: dict   # slot -> its panels [ceil(N / 32), r_k, 32] in A's dtype (B_k^T, zero-padded), kept alive here
+
+    def lay_out(self, slots) -> None:
+        """Lay out the panels of ``slots`` (slot ids; those already laid out or of rank 0 are skipped)."""
+        missing = [k for k in slots if k not in self.panels]
+        if not missing:
+            return
+        (N, _), Np = self.B.shape, -(-self.N // PANEL) * PANEL
+        starts, ranks = self.start.tolist(), self.rank.tolist()
+        for k in missing:
+            st, r = starts[k], ranks[k]
+            Bt = self.B.new_zeros((r, Np), dtype=self.A.dtype)
+            Bt[:, :N] = self.B[:, st:st + r].t()
+            self.panels[k] = Bt.view(r, Np // PANEL, PANEL).transpose(0, 1).contiguous()
+            self.bptr[k] = self.panels[k].data_ptr() if r else 0
 
 
-def slot_tables(A: Tensor, B: Tensor, start: Tensor, rank: Tensor, scale: Tensor) -> SlotTables:
-    """The kernel's tables for a pool's A [R, K], B [N, R] and slot tables. A bfloat16 pool (A and B) stays
-    bfloat16, read as it is (no float32 copy beside the pool); any other dtype is copied to float32. A is copied
-    only where its dtype or layout differs; B is always rearranged into panels (see the source)."""
+def slot_tables(A: Tensor, B: Tensor, start: Tensor, rank: Tensor, scale: Tensor, slots=None) -> SlotTables:
+    """The kernel's tables for a pool's A [R, K], B [N, R] and slot tables, with the panels of ``slots`` laid
+    out (None: every slot). A bfloat16 pool (A and B) stays bfloat16, read as it is (no float32 copy beside
+    the pool); any other dtype is copied to float32. A is copied only where its dtype or layout differs."""
     if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
         raise ValueError(f"cpu_mixed.slot_tables: A must be [R, K] and B [N, R]; got A {tuple(A.shape)}, "
                          f"B {tuple(B.shape)}")
@@ -208,14 +225,14 @@ def slot_tables(A: Tensor, B: Tensor, start: Tensor, rank: Tensor, scale: Tensor
     if start.dim() != 1 or tuple(rank.shape) != (S,) or tuple(scale.shape) != (S,):
         raise ValueError(f"cpu_mixed.slot_tables: start, rank and scale must be [S]; got {tuple(start.shape)}, "
                          f"{tuple(rank.shape)}, {tuple(scale.shape)}")
-    (N, R), panels = B.shape, -(-B.shape[0] // PANEL)
     wdt = torch.bfloat16 if A.dtype == B.dtype == torch.bfloat16 else torch.float32
-    Bt = B.detach().new_zeros((R, panels * PANEL), dtype=wdt)
-    Bt[:, :N] = B.detach().t()
-    Bp = Bt.view(R, panels, PANEL).transpose(0, 1).contiguous()
     ranks = rank.tolist()
-    return SlotTables(A.detach().to(wdt).contiguous(), Bp, int(N), start.to(torch.int64).contiguous(),
-                      rank.to(torch.int64).contiguous(), scale.to(torch.float32).contiguous(), max(ranks, default=0))
+    tables = SlotTables(A.detach().to(wdt).contiguous(), B.detach(), int(B.shape[0]),
+                        start.to(torch.int64).contiguous(), rank.to(torch.int64).contiguous(),
+                        scale.to(torch.float32).contiguous(), max(ranks, default=0),
+                        torch.zeros(S, dtype=torch.int64), {})
+    tables.lay_out(range(S) if slots is None else slots)
+    return tables
 
 
 def plan_offsets(offsets: tuple) -> Tensor:
@@ -257,13 +274,16 @@ def mixed_add_(Y: Tensor, x: Tensor, tables: SlotTables, order: Tensor, offsets:
                          f"{tuple(offsets.shape)} {offsets.dtype}")
     if Y.device.type != "cpu" or x.device.type != "cpu" or order.device.type != "cpu":
         raise ValueError(f"{fn}: x, Y and the plan must be CPU tensors; got {x.device}, {Y.device}, {order.device}")
-    if tables.A.dtype not in WEIGHT_DTYPES or tables.Bp.dtype != tables.A.dtype:
-        raise ValueError(f"{fn}: the slot tables' A and Bp must share a dtype among {WEIGHT_DTYPES}; got "
-                         f"{tables.A.dtype}, {tables.Bp.dtype}")
+    if tables.A.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"{fn}: the slot tables' A must be one of {WEIGHT_DTYPES}; got {tables.A.dtype}")
     if tables.max_rank > lib.max_rank:
         raise ValueError(f"{fn}: a slot has rank {tables.max_rank}, above the kernel's {lib.max_rank}")
     if M and N:
-        lib(int(Y.dtype == torch.bfloat16), int(tables.A.dtype == torch.bfloat16), x.data_ptr(), x.stride(0),
-            Y.data_ptr(), Y.stride(0), tables.A.data_ptr(), tables.Bp.data_ptr(), tables.A.shape[0], order.data_ptr(),
-            offsets.data_ptr(), S, tables.start.data_ptr(), tables.rank.data_ptr(), tables.scale.data_ptr(), K, N)
+        rc = lib(int(Y.dtype == torch.bfloat16), int(tables.A.dtype == torch.bfloat16), x.data_ptr(), x.stride(0),
+                 Y.data_ptr(), Y.stride(0), tables.A.data_ptr(), tables.bptr.data_ptr(), order.data_ptr(),
+                 offsets.data_ptr(), S, tables.start.data_ptr(), tables.rank.data_ptr(), tables.scale.data_ptr(), K, N)
+        if rc == 2:
+            raise ValueError(f"{fn}: a slot with rows has no B panels laid out (SlotTables.lay_out)")
+        if rc:
+            raise ValueError(f"{fn}: a slot with rows has rank above the kernel's {lib.max_rank}")
     return Y

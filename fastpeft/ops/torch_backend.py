@@ -421,7 +421,9 @@ def _mixed_forward(call: LoraCall) -> tuple[Tensor, Tensor]:
     if call.pool is not None and _cpu_kernel_runs(call, Y):
         plan, pool = call.plan, call.pool
         tables = pool.cached("cpu tables", lambda: cpu_mixed.slot_tables(pool.A, pool.B, pool.start, pool.rank,
-                                                                          pool.scale))
+                                                                          pool.scale, slots=()))
+        used = plan.cached("cpu slots", lambda: [k for k in range(plan.n_adapters) if plan.count(k)])
+        tables.lay_out(used)  # the B panels of this batch's slots (a no-op once they are there)
         offsets = plan.cached("cpu offsets", lambda: cpu_mixed.plan_offsets(plan.offsets))
         cpu_mixed.mixed_add_(Y, x2d, tables, plan.order, offsets, fn="torch_backend mixed forward")
         return Y, x2d.new_empty((call.M, pool.max_rank), dtype=cdt)  # a pool gets no gradients: S unset

@@ -4,8 +4,6 @@ call, empty slots, base rows, both activation dtypes; rows that must keep the ba
 bit, so a kernel that writes where it must not (or skips what it must write) fails."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -125,7 +123,7 @@ def test_nan_stays_in_its_row_and_results_repeat_bit_for_bit_at_any_thread_count
     ("dtype", "must share a dtype"), ("fp16", "must share a dtype"), ("K", "slot tables are for K=16"),
     ("stride", "unit column strides"), ("order", "order must be contiguous int64"),
     ("offsets", r"offsets must be int64 \[4\]"), ("rank", "above the kernel's"),
-    ("wdtype", "A and Bp must share a dtype"),
+    ("no_panels", "no B panels laid out"),
 ])
 def test_bad_calls_are_refused_naming_the_tensor(case, match):
     x, Y, A, B, start, rank, scale, idx = _case(5, 16, 8, [2, 3], torch.float32, seed=1)
@@ -144,8 +142,8 @@ def test_bad_calls_are_refused_naming_the_tensor(case, match):
         order = order.int()
     elif case == "offsets":
         offsets = offsets[:3]
-    elif case == "wdtype":
-        tables = dataclasses.replace(tables, Bp=tables.Bp.bfloat16())
+    elif case == "no_panels":  # tables whose slots' panels were never laid out: the kernel refuses, writes nothing
+        tables = cpu_mixed.slot_tables(A, B, start, rank, scale, slots=())
     else:
         tables = cpu_mixed.slot_tables(torch.randn(2000, 16), torch.randn(8, 2000), torch.tensor([0, 0]),
                                        torch.tensor([2000, 3]), scale)
@@ -228,3 +226,28 @@ def test_an_unwritable_cache_folder_falls_back_to_the_temporary_directory(monkey
     built = list((tmp_path / "tmp").glob("fastpeft-*/cpu/lora_mixed_cpu_*.so"))
     assert len(built) == 1 and cpu_mixed._state["lib"].path == str(built[0])
     assert not list((tmp_path / "tmp").glob("fastpeft-*/cpu/*.tmp.so"))  # no half-written leftovers
+
+
+def test_only_the_slots_a_batch_uses_are_laid_out_and_a_load_relays_them(monkeypatch):
+    """A pool call lays out the B panels of the slots that have rows, keeps them with the pool for the next
+    call, adds those of new slots when a later batch uses them, and starts over when the pool is written (a
+    bank's load), so the next call sees the new weights."""
+    x, _, A, B, start, rank, scale, _ = _case(6, 20, 40, [3, 5, 2, 4], torch.float32, seed=9)
+    pool = ops.AdapterPool(A, B, start, rank, scale, 5)
+    W = torch.randn(40, 20)
+
+    def call(idx):
+        with torch.no_grad():
+            y = ops.lora(x, ops.Base.dense(W), ops.AdapterSet(pool=pool, row_index=ops.RowPlan.build(idx, 4)))
+        ref = _reference(x, x.double() @ W.double().t(), pool.A, pool.B, start, rank, scale, idx)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+        return pool.cached("cpu tables", None)
+
+    t1 = call(torch.tensor([0, 1, 0, -1, 1, 0]))
+    assert sorted(t1.panels) == [0, 1] and int(t1.bptr[2]) == int(t1.bptr[3]) == 0
+    t2 = call(torch.tensor([3, 1, 3, -1, 1, 3]))
+    assert t2 is t1 and sorted(t1.panels) == [0, 1, 3]
+    with torch.no_grad():
+        pool.B[:, 3:8].mul_(-2.0)  # "load" new weights into slot 1's columns
+    t3 = call(torch.tensor([1, 1, 1, 1, 1, 1]))
+    assert t3 is not t1 and sorted(t3.panels) == [1]

@@ -172,7 +172,7 @@ def test_a_layer_keeps_one_pool_object_and_its_cpu_tables_follow_loads(adapters,
     monkeypatch.delenv(cpu_mixed.ENV_VAR, raising=False)
     built = []
     real = cpu_mixed.slot_tables
-    monkeypatch.setattr(cpu_mixed, "slot_tables", lambda *a: built.append(1) or real(*a))
+    monkeypatch.setattr(cpu_mixed, "slot_tables", lambda *a, **k: built.append(1) or real(*a, **k))
     model = tiny_model("llama").eval()
     bank = AdapterBank(model, TARGETS, max_slots=2, max_rank=8, page_rows=4)
     bank.load(adapters["a"][0], "a")
