@@ -8,8 +8,8 @@ once per block of up to four of its rows, at its own rank, and writes Y in place
 tiling). Same values as the grouped path up to fp32 summation order, and the same bits from run to run.
 
 Measured on 2 CPU cores (benchmarks/mixed_rows_check.py, benchmarks/results/cpu-2core-mixed-rows.json: 2 or 8
-adapters, r 16 or 64, K = N = 1024): its adapter work is 1.2x to 10x below the grouped path's at every batch
-from 32 to 4096 rows, and within noise of it at one row.
+adapters, r 16 or 64, K = N = 1024): its adapter work is 1.3x to 5x below the grouped path's at every batch
+from 1 to 4096 rows.
 
 Build: just in time on first use, with the host C++ compiler ($CXX, else c++ / g++ / clang++), ``-O3
 -march=native -fopenmp`` (FLAG_SETS), no torch headers: a plain C function called through ctypes, about two
