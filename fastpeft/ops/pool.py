@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 POOL_FIELDS = ("A", "B", "start", "rank", "scale", "magnitude", "weight_norm", "dora")
+# pool.A -> {name: entry} (AdapterPool.cached); by identity (a tensor's == is elementwise)
+_SHARED = WeakIdKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -78,25 +81,39 @@ class AdapterPool:
         if self.A.device != device or self.B.device != device:
             raise ValueError(f"{fn}: the adapter pool is on {self.A.device}, x on {device}")
 
+    def _present(self) -> tuple:
+        ts = self.__dict__.get("_present_tensors")
+        if ts is None:
+            ts = self.__dict__["_present_tensors"] = tuple(t for t in self.tensors() if t is not None)
+        return ts
+
     def _tables_key(self) -> tuple:
         """Changes whenever a table or A / B is written in place (a bank's load). The tensors themselves
         cannot be swapped (a frozen dataclass), so their versions say it all."""
-        ts = self.__dict__.get("_present")
-        if ts is None:
-            ts = self.__dict__["_present"] = tuple(t for t in self.tensors() if t is not None)
-        return tuple([t._version for t in ts])
+        return tuple([t._version for t in self._present()])
 
     def cached(self, name, build, extra: tuple = ()):
-        """``build()``, kept on this pool object until its tables change or ``extra`` (what else the result
-        depends on) differs; one entry per name (a layer reuses its pool object across forwards: decode steps
-        then skip the host copies and table building)."""
-        key = (self._tables_key(), extra)
-        store = self.__dict__.setdefault("_cache", {})
+        """``build()``, kept until the pool's tables change or ``extra`` (what else the result depends on)
+        differs; one entry per name. It is kept with the pool's tensors, not with this object: a layer reuses
+        its pool object across forwards, but the custom op (a traced or compiled call) rebuilds one from the
+        same tensors on every call, and a decode step should skip the host copies and table building either way.
+        The entry lives as long as the pool's A (a weak key) and holds the other tensors, so an id is never
+        reused while it is compared."""
+        ts = self._present()
+        versions = tuple([t._version for t in ts])
+        extra = (extra, self.max_rank)
+        store = self.__dict__.get("_store")
+        if store is None:  # (one weak-dictionary lookup per pool object)
+            store = _SHARED.get(self.A)
+            if store is None:
+                store = _SHARED[self.A] = {}
+            self.__dict__["_store"] = store
         hit = store.get(name)
-        if hit is None or hit[0] != key:
-            hit = (key, build())
+        if (hit is None or hit[1] != versions or hit[2] != extra
+                or (hit[0] is not ts and (len(hit[0]) != len(ts) or any(a is not b for a, b in zip(hit[0], ts))))):
+            hit = (ts, versions, extra, build())
             store[name] = hit
-        return hit[1]
+        return hit[3]
 
     def views(self) -> tuple:
         """Per-slot Adapters (views of A and B, no copy); one device-to-host copy of the tables (kept until

@@ -251,3 +251,29 @@ def test_only_the_slots_a_batch_uses_are_laid_out_and_a_load_relays_them(monkeyp
         pool.B[:, 3:8].mul_(-2.0)  # "load" new weights into slot 1's columns
     t3 = call(torch.tensor([1, 1, 1, 1, 1, 1]))
     assert t3 is not t1 and sorted(t3.panels) == [1]
+
+
+def test_compiled_pool_calls_reuse_the_kernel_tables_across_calls(monkeypatch):
+    """The custom op rebuilds an AdapterPool from its tensors on every compiled call; what backends derive from a
+    pool is kept with those tensors, so the CPU kernel's tables are built once, not per call, and a write to
+    the pool (a load) is still seen."""
+    built = []
+    real = cpu_mixed.slot_tables
+    monkeypatch.setattr(cpu_mixed, "slot_tables", lambda *a, **k: built.append(1) or real(*a, **k))
+    x, _, A, B, start, rank, scale, idx = _case(8, 24, 40, [4, 4, 4], torch.float32, seed=21)
+    pool = ops.AdapterPool(A, B, start, rank, scale, 4)
+    W = torch.randn(40, 24)
+
+    def f(x, idx):
+        return ops.lora(x, ops.Base.dense(W), ops.AdapterSet(pool=pool, row_index=idx))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        outs = [compiled(x, idx) for _ in range(3)]
+        assert len(built) == 1 and all(torch.equal(o, outs[0]) for o in outs)
+        pool.B.mul_(2.0)  # a load writes the pool in place
+        after = compiled(x, idx)
+    assert len(built) == 2
+    ref = _reference(x, x.double() @ W.double().t(), A, pool.B, start, rank, scale, idx)
+    torch.testing.assert_close(after.double(), ref, rtol=1e-5, atol=1e-4)
