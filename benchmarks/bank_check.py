@@ -6,26 +6,27 @@ API in fastpeft (``adapter_names=[...]``), all in one run.
 
 A Llama-style decoder (hidden 512, 4 layers, LoRA on all seven projections) with random weights, 8 adapters of
 rank 16 saved by HF peft, 32 samples with 4 on each adapter (shuffled), one new token over a 16-token KV cache
-that is rolled back outside the timed span. fp32, eval, torch.no_grad. Each round runs every row once in a
-fresh seeded order; per row the median over rounds in ms, and the adapter work = row - base.
+that is rolled back outside the timed span. fp32, eval, torch.no_grad. Timed by fastpeft.bench.timing's
+time_interleaved (each round runs every row once, in a fresh seeded order); per row the median over rounds
+in ms, and the adapter work = row - base.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import platform
 import random
 import statistics
 import tempfile
-import time
 import warnings
 
 import torch
 
-from fastpeft.bench.mixed import _cache_kw
+from fastpeft.bench.mixed import _cache_kw, _returned_cache
+from fastpeft.bench.timing import time_interleaved
+from fastpeft.utils.atomic import write_json_atomic
 
 PROMPT, BATCH, ADAPTERS, RANK = 16, 32, 8, 16
 FULL = dict(hidden=512, intermediate=1376, layers=4, heads=8, batch=BATCH, adapters=ADAPTERS)
@@ -79,7 +80,7 @@ def run(rounds: int, shape: dict = FULL) -> dict:
     tok = torch.randint(0, 4096, (len(rows_names), 1), generator=g)
 
     def prefill(model, **kw):
-        return model(input_ids=prompt, use_cache=True, **kw).past_key_values
+        return _returned_cache(model(input_ids=prompt, use_cache=True, **kw))
 
     with torch.no_grad():
         caches = {"base": prefill(base), "api": prefill(api, adapter_names=rows_names)}
@@ -105,20 +106,13 @@ def run(rounds: int, shape: dict = FULL) -> dict:
             cache.crop(-extra)
 
     rows = ["base", "bank", "bank_grouped", "api"]
-    times = {r: [] for r in rows}
     outs = {}
     with torch.no_grad():
-        for r in rows:  # warm-up, and the outputs to compare
+        for r in rows:  # the outputs to compare
             rollback(caches[r])
             outs[r] = step(r)
-        for i in range(rounds):
-            order = list(rows)
-            random.Random(i).shuffle(order)
-            for r in order:
-                rollback(caches[r])
-                t0 = time.perf_counter()
-                step(r)
-                times[r].append((time.perf_counter() - t0) * 1e3)
+        times = time_interleaved({r: (lambda r=r: step(r)) for r in rows}, torch.device("cpu"), warmup=1,
+                                 repeats=rounds, setup={r: (lambda r=r: rollback(caches[r])) for r in rows})
     os.environ.pop("FASTPEFT_CPU_KERNEL", None)
     med = {r: statistics.median(v) for r, v in times.items()}
     work = {r: med[r] - med["base"] for r in rows if r != "base"}
@@ -143,9 +137,7 @@ def main() -> None:
         print(f"  {r:13s} {v:8.2f} ms" + ("" if w is None else f"   adapter work {w:6.2f} ms"))
     print(f"  max |bank - adapter_names| logits: {res['max_abs_diff_vs_adapter_names']}")
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump({"env": env, **res}, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        write_json_atomic(args.json, {"env": env, **res}, indent=1)
 
 
 if __name__ == "__main__":

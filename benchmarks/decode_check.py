@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from fastpeft.bench.timing import cuda_graph_time_us
 from fastpeft.ops import Adapter, Base, lora
 from fastpeft.quant.formats import quantize_weight
+from fastpeft.utils.atomic import write_json_atomic
 
 ITERS, REPEATS = 32, 15
 R, SCALE = 16, 2.0
@@ -214,10 +215,7 @@ def main(out_path, cpu_smoke=False):
     def emit(row):
         print(json.dumps(row), flush=True)
         result["rows"].append(row)
-        tmp = out_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, out_path)
+        write_json_atomic(out_path, result, indent=1)
 
     torch.manual_seed(0)
     if cpu_smoke:

@@ -6,30 +6,24 @@ per rank bucket, a scatter-add into Y; FASTPEFT_CPU_KERNEL=0), over batch sizes 
 
 One dense fp32 layer K = N = 1024 (torch.mm for the base, the same in both), rows dealt to the adapters at
 random, eager under torch.no_grad. Per case the median over rounds (the two paths and the base GEMM
-interleaved round by round) in ms, and the adapter work = call - base GEMM. This is what picks the kernel's
+interleaved round by round: fastpeft.bench.timing.time_interleaved) in ms, and the adapter work = call - base GEMM. This is what picks the kernel's
 range in torch_backend._cpu_kernel_runs.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import time
 
 import torch
 
 from fastpeft import ops
+from fastpeft.bench.timing import time_interleaved
+from fastpeft.utils.atomic import write_json_atomic
 
 CASES = [(8, 16), (2, 16), (8, 64)]  # (adapters, rank)
 ROWS = (1, 32, 128, 512, 2048, 4096)
-
-
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def run(rounds: int, K: int = 1024, N: int = 1024) -> list:
@@ -48,12 +42,7 @@ def run(rounds: int, K: int = 1024, N: int = 1024) -> list:
                 return ops.lora(x, ops.Base.dense(W), ops.AdapterSet(pool=pool, row_index=plan))
 
             fns = {"base": lambda: torch.mm(x, W.t()), "kernel": lambda: call("1"), "grouped": lambda: call("0")}
-            times = {k: [] for k in fns}
-            for f in fns.values():
-                f()
-            for _ in range(rounds):
-                for k, f in fns.items():
-                    times[k].append(_time(f))
+            times = time_interleaved(fns, torch.device("cpu"), warmup=1, repeats=rounds)
             med = {k: statistics.median(v) for k, v in times.items()}
             row = {"adapters": n, "r": r, "M": M, "K": K, "N": N, "ms": med,
                    "work_ms": {k: med[k] - med["base"] for k in ("kernel", "grouped")}}
@@ -77,9 +66,7 @@ def main() -> None:
     print(f"# {env}")
     rows = run(args.rounds)
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        write_json_atomic(args.json, {"env": env, "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":

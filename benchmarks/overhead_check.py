@@ -13,9 +13,9 @@ decode step on a GPU pays per layer (a decode kernel takes ~15 us there). Rows (
 
 plus the training step (forward + backward) at K = N = 2048, M = 1, 4, 16, dropout 0.1.
 
-Timing: time.perf_counter over ``--calls`` calls per round, the libraries interleaved round by round (so a
-load spike from another process hits all alike), median over ``--rounds`` rounds, in us per call; the
-spread column is (max - min) / median of the per-round times, the noise of that row.
+Timing: fastpeft.bench.timing.time_interleaved, ``--calls`` calls per timed span, the libraries interleaved
+round by round in a fresh order (so a load spike from another process hits all alike), median over ``--rounds``
+rounds, in us per call; the spread column is (max - min) / median of the per-round times, the noise of that row.
 """
 from __future__ import annotations
 
@@ -23,12 +23,13 @@ import argparse
 import copy
 import logging
 import statistics
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastpeft.bench.timing import time_interleaved
 
 R = 8
 
@@ -69,23 +70,13 @@ def _layers(K: int, N: int, n_adapters: int = 1, dropout: float = 0.0):
 
 
 def _time_rounds(fns: dict, rounds: int, calls: int) -> dict:
-    """{name: (median us per call, spread)}: each round runs every fn ``calls`` times, names interleaved."""
-    for fn in fns.values():  # warm up (first-call caches, allocator)
-        for _ in range(max(3, calls // 10)):
-            fn()
-    per = {k: [] for k in fns}
-    names = list(fns)
-    for i in range(rounds):
-        for k in names[i % len(names):] + names[:i % len(names)]:  # rotate who goes first
-            fn = fns[k]
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            per[k].append((time.perf_counter() - t0) / calls * 1e6)
+    """{name: (median us per call, spread)}: fastpeft.bench.timing.time_interleaved (each round runs every fn
+    ``calls`` times in one span, the fns in a fresh order per round)."""
+    per = time_interleaved(fns, torch.device("cpu"), warmup=max(3, calls // 10), repeats=rounds, number=calls)
     out = {}
-    for k, v in per.items():
+    for k, v in per.items():  # ms per call
         med = statistics.median(v)
-        out[k] = (med, (max(v) - min(v)) / med)
+        out[k] = (med * 1e3, (max(v) - min(v)) / med)
     return out
 
 

@@ -34,12 +34,12 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "gemv_common.cuh"
 #include "pdl_launch.cuh"
 
 namespace {
 
-constexpr int kDtypeF32 = 0, kDtypeF16 = 1, kDtypeBF16 = 2;
-constexpr int kMaxM = 8, kMaxR = 128;
+using namespace fastpeft_gemv;
 
 // GEMV: 8 warps per block, 2 output rows per warp -> 16 rows per block (N = 4096 gives 256 blocks,
 // about two per SM on an H100). Two rows per warp let one x vector load feed two W rows.
@@ -65,36 +65,8 @@ struct Params {
   // No col_scale here on purpose: it is a separate argument of lora_gemv_kernel (see there).
 };
 
-// ---- scalar / vector loads converted to fp32 -------------------------------------------------------
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(float v) { return v; }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-
+// ---- scalar / vector loads converted to fp32 (conversions and unpacking: gemv_common.cuh) ---------------
 template <typename T> __device__ __forceinline__ float ld1(const T* p) { return to_f32(__ldg(p)); }
-
-// Unpack 8 packed 16-bit values (one uint4) to fp32. bf16 -> fp32 is a 16-bit shift.
-__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8], __nv_bfloat16*) {
-  const uint32_t u[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(u[i] << 16);
-    f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ void unpack8(const uint4& v, float (&f)[8], __half*) {
-  const uint32_t u[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    __half2 h = *reinterpret_cast<const __half2*>(&u[i]);
-    float2 t = __half22float2(h);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
-}
 
 // 8 consecutive elements starting at a 16-byte aligned address. `stream` = read-once data (W): use
 // the evict-first cache hint so W does not push x, A, B out of L2.
@@ -111,14 +83,6 @@ __device__ __forceinline__ void ld8<float>(const float* p, float (&f)[8], bool) 
   f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Programmatic Dependent Launch hooks (PTX griddepcontrol, sm_90+). Both are no-ops when the grid
-// was not launched with the programmatic-serialization attribute.
 // The shrink kernels' block reduction: acc[m] summed over the block's kShrinkThreads threads; thread m < MT
 // gets row m's total (the other threads 0). One __syncthreads, in every thread.
 template <int MT>
@@ -137,17 +101,6 @@ __device__ __forceinline__ float block_row_sums(const float (&acc)[MT], int tid)
     for (int w = 0; w < kShrinkThreads / 32; ++w) v += part[w][tid];
   }
   return v;
-}
-
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 }
 
 // ---- kernel 1: shrink, S[m, j] = x[m] . A[j] ---------------------------------------------------------
@@ -543,11 +496,6 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_mixed_kernel(const Par
   }
 
   store_y<T, MT, R>(acc, p, nullptr, n0, lane);
-}
-
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
-bool rows_aligned(const void* ptr, int64_t ld, int elem_bytes) {
-  return ptr == nullptr || (aligned16(ptr) && (ld * elem_bytes) % 16 == 0);
 }
 
 template <typename T, typename TA, int MT>

@@ -5,7 +5,7 @@
 //         Y_i += S_i B_k^T               [N]        (expand: r_k axpys of length N)
 //
 // This is what fastpeft.ops.cpu_mixed loads (built just in time with the host compiler, -O3 -march=native
-// -fopenmp, called through ctypes: no torch headers, a two-second build). It replaces the torch backend's
+// -fopenmp, called through ctypes: no torch headers, a build of about 3 s). It replaces the torch backend's
 // grouped path (a gather of x, two batched GEMMs per rank bucket, a scatter-add into Y), whose ops cost more in
 // fixed overhead than in arithmetic at a few rows per adapter: here an adapter costs its own rank and nothing is
 // gathered, scattered or padded. Blocks of rows run in parallel on torch's OpenMP threads (see run()).
@@ -39,7 +39,8 @@ struct bf16 {
   uint16_t bits;
 };
 
-constexpr int64_t kMaxRank = 1024;  // S of one row block lives on the stack: 4 x kMaxRank floats
+// S of one row block lives on the stack: 4 x kMaxRank floats (fastpeft/ops/cpu_mixed.py's MAX_RANK)
+constexpr int64_t kMaxRank = 1024;
 
 // memcpy loads and stores: unaligned access the compiler turns into plain vector moves
 inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
@@ -248,5 +249,3 @@ extern "C" int fastpeft_lora_mixed_cpu(int bf16_act, int bf16_w, const void* x, 
   return run(static_cast<const float*>(x), ldx, static_cast<float*>(y), ldy, static_cast<const float*>(A), bptr,
              order, offsets, slots, start, rank, scale, K, N);
 }
-
-extern "C" int fastpeft_lora_mixed_cpu_max_rank() { return static_cast<int>(kMaxRank); }

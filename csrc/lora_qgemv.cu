@@ -44,9 +44,11 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "gemv_common.cuh"
 #include "pdl_launch.cuh"
 #include "quant_decode.cuh"
 
+using namespace fastpeft_gemv;
 using namespace fastpeft_qd;
 
 // lora_gemv.cu: S [M, r] (fp32, row stride lds) = x A^T with its shrink kernel (which triggers programmatic
@@ -56,8 +58,6 @@ extern "C" int fastpeft_lora_shrink(const void* x, int64_t ldx, const void* a, i
 
 namespace {
 
-constexpr int kDtypeF32 = 0, kDtypeF16 = 1, kDtypeBF16 = 2;
-constexpr int kMaxM = 8, kMaxR = 128;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRows = 4;  // rows of W per thread (and per row group)
@@ -80,35 +80,13 @@ struct QParams {
   bool b_f32;                     // B is fp32 (else x's dtype)
 };
 
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-
-// Two packed 16-bit values -> fp32 (bf16: a shift; fp16: the hardware conversion).
-__device__ __forceinline__ void unpack2(uint32_t u, float& lo, float& hi, __nv_bfloat16*) {
-  lo = __uint_as_float(u << 16);
-  hi = __uint_as_float(u & 0xffff0000u);
-}
-__device__ __forceinline__ void unpack2(uint32_t u, float& lo, float& hi, __half*) {
-  const float2 t = __half22float2(*reinterpret_cast<const __half2*>(&u));
-  lo = t.x;
-  hi = t.y;
-}
-
 // E (8 or 4) consecutive x values from global memory (read-only path; L1-resident across the block's row
 // groups): one 16- or 8-byte load when the row is aligned, else element by element.
 template <typename T, int E>
 __device__ __forceinline__ void ld_x(const T* p, float (&f)[E], bool vec) {
   if (vec) {
     if constexpr (E == 8) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-      unpack2(v.x, f[0], f[1], static_cast<T*>(nullptr));
-      unpack2(v.y, f[2], f[3], static_cast<T*>(nullptr));
-      unpack2(v.z, f[4], f[5], static_cast<T*>(nullptr));
-      unpack2(v.w, f[6], f[7], static_cast<T*>(nullptr));
+      unpack8(__ldg(reinterpret_cast<const uint4*>(p)), f, static_cast<T*>(nullptr));
     } else {
       const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
       unpack2(v.x, f[0], f[1], static_cast<T*>(nullptr));
@@ -120,28 +98,8 @@ __device__ __forceinline__ void ld_x(const T* p, float (&f)[E], bool vec) {
   }
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Programmatic Dependent Launch: wait for the shrink grid (no-op without the launch attribute or before sm_90).
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int w) {
   return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
-}
-
-// Start of row n's packed bytes (nf4: flat layout, K even, so rows start on a byte).
-template <int FMT>
-__device__ __forceinline__ const uint8_t* row_bytes(const QuantView& v, int n) {
-  if constexpr (FMT == kFmtNF4) return v.q + ((int64_t)n * v.K >> 1);
-  return v.q + (int64_t)n * v.ldq;
 }
 
 // GIDX: int4 with g_idx (a template flag, not a runtime branch: the per-element group path is heavier, and
@@ -300,8 +258,6 @@ __global__ void __launch_bounds__(kThreads, 2) lora_qgemv_kernel(const QParams p
   }
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
-
 int log2_exact(int v) {  // log2 of a power of two, -1 otherwise
   if (v <= 0 || (v & (v - 1))) return -1;
   int s = 0;
@@ -413,10 +369,9 @@ extern "C" int fastpeft_lora_qgemv(const void* x, int64_t ldx, const void* bias,
   p.code = code; p.code2 = code2; p.offset = offset;
   p.M = M; p.N = N; p.K = K; p.r = r; p.scale = scale;
   p.b_f32 = ab_dtype == kDtypeF32;
-  p.vec_x = aligned16(x) && (ldx * 2) % 16 == 0;
-  // 16-byte chunks of W: rows start on 16 bytes (nf4: K % 32 == 0, checked by chunk_groups_ok) and a chunk
-  // lies in one scale group.
-  p.vec_w = aligned16(qdata) && (fmt == kFmtNF4 || ldq % 16 == 0) && groups_ok(fmt, q);
+  p.vec_x = rows_aligned(x, ldx, 2);
+  // 16-byte chunks of W: rows start on 16 bytes and a chunk lies in one scale group (chunk_groups_ok).
+  p.vec_w = aligned16(qdata) && groups_ok(fmt, q);
 
   // Threads per row group: the power of two in 32..256 that covers a row's chunks once (split-K inside the
   // block; see the header comment).

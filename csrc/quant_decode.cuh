@@ -207,12 +207,20 @@ QD_HD float decode_one(const QuantView& v, const float* code, const float* code2
   }
 }
 
-// Whether a 16-byte chunk of every row lies inside one scale group and rows start on a chunk boundary (the
-// vector path's conditions besides pointer alignment, which the launcher checks): columns per chunk
-// 32 (4-bit) or 16 (8-bit).
+// Start of row n's packed bytes (nf4: flat layout, K even, so rows start on a byte).
+template <int FMT>
+QD_HD const uint8_t* row_bytes(const QuantView& v, int n) {
+  if constexpr (FMT == kFmtNF4) return v.q + ((int64_t)n * v.K >> 1);
+  return v.q + (int64_t)n * v.ldq;
+}
+
+// Whether every row starts on a 16-byte chunk boundary and a chunk of every row lies inside one scale group:
+// the vector path's conditions besides the pointer's own alignment, which the launcher checks. Columns per
+// chunk 32 (4-bit) or 16 (8-bit); nf4's rows are K / 2 bytes apart, so K % 32 == 0 places them.
 template <int FMT>
 QD_HD bool chunk_groups_ok(const QuantView& v) {
   if constexpr (FMT == kFmtNF4) return v.K % 32 == 0 && v.blocksize >= 32;  // power-of-two blocks: 32-aligned chunks fit
+  if (v.ldq % 16 != 0) return false;
   if constexpr (FMT == kFmtInt4) return v.g_idx != nullptr || v.blocksize % 32 == 0 || v.blocksize >= v.K;
   if constexpr (FMT == kFmtInt8) return true;
   return v.blocksize % 16 == 0 || v.blocksize >= v.K;

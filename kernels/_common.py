@@ -6,6 +6,7 @@ Every op file holds its own kernels, configs and launcher; this file holds what 
 *identical* across ops (the dropout mask must be bit-identical in forward and backward, so it is
 defined once here) or would otherwise be repeated by each of them.
 """
+import functools
 import os
 from typing import NamedTuple, Optional
 
@@ -35,6 +36,18 @@ def empty(shape, dtype, device) -> torch.Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def cuda_index(device) -> int:
+    """The CUDA device index of ``device`` (a bare "cuda" is the current device)."""
+    device = torch.device(device)
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index`` (asked once per device)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def interpreting() -> bool:

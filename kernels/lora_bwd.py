@@ -34,7 +34,7 @@ import triton.language as tl
 
 from ._common import (
     MIXED_SEGMENT, SMEM_LIMIT, compute_dtype, dot_precision, dropout_keep, dropout_tile_ok, empty, ieee_tile_ok,
-    launch, m_bucket, mixed_args, mma, tile_entry, tile_section, tl_dtype,
+    cuda_index, launch, m_bucket, mixed_args, mma, sm_count, tile_entry, tile_section, tl_dtype,
 )
 from .lora_fwd import FUSED_MAX_R, check_lora_args, launch_lora_fused, launch_lora_matmul, use_fused
 from .lora_shrink import lora_shrink
@@ -151,16 +151,10 @@ lora_wgrad_kernel_tuned = triton.autotune(
 )(lora_wgrad_kernel)
 
 
-def _num_sms(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def choose_split(m: int, p: int, q: int, device) -> int:
     """Number of M splits: enough programs for ~2 waves on the GPU, each split >= 256 rows."""
     tiles = triton.cdiv(p, 64) * triton.cdiv(q, 64)
-    return max(1, min(triton.cdiv(m, 256), triton.cdiv(2 * _num_sms(device), tiles)))
+    return max(1, min(triton.cdiv(m, 256), triton.cdiv(2 * (sm_count(cuda_index(device)) if device.type == "cuda" else 4), tiles)))
 
 
 def lora_wgrad(lhs, rhs, scale=1.0, dropout_p=0.0, seed=0, deterministic=True, split_m=None, fp32_tf32=False,

@@ -32,7 +32,7 @@ from ._common import (
     mixed_args, mixed_bucket, mixed_grid, mma, out_dropout_scale, r_block, split_grid, split_k_range, tl_dtype,
 )
 from .lora_shrink import lora_shrink, shrink_step
-from .lora_splitk import finish_split_k, split_k_for, split_workspace
+from .lora_splitk import finish_split_k, forced_split_k, split_k_for, split_workspace
 
 # r chunk of the extra LoRA step in the large-M kernel (r > 32 takes several chunks).
 MATMUL_BLOCK_R = 32
@@ -430,9 +430,10 @@ def lora_fwd(x, weight, bias, a, b, scale, dropout_p=0.0, seed=0, variant="auto"
     D the same mask as S's, on the split path (variant "fused" is refused); then the return is
     (Y, S, Z_d [M, N] in x.dtype), zd_out an optional preallocated Z_d.
 
-    split_k: K split of the split path's GEMM (decode, kernels/lora_splitk.py); None: `split_k_for`
-    picks it for a dense W (never for DoRA with dropout). Under "auto" a split > 1 takes the split path
-    (shrink + split GEMM + finish) instead of the fused kernel; "fused" refuses an explicit split_k > 1.
+    split_k: K split of the split path's GEMM (decode, kernels/lora_splitk.py); None: the fused kernel where it
+    runs, else `split_k_for` picks it for a dense W (never for DoRA with dropout); FASTPEFT_SPLIT_K forces one.
+    An explicit or forced split > 1 takes the split path (shrink + split GEMM + finish) instead of the fused
+    kernel; "fused" refuses an explicit split_k > 1.
     """
     m, k, n, r = check_lora_args("lora_fwd", x, weight, bias, a, b, scale, dropout_p)
     dual = col_scale is not None and dropout_p > 0.0
@@ -470,8 +471,16 @@ def lora_fwd(x, weight, bias, a, b, scale, dropout_p=0.0, seed=0, variant="auto"
         return done
     if split_k is not None and split_k > 1 and variant == "fused":
         raise ValueError(f"lora_fwd: split_k={split_k} runs on the split path, not 'fused'")
-    split = 1 if dual or weight is None else split_k if split_k is not None else split_k_for(m, n, k, x.device)
-    if split == 1 and not dual and use_fused(variant, m, r, (x.dtype, a.dtype, b.dtype), fp32_tf32):
+    fused = not dual and use_fused(variant, m, r, (x.dtype, a.dtype, b.dtype), fp32_tf32)
+    if dual or weight is None:
+        split = 1
+    elif split_k is not None:
+        split = split_k
+    else:  # the fused kernel where it runs (one launch), unless FASTPEFT_SPLIT_K forces a split: neither rule is
+        # measured against the other on a GPU yet (benchmarks/device_check.sh times both at decode shapes)
+        forced = forced_split_k()
+        split = forced if forced is not None else 1 if fused else split_k_for(m, n, k, x.device)
+    if split == 1 and fused:
         launch_lora_fused(x, weight, a, b, bias, y, s, 1.0, scale, in_dropout_p=dropout_p, seed=seed,
                           fp32_tf32=fp32_tf32, config=config, col_scale=col_scale)
     else:

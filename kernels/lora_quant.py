@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ._common import (
     DUAL_DX, DUAL_FWD, MAX_R, MIXED_GATHER, MIXED_SEGMENT, SMEM_LIMIT, base_step, col_scale_rows, dora_args,
-    dot_precision, dropout_tile_ok, dual_start, dual_tile_ok, empty, finish_lora_tile, ieee_tile_ok, launch,
+    cuda_index, dot_precision, dropout_tile_ok, dual_start, dual_tile_ok, empty, finish_lora_tile, ieee_tile_ok, launch,
     lora_b_step, lora_tile, mixed_args, mixed_bucket, mixed_grid, mul_rn, r_block, split_grid, split_k_range,
     tl_dtype,
 )
@@ -495,8 +495,7 @@ def fp8_hw_convert(device) -> bool:
     """Whether the GPU has fp8 (e4m3) types: Triton converts codes in hardware and has fp8 dots there (sm_89+;
     its fp8e4nv type does not exist for sm_80; the interpreter's path is tested through fp8_cvt=True)."""
     device = torch.device(device)
-    return device.type == "cuda" and _has_fp8_type(device.index if device.index is not None
-                                                   else torch.cuda.current_device())
+    return device.type == "cuda" and _has_fp8_type(cuda_index(device))
 
 
 def fp8_dot_reason(qw) -> "str | None":

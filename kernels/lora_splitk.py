@@ -21,14 +21,13 @@ What a split launch cannot take: dropout on the output (dX in training) and DoRA
 `split_k_for` picks SPLIT_K from the shape and the GPU's SM count. FASTPEFT_SPLIT_K=<n> forces it
 (1 turns split-K off), for benchmarks that measure the crossover.
 """
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import MIXED_GATHER, col_scale_rows, empty, finish_tile, lora_b_step, r_block
+from ._common import MIXED_GATHER, col_scale_rows, cuda_index, empty, finish_tile, lora_b_step, r_block, sm_count
 
 SPLIT_K_ENV = "FASTPEFT_SPLIT_K"
 # Split only while each program keeps at least this much of K (whole tiles of the decode configs).
@@ -41,11 +40,6 @@ _TILE_M, _TILE_N = 16, 64
 # r chunk of the finish kernel's LoRA step: 32 spilled 8 B on sm_90 with a mixed batch's gathered rows
 # (ptxas of triton 3.6, the GPU machine's; 4 warps, 128 registers); 16 did not (80-90 registers)
 FINISH_BLOCK_R = 16
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def forced_split_k():
@@ -72,7 +66,7 @@ def split_k_for(m: int, n: int, k: int, device) -> int:
     device = torch.device(device)
     if device.type != "cuda" or m > SPLIT_MAX_M or m == 0 or n == 0:
         return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = sm_count(cuda_index(device))
     tiles = triton.cdiv(m, _TILE_M) * triton.cdiv(n, _TILE_N)
     split = 1
     while split < MAX_SPLIT_K and tiles * split * 2 <= 2 * sms and k // (split * 2) >= MIN_K_PER_SPLIT:
@@ -141,9 +135,7 @@ def finish_split_k(part, s, b, bias, y, scale, col_scale, mixed, lora_precision)
     split, m, n = part.shape
     r = b.shape[1]
     s_arg, b_arg = (s, b) if r else (part, part)  # R = 0: never read
-    if mixed is not None:
-        if mixed.mode != MIXED_GATHER.value:
-            raise ValueError("finish_split_k: a mixed batch splits K only on its decode (gather) tiles")
+    if mixed is not None:  # (gather tiles only: split_workspace, which made `part`, refused the others)
         r = mixed.r_max
         mptrs = (mixed.row_index, mixed.rank, mixed.off, mixed.scale)
     else:

@@ -20,5 +20,9 @@ def test_decode_check_cpu_smoke_writes_every_row(tmp_path):
     for r in rows:
         names = ("base", "peft", "auto") if r["section"] == "dense" else ("base_bf16", "auto", "auto_r0")
         assert all(isinstance(r[n], float) and r[n] > 0 for n in names), r
-        assert "bitsandbytes" in r.get("bnb_peft", "bitsandbytes") or r["section"] == "dense"
+        if r["section"] == "quant":  # on CPU the bitsandbytes + peft row is the reason it is absent, not a time
+            assert r["bnb_peft"] == "bitsandbytes has no such format here" or \
+                r["bnb_peft"].startswith("bitsandbytes/peft not importable"), r["bnb_peft"]
+        else:
+            assert "bnb_peft" not in r
     assert all(r["lora_overhead"] is not None for r in rows if r["section"] == "quant")

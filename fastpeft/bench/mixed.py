@@ -176,36 +176,23 @@ def _peft_twin(model, ranks, base, targets, task_type):
 
 @contextlib.contextmanager
 def _record_backends():
-    """Counts the fastpeft.ops backends chosen inside the block (for the report; nothing else changes): calls
-    through dispatch.choose (the general path) and dispatch.pick (the eager lanes; its own choose() call, off
-    its CPU shortcut, is counted once)."""
+    """Counts the fastpeft.ops backends chosen inside the block (for the report; nothing else changes): every
+    call's choice goes through dispatch.choose (the eager lanes' dispatch.pick calls it too)."""
     from fastpeft.ops import dispatch
 
     seen: collections.Counter = collections.Counter()
-    original_choose, original_pick = dispatch.choose, dispatch.pick
-    in_pick = []
+    original = dispatch.choose
 
     def choose(call):
-        name = original_choose(call)
-        if not in_pick:
-            seen[name] += 1
+        name = original(call)
+        seen[name] += 1
         return name
 
-    def pick(call):
-        in_pick.append(1)
-        try:
-            impl = original_pick(call)
-        finally:
-            in_pick.pop()
-        name = getattr(impl, "__name__", type(impl).__name__).rsplit(".", 1)[-1]
-        seen[name[:-len("_backend")] if name.endswith("_backend") else name] += 1
-        return impl
-
-    dispatch.choose, dispatch.pick = choose, pick
+    dispatch.choose = choose
     try:
         yield seen
     finally:
-        dispatch.choose, dispatch.pick = original_choose, original_pick
+        dispatch.choose = original
 
 
 def _cache_kw(model) -> str:

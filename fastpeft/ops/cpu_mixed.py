@@ -8,11 +8,11 @@ once per block of up to four of its rows, at its own rank, and writes Y in place
 tiling). Same values as the grouped path up to fp32 summation order, and the same bits from run to run.
 
 Measured on 2 CPU cores (benchmarks/mixed_rows_check.py, benchmarks/results/cpu-2core-mixed-rows.json: 2 or 8
-adapters, r 16 or 64, K = N = 1024): its adapter work is 1.3x to 5x below the grouped path's at every batch
+adapters, r 16 or 64, K = N = 1024): its adapter work is 1.2x to 9x below the grouped path's at every batch
 from 1 to 4096 rows.
 
 Build: just in time on first use, with the host C++ compiler ($CXX, else c++ / g++ / clang++), ``-O3
--march=native -fopenmp`` (FLAG_SETS), no torch headers: a plain C function called through ctypes, about two
+-march=native -fopenmp`` (FLAG_SETS), no torch headers: a plain C function called through ctypes, about three
 seconds to build. The shared object is cached under $FASTPEFT_CACHE_DIR (else ~/.cache/fastpeft)/cpu, or a
 per-user folder under the temporary directory when that cannot be written, named by a hash of the source, the
 compiler, the flags and this CPU's model and feature flags (a cache shared between machines never serves code
@@ -38,6 +38,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .csrc_files import csrc_dir
+
 SOURCE = "lora_mixed_cpu.cpp"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 # OpenMP: the library then needs libgomp.so.1, which resolves to the one torch has already loaded (torch's
@@ -48,18 +50,10 @@ FLAG_SETS = (FLAGS + ("-fopenmp",), FLAGS)
 ENV_VAR = "FASTPEFT_CPU_KERNEL"
 ACT_DTYPES = (torch.float32, torch.bfloat16)
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
-MAX_RANK = 1024  # kMaxRank of the source (checked against the loaded library's on every call)
+MAX_RANK = 1024  # kMaxRank of the source; the kernel itself refuses a larger rank too (returns 1)
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded function, or "reason": why there is none
-
-
-def _csrc_file() -> Optional[Path]:
-    here = Path(__file__).resolve()
-    for cand in (here.parents[2] / "csrc" / SOURCE, here.parents[1] / "csrc" / SOURCE):
-        if cand.is_file():
-            return cand
-    return None
 
 
 def _compiler() -> Optional[str]:
@@ -121,9 +115,10 @@ def _compile(cxx: str, flags: tuple, src: Path, target: Path) -> Optional[str]:
 
 def _build() -> tuple:
     """(the loaded function, None) or (None, why not)."""
-    src = _csrc_file()
-    if src is None:
+    folder = csrc_dir((SOURCE,))
+    if folder is None:
         return None, f"csrc/{SOURCE} was not found next to the fastpeft package"
+    src = folder / SOURCE
     cxx = _compiler()
     if cxx is None:
         return None, "no C++ compiler found ($CXX, c++, g++ or clang++) to build csrc/" + SOURCE
@@ -159,8 +154,6 @@ def _build() -> tuple:
     fn.restype = ctypes.c_int
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, i64]
-    lib.fastpeft_lora_mixed_cpu_max_rank.restype = ctypes.c_int
-    fn.max_rank = int(lib.fastpeft_lora_mixed_cpu_max_rank())
     fn.openmp = "-fopenmp" in flags
     fn.path = str(target)
     return fn, None
@@ -191,7 +184,6 @@ class SlotTables:
     re-lays the adapters of the next batch, not the whole pool."""
     A: Tensor      # [R, K] contiguous, float32 or bfloat16: slot k's rank rows start[k] .. start[k] + rank[k] - 1
     B: Tensor      # the pool's B [N, R], the source of the panels
-    N: int
     start: Tensor  # [S] int64
     rank: Tensor   # [S] int64
     scale: Tensor  # [S] float32
@@ -204,7 +196,8 @@ class SlotTables:
         missing = [k for k in slots if k not in self.panels]
         if not missing:
             return
-        (N, _), Np = self.B.shape, -(-self.N // PANEL) * PANEL
+        N = self.B.shape[0]
+        Np = -(-N // PANEL) * PANEL
         starts, ranks = self.start.tolist(), self.rank.tolist()
         for k in missing:
             st, r = starts[k], ranks[k]
@@ -227,8 +220,7 @@ def slot_tables(A: Tensor, B: Tensor, start: Tensor, rank: Tensor, scale: Tensor
                          f"{tuple(rank.shape)}, {tuple(scale.shape)}")
     wdt = torch.bfloat16 if A.dtype == B.dtype == torch.bfloat16 else torch.float32
     ranks = rank.tolist()
-    tables = SlotTables(A.detach().to(wdt).contiguous(), B.detach(), int(B.shape[0]),
-                        start.to(torch.int64).contiguous(), rank.to(torch.int64).contiguous(),
+    tables = SlotTables(A.detach().to(wdt).contiguous(), B.detach(), start.to(torch.int64).contiguous(), rank.to(torch.int64).contiguous(),
                         scale.to(torch.float32).contiguous(), max(ranks, default=0),
                         torch.zeros(S, dtype=torch.int64), {})
     tables.lay_out(range(S) if slots is None else slots)
@@ -251,8 +243,9 @@ def mixed_add_(Y: Tensor, x: Tensor, tables: SlotTables, order: Tensor, offsets:
     """Y[i] += scale_k * (x[i] A_k^T) B_k for every row i of slot k (segment k + 1 of the plan), in place.
 
     Y [M, N] and x [M, K]: CPU, float32 or bfloat16 (one dtype), unit column stride; ``tables`` from
-    :func:`slot_tables` (K and N matching; float32 or bfloat16 weights, either with either activation dtype); order [M] int64 (rows sorted by slot) and offsets [S + 2] int64
-    (:func:`plan_offsets`). Base rows (segment 0) and empty slots keep Y."""
+    :func:`slot_tables` (K and N matching; float32 or bfloat16 weights, with either activation dtype); order [M]
+    int64 (rows sorted by slot) and offsets [S + 2] int64 (:func:`plan_offsets`). Base rows (segment 0) and
+    empty slots keep Y."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"{fn}: the CPU mixed-batch kernel is unavailable: {_state['reason']}")
@@ -264,20 +257,20 @@ def mixed_add_(Y: Tensor, x: Tensor, tables: SlotTables, order: Tensor, offsets:
     if x.shape[0] != M or x.stride(1) != 1 or Y.stride(1) != 1:
         raise ValueError(f"{fn}: x must be [M={M}, K] and Y [M, N] with unit column strides; got x "
                          f"{tuple(x.shape)} strides {x.stride()}, Y strides {Y.stride()}")
-    if tables.A.shape[1] != K or tables.N != N:
-        raise ValueError(f"{fn}: the slot tables are for K={tables.A.shape[1]}, N={tables.N}; "
+    if tables.A.shape[1] != K or tables.B.shape[0] != N:
+        raise ValueError(f"{fn}: the slot tables are for K={tables.A.shape[1]}, N={tables.B.shape[0]}; "
                          f"x and Y have K={K}, N={N}")
     if order.dtype != torch.int64 or tuple(order.shape) != (M,) or not order.is_contiguous():
         raise ValueError(f"{fn}: order must be contiguous int64 [{M}]; got {tuple(order.shape)} {order.dtype}")
     if offsets.dtype != torch.int64 or tuple(offsets.shape) != (S + 2,):
         raise ValueError(f"{fn}: offsets must be int64 [{S + 2}] (the plan's segments for {S} slots); got "
                          f"{tuple(offsets.shape)} {offsets.dtype}")
-    if Y.device.type != "cpu" or x.device.type != "cpu" or order.device.type != "cpu":
+    if not (Y.is_cpu and x.is_cpu and order.is_cpu):
         raise ValueError(f"{fn}: x, Y and the plan must be CPU tensors; got {x.device}, {Y.device}, {order.device}")
     if tables.A.dtype not in WEIGHT_DTYPES:
         raise ValueError(f"{fn}: the slot tables' A must be one of {WEIGHT_DTYPES}; got {tables.A.dtype}")
-    if tables.max_rank > lib.max_rank:
-        raise ValueError(f"{fn}: a slot has rank {tables.max_rank}, above the kernel's {lib.max_rank}")
+    if tables.max_rank > MAX_RANK:
+        raise ValueError(f"{fn}: a slot has rank {tables.max_rank}, above the kernel's {MAX_RANK}")
     if M and N:
         rc = lib(int(Y.dtype == torch.bfloat16), int(tables.A.dtype == torch.bfloat16), x.data_ptr(), x.stride(0),
                  Y.data_ptr(), Y.stride(0), tables.A.data_ptr(), tables.bptr.data_ptr(), order.data_ptr(),
@@ -285,5 +278,5 @@ def mixed_add_(Y: Tensor, x: Tensor, tables: SlotTables, order: Tensor, offsets:
         if rc == 2:
             raise ValueError(f"{fn}: a slot with rows has no B panels laid out (SlotTables.lay_out)")
         if rc:
-            raise ValueError(f"{fn}: a slot with rows has rank above the kernel's {lib.max_rank}")
+            raise ValueError(f"{fn}: a slot with rows has rank above the kernel's {MAX_RANK}")
     return Y

@@ -48,6 +48,7 @@ from typing import Optional
 import torch
 
 from . import cuda_quant
+from .csrc_files import csrc_dir
 
 MAX_M = 8
 # Automatic dispatch picks this kernel only up to AUTO_MAX_M rows. Measured on an H100 (bf16, K=N=4096,
@@ -60,15 +61,6 @@ CSRC_FILES = ("binding.cpp", "lora_gemv.cu", "lora_qgemv.cu")  # setup.py lists 
 _lock = threading.Lock()
 _PDL_ENABLED = os.environ.get("FASTPEFT_CUDA_PDL", "1") != "0"  # read once, at import
 _modules: dict = {}  # arch string -> loaded module, or str (why it could not be loaded)
-
-
-def csrc_dir() -> Optional[Path]:
-    """csrc/ in a source checkout (editable install) or packaged next to this package."""
-    here = Path(__file__).resolve()
-    for cand in (here.parents[2] / "csrc", here.parents[1] / "csrc"):
-        if all((cand / f).is_file() for f in CSRC_FILES):
-            return cand
-    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,7 +101,7 @@ def _load_uncached(arch: str):
         pass
     if os.environ.get("FASTPEFT_CUDA_JIT", "1") == "0":
         return "fastpeft._C is not built and FASTPEFT_CUDA_JIT=0 forbids the just-in-time build"
-    src = csrc_dir()
+    src = csrc_dir(CSRC_FILES)
     if src is None:
         return f"csrc sources {CSRC_FILES} not found next to {Path(__file__).resolve().parents[1]}"
     from torch.utils import cpp_extension
@@ -162,6 +154,14 @@ def _shape_reason(x2d, weight, bias, A, B) -> Optional[str]:
         if t is not None and t.device != x2d.device:
             return f"{name} is on {t.device} but x is on {x2d.device}"
     return None
+
+
+def _packed_reason(call) -> Optional[str]:
+    """What the quantized decode GEMV (csrc/lora_qgemv.cu, cuda_quant.py) cannot take: the GEMV's own rules, with
+    the adapter when there is one (its kMaxR equals the dense GEMV's), and the packed format's."""
+    a = call.adapters[0] if call.adapters else None
+    return (_shape_reason(call.x, None, call.base.bias, a.A if a else None, a.B if a else None)
+            or cuda_quant.quant_reason(call.base.packed, call.x))
 
 
 def _call_reason(call) -> Optional[str]:
@@ -261,8 +261,7 @@ def supports(call) -> Optional[str]:
     if call.plan is not None:
         reason = _mixed_shape_reason(call)
     elif call.base.packed is not None:
-        reason = (_shape_reason(call.x, None, call.base.bias, None, None) or cuda_quant.adapter_reason(call)
-                  or cuda_quant.quant_reason(call.base.packed, call.x))
+        reason = _packed_reason(call)
     else:
         a = call.adapters[0]
         reason = _shape_reason(call.x, call.base.weight, call.base.bias, a.A, a.B)

@@ -17,13 +17,13 @@ from typing import Optional
 
 import torch
 
+from .contract import PACKED_FIELDS
+
 # Automatic dispatch picks the quantized CUDA GEMV only up to this many rows. NOT measured (no GPU was at hand
 # when it was written): the dense GEMV's measured limit (cuda_backend.AUTO_MAX_M) is kept, the conservative
 # choice, until benchmarks/ has numbers for the quantized kernel.
 QUANT_AUTO_MAX_M = 4
-MAX_R = 128  # kMaxR of csrc/lora_qgemv.cu
 _FMTS = ("nf4", "int4", "int8", "fp8")
-_FIELDS = ("qdata", "scales", "zeros", "code", "absmax2", "code2", "offset", "g_idx")
 
 
 def _pow2(v: int) -> bool:
@@ -37,7 +37,7 @@ def quant_reason(qw, x) -> Optional[str]:
         return f"quantization format {fmt!r} has no CUDA decode kernel ({', '.join(_FMTS)})"
     if K < 1:
         return f"the CUDA quantized GEMV needs K >= 1, found K={K}"
-    for f in _FIELDS:
+    for f in PACKED_FIELDS:
         t = getattr(qw, f)
         if t is not None and t.device != x.device:
             return f"the quantized weight's {f} is on {t.device} but x is on {x.device}"
@@ -83,21 +83,6 @@ def call_reason(call) -> Optional[str]:
     rules (which it shares): mixed batches; no adapter at all is fine (r = 0)."""
     if call.plan is not None:
         return "a mixed batch (row_index) over a quantized base weight has no CUDA kernel (the triton backend runs it)"
-    return None
-
-
-def adapter_reason(call) -> Optional[str]:
-    """The adapter's tensors (r <= 128, dtypes), when there is one."""
-    if not call.adapters:
-        return None
-    a, x = call.adapters[0], call.x
-    if a.r > MAX_R:
-        return f"the CUDA kernel supports r <= {MAX_R}, found r={a.r}"
-    if a.A.dtype != a.B.dtype or a.A.dtype not in (torch.float32, x.dtype):
-        return f"lora_A/lora_B must share float32 or x's dtype {x.dtype}, found {a.A.dtype}/{a.B.dtype}"
-    for name, t in (("lora_A", a.A), ("lora_B", a.B)):
-        if t.device != x.device:
-            return f"{name} is on {t.device} but x is on {x.device}"
     return None
 
 

@@ -152,14 +152,7 @@ def choose(call: LoraCall) -> str:
 
 
 def pick(call: LoraCall):
-    """``get(choose(call))``: the implementation of the backend for one call, the automatic CPU case (no
-    FASTPEFT_BACKEND, not CUDA: torch) in one step; every other case through choose()."""
-    if not os.environ.get(ENV_VAR) and not call.x.is_cuda:
-        impl = _registered.get("torch")
-        if impl is None:
-            impl = _loaded.get("torch", (None,))[0]
-        if impl is not None and _runs(impl, call):
-            return impl
+    """The implementation of the backend :func:`choose` picks for one call (what the eager lanes run)."""
     return get(choose(call))
 
 

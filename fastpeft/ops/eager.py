@@ -59,20 +59,10 @@ def plain_call(x: Tensor, base: Base, adapters: Sequence[Adapter], training: boo
     dropout seed drawn at the same point (``draw_seed``: lora_op.draw_seed, passed by the caller so that a
     replacement there, e.g. a test recording seeds, is the one called) and the same tensors saved (x by
     reference, S)."""
+    if not _dense_ok(x, base):
+        return None
     W, bias = base.weight, base.bias
-    if W is None or base.packed is not None or type(x) not in _PLAIN or type(W) not in _PLAIN:
-        return None
-    if bias is not None and (type(bias) not in _PLAIN or not bias.is_floating_point()):
-        return None
-    if _is_compiling() or _is_tracing():
-        return None
-    if x.dim() < 1 or not x.is_floating_point() or W.dtype != x.dtype or W.dim() != 2:
-        return None
-    if _any_autocast() if _any_autocast is not None else torch.is_autocast_enabled(x.device.type):
-        return None  # the general path's prepare() casts x, W and bias as autocast would
     N, K = W.shape
-    if x.shape[-1] != K or (bias is not None and bias.shape != (N,)):
-        return None
     grad = torch.is_grad_enabled()
     needs_grad = grad and (x.requires_grad or W.requires_grad or (bias is not None and bias.requires_grad))
     drop = False
@@ -104,11 +94,7 @@ def plain_call(x: Tensor, base: Base, adapters: Sequence[Adapter], training: boo
                                 *[a.A for a in adapters], *[a.B for a in adapters])
     if drop:
         return None  # inference in training mode: the general path draws the seed (and consumes the RNG)
-    call = LoraCall(x2d, base, tuple(adapters))
-    Y = dispatch.pick(call).forward(call)[0]
-    if Y.dtype != x.dtype:
-        Y = Y.to(x.dtype)
-    return Y if x.dim() == 2 else Y.reshape(*x.shape[:-1], N)
+    return forward_now(LoraCall(x2d, base, tuple(adapters)), x)
 
 
 def pool_call(x: Tensor, base: Base, plan, pool) -> Optional[Tensor]:
@@ -116,19 +102,11 @@ def pool_call(x: Tensor, base: Base, plan, pool) -> Optional[Tensor]:
     gradient to build, run on its backend directly; None for anything else (the general path then runs it, or
     raises validate()'s error). ``plan`` must already be a RowPlan for x's rows (a layer's or a bank's); the
     pool's own checks are pool.check's, kept with the pool. No dropout, no seed: pools are inference."""
+    if type(plan) is not RowPlan or _dispatch_depth() or not _dense_ok(x, base):
+        return None
     W, bias = base.weight, base.bias
-    if W is None or base.packed is not None or type(plan) is not RowPlan or type(x) not in _PLAIN:
-        return None
-    if type(W) not in _PLAIN or (bias is not None and (type(bias) not in _PLAIN or bias.shape != (W.shape[0],))):
-        return None
-    if _is_compiling() or _is_tracing() or _dispatch_depth():
-        return None
-    if _any_autocast() if _any_autocast is not None else torch.is_autocast_enabled(x.device.type):
-        return None
-    if x.dim() < 1 or W.dim() != 2 or W.dtype != x.dtype or not x.is_floating_point():
-        return None
     N, K = W.shape
-    if x.shape[-1] != K or plan.n_adapters != pool.slots:
+    if plan.n_adapters != pool.slots:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or W.requires_grad or pool.A.requires_grad
                                     or pool.B.requires_grad or (bias is not None and bias.requires_grad)):
@@ -137,11 +115,44 @@ def pool_call(x: Tensor, base: Base, plan, pool) -> Optional[Tensor]:
     if x2d.shape[0] != plan.M:
         return None
     pool.check("fastpeft.ops.lora", N, K, x.device)
-    call = LoraCall(x2d, base, pool.views(), 0, plan, pool)
+    return forward_now(LoraCall(x2d, base, pool.views(), 0, plan, pool), x)
+
+
+def forward_now(call: LoraCall, x: Tensor) -> Tensor:
+    """The backend's forward of ``call`` (whose x is ``x`` as [M, K]), as the op returns it: in x's dtype and
+    shape. What every eager call without a gradient ends with (the lanes here, lora_op._forward_now)."""
     Y = dispatch.pick(call).forward(call)[0]
     if Y.dtype != x.dtype:
         Y = Y.to(x.dtype)
-    return Y if x.dim() == 2 else Y.reshape(*x.shape[:-1], N)
+    return Y if x.dim() == 2 else Y.reshape(*x.shape[:-1], Y.shape[-1])
+
+
+def _dense_ok(x: Tensor, base: Base) -> bool:
+    """What both lanes need of a call: plain tensors, a dense float base in x's dtype with matching shapes (bias
+    [N], x [..., K]), nothing compiling or tracing, no autocast (the general path's prepare() casts x, W and
+    bias as autocast would)."""
+    W, bias = base.weight, base.bias
+    if W is None or base.packed is not None or type(x) not in _PLAIN or type(W) not in _PLAIN:
+        return False
+    if bias is not None and (type(bias) not in _PLAIN or not bias.is_floating_point()):
+        return False
+    if _is_compiling() or _is_tracing() or _autocast_on(x):
+        return False
+    if x.dim() < 1 or not x.is_floating_point() or W.dtype != x.dtype or W.dim() != 2:
+        return False
+    return x.shape[-1] == W.shape[1] and (bias is None or bias.shape == (W.shape[0],))
+
+
+def _autocast_on(x: Tensor) -> bool:
+    """Autocast is on (for any device type when torch can say so in one call, else for x's)."""
+    return _any_autocast() if _any_autocast is not None else torch.is_autocast_enabled(x.device.type)
+
+
+def base_grads(dY2: Tensor, x2d: Tensor, weight_dtype, bias_dtype, need_w: bool, need_b: bool) -> tuple:
+    """(dW, db) of a trainable dense base (rare: LoRA freezes it), None where not needed; dY2 [M, N], x2d [M, K]."""
+    dW = torch.mm(dY2.t(), x2d).to(weight_dtype) if need_w else None
+    db = dY2.sum(0).to(bias_dtype) if need_b else None
+    return dW, db
 
 
 def param_layout(g: Tensor, p: Tensor) -> Tensor:
@@ -180,7 +191,7 @@ class _PlainLora(torch.autograd.Function):
         need = ctx.needs_input_grad  # (call, impl, x, weight, bias, *As, *Bs)
         need_x, need_w, need_b = need[2], need[3], need[4]
         need_A, need_B = list(need[5:5 + n]), list(need[5 + n:])
-        dX = dW = db = None
+        dX = None
         dAs, dBs = [None] * n, [None] * n
         # (a reshape that changes nothing still makes a view: skipped for 2-D tensors)
         dY2 = dY if dY.dim() == 2 else dY.reshape(-1, dY.shape[-1])
@@ -196,9 +207,5 @@ class _PlainLora(torch.autograd.Function):
                    for g, A, nd in zip(gAs, ab, need_A)]
             dBs = [param_layout(g if g.dtype == B.dtype else g.to(B.dtype), B) if nd else None
                    for g, B, nd in zip(gBs, ab[n:], need_B)]
-        if need_w or need_b:  # a trainable dense base (rare: LoRA freezes it)
-            if need_w:
-                dW = torch.mm(dY2.t(), x2d).to(weight.dtype)
-            if need_b:
-                db = dY2.sum(0).to(bias_dtype)
+        dW, db = base_grads(dY2, x2d, weight.dtype, bias_dtype, need_w, need_b)
         return (None, None, dX, dW, db, *dAs, *dBs)

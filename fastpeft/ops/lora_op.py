@@ -236,12 +236,9 @@ class _LoraFunction(torch.autograd.Function):
             dBs = [_param_layout(g, B) if nd else None for g, B, nd in zip(out[1 + n:1 + 2 * n], lora_Bs, need_B)]
             if need_dm:
                 dms = [out[-1]]
-        if need_w or need_b:  # a trainable dense base (rare: LoRA freezes it); packed weights never get grads
-            dY2 = dY.reshape(-1, dY.shape[-1])
-            if need_w:
-                dW = torch.mm(dY2.t(), x.reshape(-1, x.shape[-1])).to(weight.dtype)
-            if need_b:
-                db = dY2.sum(0).to(ctx.bias_dtype)
+        if need_w or need_b:  # a trainable dense base (packed weights never get grads)
+            dW, db = eager.base_grads(dY.reshape(-1, dY.shape[-1]), x.reshape(-1, x.shape[-1]),
+                                      weight.dtype if need_w else None, ctx.bias_dtype, need_w, need_b)
         return (None, dX, dW, db, None, None, None, *dAs, *dBs, *dms, *([None] * (len(tensors) - 3 * n)))
 
 
@@ -337,10 +334,7 @@ def _forward_now(x: Tensor, base: Base, ads: tuple, seed: Optional[Tensor], plan
         ads = pool.views()
         if not isinstance(plan, RowPlan):
             plan = RowPlan.build(plan, len(ads))
-    call = LoraCall(x2d, base, tuple(ads), 0 if seed is None else int(seed), plan, pool)
-    Y = dispatch.get(dispatch.choose(call)).forward(call)[0]
-    Y = Y if Y.dtype == x.dtype else Y.to(x.dtype)
-    return Y.reshape(*x.shape[:-1], Y.shape[-1])
+    return eager.forward_now(LoraCall(x2d, base, tuple(ads), 0 if seed is None else int(seed), plan, pool), x)
 
 
 def lora_linear(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,

@@ -396,7 +396,7 @@ def _cpu_kernel_runs(call: LoraCall, Y: Tensor) -> bool:
     ranks the kernel holds, and the kernel built (else the grouped path). Any number of rows: it beats the
     grouped GEMMs from decode to a 4096-row prefill (benchmarks/mixed_rows_check.py)."""
     x, pool = call.x, call.pool
-    return (x.device.type == "cpu" and x.dtype in cpu_mixed.ACT_DTYPES and Y.dtype == x.dtype
+    return (x.is_cpu and x.dtype in cpu_mixed.ACT_DTYPES and Y.dtype == x.dtype
             and pool.max_rank <= cpu_mixed.MAX_RANK and x.stride(1) == 1
             and (pool.dora is None or not _dora_rows(call)) and cpu_mixed.unavailable() is None)
 

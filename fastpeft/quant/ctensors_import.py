@@ -47,7 +47,6 @@ Entry points:
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Optional, Union
@@ -57,6 +56,8 @@ from torch import Tensor, nn
 
 from ..utils.modules import get_submodules
 from .formats import FP8_DTYPE, QuantizedWeight, pack_nibbles
+from .fp8_import import config_dict, load_rest, module_for, read_checkpoint
+from .importers import _nibbles_int32
 from .linear import QuantLinear
 
 METHOD = "compressed-tensors"
@@ -187,9 +188,8 @@ def _from_int8(t: dict, w: dict, N: int, K: int, where: _Where):
 
 
 def _nibbles(packed: Tensor) -> Tensor:
-    """int32 [R, W] -> uint8 [R, 8 W]: element 8j + i = bits 4i..4i+3 of word j."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
-    return ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(packed.shape[0], -1).to(torch.uint8)
+    """int32 [R, W] -> uint8 [R, 8 W]: element 8j + i = bits 4i..4i+3 of word j (importers' unpacking, flat)."""
+    return _nibbles_int32(packed).reshape(packed.shape[0], -1).to(torch.uint8)
 
 
 def _from_int4(t: dict, w: dict, N: int, K: int, where: _Where):
@@ -262,12 +262,6 @@ def from_ctensors(tensors: dict, weights: dict, fmt: str, shape: tuple, bias: Op
 
 
 # -- the config ---------------------------------------------------------------------------------------
-def _cfg_dict(quantization_config) -> dict:
-    if hasattr(quantization_config, "to_dict"):
-        quantization_config = quantization_config.to_dict()
-    return dict(quantization_config)
-
-
 def check_config(cfg: dict, source: str) -> None:
     """Refuse the checkpoint-wide features fastpeft does not honour (module docstring)."""
     if str(cfg.get("quant_method", "")).lower() != METHOD:
@@ -319,31 +313,6 @@ def _format_of(cfg: dict, gname: str, group: dict, source: str) -> str:
 
 
 # -- a checkpoint ----------------------------------------------------------------------------------------
-def read_checkpoint(path: str) -> tuple[dict, dict, dict]:
-    """(state dict, key -> file name, config.json dict) of a directory of safetensors files."""
-    from safetensors import safe_open
-
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors file in {path}")
-    sd, where = {}, {}
-    for f in files:
-        with safe_open(os.path.join(path, f), "pt") as h:
-            for k in h.keys():
-                sd[k] = h.get_tensor(k)
-                where[k] = os.path.join(path, f)
-    cfg_path = os.path.join(path, "config.json")
-    config = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
-    return sd, where, config
-
-
-def _module_for(prefix: str, modules: dict) -> Optional[str]:
-    # checkpoint keys may carry a prefix the model does not (a base model into a task model) or lack one
-    if prefix in modules:
-        return prefix
-    return next((m for m in modules if m and (m.endswith("." + prefix) or prefix.endswith("." + m))), None)
-
-
 def load_ctensors_checkpoint(model: nn.Module, checkpoint: Union[str, dict], quantization_config=None,
                              strict: bool = True) -> list[str]:
     """Load a compressed-tensors checkpoint into ``model`` (built from its config with float weights), in
@@ -364,7 +333,7 @@ def load_ctensors_checkpoint(model: nn.Module, checkpoint: Union[str, dict], qua
         sd, files, source = dict(checkpoint), {}, "quantization_config"
         if quantization_config is None:
             raise ValueError("load_ctensors_checkpoint with a state dict needs quantization_config")
-    cfg = _cfg_dict(quantization_config)
+    cfg = config_dict(quantization_config)
     check_config(cfg, source)
     modules = dict(model.named_modules())
     # every checkpoint prefix with a weight: compressed (a WEIGHT_KEYS tensor next to it) or plain
@@ -375,7 +344,7 @@ def load_ctensors_checkpoint(model: nn.Module, checkpoint: Union[str, dict], qua
             prefixes.setdefault(head, set()).add(local)
     done = []
     for prefix, locals_ in sorted(prefixes.items()):
-        name = _module_for(prefix, modules)
+        name = module_for(prefix, modules)
         mod = modules.get(name) if name is not None else None
         hit = scheme_of(cfg, prefix, mod)
         compressed = bool(locals_ & set(WEIGHT_KEYS))
@@ -413,12 +382,10 @@ def load_ctensors_checkpoint(model: nn.Module, checkpoint: Union[str, dict], qua
     # activation quantization parameters of the layers a config group covers: not applied (docstring)
     for k in [k for k in sd if k.rpartition(".")[2] in ACT_KEYS]:
         prefix = k.rpartition(".")[0]
-        name = _module_for(prefix, modules)
+        name = module_for(prefix, modules)
         if scheme_of(cfg, prefix, modules.get(name) if name is not None else None) is not None:
             del sd[k]
     if not done:
         raise ValueError(f"{source}: no layer of the checkpoint is quantized by its config groups")
-    from .fp8_import import load_rest
-
     load_rest(model, sd, done, strict, "load_ctensors_checkpoint", lambda k: f"{k} (in {files.get(k, source)})")
     return done

@@ -84,7 +84,7 @@ def from_fp8(weight: Tensor, weight_scale_inv: Tensor, bias: Optional[Tensor] = 
 
 def _block_size_of(quantization_config) -> object:
     """weight_block_size of a transformers FP8 quantization_config (dict or config object); refuses others."""
-    cfg = quantization_config.to_dict() if hasattr(quantization_config, "to_dict") else dict(quantization_config)
+    cfg = config_dict(quantization_config)
     method = str(cfg.get("quant_method", "")).lower()
     if method == "compressed-tensors":
         raise ValueError("compressed-tensors checkpoints (weight + weight_scale) are not transformers' FP8 layout: "
@@ -118,19 +118,38 @@ def import_fp8(model: nn.Module, block_size="config") -> list[str]:
     return done
 
 
-def _read_checkpoint(path: str) -> tuple[dict, dict]:
-    """(state dict, config.json dict) of a checkpoint directory of safetensors files."""
-    from safetensors.torch import load_file
+def read_checkpoint(path: str) -> tuple[dict, dict, dict]:
+    """(state dict, key -> the file holding it, config.json dict) of a checkpoint directory of safetensors
+    files (this importer's and the compressed-tensors one's)."""
+    from safetensors import safe_open
 
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors file in {path}")
-    sd = {}
+    sd, where = {}, {}
     for f in files:
-        sd.update(load_file(os.path.join(path, f)))
+        with safe_open(os.path.join(path, f), "pt") as h:
+            for k in h.keys():
+                sd[k] = h.get_tensor(k)
+                where[k] = os.path.join(path, f)
     cfg_path = os.path.join(path, "config.json")
     config = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
-    return sd, config
+    return sd, where, config
+
+
+def config_dict(quantization_config) -> dict:
+    """A quantization_config (a transformers config object or a dict) as a plain dict."""
+    if hasattr(quantization_config, "to_dict"):
+        quantization_config = quantization_config.to_dict()
+    return dict(quantization_config)
+
+
+def module_for(prefix: str, modules: dict) -> Optional[str]:
+    """The model's module name for a checkpoint prefix: checkpoint keys may carry a prefix the model does not
+    (a base model loaded into a task model) or lack one it has, so a suffix match either way."""
+    if prefix in modules:
+        return prefix
+    return next((m for m in modules if m and (m.endswith("." + prefix) or prefix.endswith("." + m))), None)
 
 
 def load_fp8_checkpoint(model: nn.Module, checkpoint: Union[str, dict], quantization_config=None,
@@ -148,7 +167,7 @@ def load_fp8_checkpoint(model: nn.Module, checkpoint: Union[str, dict], quantiza
 
         return load_ctensors_checkpoint(model, checkpoint, quantization_config, strict)
     if isinstance(checkpoint, str):
-        sd, config = _read_checkpoint(checkpoint)
+        sd, _, config = read_checkpoint(checkpoint)
         quantization_config = quantization_config or config.get("quantization_config")
         if quantization_config is None:
             raise ValueError(f"{checkpoint}/config.json has no quantization_config: not an FP8 checkpoint")
@@ -157,14 +176,11 @@ def load_fp8_checkpoint(model: nn.Module, checkpoint: Union[str, dict], quantiza
         if quantization_config is None:
             raise ValueError("load_fp8_checkpoint with a state dict needs quantization_config")
     block_size = _block_size_of(quantization_config)
-    # checkpoint keys may carry a prefix the model does not (a base model loaded into a task model) or
-    # lack one it has; match each fp8 layer by suffix against the model's module names.
     modules = dict(model.named_modules())
     done = []
     for key in [k for k in sd if k.endswith("." + SCALE_KEY)]:
         prefix = key[: -len(SCALE_KEY) - 1]
-        name = prefix if prefix in modules else next((m for m in modules if m.endswith("." + prefix)
-                                                      or prefix.endswith("." + m)), None)
+        name = module_for(prefix, modules)
         lin = modules.get(name) if name is not None else None
         if not isinstance(lin, nn.Linear) or isinstance(lin, QuantLinear):
             raise ValueError(f"checkpoint tensor {key!r}: no nn.Linear {prefix!r} in {type(model).__name__} "
@@ -214,8 +230,7 @@ def _is_ctensors(checkpoint, quantization_config) -> bool:
                 quantization_config = json.load(f).get("quantization_config")
     if quantization_config is None:
         return False
-    cfg = quantization_config.to_dict() if hasattr(quantization_config, "to_dict") else dict(quantization_config)
-    return str(cfg.get("quant_method", "")).lower() == "compressed-tensors"
+    return str(config_dict(quantization_config).get("quant_method", "")).lower() == "compressed-tensors"
 
 
 def _tied(model: nn.Module, key: str) -> bool:

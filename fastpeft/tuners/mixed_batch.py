@@ -126,12 +126,6 @@ def first_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     return None
 
 
-def batch_size_of(args: tuple, kwargs: dict) -> Optional[int]:
-    """The number of samples of a model call (its first tensor input's first dim), for peft's length check."""
-    t = first_input(args, kwargs)
-    return None if t is None else t.shape[0]
-
-
 def device_of(model: nn.Module):
     p = next(model.parameters(), None)
     return None if p is None else p.device

@@ -41,7 +41,7 @@ void write_file(const std::string& path, const std::vector<float>& v) {
 template <int FMT, bool GIDX>
 void row_vec(const QuantView& v, const float* code, const float* code2, int n, float* out) {
   constexpr int E = WordElems<FMT>::value, kChunkCols = 4 * E;
-  const uint8_t* row = FMT == kFmtNF4 ? v.q + ((int64_t)n * v.K >> 1) : v.q + (int64_t)n * v.ldq;
+  const uint8_t* row = row_bytes<FMT>(v, n);
   const int nchunks = v.K / kChunkCols;
   for (int c = 0; c < nchunks; ++c) {
     const int k0 = c * kChunkCols;
@@ -70,9 +70,9 @@ bool run(const QuantView& v, const float* code, const float* code2, int N, std::
          std::vector<float>& scalar) {
   for (int n = 0; n < N; ++n)
     for (int k = 0; k < v.K; ++k) scalar[(size_t)n * v.K + k] = decode_one<FMT>(v, code, code2, n, k);
-  // the launcher's condition for the vector path, less pointer alignment (the test's buffers are copied to
-  // aligned memory here)
-  const bool vec_ok = (FMT == kFmtNF4 || v.ldq % 16 == 0) && chunk_groups_ok<FMT>(v);
+  // the launcher's condition for the vector path (quant_decode.cuh), less the pointer's alignment (the test's
+  // buffers are copied to aligned memory here)
+  const bool vec_ok = chunk_groups_ok<FMT>(v);
   if (!vec_ok) {
     vec = scalar;
     return false;

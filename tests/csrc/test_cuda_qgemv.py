@@ -213,11 +213,11 @@ def _cpu_call(fmt_kwargs, M=2, K=64, N=24, r=4, p=0.0, adapters=1, dtype=torch.b
 def test_every_format_is_accepted_without_a_gpu(variant):
     name, kwargs, sdt, gidx = variant
     call = _cpu_call(kwargs)
-    qw = make_qw(24, 64, kwargs, sdt, gidx, "cpu", seed=0)
+    qw = make_qw(24, 64, kwargs, sdt, gidx, "cpu", seed=0)  # the variant's scale dtype and g_idx
+    call = call.replace(base=Base.quantized(qw, call.base.bias))
     assert cuda_quant.quant_reason(qw, call.x) is None, name
-    assert cuda_backend._call_reason(call) is None
-    assert cuda_quant.adapter_reason(call) is None
-    assert "CUDA" in cuda_backend.supports(call)  # CPU tensors: the device rule comes first
+    assert cuda_backend._call_reason(call) is None, name
+    assert cuda_backend._packed_reason(call) is None, name
 
 
 def test_quant_reasons_name_the_problem():
@@ -233,8 +233,8 @@ def test_quant_reasons_name_the_problem():
     int4 = make_qw(24, 64, dict(fmt="int4", group_size=32), torch.float64, False, "cpu", seed=0)
     assert "int4 scales dtype torch.float64" in cuda_quant.quant_reason(int4, call.x)
     assert "has no CUDA decode kernel" in cuda_quant.quant_reason(qw._replace(fmt="int2"), call.x)
-    assert "r <= 128" in cuda_quant.adapter_reason(_cpu_call(nf4, r=129))
-    assert "share" in cuda_quant.adapter_reason(
+    assert "r <= 128" in cuda_backend._packed_reason(_cpu_call(nf4, r=129))
+    assert "share" in cuda_backend._packed_reason(
         call.replace(adapters=(dataclasses.replace(call.adapters[0], B=call.adapters[0].B.double()),)))
 
 

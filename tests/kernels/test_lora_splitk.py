@@ -156,7 +156,7 @@ def test_split_refuses_training_cases_and_segment_tiles():
 def test_split_k_for_rule(monkeypatch):
     monkeypatch.delenv(lora_splitk.SPLIT_K_ENV, raising=False)
     assert lora_splitk.split_k_for(1, 4096, 4096, "cpu") == 1  # CPU tensors never split by themselves
-    monkeypatch.setattr(lora_splitk, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(lora_splitk, "sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
     # M = 1, N = K = 4096: 64 tiles of 16 x 64 -> 4 programs per tile (256 programs, each K / 4 = 1024)
     assert lora_splitk.split_k_for(1, 4096, 4096, cuda) == 4
@@ -169,3 +169,27 @@ def test_split_k_for_rule(monkeypatch):
     monkeypatch.setenv(lora_splitk.SPLIT_K_ENV, "zero")
     with pytest.raises(RuntimeError, match="FASTPEFT_SPLIT_K='zero'"):
         lora_splitk.split_k_for(1, 8, 8, "cpu")
+
+
+def test_auto_prefers_the_fused_kernel_and_splits_only_where_it_does_not_run(monkeypatch):
+    """Under "auto" the one-launch fused kernel serves the rows it takes, whatever split_k_for would pick; the
+    split path runs when the fused kernel does not (r above its register budget) or FASTPEFT_SPLIT_K forces it.
+    Either way the result is the float64 reference."""
+    from fastpeft.kernels import lora_fwd as fwd_mod
+
+    seen = []
+    monkeypatch.delenv(lora_splitk.SPLIT_K_ENV, raising=False)
+    monkeypatch.setattr(fwd_mod, "split_k_for", lambda m, n, k, device: 2)  # what a GPU's rule might say
+    real_fused, real_mm = fwd_mod.launch_lora_fused, fwd_mod.launch_lora_matmul
+    monkeypatch.setattr(fwd_mod, "launch_lora_fused", lambda *a, **k: seen.append("fused") or real_fused(*a, **k))
+    monkeypatch.setattr(fwd_mod, "launch_lora_matmul",
+                        lambda *a, **k: seen.append(("split", k.get("split_k"))) or real_mm(*a, **k))
+    x, w = randn(3, 64), randn(16, 64)
+    for r, env, expect in ((8, None, "fused"), (fwd_mod.FUSED_MAX_R + 1, None, ("split", 2)), (8, "2", ("split", 2))):
+        if env is not None:
+            monkeypatch.setenv(lora_splitk.SPLIT_K_ENV, env)
+        a, b = randn(r, 64), randn(16, r)
+        seen.clear()
+        y, _ = lora_fwd(x, w, None, a, b, 0.5, config=MM, shrink_config=SHRINK)
+        assert seen == [expect], (r, env, seen)
+        assert_close(f"auto r={r} split env {env}", y, ref_forward(x, w, None, a, b, 0.5, 1.0)[0], x.dtype)

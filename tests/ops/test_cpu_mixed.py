@@ -17,7 +17,11 @@ def _kernel_on(monkeypatch):
 
 
 def test_the_kernel_builds_on_this_machine():
+    """Built and loaded, and threaded: this torch runs on OpenMP, so the library is built with it and shares
+    torch's libgomp (a build that fell back to one thread would be slower, not wrong: this says so)."""
     assert cpu_mixed.unavailable() is None, cpu_mixed.unavailable()
+    assert "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    assert cpu_mixed.built_with_openmp()
 
 
 def _case(M, K, N, ranks, dtype, seed, base_rows=2):

@@ -12,7 +12,7 @@ from torch import nn
 
 from ... import ops
 from .layer import LoraLayer
-from .variants.alora import ALora, alora_forward, alora_mixed_rows
+from .variants.alora import ALora, add_lora_bias, alora_forward, alora_mixed_rows
 from .variants.dora import chained_forward
 
 
@@ -99,11 +99,7 @@ class Linear(nn.Module, LoraLayer):
         else:
             adapters = [v.op_adapter(self, n) for v, n in zip(variants, names)]
             out = ops.lora(x, self._op_base(), adapters, self.training, fn=f"lora.{type(self).__name__}.forward")
-        lora_bias = self.lora_bias
-        for name in names:
-            if lora_bias.get(name):
-                out = out + (self.lora_B[name].bias * self.scaling[name]).to(out.dtype)
-        return out
+        return add_lora_bias(self, out, names, None)
 
     def _mixed_forward(self, x: torch.Tensor, batch) -> torch.Tensor:
         """Each sample with its own adapter (peft's adapter_names): one op call with a row plan. When every row
@@ -116,9 +112,7 @@ class Linear(nn.Module, LoraLayer):
             adapters = [self.lora_variant[name].op_adapter(self, name)] if self._has_adapter(name) else []
             out = ops.lora(x, self._op_base(), adapters, False,
                            fn=f"lora.{type(self).__name__}.forward (adapter_names)")
-            if adapters and self.lora_bias.get(name):
-                out = out + (self.lora_B[name].bias * self.scaling[name]).to(out.dtype)
-            return out
+            return add_lora_bias(self, out, [name], None) if adapters else out
         pool = self._mixed_pool(batch.names, self.in_features, self.out_features)
         out = ops.lora(x, self._op_base(), ops.AdapterSet(row_index=rows, pool=pool), False,
                        fn=f"lora.{type(self).__name__}.forward (adapter_names)")

@@ -204,14 +204,14 @@ def alora_forward(layer, x: Tensor, names: list) -> Tensor:
     if len(al) == 1 and not plain and not dropout:
         # the common case: one fused op, the adapter on the active rows only
         out = ops.lora(x, base, ops.AdapterSet((a,), row_index=ctx.plan(x, fn)), layer.training, fn=fn)
-        return _add_lora_bias(layer, out, al, ctx.row_mask(x, fn))
+        return add_lora_bias(layer, out, al, ctx.row_mask(x, fn))
     if any(layer.use_dora.get(n) for n in plain):
         from .dora import chained_forward
 
         out = chained_forward(layer, x, plain)
     else:
         out = ops.lora(x, base, [layer.lora_variant[n].op_adapter(layer, n) for n in plain], layer.training, fn=fn)
-    out = _add_lora_bias(layer, out, plain, None)
+    out = add_lora_bias(layer, out, plain, None)
     mask = ctx.row_mask(x, fn)
     rows = mask.nonzero().squeeze(1)
     x2d = x.reshape(-1, x.shape[-1])
@@ -226,10 +226,10 @@ def alora_forward(layer, x: Tensor, names: list) -> Tensor:
         term = ops.lora(x2d.index_select(0, rows), ops.Base.none(), [an], layer.training, fn=fn)
         flat = flat.index_add(0, rows, term.to(flat.dtype))
     out = flat.view(out.shape)
-    return _add_lora_bias(layer, out, al, mask)
+    return add_lora_bias(layer, out, al, mask)
 
 
-def _add_lora_bias(layer, out: Tensor, names: list, mask: Optional[Tensor]) -> Tensor:
+def add_lora_bias(layer, out: Tensor, names: list, mask: Optional[Tensor]) -> Tensor:
     """lora_B's bias (lora_bias=True) times the scale, on every row (mask None) or on the masked rows."""
     for n in names:
         if not layer.lora_bias.get(n):
