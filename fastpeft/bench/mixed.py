@@ -177,7 +177,8 @@ def _peft_twin(model, ranks, base, targets, task_type):
 @contextlib.contextmanager
 def _record_backends():
     """Counts the fastpeft.ops backends chosen inside the block (for the report; nothing else changes): every
-    call's choice goes through dispatch.choose (the eager lanes' dispatch.pick calls it too)."""
+    choice goes through dispatch.choose (the eager lanes' dispatch.pick calls it too; an eager pool call chooses
+    when it builds its runner, so a case's first calls, which this block wraps, count)."""
     from fastpeft.ops import dispatch
 
     seen: collections.Counter = collections.Counter()

@@ -33,6 +33,8 @@ A backend (fastpeft.ops.<name>_backend, or any object given to dispatch.register
     forward(call) -> (Y [M, N] in x's dtype, S [M, sum r_i] in compute_dtype)   S: the adapters' S_i side by side
     backward(call, dY, S, needs_dx, needs_dA, needs_dB) -> (dX | None, [dA_i | None], [dB_i | None])
     auto_ok(call) -> bool                    optional: automatic dispatch only picks it where it wins
+    pool_runner(call) -> None | run          optional: run(x2d, W, bias, order) -> Y, the forward of an eager pool
+                                             call kept between calls (eager.pool_call)
 
 and sees only validated calls (:func:`validate` ran once, in :func:`fastpeft.ops.lora`).
 """

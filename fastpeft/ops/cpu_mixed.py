@@ -33,7 +33,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -246,37 +246,72 @@ def mixed_add_(Y: Tensor, x: Tensor, tables: SlotTables, order: Tensor, offsets:
     :func:`slot_tables` (K and N matching; float32 or bfloat16 weights, with either activation dtype); order [M]
     int64 (rows sorted by slot) and offsets [S + 2] int64 (:func:`plan_offsets`). Base rows (segment 0) and
     empty slots keep Y."""
+    if Y.dim() != 2 or x.dim() != 2:
+        raise ValueError(f"{fn}: x and Y must be 2-D; got x {tuple(x.shape)}, Y {tuple(Y.shape)}")
+    if x.dtype != Y.dtype:
+        raise ValueError(f"{fn}: x and Y must share a dtype among {ACT_DTYPES}; got x {x.dtype}, Y {Y.dtype}")
+    return bind(tables, offsets, Y.dtype, fn)(Y, x, order)
+
+
+def bind(tables: SlotTables, offsets: Tensor, dtype: torch.dtype,
+         fn: str = "lora (mixed batch, cpu kernel)") -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """:func:`mixed_add_` with what stays fixed over a decode loop checked once: ``add(Y, x, order)`` for the slot
+    tables, the plan's offsets [S + 2] (int64) and the activations' dtype. Each call still checks its own x, Y and
+    order (a few comparisons; the full messages when one fails), so a bound adder cannot read out of bounds. It
+    keeps the tables and offsets alive (the kernel reads them by address)."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"{fn}: the CPU mixed-batch kernel is unavailable: {_state['reason']}")
-    if Y.dim() != 2 or x.dim() != 2:
-        raise ValueError(f"{fn}: x and Y must be 2-D; got x {tuple(x.shape)}, Y {tuple(Y.shape)}")
-    (M, N), K, S = Y.shape, x.shape[1], tables.start.shape[0]
-    if x.dtype != Y.dtype or Y.dtype not in ACT_DTYPES:
-        raise ValueError(f"{fn}: x and Y must share a dtype among {ACT_DTYPES}; got x {x.dtype}, Y {Y.dtype}")
-    if x.shape[0] != M or x.stride(1) != 1 or Y.stride(1) != 1:
-        raise ValueError(f"{fn}: x must be [M={M}, K] and Y [M, N] with unit column strides; got x "
-                         f"{tuple(x.shape)} strides {x.stride()}, Y strides {Y.stride()}")
-    if tables.A.shape[1] != K or tables.B.shape[0] != N:
-        raise ValueError(f"{fn}: the slot tables are for K={tables.A.shape[1]}, N={tables.B.shape[0]}; "
-                         f"x and Y have K={K}, N={N}")
-    if order.dtype != torch.int64 or tuple(order.shape) != (M,) or not order.is_contiguous():
-        raise ValueError(f"{fn}: order must be contiguous int64 [{M}]; got {tuple(order.shape)} {order.dtype}")
-    if offsets.dtype != torch.int64 or tuple(offsets.shape) != (S + 2,):
+    if dtype not in ACT_DTYPES:
+        raise ValueError(f"{fn}: x and Y must share a dtype among {ACT_DTYPES}; got x {dtype}, Y {dtype}")
+    S = tables.start.shape[0]
+    if offsets.dtype != torch.int64 or tuple(offsets.shape) != (S + 2,) or not offsets.is_contiguous():
         raise ValueError(f"{fn}: offsets must be int64 [{S + 2}] (the plan's segments for {S} slots); got "
                          f"{tuple(offsets.shape)} {offsets.dtype}")
-    if not (Y.is_cpu and x.is_cpu and order.is_cpu):
-        raise ValueError(f"{fn}: x, Y and the plan must be CPU tensors; got {x.device}, {Y.device}, {order.device}")
     if tables.A.dtype not in WEIGHT_DTYPES:
         raise ValueError(f"{fn}: the slot tables' A must be one of {WEIGHT_DTYPES}; got {tables.A.dtype}")
     if tables.max_rank > MAX_RANK:
         raise ValueError(f"{fn}: a slot has rank {tables.max_rank}, above the kernel's {MAX_RANK}")
-    if M and N:
-        rc = lib(int(Y.dtype == torch.bfloat16), int(tables.A.dtype == torch.bfloat16), x.data_ptr(), x.stride(0),
-                 Y.data_ptr(), Y.stride(0), tables.A.data_ptr(), tables.bptr.data_ptr(), order.data_ptr(),
-                 offsets.data_ptr(), S, tables.start.data_ptr(), tables.rank.data_ptr(), tables.scale.data_ptr(), K, N)
-        if rc == 2:
-            raise ValueError(f"{fn}: a slot with rows has no B panels laid out (SlotTables.lay_out)")
-        if rc:
-            raise ValueError(f"{fn}: a slot with rows has rank above the kernel's {MAX_RANK}")
-    return Y
+    if not offsets.is_cpu:
+        raise ValueError(f"{fn}: the plan's offsets must be a CPU tensor; got {offsets.device}")
+    M, K, N = int(offsets[-1]), tables.A.shape[1], tables.B.shape[0]
+    act_bf16, w_bf16 = int(dtype == torch.bfloat16), int(tables.A.dtype == torch.bfloat16)
+    # the kernel's arguments after x, Y and order, by address (the tensors stay alive in this closure's cell)
+    fixed = (tables.A.data_ptr(), tables.bptr.data_ptr())
+    rest = (offsets.data_ptr(), S, tables.start.data_ptr(), tables.rank.data_ptr(), tables.scale.data_ptr(), K, N)
+    keep = (tables, offsets)
+
+    def add(Y: Tensor, x: Tensor, order: Tensor) -> Tensor:
+        if (Y.shape != (M, N) or x.shape != (M, K) or Y.dtype != dtype or x.dtype != dtype or Y.stride(1) != 1
+                or x.stride(1) != 1 or order.dtype != torch.int64 or order.shape != (M,)
+                or not order.is_contiguous() or not (Y.is_cpu and x.is_cpu and order.is_cpu)):
+            _refuse(fn, Y, x, order, M, K, N, dtype)
+        if M and N:
+            rc = lib(act_bf16, w_bf16, x.data_ptr(), x.stride(0), Y.data_ptr(), Y.stride(0), *fixed,
+                     order.data_ptr(), *rest)
+            if rc == 2:
+                raise ValueError(f"{fn}: a slot with rows has no B panels laid out (SlotTables.lay_out)")
+            if rc:
+                raise ValueError(f"{fn}: a slot with rows has rank above the kernel's {MAX_RANK}")
+        return Y
+
+    add.keep = keep
+    return add
+
+
+def _refuse(fn: str, Y: Tensor, x: Tensor, order: Tensor, M: int, K: int, N: int, dtype: torch.dtype) -> None:
+    """The ValueError for a call a bound adder does not take, naming what is wrong."""
+    if Y.dim() != 2 or x.dim() != 2:
+        raise ValueError(f"{fn}: x and Y must be 2-D; got x {tuple(x.shape)}, Y {tuple(Y.shape)}")
+    if x.dtype != dtype or Y.dtype != dtype:
+        raise ValueError(f"{fn}: x and Y must both be {dtype} (the bound dtype); got x {x.dtype}, Y {Y.dtype}")
+    if x.shape[1] != K or Y.shape[1] != N:
+        raise ValueError(f"{fn}: the slot tables are for K={K}, N={N}; x and Y have K={x.shape[1]}, N={Y.shape[1]}")
+    if x.shape[0] != Y.shape[0] or x.stride(1) != 1 or Y.stride(1) != 1:
+        raise ValueError(f"{fn}: x must be [M={Y.shape[0]}, K] and Y [M, N] with unit column strides; got x "
+                         f"{tuple(x.shape)} strides {x.stride()}, Y strides {Y.stride()}")
+    if Y.shape[0] != M:
+        raise ValueError(f"{fn}: the plan's offsets are for {M} rows; x and Y have {Y.shape[0]}")
+    if order.dtype != torch.int64 or tuple(order.shape) != (M,) or not order.is_contiguous():
+        raise ValueError(f"{fn}: order must be contiguous int64 [{M}]; got {tuple(order.shape)} {order.dtype}")
+    raise ValueError(f"{fn}: x, Y and the plan must be CPU tensors; got {x.device}, {Y.device}, {order.device}")

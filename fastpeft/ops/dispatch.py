@@ -2,7 +2,8 @@
 
 One registry for every call (dense, quantized or no base; any adapter set). A backend is the module
 ``fastpeft.ops.<name>_backend`` or an object given to :func:`register_backend`, with the protocol of
-contract.py: ``supports(call)``, ``forward(call)``, ``backward(call, ...)``, optional ``auto_ok(call)``.
+contract.py: ``supports(call)``, ``forward(call)``, ``backward(call, ...)``, optional ``auto_ok(call)`` and
+``pool_runner(call)``.
 
 The triton and cuda backends are optional (they need triton / a CUDA build), so they are imported
 lazily, and a failure to import one makes it unavailable, with the reason kept for the error message
@@ -14,6 +15,7 @@ import importlib
 import os
 from typing import Optional
 
+from . import cpu_mixed
 from .contract import LoraCall
 
 BACKENDS = ("cuda", "triton", "torch")
@@ -72,6 +74,13 @@ def forced_backend() -> Optional[str]:
         raise RuntimeError(f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not a fastpeft backend; "
                            f"expected one of {', '.join(BACKENDS)} (or unset)")
     return val
+
+
+def settings() -> tuple:
+    """The environment the choice and the backends' paths read on every call (FASTPEFT_BACKEND,
+    FASTPEFT_CPU_KERNEL): what a kept choice (eager.pool_call's runner) must be rebuilt after."""
+    get = os.environ.get
+    return get(ENV_VAR), get(cpu_mixed.ENV_VAR)
 
 
 def triton_interpreting() -> bool:

@@ -11,7 +11,9 @@ cut it:
   do not pass (or any case outside the lane) returns None and the caller takes the general path, whose
   :func:`contract.validate` then raises its error naming the tensor: the lane never has to word one.
 - :func:`pool_call`: the same for an adapter pool call with a prepared row plan (a mixed batch: adapter_names,
-  a serving bank) when nothing needs a gradient: straight to the backend's forward.
+  a serving bank) when nothing needs a gradient: straight to the backend's forward, or to the runner the
+  backend gave for this pool and these segments (``pool_runner``, kept with the pool: a decode step of a
+  mixed batch then costs its GEMM and kernel, not the choice and the tables, in every layer).
 - :func:`direct`: whether lora_op's autograd Function may call the custom ops' implementations as plain
   Python functions instead of through ``torch.ops.fastpeft.*`` (for the calls outside the plain lane:
   packed bases, DoRA, pools, ...).
@@ -115,7 +117,20 @@ def pool_call(x: Tensor, base: Base, plan, pool) -> Optional[Tensor]:
     if x2d.shape[0] != plan.M:
         return None
     pool.check("fastpeft.ops.lora", N, K, x.device)
-    return forward_now(LoraCall(x2d, base, pool.views(), 0, plan, pool), x)
+    # The backend's runner for this pool, these segments and x's dtype and layout, kept with the pool (rebuilt
+    # when a pool tensor is written) so that a decode step skips the choice and the tables; None: no runner.
+    run = pool.cached("eager runner", lambda: _pool_runner(x2d, base, plan, pool),
+                      extra=(plan.offsets, x2d.dtype, x2d.stride(1) == 1, dispatch.settings()))
+    if run is None:
+        return forward_now(LoraCall(x2d, base, pool.views(), 0, plan, pool), x)
+    Y = run(x2d, W, bias, plan.order)
+    return Y if x.dim() == 2 else Y.reshape(*x.shape[:-1], Y.shape[-1])
+
+
+def _pool_runner(x2d: Tensor, base: Base, plan: RowPlan, pool):
+    call = LoraCall(x2d, base, pool.views(), 0, plan, pool)
+    make = getattr(dispatch.pick(call), "pool_runner", None)
+    return None if make is None else make(call)
 
 
 def forward_now(call: LoraCall, x: Tensor) -> Tensor:

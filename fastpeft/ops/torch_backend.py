@@ -391,14 +391,43 @@ def _stack_groups(call: LoraCall, groups: tuple, cdt: torch.dtype) -> tuple:
     return At, Bt
 
 
-def _cpu_kernel_runs(call: LoraCall, Y: Tensor) -> bool:
+def _cpu_kernel_runs(call: LoraCall) -> bool:
     """The CPU kernel (cpu_mixed.py) takes a pool call: CPU float32/bfloat16 activations, no DoRA slot with rows,
     ranks the kernel holds, and the kernel built (else the grouped path). Any number of rows: it beats the
     grouped GEMMs from decode to a 4096-row prefill (benchmarks/mixed_rows_check.py)."""
     x, pool = call.x, call.pool
-    return (x.is_cpu and x.dtype in cpu_mixed.ACT_DTYPES and Y.dtype == x.dtype
-            and pool.max_rank <= cpu_mixed.MAX_RANK and x.stride(1) == 1
-            and (pool.dora is None or not _dora_rows(call)) and cpu_mixed.unavailable() is None)
+    return (x.is_cpu and x.dtype in cpu_mixed.ACT_DTYPES and pool.max_rank <= cpu_mixed.MAX_RANK
+            and x.stride(1) == 1 and (pool.dora is None or not _dora_rows(call)) and cpu_mixed.unavailable() is None)
+
+
+def pool_runner(call: LoraCall):
+    """``run(x2d, W, bias, order) -> Y``: this pool call's forward for an x, W (dense, x's dtype) and bias of the
+    call's dtypes and shapes and a plan order with the call's offsets, valid while the pool's tensors do not
+    change; None where the call takes the grouped path. What eager.pool_call keeps with the pool: a decode
+    step then costs the base GEMM, the kernel, and a few checks (the choice of path, the tables and the plan's
+    offsets are made once, not per layer per step)."""
+    if call.pool is None or not _cpu_kernel_runs(call):
+        return None
+    plan, pool, dt, N = call.plan, call.pool, call.x.dtype, call.N
+    tables = pool.cached("cpu tables", lambda: cpu_mixed.slot_tables(pool.A, pool.B, pool.start, pool.rank,
+                                                                      pool.scale, slots=()))
+    used = plan.cached("cpu slots", lambda: [k for k in range(plan.n_adapters) if plan.count(k)])
+    tables.lay_out(used)  # the B panels of this batch's slots (a no-op once they are there)
+    offsets = plan.cached("cpu offsets", lambda: cpu_mixed.plan_offsets(plan.offsets))
+    add = cpu_mixed.bind(tables, offsets, dt, fn="torch_backend mixed forward")
+
+    def run(x2d: Tensor, W: Optional[Tensor], bias: Optional[Tensor], order: Tensor) -> Tensor:
+        return add(_base_out(x2d, W, bias, N), x2d, order)
+
+    return run
+
+
+def _base_out(x2d: Tensor, W: Optional[Tensor], bias: Optional[Tensor], N: int) -> Tensor:
+    """x W^T (+ bias) [M, N] in x's dtype (W in x's dtype; no W: zeros, or the bias)."""
+    dt = x2d.dtype
+    if W is not None:
+        return torch.mm(x2d, W.t()) if bias is None else torch.addmm(_as(bias, dt), x2d, W.t())
+    return x2d.new_zeros((x2d.shape[0], N)) if bias is None else bias.to(dt).expand(x2d.shape[0], N).clone()
 
 
 def _dora_rows(call: LoraCall) -> bool:
@@ -413,20 +442,11 @@ def _mixed_forward(call: LoraCall) -> tuple[Tensor, Tensor]:
     x2d, bias = call.x, call.base.bias
     cdt, dt = call.compute_dtype(), x2d.dtype
     W = _base_weight(call)
-    if W is not None:
-        Y = torch.mm(x2d, W.t()) if bias is None else torch.addmm(_as(bias, dt), x2d, W.t())
-    else:
-        Y = x2d.new_zeros((call.M, call.N)) if bias is None else bias.to(dt).expand(call.M, call.N).clone()
+    run = pool_runner(call) if call.pool is not None else None
+    if run is not None:  # the CPU kernel; a pool gets no gradients: S (for dB) is returned unset
+        return run(x2d, W, bias, call.plan.order), x2d.new_empty((call.M, call.pool.max_rank), dtype=cdt)
+    Y = _base_out(x2d, W, bias, call.N)
     del W
-    if call.pool is not None and _cpu_kernel_runs(call, Y):
-        plan, pool = call.plan, call.pool
-        tables = pool.cached("cpu tables", lambda: cpu_mixed.slot_tables(pool.A, pool.B, pool.start, pool.rank,
-                                                                          pool.scale, slots=()))
-        used = plan.cached("cpu slots", lambda: [k for k in range(plan.n_adapters) if plan.count(k)])
-        tables.lay_out(used)  # the B panels of this batch's slots (a no-op once they are there)
-        offsets = plan.cached("cpu offsets", lambda: cpu_mixed.plan_offsets(plan.offsets))
-        cpu_mixed.mixed_add_(Y, x2d, tables, plan.order, offsets, fn="torch_backend mixed forward")
-        return Y, x2d.new_empty((call.M, pool.max_rank), dtype=cdt)  # a pool gets no gradients: S unset
     if call.pool is not None and _grouped_pool(call, Y):
         # a pool's slots get no gradients, so S (for dB) is not needed: its contents are left unset
         return Y, x2d.new_empty((call.M, call.pool.max_rank), dtype=cdt)

@@ -182,8 +182,8 @@ def test_the_torch_backend_runs_pool_calls_on_the_kernel_and_agrees_with_its_gro
     """A pool call on CPU goes to the kernel (spied), a float64 call to the grouped GEMMs; both paths give the
     row-wise reference."""
     calls = []
-    real = cpu_mixed.mixed_add_
-    monkeypatch.setattr(cpu_mixed, "mixed_add_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cpu_mixed.bind
+    monkeypatch.setattr(cpu_mixed, "bind", lambda *a, **k: calls.append(1) or real(*a, **k))
     g = torch.Generator().manual_seed(2)
     K, N, M = 40, 24, 19
     x, _, A, B, start, rank, scale, idx = _case(M, K, N, [4, 0, 9, 16], dtype, seed=12)
@@ -216,7 +216,7 @@ def test_cpu_kernel_rule_refuses_calls_whose_dora_slots_have_rows():
     pool = ops.AdapterPool(A, B, start, rank, scale, 3, torch.ones(2, 6), torch.ones(2, 6), torch.tensor([False, True]))
     for idx, runs in ((torch.tensor([0, -1, 0, 0]), True), (torch.tensor([0, 1, -1, 0]), False)):
         call = LoraCall(x, ops.Base.dense(torch.randn(6, 8)), pool.views(), 0, ops.RowPlan.build(idx, 2), pool)
-        assert torch_backend._cpu_kernel_runs(call, torch.empty(4, 6)) is runs
+        assert torch_backend._cpu_kernel_runs(call) is runs
 
 
 def test_an_unwritable_cache_folder_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):

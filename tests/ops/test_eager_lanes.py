@@ -294,3 +294,90 @@ def test_pool_lane_stays_out_of_the_way_of_gradients_autocast_and_tracers(monkey
 
     with Mode():
         assert eager.pool_call(x, base, plan, pool) is None
+
+
+def _spy_choices(monkeypatch):
+    """Counts dispatch.choose calls (a pool call's runner is built once per pool state, plan and x layout)."""
+    seen = []
+    real = dispatch.choose
+    monkeypatch.setattr(dispatch, "choose", lambda call: seen.append(1) or real(call))
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pool_lane_keeps_its_runner_and_follows_every_change_it_depends_on(monkeypatch, dtype):
+    """The CPU kernel's runner is built on the first pool call and kept: later calls make no backend choice
+    and give the general path's bits. A write to the pool, another plan's segments, another x dtype or layout,
+    or a changed FASTPEFT_CPU_KERNEL rebuild it; W and bias are read on every call."""
+    from fastpeft.ops import cpu_mixed
+
+    if cpu_mixed.unavailable() is not None:
+        pytest.skip(f"the CPU kernel is unavailable here: {cpu_mixed.unavailable()}")
+    x, W, b, pool, plan = _pool_inputs(dtype=dtype)
+    base = Base(W, None, b)
+    seen = _spy_choices(monkeypatch)
+
+    def both(x, base, plan):
+        with torch.no_grad():
+            fast = ops.lora(x, base, AdapterSet(row_index=plan, pool=pool))
+            slow = ops.lora(x, base, AdapterSet(row_index=plan.row_index, pool=pool))  # the general path
+        assert torch.equal(fast, slow)
+        return fast
+
+    first = both(x, base, plan)
+    n = len(seen)
+    for _ in range(3):
+        assert torch.equal(both(x, base, plan), first)
+    assert len(seen) - n == 3  # the general path's choices only: the lane chose once
+
+    with torch.no_grad():
+        pool.B[:, 3:].mul_(2.0)  # a write to the pool (a bank's load): rebuilt, and the output follows
+    n = len(seen)
+    moved = both(x, base, plan)
+    assert len(seen) - n == 2 and not torch.equal(moved, first)
+
+    with torch.no_grad():
+        W.add_(1.0)  # the base weight is read on every call
+        b.zero_()
+    assert not torch.equal(both(x, base, plan), moved)
+
+    same_sizes = ops.RowPlan.build(torch.tensor([2, 2, 2, 0, 0, 0, -1, -1, 1]), 3)  # other rows, same segments
+    n = len(seen)
+    both(x, base, same_sizes)  # the kept runner, with this plan's order
+    assert len(seen) - n == 1
+    other = ops.RowPlan.build(torch.tensor([2, 2, 0, 0, 0, 0, -1, 1, 1]), 3)  # other segment sizes
+    n = len(seen)
+    both(x, base, other)
+    assert len(seen) - n == 2
+
+    n = len(seen)
+    strided = torch.randn(x.shape[-1], 9, dtype=dtype).t()  # x with a column stride: off the kernel
+    both(strided, base, plan)  # a runner asked for (the backend has none for it), then the backend's forward
+    assert len(seen) - n == 3
+    y_kernel = both(x, base, plan)
+    monkeypatch.setenv(cpu_mixed.ENV_VAR, "0")  # the switch: rebuilt, now the grouped path
+    n = len(seen)
+    y_grouped = both(x, base, plan)
+    assert len(seen) - n == 3  # no runner for the grouped path: asked for once, then the backend's forward
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(y_grouped, y_kernel, **tol)
+
+
+def test_a_kept_runner_refuses_inputs_it_was_not_built_for():
+    """The bound kernel call checks each call's x, Y and order (a runner used past its key fails with a message
+    naming the tensor, never reads out of bounds)."""
+    from fastpeft.ops import cpu_mixed, torch_backend
+    from fastpeft.ops.contract import LoraCall
+
+    if cpu_mixed.unavailable() is not None:
+        pytest.skip(f"the CPU kernel is unavailable here: {cpu_mixed.unavailable()}")
+    x, W, b, pool, plan = _pool_inputs()
+    x2d = x.reshape(-1, x.shape[-1])
+    run = torch_backend.pool_runner(LoraCall(x2d, Base(W, None, b), pool.views(), 0, plan, pool))
+    assert run is not None
+    with pytest.raises(ValueError, match="offsets are for 9 rows"):
+        run(x2d[:4], W, b, plan.order[:4])
+    with pytest.raises(ValueError, match="order must be contiguous int64"):
+        run(x2d, W, b, plan.order.int())
+    with pytest.raises(ValueError, match="must both be torch.float32"):
+        run(x2d.double(), W.double(), b.double(), plan.order)
