@@ -117,6 +117,8 @@ def pool_call(x: Tensor, base: Base, plan, pool) -> Optional[Tensor]:
     if x2d.shape[0] != plan.M:
         return None
     pool.check("fastpeft.ops.lora", N, K, x.device)
+    if x.is_cuda:  # runners are the torch backend's (its CPU kernel), which CUDA calls never get automatically
+        return forward_now(LoraCall(x2d, base, pool.views(), 0, plan, pool), x)
     # The backend's runner for this pool, these segments and x's dtype and layout, kept with the pool (rebuilt
     # when a pool tensor is written) so that a decode step skips the choice and the tables; None: no runner.
     run = pool.cached("eager runner", lambda: _pool_runner(x2d, base, plan, pool),
