@@ -23,6 +23,7 @@ ENV_VAR = "FASTPEFT_BACKEND"
 REQUIRED = ("supports", "forward", "backward")
 
 _registered: dict = {}   # name -> object registered in place of fastpeft.ops.<name>_backend
+_registrations = [0]     # bumped by every register_backend: a kept choice is stale after one (settings())
 _loaded: dict = {}       # name -> (module or None, reason it is unavailable or None)
 
 
@@ -35,6 +36,7 @@ def register_backend(name: str, impl) -> None:
     functions) instead of its module; ``impl=None`` removes the registration."""
     if name not in BACKENDS:
         raise ValueError(f"unknown fastpeft backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    _registrations[0] += 1
     if impl is None:
         _registered.pop(name, None)
         return
@@ -77,10 +79,11 @@ def forced_backend() -> Optional[str]:
 
 
 def settings() -> tuple:
-    """The environment the choice and the backends' paths read on every call (FASTPEFT_BACKEND,
-    FASTPEFT_CPU_KERNEL): what a kept choice (eager.pool_call's runner) must be rebuilt after."""
+    """What the choice and the backends' paths read besides the call: the environment (FASTPEFT_BACKEND,
+    FASTPEFT_CPU_KERNEL) and the registrations. A kept choice (eager.pool_call's runner) is rebuilt when it
+    changes."""
     get = os.environ.get
-    return get(ENV_VAR), get(cpu_mixed.ENV_VAR)
+    return _registrations[0], get(ENV_VAR), get(cpu_mixed.ENV_VAR)
 
 
 def triton_interpreting() -> bool:

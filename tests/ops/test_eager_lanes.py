@@ -381,3 +381,30 @@ def test_a_kept_runner_refuses_inputs_it_was_not_built_for():
         run(x2d, W, b, plan.order.int())
     with pytest.raises(ValueError, match="must both be torch.float32"):
         run(x2d.double(), W.double(), b.double(), plan.order)
+
+
+def test_a_kept_pool_runner_gives_way_to_a_newly_registered_backend():
+    """A backend registered after a pool call's runner was kept serves the next call (the registration is part
+    of what the runner is kept for)."""
+    x, W, b, pool, plan = _pool_inputs()
+    base = Base(W, None, b)
+    with torch.no_grad():
+        first = ops.lora(x, base, AdapterSet(row_index=plan, pool=pool))
+    rec = []
+
+    class Spy:
+        supports = staticmethod(ops.torch_backend.supports)
+        backward = staticmethod(ops.torch_backend.backward)
+
+        @staticmethod
+        def forward(call):
+            rec.append("fwd")
+            return ops.torch_backend.forward(call)
+
+    dispatch.register_backend("torch", Spy)
+    try:
+        with torch.no_grad():
+            again = ops.lora(x, base, AdapterSet(row_index=plan, pool=pool))
+    finally:
+        dispatch.register_backend("torch", None)
+    assert rec == ["fwd"] and torch.equal(again, first)
