@@ -87,6 +87,13 @@ class AdapterPool:
             ts = self.__dict__["_present_tensors"] = tuple(t for t in self.tensors() if t is not None)
         return ts
 
+    def _others(self) -> tuple:
+        """The present tensors but A (A is the shared store's weak key: see :meth:`cached`)."""
+        ts = self.__dict__.get("_other_tensors")
+        if ts is None:
+            ts = self.__dict__["_other_tensors"] = self._present()[1:]
+        return ts
+
     def _tables_key(self) -> tuple:
         """Changes whenever a table or A / B is written in place (a bank's load). The tensors themselves
         cannot be swapped (a frozen dataclass), so their versions say it all."""
@@ -98,9 +105,12 @@ class AdapterPool:
         its pool object across forwards, but the custom op (a traced or compiled call) rebuilds one from the
         same tensors on every call, and a decode step should skip the host copies and table building either way.
         The entry lives as long as the pool's A (a weak key) and holds the other tensors, so an id is never
-        reused while it is compared."""
-        ts = self._present()
-        versions = tuple([t._version for t in ts])
+        reused while it is compared. Nothing in it may hold A itself (not even a view of A, whose ``_base`` is
+        A): the entry would then keep its own key alive, and every pool ever cached would stay in memory; so the
+        entry keeps the other tensors only, :meth:`views` slices a detached A, and builders derive from
+        ``A.detach()``."""
+        versions = tuple([t._version for t in self._present()])
+        ts = self._others()
         extra = (extra, self.max_rank)
         store = self.__dict__.get("_store")
         if store is None:  # (one weak-dictionary lookup per pool object)
@@ -127,10 +137,11 @@ class AdapterPool:
         dora = self.dora.tolist() if self.dora is not None else [False] * len(starts)
         scales = self.scale.tolist()
         out = []
+        A, B = self.A.detach(), self.B.detach()  # (views of A itself would keep the cache's weak key alive)
         for j, (st, r) in enumerate(zip(starts, ranks)):
             if r > self.max_rank:
                 raise ValueError(f"adapter pool slot {j} has rank {r}, above the pool's max_rank {self.max_rank}")
             m = self.magnitude[j] if dora[j] else None
             n = self.weight_norm[j] if dora[j] else None
-            out.append(Adapter(self.A[st:st + r], self.B[:, st:st + r], float(scales[j]), 0.0, m, n))
+            out.append(Adapter(A[st:st + r], B[:, st:st + r], float(scales[j]), 0.0, m, n))
         return tuple(out)
