@@ -202,6 +202,14 @@ template <typename T, typename W>
 int run(const T* x, int64_t ldx, T* y, int64_t ldy, const W* A, const int64_t* bptr, const int64_t* order,
         const int64_t* offsets, int64_t slots, const int64_t* start, const int64_t* rank, const float* scale,
         int64_t K, int64_t N) {
+  // The plan is checked before anything is written (a hand-built plan must not make the kernel read or write
+  // outside x and y): segment offsets non-decreasing from 0, and every row of a slot's segment in [0, M).
+  const int64_t M = offsets[slots + 1];
+  if (offsets[0] != 0) return 3;
+  for (int64_t k = 0; k <= slots; ++k)
+    if (offsets[k + 1] < offsets[k]) return 3;
+  for (int64_t t = offsets[1]; t < M; ++t)
+    if (order[t] < 0 || order[t] >= M) return 3;
   std::vector<Block> blocks;
   int64_t macs = 0;
   for (int64_t k = 0; k < slots; ++k) {
@@ -231,7 +239,8 @@ int run(const T* x, int64_t ldx, T* y, int64_t ldy, const W* A, const int64_t* b
 // order [M] and offsets [slots + 2]: the plan (rows sorted by slot; segment 0 the base rows, left alone;
 // segment k + 1 slot k's rows). start / rank / scale / bptr [slots]: slot k's first row in A, its rank, its
 // scale, the address of its B panels. Returns 0; 1 when a slot with rows has a rank above kMaxRank, 2 when it
-// has no panels (bptr 0); in both cases nothing is written.
+// has no panels (bptr 0), 3 when the plan is malformed (offsets decreasing or not from 0, a row outside
+// [0, M)); in each case nothing is written. (start + rank within A is the caller's check: slot_tables.)
 extern "C" int fastpeft_lora_mixed_cpu(int bf16_act, int bf16_w, const void* x, int64_t ldx, void* y, int64_t ldy,
                                        const void* A, const int64_t* bptr, const int64_t* order,
                                        const int64_t* offsets, int64_t slots, const int64_t* start,

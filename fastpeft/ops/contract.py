@@ -34,7 +34,9 @@ A backend (fastpeft.ops.<name>_backend, or any object given to dispatch.register
     backward(call, dY, S, needs_dx, needs_dA, needs_dB) -> (dX | None, [dA_i | None], [dB_i | None])
     auto_ok(call) -> bool                    optional: automatic dispatch only picks it where it wins
     pool_runner(call) -> None | run          optional: run(x2d, W, bias, order) -> Y, the forward of an eager pool
-                                             call kept between calls (eager.pool_call)
+                                             call kept between calls (eager.pool_call) while the pool's tensors,
+                                             the plan's offsets, x's dtype and unit column stride, the settings
+                                             (dispatch.settings) stay; x, W, bias and order are new each call
 
 and sees only validated calls (:func:`validate` ran once, in :func:`fastpeft.ops.lora`).
 """

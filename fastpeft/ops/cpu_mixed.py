@@ -220,6 +220,11 @@ def slot_tables(A: Tensor, B: Tensor, start: Tensor, rank: Tensor, scale: Tensor
                          f"{tuple(rank.shape)}, {tuple(scale.shape)}")
     wdt = torch.bfloat16 if A.dtype == B.dtype == torch.bfloat16 else torch.float32
     ranks = rank.tolist()
+    R = A.shape[0]
+    for k, (st, r) in enumerate(zip(start.tolist(), ranks)):
+        if r and (st < 0 or r < 0 or st + r > R):  # the kernel reads A[start : start + rank] unchecked
+            raise ValueError(f"cpu_mixed.slot_tables: slot {k} takes rank rows [{st}, {st + r}), outside A's {R} "
+                             f"rows")
     tables = SlotTables(A.detach().to(wdt).contiguous(), B.detach(), start.to(torch.int64).contiguous(), rank.to(torch.int64).contiguous(),
                         scale.to(torch.float32).contiguous(), max(ranks, default=0),
                         torch.zeros(S, dtype=torch.int64), {})
@@ -257,8 +262,10 @@ def bind(tables: SlotTables, offsets: Tensor, dtype: torch.dtype,
          fn: str = "lora (mixed batch, cpu kernel)") -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     """:func:`mixed_add_` with what stays fixed over a decode loop checked once: ``add(Y, x, order)`` for the slot
     tables, the plan's offsets [S + 2] (int64) and the activations' dtype. Each call still checks its own x, Y and
-    order (a few comparisons; the full messages when one fails), so a bound adder cannot read out of bounds. It
-    keeps the tables and offsets alive (the kernel reads them by address)."""
+    order (a few comparisons; the full messages when one fails), and the kernel checks the plan's offsets and
+    order before it writes, so a bound adder never reads or writes outside x, Y and the tables (slot_tables
+    checks each slot's rank rows against A). It keeps the tables and offsets alive in ``add.keep`` (the kernel
+    reads them by address)."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"{fn}: the CPU mixed-batch kernel is unavailable: {_state['reason']}")
@@ -266,8 +273,8 @@ def bind(tables: SlotTables, offsets: Tensor, dtype: torch.dtype,
         raise ValueError(f"{fn}: x and Y must share a dtype among {ACT_DTYPES}; got x {dtype}, Y {dtype}")
     S = tables.start.shape[0]
     if offsets.dtype != torch.int64 or tuple(offsets.shape) != (S + 2,) or not offsets.is_contiguous():
-        raise ValueError(f"{fn}: offsets must be int64 [{S + 2}] (the plan's segments for {S} slots); got "
-                         f"{tuple(offsets.shape)} {offsets.dtype}")
+        raise ValueError(f"{fn}: offsets must be contiguous int64 [{S + 2}] (the plan's segments for {S} slots); "
+                         f"got {tuple(offsets.shape)} {offsets.dtype} strides {offsets.stride()}")
     if tables.A.dtype not in WEIGHT_DTYPES:
         raise ValueError(f"{fn}: the slot tables' A must be one of {WEIGHT_DTYPES}; got {tables.A.dtype}")
     if tables.max_rank > MAX_RANK:
@@ -276,7 +283,7 @@ def bind(tables: SlotTables, offsets: Tensor, dtype: torch.dtype,
         raise ValueError(f"{fn}: the plan's offsets must be a CPU tensor; got {offsets.device}")
     M, K, N = int(offsets[-1]), tables.A.shape[1], tables.B.shape[0]
     act_bf16, w_bf16 = int(dtype == torch.bfloat16), int(tables.A.dtype == torch.bfloat16)
-    # the kernel's arguments after x, Y and order, by address (the tensors stay alive in this closure's cell)
+    # the kernel's arguments after x, Y and order, by address (add.keep holds their tensors)
     fixed = (tables.A.data_ptr(), tables.bptr.data_ptr())
     rest = (offsets.data_ptr(), S, tables.start.data_ptr(), tables.rank.data_ptr(), tables.scale.data_ptr(), K, N)
     keep = (tables, offsets)
@@ -291,6 +298,9 @@ def bind(tables: SlotTables, offsets: Tensor, dtype: torch.dtype,
                      order.data_ptr(), *rest)
             if rc == 2:
                 raise ValueError(f"{fn}: a slot with rows has no B panels laid out (SlotTables.lay_out)")
+            if rc == 3:
+                raise ValueError(f"{fn}: the plan is malformed: its offsets {offsets.tolist()} must rise from 0 to "
+                                 f"M={M}, and its order must hold rows in [0, {M})")
             if rc:
                 raise ValueError(f"{fn}: a slot with rows has rank above the kernel's {MAX_RANK}")
         return Y

@@ -138,9 +138,12 @@ class AdapterPool:
         scales = self.scale.tolist()
         out = []
         A, B = self.A.detach(), self.B.detach()  # (views of A itself would keep the cache's weak key alive)
+        R = A.shape[0]
         for j, (st, r) in enumerate(zip(starts, ranks)):
             if r > self.max_rank:
                 raise ValueError(f"adapter pool slot {j} has rank {r}, above the pool's max_rank {self.max_rank}")
+            if r and (st < 0 or r < 0 or st + r > R):  # (a slice past A would silently give the slot fewer rows)
+                raise ValueError(f"adapter pool slot {j} takes rank rows [{st}, {st + r}), outside A's {R} rows")
             m = self.magnitude[j] if dora[j] else None
             n = self.weight_norm[j] if dora[j] else None
             out.append(Adapter(A[st:st + r], B[:, st:st + r], float(scales[j]), 0.0, m, n))

@@ -126,8 +126,9 @@ def test_nan_stays_in_its_row_and_results_repeat_bit_for_bit_at_any_thread_count
 @pytest.mark.parametrize("case,match", [
     ("dtype", "must share a dtype"), ("fp16", "must share a dtype"), ("K", "slot tables are for K=16"),
     ("stride", "unit column strides"), ("order", "order must be contiguous int64"),
-    ("offsets", r"offsets must be int64 \[4\]"), ("rank", "above the kernel's"),
-    ("no_panels", "no B panels laid out"),
+    ("offsets", r"offsets must be contiguous int64 \[4\]"), ("rank", "above the kernel's"),
+    ("no_panels", "no B panels laid out"), ("order_range", "plan is malformed"),
+    ("offsets_order", "plan is malformed"), ("offsets_strided", "must be contiguous int64"),
 ])
 def test_bad_calls_are_refused_naming_the_tensor(case, match):
     x, Y, A, B, start, rank, scale, idx = _case(5, 16, 8, [2, 3], torch.float32, seed=1)
@@ -146,6 +147,13 @@ def test_bad_calls_are_refused_naming_the_tensor(case, match):
         order = order.int()
     elif case == "offsets":
         offsets = offsets[:3]
+    elif case == "order_range":  # a hand-built plan whose order names a row past M
+        order = order.clone()
+        order[-1] = 5
+    elif case == "offsets_order":  # segment ends that fall back
+        offsets = torch.tensor([0, 3, 2, 5])
+    elif case == "offsets_strided":
+        offsets = torch.stack([offsets, offsets], 1)[:, 0]
     elif case == "no_panels":  # tables whose slots' panels were never laid out: the kernel refuses, writes nothing
         tables = cpu_mixed.slot_tables(A, B, start, rank, scale, slots=())
     else:
@@ -281,3 +289,16 @@ def test_compiled_pool_calls_reuse_the_kernel_tables_across_calls(monkeypatch):
     assert len(built) == 2
     ref = _reference(x, x.double() @ W.double().t(), A, pool.B, start, rank, scale, idx)
     torch.testing.assert_close(after.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_slots_whose_rank_rows_run_past_A_are_refused():
+    """slot_tables (the kernel's tables) and the pool's views (every path) refuse a slot whose start + rank runs
+    past A's rows, naming the slot, instead of reading past A or silently serving fewer rows."""
+    A, B = torch.randn(7, 12), torch.randn(10, 7)
+    start, rank, scale = torch.tensor([0, 6]), torch.tensor([4, 2]), torch.tensor([1.0, 1.0])
+    with pytest.raises(ValueError, match=r"slot 1 takes rank rows \[6, 8\), outside A's 7 rows"):
+        cpu_mixed.slot_tables(A, B, start, rank, scale)
+    pool = ops.AdapterPool(A, B, start, rank, scale, 4)
+    for idx in (torch.tensor([0, 1, 1]), ops.RowPlan.build(torch.tensor([0, 1, 1]), 2)):
+        with torch.no_grad(), pytest.raises(ValueError, match=r"slot 1 takes rank rows \[6, 8\)"):
+            ops.lora(torch.randn(3, 12), ops.Base.dense(torch.randn(10, 12)), ops.AdapterSet(row_index=idx, pool=pool))

@@ -350,10 +350,15 @@ def test_pool_lane_keeps_its_runner_and_follows_every_change_it_depends_on(monke
     both(x, base, other)
     assert len(seen) - n == 2
 
+    both(x, base, plan)  # the runner for the contiguous x, then the same plan with a column-strided x
     n = len(seen)
     strided = torch.randn(x.shape[-1], 9, dtype=dtype).t()  # x with a column stride: off the kernel
     both(strided, base, plan)  # a runner asked for (the backend has none for it), then the backend's forward
     assert len(seen) - n == 3
+    other_dtype = torch.bfloat16 if dtype == torch.float32 else torch.float32  # another x dtype, same pool and plan
+    n = len(seen)
+    both(x.to(other_dtype), Base(W.to(other_dtype), None, b.to(other_dtype)), plan)
+    assert len(seen) - n == 2
     y_kernel = both(x, base, plan)
     monkeypatch.setenv(cpu_mixed.ENV_VAR, "0")  # the switch: rebuilt, now the grouped path
     n = len(seen)
@@ -377,6 +382,8 @@ def test_a_kept_runner_refuses_inputs_it_was_not_built_for():
     assert run is not None
     with pytest.raises(ValueError, match="offsets are for 9 rows"):
         run(x2d[:4], W, b, plan.order[:4])
+    with pytest.raises(ValueError, match="offsets are for 9 rows"):  # the rows alone, with the plan's own order
+        run(x2d[:4], W, b, plan.order)
     with pytest.raises(ValueError, match="order must be contiguous int64"):
         run(x2d, W, b, plan.order.int())
     with pytest.raises(ValueError, match="must both be torch.float32"):
